@@ -1,0 +1,291 @@
+//! Typed views of `configs/train/train.yaml` and `configs/inference/inference.yaml`.
+//!
+//! The keys are the reference's (SPEC §4-5), so a reference config loads unchanged. Unknown keys
+//! are refused: a typo in a 26-hour training config should fail at once, not be ignored.
+//! A few keys are ours (marked "mcld:"); they all have defaults so reference files still load.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Parses YAML into `T`, naming the file and the full key path on error.
+pub fn load_yaml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::config(path, format!("cannot read: {e}")))?;
+    parse_yaml(&text, path)
+}
+
+/// Like [`load_yaml`] on text already in memory; `path` is only used in messages.
+pub fn parse_yaml<T: for<'de> Deserialize<'de>>(text: &str, path: &Path) -> Result<T> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        if key == "." || key.is_empty() {
+            Error::config(path, inner.to_string())
+        } else {
+            Error::config(path, format!("key `{key}`: {inner}"))
+        }
+    })
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub train_bs: usize,
+    pub val_bs: usize,
+    pub num_processes: usize,
+    pub train_width: usize,
+    pub train_height: usize,
+    #[serde(default)]
+    pub meta_paths: Vec<String>,
+    pub texture_clip_condition: bool,
+    pub texture_unet_condition: bool,
+    /// Dataset root holding `train/`, `test/`, `*_densepose/`, `*_texture/`, `*_face/`.
+    pub root_dir: PathBuf,
+    pub pose_type: String,
+    pub clip_type: String,
+    pub use_face_emb: bool,
+    /// mcld: test pairs (`from,to`); relative paths are taken from `root_dir`.
+    #[serde(default = "default_test_csv")]
+    pub test_pairs: PathBuf,
+    /// mcld: training pairs, written by `mcld prepare` (or supplied by the user).
+    #[serde(default = "default_train_csv")]
+    pub train_pairs: PathBuf,
+}
+
+fn default_test_csv() -> PathBuf {
+    "test.csv".into()
+}
+fn default_train_csv() -> PathBuf {
+    "train.csv".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SolverConfig {
+    pub gradient_accumulation_steps: usize,
+    pub mixed_precision: String,
+    pub enable_xformers_memory_efficient_attention: bool,
+    pub gradient_checkpointing: bool,
+    pub max_train_steps: usize,
+    pub max_grad_norm: f64,
+    pub learning_rate: f64,
+    pub scale_lr: bool,
+    pub lr_warmup_steps: usize,
+    pub lr_scheduler: String,
+    pub use_8bit_adam: bool,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_weight_decay: f64,
+    pub adam_epsilon: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValConfig {
+    pub validation_steps: usize,
+}
+
+/// diffusers `DDIMScheduler` keyword arguments, as both configs spell them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoiseSchedulerKwargs {
+    #[serde(default = "default_train_timesteps")]
+    pub num_train_timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub beta_schedule: String,
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default)]
+    pub clip_sample: bool,
+    #[serde(default = "default_prediction_type")]
+    pub prediction_type: String,
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
+    #[serde(default = "default_spacing")]
+    pub timestep_spacing: String,
+}
+
+fn default_train_timesteps() -> usize {
+    1000
+}
+fn default_prediction_type() -> String {
+    "epsilon".into()
+}
+fn default_spacing() -> String {
+    "leading".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub data: DataConfig,
+    pub solver: SolverConfig,
+    pub val: ValConfig,
+    pub noise_scheduler_kwargs: NoiseSchedulerKwargs,
+    pub base_model_path: PathBuf,
+    pub vae_model_path: PathBuf,
+    pub image_encoder_path: PathBuf,
+    pub controlnet_openpose_path: PathBuf,
+    pub pretrained_base_model_path: PathBuf,
+    pub pretrained_vae_path: PathBuf,
+    pub validation_resume_dir: PathBuf,
+    pub denoising_unet_path: PathBuf,
+    pub reference_unet_path: PathBuf,
+    pub pose_guider_path: PathBuf,
+    pub inference_config: PathBuf,
+    pub weight_dtype: String,
+    pub uncond_ratio: f64,
+    pub noise_offset: f64,
+    pub snr_gamma: f64,
+    pub enable_zero_snr: bool,
+    pub pose_guider_pretrain: bool,
+    pub device: String,
+    pub seed: u64,
+    pub resume_from_checkpoint: String,
+    pub checkpointing_steps: usize,
+    pub save_model_epoch_interval: usize,
+    pub exp_name: String,
+    pub output_dir: PathBuf,
+    pub cond_chan: usize,
+    pub no_save: bool,
+    /// mcld: per-dimension std of the CLIP embeddings of the training sources (`mcld prepare`).
+    #[serde(default = "default_clip_std")]
+    pub clip_std_path: PathBuf,
+}
+
+fn default_clip_std() -> PathBuf {
+    "./dataset/fashion/clip_std.npy".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnetAdditionalKwargs {
+    pub use_inflated_groupnorm: bool,
+    pub unet_use_cross_frame_attention: bool,
+    pub unet_use_temporal_attention: bool,
+    pub use_motion_module: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceConfig {
+    #[serde(default)]
+    pub unet_additional_kwargs: Option<UnetAdditionalKwargs>,
+    pub noise_scheduler_kwargs: NoiseSchedulerKwargs,
+    pub sampler: String,
+    /// mcld: DDIM steps (the reference hard-codes 20).
+    #[serde(default = "default_steps")]
+    pub num_inference_steps: usize,
+    /// mcld: classifier-free guidance scale (the reference hard-codes 3.5).
+    #[serde(default = "default_guidance")]
+    pub guidance_scale: f64,
+}
+
+fn default_steps() -> usize {
+    20
+}
+fn default_guidance() -> f64 {
+    3.5
+}
+
+impl TrainConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let cfg: Self = load_yaml(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |key: &str, msg: &str| Err(Error::config(path, format!("key `{key}`: {msg}")));
+        if self.data.train_bs == 0 {
+            return bad("data.train_bs", "expected a batch size >= 1, got 0");
+        }
+        if !matches!(self.weight_dtype.as_str(), "fp16" | "fp32" | "bf16") {
+            return bad("weight_dtype", "expected one of fp16, fp32, bf16");
+        }
+        if !(0.0..=1.0).contains(&self.uncond_ratio) {
+            return bad("uncond_ratio", "expected a probability in [0, 1]");
+        }
+        if self.data.train_width % 8 != 0 || self.data.train_height % 8 != 0 {
+            return bad("data.train_width", "image sizes must be multiples of 8");
+        }
+        self.noise_scheduler_kwargs
+            .validate(path, "noise_scheduler_kwargs")
+    }
+}
+
+impl InferenceConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let cfg: Self = load_yaml(path)?;
+        if cfg.sampler != "DDIM" {
+            return Err(Error::config(
+                path,
+                format!(
+                    "key `sampler`: only DDIM is supported, got {:?}",
+                    cfg.sampler
+                ),
+            ));
+        }
+        if cfg.num_inference_steps == 0 {
+            return Err(Error::config(
+                path,
+                "key `num_inference_steps`: expected >= 1",
+            ));
+        }
+        cfg.noise_scheduler_kwargs
+            .validate(path, "noise_scheduler_kwargs")?;
+        Ok(cfg)
+    }
+}
+
+impl NoiseSchedulerKwargs {
+    fn validate(&self, path: &Path, at: &str) -> Result<()> {
+        let bad =
+            |key: &str, msg: String| Err(Error::config(path, format!("key `{at}.{key}`: {msg}")));
+        if !matches!(
+            self.beta_schedule.as_str(),
+            "linear" | "scaled_linear" | "squaredcos_cap_v2"
+        ) {
+            return bad(
+                "beta_schedule",
+                format!(
+                    "expected linear, scaled_linear or squaredcos_cap_v2, got {:?}",
+                    self.beta_schedule
+                ),
+            );
+        }
+        if !matches!(
+            self.prediction_type.as_str(),
+            "epsilon" | "v_prediction" | "sample"
+        ) {
+            return bad(
+                "prediction_type",
+                format!(
+                    "expected epsilon, v_prediction or sample, got {:?}",
+                    self.prediction_type
+                ),
+            );
+        }
+        if !matches!(
+            self.timestep_spacing.as_str(),
+            "leading" | "trailing" | "linspace"
+        ) {
+            return bad(
+                "timestep_spacing",
+                format!(
+                    "expected leading, trailing or linspace, got {:?}",
+                    self.timestep_spacing
+                ),
+            );
+        }
+        if self.num_train_timesteps == 0 {
+            return bad("num_train_timesteps", "expected >= 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! Dataset reading (pairs, images, IUV, textures, face embeddings) and training-time masks.

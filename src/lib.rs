@@ -1,0 +1,19 @@
+//! mcld: Multi-focal Conditioned Latent Diffusion for pose-guided person image synthesis,
+//! on candle. The binary in `main.rs` is a thin CLI over these modules.
+
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod fsutil;
+pub mod imageops;
+pub mod metrics;
+pub mod models;
+pub mod pipeline;
+pub mod prepare;
+pub mod scheduler;
+pub mod train;
+pub mod weights;
+
+pub use error::{Error, Result};

@@ -1,0 +1,8 @@
+//! The networks of MCLD (SPEC §3), each a `Config` + `new(vb, cfg)` + `forward`.
+
+pub mod clip;
+pub mod nn;
+pub mod pose_guider;
+pub mod resampler;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,1 @@
+//! DensePose R-CNN (detectron2) in candle: photo -> IUV image.

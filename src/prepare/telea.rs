@@ -1,0 +1,1 @@
+//! Telea inpainting (OpenCV 4.8 INPAINT_TELEA), used by the texture maps.

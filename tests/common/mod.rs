@@ -1,0 +1,179 @@
+//! Shared helpers for the fixture tests: where the fixtures are, loading a case, and the
+//! tolerance rules of `../shared/fixtures/*/README.md`. A missing fixture is a failure, not a skip.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+/// Fixture root: `$MCLD_FIXTURES`, else `../shared/fixtures` next to the repository.
+pub fn fixtures_dir() -> PathBuf {
+    match std::env::var_os("MCLD_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    }
+}
+
+/// Path of a file under the fixture root; panics (fails the test) when it is missing.
+pub fn fixture_path(rel: &str) -> PathBuf {
+    let p = fixtures_dir().join(rel);
+    assert!(
+        p.exists(),
+        "fixture file {} is missing (set MCLD_FIXTURES to the fixture root)",
+        p.display()
+    );
+    p
+}
+
+/// One fixture case: its JSON and its tensors (all on the CPU).
+pub struct Case {
+    pub name: String,
+    pub json: serde_json::Value,
+    pub tensors: HashMap<String, Tensor>,
+    pub safetensors_path: PathBuf,
+}
+
+/// Loads `<group>/<case>.json` and `<group>/<case>.safetensors`.
+pub fn load_case(group: &str, case: &str) -> Case {
+    let jp = fixture_path(&format!("{group}/{case}.json"));
+    let sp = fixture_path(&format!("{group}/{case}.safetensors"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+    let tensors = candle_core::safetensors::load(&sp, &Device::Cpu).unwrap();
+    Case {
+        name: case.to_string(),
+        json,
+        tensors,
+        safetensors_path: sp,
+    }
+}
+
+impl Case {
+    pub fn get(&self, key: &str) -> &Tensor {
+        self.tensors
+            .get(key)
+            .unwrap_or_else(|| panic!("{}: tensor {key} missing from the fixture", self.name))
+    }
+
+    /// The tensor as f32 (fixtures store uint8 images and int64 timesteps too).
+    pub fn f32(&self, key: &str) -> Tensor {
+        self.get(key).to_dtype(DType::F32).unwrap()
+    }
+
+    /// Every tensor key starting with `prefix`, sorted.
+    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<String> {
+        let mut k: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        k.sort();
+        k
+    }
+
+    /// Tensors under `prefix`, with the prefix stripped (a module's weights in a composite case).
+    pub fn weights_with_prefix(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.tensors
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|s| (s.to_string(), v.clone())))
+            .collect()
+    }
+
+    /// The model fixtures' tolerance for an output: exact key, else longest prefix, else default.
+    pub fn tolerance(&self, output: &str) -> Tolerance {
+        let tol = &self.json["tolerance"];
+        let obj = tol.as_object().expect("tolerance block");
+        let mut best: Option<(&String, &serde_json::Value)> = None;
+        for (k, v) in obj {
+            if k == "default" {
+                continue;
+            }
+            if output == k || output.starts_with(k.as_str()) {
+                if best.map(|(b, _)| k.len() > b.len()).unwrap_or(true) {
+                    best = Some((k, v));
+                }
+            }
+        }
+        let v = best.map(|(_, v)| v).unwrap_or(&tol["default"]);
+        if let Some(r) = v.get("rel_to_max").and_then(|x| x.as_f64()) {
+            Tolerance::RelToMax(r)
+        } else if let Some(r) = v.get("rel").and_then(|x| x.as_f64()) {
+            Tolerance::Rel(r)
+        } else if let Some(a) = v.get("max_abs_err").and_then(|x| x.as_f64()) {
+            Tolerance::Abs(a)
+        } else if v.get("rule").and_then(|x| x.as_str()) == Some("exact") {
+            Tolerance::Abs(0.0)
+        } else {
+            Tolerance::Rel(1e-4)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Tolerance {
+    /// max_abs_err <= rel * max(1, max|expected|)
+    Rel(f64),
+    /// max_abs_err <= r * max|expected|
+    RelToMax(f64),
+    /// max_abs_err <= a
+    Abs(f64),
+}
+
+/// Max |a - b| and max |b| over two tensors of the same shape, in f64.
+pub fn max_errs(got: &Tensor, expected: &Tensor) -> (f64, f64) {
+    assert_eq!(
+        got.dims(),
+        expected.dims(),
+        "shape mismatch: got {:?}, expected {:?}",
+        got.dims(),
+        expected.dims()
+    );
+    let g = got
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let e = expected
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let mut err = 0f64;
+    let mut mx = 0f64;
+    for (a, b) in g.iter().zip(e.iter()) {
+        let d = (a - b).abs();
+        if d.is_nan() || d > err {
+            err = if d.is_nan() { f64::INFINITY } else { d };
+        }
+        mx = mx.max(b.abs());
+    }
+    (err, mx)
+}
+
+/// Asserts `got` matches `expected` within `tol`, printing the worst error either way.
+pub fn assert_close(name: &str, got: &Tensor, expected: &Tensor, tol: Tolerance) {
+    let (err, mx) = max_errs(got, expected);
+    let bound = match tol {
+        Tolerance::Rel(r) => r * mx.max(1.0),
+        Tolerance::RelToMax(r) => r * mx,
+        Tolerance::Abs(a) => a,
+    };
+    println!("{name}: max_abs_err {err:.3e} (bound {bound:.3e}, max|expected| {mx:.3e})");
+    assert!(
+        err <= bound,
+        "{name}: max_abs_err {err:.3e} exceeds {bound:.3e} ({tol:?}, max|expected| {mx:.3e})"
+    );
+}
+
+/// Checks an output of a model case against its stored value with the case's tolerance.
+pub fn check_output(case: &Case, output_key: &str, got: &Tensor) {
+    let expected = case.get(output_key);
+    let tol = case.tolerance(output_key);
+    assert_close(output_key, got, expected, tol);
+}
