@@ -211,7 +211,7 @@ impl TrainConfig {
         if !(0.0..=1.0).contains(&self.uncond_ratio) {
             return bad("uncond_ratio", "expected a probability in [0, 1]");
         }
-        if self.data.train_width % 8 != 0 || self.data.train_height % 8 != 0 {
+        if !self.data.train_width.is_multiple_of(8) || !self.data.train_height.is_multiple_of(8) {
             return bad("data.train_width", "image sizes must be multiples of 8");
         }
         self.noise_scheduler_kwargs
