@@ -1,1 +1,4 @@
-//! Filled in by its issue.
+//! The MCLD inference pipeline (SPEC §5) and the commands built on it (`test`, `infer`).
+
+pub mod inputs;
+pub mod testset;

@@ -1,0 +1,183 @@
+//! `mcld test`: generate every pair of `test.csv` at 256x176 and 512x352, plus the ground truth,
+//! resuming where a previous run stopped.
+//!
+//! Decisions: a pair counts as done only when both of its outputs decode as images (a file cut
+//! short by a crash is regenerated); outputs are written through temp files and renamed; a pair
+//! whose inputs are missing or unreadable is skipped with its reason and listed in the summary,
+//! while a model error stops the run (it would fail every pair alike).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+use super::inputs::{load_pair, DatasetLayout, Pair, PairInputs};
+use crate::Result;
+
+/// The output sizes of the reference, (height, width), and their folder names.
+pub const OUTPUT_SIZES: [((usize, usize), &str); 2] = [((256, 176), "256"), ((512, 352), "512")];
+
+/// Anything that turns a batch of pair inputs into images: (3, H, W) f32 in [0, 1] each.
+pub trait Generator {
+    fn generate(&mut self, batch: &[PairInputs]) -> Result<Vec<Tensor>>;
+}
+
+/// Resizes used for saving; injected so that the exact Pillow/torch ports live in `imageops`.
+pub struct Postprocess {
+    /// Generated image (3, H, W) in [0, 1] -> uint8 RGB at (height, width).
+    pub generated: Box<dyn Fn(&Tensor, (usize, usize)) -> Result<RgbImage> + Send + Sync>,
+    /// Ground-truth photo -> uint8 RGB at (height, width).
+    pub ground_truth: Box<dyn Fn(&RgbImage, (usize, usize)) -> Result<RgbImage> + Send + Sync>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TestRunOptions {
+    /// Output root: `save_path/exp_name/{256,512}/` and `save_path/gt/{256,512}/`.
+    pub save_path: PathBuf,
+    pub exp_name: String,
+    pub limit: Option<usize>,
+    pub batch_size: usize,
+    /// Draw a progress bar (off in tests).
+    pub progress: bool,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct TestSummary {
+    pub generated: usize,
+    pub already_done: usize,
+    /// (pair output name, reason)
+    pub skipped: Vec<(String, String)>,
+    pub seconds: f64,
+}
+
+impl TestSummary {
+    pub fn print(&self) {
+        println!(
+            "generated {} pairs, {} already done, {} skipped in {:.1}s",
+            self.generated,
+            self.already_done,
+            self.skipped.len(),
+            self.seconds
+        );
+        for (name, why) in &self.skipped {
+            println!("  skipped {name}: {why}");
+        }
+    }
+}
+
+fn out_path(root: &Path, folder: &str, size: &str, pair: &Pair) -> PathBuf {
+    root.join(folder).join(size).join(pair.out_name())
+}
+
+/// True when the file exists and decodes completely.
+fn is_good_image(path: &Path) -> bool {
+    path.exists()
+        && image::ImageReader::open(path)
+            .ok()
+            .and_then(|r| r.with_guessed_format().ok())
+            .and_then(|r| r.decode().ok())
+            .is_some()
+}
+
+fn pair_done(opts: &TestRunOptions, pair: &Pair) -> bool {
+    OUTPUT_SIZES.iter().all(|(_, s)| {
+        is_good_image(&out_path(&opts.save_path, &opts.exp_name, s, pair))
+            && is_good_image(&out_path(&opts.save_path, "gt", s, pair))
+    })
+}
+
+/// Runs the test set; returns what was done. `pairs` is the full list in `test.csv` order.
+pub fn run_test_set(
+    opts: &TestRunOptions,
+    layout: &DatasetLayout,
+    pairs: &[Pair],
+    generator: &mut dyn Generator,
+    post: &Postprocess,
+) -> Result<TestSummary> {
+    let start = std::time::Instant::now();
+    let pairs = &pairs[..opts.limit.unwrap_or(pairs.len()).min(pairs.len())];
+    let done: Vec<bool> = pairs.par_iter().map(|p| pair_done(opts, p)).collect();
+    let todo: Vec<&Pair> = pairs
+        .iter()
+        .zip(&done)
+        .filter(|(_, d)| !**d)
+        .map(|(p, _)| p)
+        .collect();
+    let mut summary = TestSummary {
+        already_done: pairs.len() - todo.len(),
+        ..Default::default()
+    };
+
+    let bar = if opts.progress {
+        let b = ProgressBar::new(todo.len() as u64);
+        b.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} pairs  {per_sec}  ETA {eta}  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+
+    for chunk in todo.chunks(opts.batch_size.max(1)) {
+        let loaded: Vec<std::result::Result<PairInputs, (String, String)>> = chunk
+            .par_iter()
+            .map(|p| load_pair(layout, p).map_err(|e| (p.out_name(), e.to_string())))
+            .collect();
+        let mut batch = Vec::with_capacity(chunk.len());
+        for l in loaded {
+            match l {
+                Ok(x) => batch.push(x),
+                Err(s) => {
+                    bar.println(format!("skipping {}: {}", s.0, s.1));
+                    summary.skipped.push(s);
+                    bar.inc(1);
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let images = generator.generate(&batch)?;
+        if images.len() != batch.len() {
+            return Err(crate::Error::msg(format!(
+                "generator returned {} images for {} pairs",
+                images.len(),
+                batch.len()
+            )));
+        }
+        batch
+            .par_iter()
+            .zip(images.par_iter())
+            .map(|(inp, img)| save_pair(opts, post, inp, img))
+            .collect::<Result<Vec<()>>>()?;
+        summary.generated += batch.len();
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    summary.seconds = start.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn save_pair(
+    opts: &TestRunOptions,
+    post: &Postprocess,
+    inp: &PairInputs,
+    img: &Tensor,
+) -> Result<()> {
+    for (hw, s) in OUTPUT_SIZES {
+        let gt = (post.ground_truth)(&inp.target, hw)?;
+        crate::fsutil::save_image_atomic(
+            &image::DynamicImage::ImageRgb8(gt),
+            &out_path(&opts.save_path, "gt", s, &inp.pair),
+        )?;
+        let out = (post.generated)(img, hw)?;
+        crate::fsutil::save_image_atomic(
+            &image::DynamicImage::ImageRgb8(out),
+            &out_path(&opts.save_path, &opts.exp_name, s, &inp.pair),
+        )?;
+    }
+    Ok(())
+}
