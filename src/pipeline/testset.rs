@@ -24,12 +24,17 @@ pub trait Generator {
     fn generate(&mut self, batch: &[PairInputs]) -> Result<Vec<Tensor>>;
 }
 
+/// Generated image (3, H, W) in [0, 1] -> uint8 RGB at (height, width).
+pub type ResizeGenerated = dyn Fn(&Tensor, (usize, usize)) -> Result<RgbImage> + Send + Sync;
+/// Ground-truth photo -> uint8 RGB at (height, width).
+pub type ResizePhoto = dyn Fn(&RgbImage, (usize, usize)) -> Result<RgbImage> + Send + Sync;
+
 /// Resizes used for saving; injected so that the exact Pillow/torch ports live in `imageops`.
 pub struct Postprocess {
     /// Generated image (3, H, W) in [0, 1] -> uint8 RGB at (height, width).
-    pub generated: Box<dyn Fn(&Tensor, (usize, usize)) -> Result<RgbImage> + Send + Sync>,
+    pub generated: Box<ResizeGenerated>,
     /// Ground-truth photo -> uint8 RGB at (height, width).
-    pub ground_truth: Box<dyn Fn(&RgbImage, (usize, usize)) -> Result<RgbImage> + Send + Sync>,
+    pub ground_truth: Box<ResizePhoto>,
 }
 
 #[derive(Debug, Clone)]
