@@ -1,4 +1,5 @@
 //! The MCLD inference pipeline (SPEC §5) and the commands built on it (`test`, `infer`).
 
+pub mod demo;
 pub mod inputs;
 pub mod testset;
