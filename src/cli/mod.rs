@@ -1,6 +1,8 @@
 //! The `mcld` command line. Flags keep the reference's spellings (`--save_path`, `--ckpt_dir`,
 //! ...) so its README carries over; each also has a kebab-case alias.
 
+pub mod evaluate;
+
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};

@@ -1,0 +1,359 @@
+//! `mcld evaluate` (SPEC §6): matches generated and ground-truth images by file name at both
+//! resolutions, computes the per-pair metrics and FID against the real set, and writes the
+//! reference's printed lines plus `metrics.json` and `metrics.md`.
+//!
+//! The numeric kernels sit behind [`EvalBackend`] (implemented on `crate::metrics`), so this file
+//! is only bookkeeping: listing, matching, the real-set statistics cache and the reports.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::inputs::read_rgb;
+use crate::{Error, Result};
+
+/// Mean and covariance of a feature set (the two moments FID compares).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FidStats {
+    pub mu: Vec<f64>,
+    /// Row-major d x d covariance (divisor n-1).
+    pub sigma: Vec<f64>,
+    pub n: usize,
+}
+
+/// Per-pair scores: PSNR, SSIM (51x51 box), SSIM_256 (Gaussian 1.5).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PairScores {
+    pub psnr: f64,
+    pub ssim: f64,
+    pub ssim_256: f64,
+}
+
+/// The numeric side of evaluation.
+pub trait EvalBackend: Sync {
+    /// Short name of the FID network, part of the cache key.
+    fn fid_backbone(&self) -> &str;
+    fn pair_scores(&self, gt: &RgbImage, pred: &RgbImage) -> Result<PairScores>;
+    /// LPIPS for a batch of pairs.
+    fn lpips(&self, gt: &[RgbImage], pred: &[RgbImage]) -> Result<Vec<f64>>;
+    /// FID features for a batch of images.
+    fn fid_features(&self, imgs: &[RgbImage]) -> Result<Vec<Vec<f32>>>;
+    /// The real-set resize: antialiased bicubic to (height, width), as torchvision's Resize.
+    fn resize_real(&self, img: &RgbImage, hw: (usize, usize)) -> Result<RgbImage>;
+    fn stats(&self, feats: &[Vec<f32>]) -> Result<FidStats>;
+    fn frechet(&self, real: &FidStats, fake: &FidStats) -> Result<f64>;
+}
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub gen_dir: PathBuf,
+    pub gt_dir: PathBuf,
+    pub training_path: PathBuf,
+    pub recompute_real_stats: bool,
+    pub batch_size: usize,
+    pub progress: bool,
+    /// Resolutions to evaluate: (sub-folder, (height, width)).
+    pub resolutions: Vec<(String, (usize, usize))>,
+}
+
+impl EvalOptions {
+    pub fn reference_resolutions() -> Vec<(String, (usize, usize))> {
+        vec![("256".into(), (256, 176)), ("512".into(), (512, 352))]
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResolutionReport {
+    pub resolution: String,
+    pub pairs: usize,
+    pub fid: f64,
+    pub lpips: f64,
+    pub ssim: f64,
+    pub ssim_256: f64,
+    pub psnr: f64,
+    pub real_images: usize,
+    pub real_stats_cache: String,
+    pub real_stats_cached: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalReport {
+    pub generated: String,
+    pub ground_truth: String,
+    pub fid_backbone: String,
+    pub results: Vec<ResolutionReport>,
+    /// Face similarity, or why it was skipped.
+    pub face: BTreeMap<String, serde_json::Value>,
+}
+
+fn bar(n: usize, on: bool, what: &str) -> ProgressBar {
+    if !on {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(n as u64);
+    b.set_style(
+        ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}}  {{per_sec}}  ETA {{eta}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b
+}
+
+fn list_images(dir: &Path, exts: &[&str]) -> Result<Vec<String>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut names = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let n = e.file_name().to_string_lossy().into_owned();
+        let lower = n.to_ascii_lowercase();
+        if exts.iter().any(|x| lower.ends_with(x)) && !n.starts_with('.') {
+            names.push(n);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Ground-truth names with their generated counterparts; a missing counterpart is an error
+/// naming both files (the reference would crash on it half-way through).
+pub fn match_pairs(gen_dir: &Path, gt_dir: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let names = list_images(gt_dir, &[".png", ".jpg", ".jpeg"])?;
+    if names.is_empty() {
+        return Err(Error::input(gt_dir, "no ground-truth images found"));
+    }
+    names
+        .into_iter()
+        .map(|n| {
+            let g = gen_dir.join(&n);
+            let t = gt_dir.join(&n);
+            if !g.exists() {
+                return Err(Error::input(
+                    &g,
+                    format!("no generated image for ground truth {}", t.display()),
+                ));
+            }
+            Ok((t, g))
+        })
+        .collect()
+}
+
+/// Cache key of the real set: backbone, size and the sorted file list (names and sizes), so a
+/// changed training folder invalidates the cache.
+fn real_cache_path(
+    opts: &EvalOptions,
+    backbone: &str,
+    hw: (usize, usize),
+    names: &[String],
+) -> PathBuf {
+    // FNV-1a: stable across runs and platforms (std's hasher is not).
+    let mut h: u64 = 0xcbf29ce484222325;
+    let mut feed = |b: &[u8]| {
+        for x in b {
+            h ^= *x as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    };
+    for n in names {
+        feed(n.as_bytes());
+        let len = std::fs::metadata(opts.training_path.join(n))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        feed(&len.to_le_bytes());
+        feed(b"\n");
+    }
+    let base = opts
+        .training_path
+        .components()
+        .next_back()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .unwrap_or_else(|| "train".into());
+    let parent = opts
+        .training_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    parent.join(format!(
+        "fid_stats_{base}_{backbone}_{}x{}_{h:016x}.safetensors",
+        hw.0, hw.1
+    ))
+}
+
+fn save_stats(path: &Path, s: &FidStats) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    let d = s.mu.len();
+    let mu = Tensor::from_vec(s.mu.clone(), d, &Device::Cpu)?;
+    let sigma = Tensor::from_vec(s.sigma.clone(), (d, d), &Device::Cpu)?;
+    let n = Tensor::from_vec(vec![s.n as i64], 1, &Device::Cpu)?;
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([
+            ("mu".to_string(), mu),
+            ("sigma".to_string(), sigma),
+            ("n".to_string(), n),
+        ]),
+        &tmp,
+    )?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn load_stats(path: &Path) -> Result<FidStats> {
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu)?;
+    let get = |k: &str| {
+        t.get(k)
+            .cloned()
+            .ok_or_else(|| Error::input(path, format!("cached FID statistics lack `{k}`")))
+    };
+    Ok(FidStats {
+        mu: get("mu")?.to_vec1::<f64>()?,
+        sigma: get("sigma")?.flatten_all()?.to_vec1::<f64>()?,
+        n: get("n")?.to_vec1::<i64>()?[0] as usize,
+    })
+}
+
+/// Real-set statistics at one size, from the cache when its key matches.
+fn real_stats(
+    opts: &EvalOptions,
+    backend: &dyn EvalBackend,
+    hw: (usize, usize),
+) -> Result<(FidStats, PathBuf, bool, usize)> {
+    let names = list_images(&opts.training_path, &[".jpg", ".jpeg", ".png"])?;
+    if names.is_empty() {
+        return Err(Error::input(
+            &opts.training_path,
+            "no training images for FID's real set",
+        ));
+    }
+    let cache = real_cache_path(opts, backend.fid_backbone(), hw, &names);
+    if cache.exists() && !opts.recompute_real_stats {
+        if let Ok(s) = load_stats(&cache) {
+            return Ok((s, cache, true, names.len()));
+        }
+    }
+    let pb = bar(names.len(), opts.progress, "real set");
+    let mut feats = Vec::with_capacity(names.len());
+    for chunk in names.chunks(opts.batch_size.max(1)) {
+        let imgs = chunk
+            .par_iter()
+            .map(|n| {
+                let img = read_rgb(&opts.training_path.join(n))?;
+                backend.resize_real(&img, hw)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        feats.extend(backend.fid_features(&imgs)?);
+        pb.inc(chunk.len() as u64);
+    }
+    pb.finish_and_clear();
+    let s = backend.stats(&feats)?;
+    save_stats(&cache, &s)?;
+    Ok((s, cache, false, names.len()))
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+/// Evaluates every resolution; prints the reference's lines as it goes.
+pub fn evaluate(opts: &EvalOptions, backend: &dyn EvalBackend) -> Result<EvalReport> {
+    let mut results = Vec::new();
+    for (sub, hw) in &opts.resolutions {
+        let pairs = match_pairs(&opts.gen_dir.join(sub), &opts.gt_dir.join(sub))?;
+        let pb = bar(pairs.len(), opts.progress, sub);
+        let (mut scores, mut lp, mut feats) = (Vec::new(), Vec::new(), Vec::new());
+        for chunk in pairs.chunks(opts.batch_size.max(1)) {
+            let loaded = chunk
+                .par_iter()
+                .map(|(t, g)| {
+                    let gt = read_rgb(t)?;
+                    let pr = read_rgb(g)?;
+                    if gt.dimensions() != pr.dimensions() {
+                        return Err(Error::input(
+                            g,
+                            format!(
+                                "size {:?} differs from ground truth {} {:?}",
+                                pr.dimensions(),
+                                t.display(),
+                                gt.dimensions()
+                            ),
+                        ));
+                    }
+                    let s = backend.pair_scores(&gt, &pr)?;
+                    Ok((gt, pr, s))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (gts, prs): (Vec<RgbImage>, Vec<RgbImage>) = loaded
+                .iter()
+                .map(|(a, b, _)| (a.clone(), b.clone()))
+                .unzip();
+            scores.extend(loaded.iter().map(|(_, _, s)| *s));
+            lp.extend(backend.lpips(&gts, &prs)?);
+            feats.extend(backend.fid_features(&prs)?);
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish_and_clear();
+        let fake = backend.stats(&feats)?;
+        let (real, cache, cached, n_real) = real_stats(opts, backend, *hw)?;
+        let fid = backend.frechet(&real, &fake)?;
+        let r = ResolutionReport {
+            resolution: sub.clone(),
+            pairs: pairs.len(),
+            fid,
+            lpips: mean(&lp),
+            ssim: mean(&scores.iter().map(|s| s.ssim).collect::<Vec<_>>()),
+            ssim_256: mean(&scores.iter().map(|s| s.ssim_256).collect::<Vec<_>>()),
+            psnr: mean(&scores.iter().map(|s| s.psnr).collect::<Vec<_>>()),
+            real_images: n_real,
+            real_stats_cache: cache.display().to_string(),
+            real_stats_cached: cached,
+        };
+        println!("Evaluation Results on {} resolution:", r.resolution);
+        println!("FID: {}", r.fid);
+        println!("LPIPS: {}", r.lpips);
+        println!("SSIM: {}", r.ssim);
+        println!("SSIM_256: {}", r.ssim_256);
+        println!("PSNR: {}", r.psnr);
+        println!("------------------------------------------");
+        results.push(r);
+    }
+    Ok(EvalReport {
+        generated: opts.gen_dir.display().to_string(),
+        ground_truth: opts.gt_dir.display().to_string(),
+        fid_backbone: backend.fid_backbone().to_string(),
+        results,
+        face: BTreeMap::new(),
+    })
+}
+
+/// Markdown table of a report, one row per resolution.
+pub fn markdown(r: &EvalReport) -> String {
+    let mut s = format!(
+        "# mcld evaluate\n\ngenerated: `{}`  \nground truth: `{}`  \nFID backbone: {}\n\n\
+         | resolution | pairs | FID | LPIPS | SSIM | SSIM_256 | PSNR |\n|---|---|---|---|---|---|---|\n",
+        r.generated, r.ground_truth, r.fid_backbone
+    );
+    for x in &r.results {
+        s.push_str(&format!(
+            "| {} | {} | {:.3} | {:.4} | {:.4} | {:.4} | {:.3} |\n",
+            x.resolution, x.pairs, x.fid, x.lpips, x.ssim, x.ssim_256, x.psnr
+        ));
+    }
+    for (k, v) in &r.face {
+        s.push_str(&format!("\nface {k}: {v}\n"));
+    }
+    s
+}
+
+/// Writes `metrics.json` and `metrics.md` into `dir` atomically.
+pub fn write_reports(dir: &Path, r: &EvalReport) -> Result<()> {
+    let json = serde_json::to_string_pretty(r).map_err(|e| Error::msg(e.to_string()))?;
+    crate::fsutil::write_atomic(&dir.join("metrics.json"), json.as_bytes())?;
+    crate::fsutil::write_atomic(&dir.join("metrics.md"), markdown(r).as_bytes())
+}
