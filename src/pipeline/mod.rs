@@ -1,5 +1,6 @@
 //! The MCLD inference pipeline (SPEC §5) and the commands built on it (`test`, `infer`).
 
+pub mod checkpoints;
 pub mod demo;
 pub mod inputs;
 pub mod testset;
