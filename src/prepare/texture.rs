@@ -182,10 +182,13 @@ pub struct AtlasStages {
     pub tiles: Vec<Option<TileStages>>,
 }
 
+/// One 200x200 colour tile, row-major.
+pub type Tile = Vec<[u8; 3]>;
+
 /// Scatters `photo` (RGB) onto the 24 part tiles using its IUV image as stored on disk
 /// (R = V, G = U, B = I), in raster order so later pixels win. Returns the tiles (RGB, row-major)
 /// and which parts occur.
-pub fn scatter(photo: &RgbImage, iuv: &RgbImage) -> Result<(Vec<Vec<[u8; 3]>>, [bool; PARTS])> {
+pub fn scatter(photo: &RgbImage, iuv: &RgbImage) -> Result<(Vec<Tile>, [bool; PARTS])> {
     if photo.dimensions() != iuv.dimensions() {
         return Err(Error::msg(format!(
             "texture map: photo is {}x{} but its IUV image is {}x{}",
