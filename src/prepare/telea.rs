@@ -4,7 +4,8 @@
 //! later versions changed (4.10 reads different neighbours at the border, see opencv#28648), so
 //! this follows the 4.8 behaviour step by step: the same padded grids, the same narrow band, the
 //! same priority-queue order (smallest distance first, first-in first-out among equal distances),
-//! the same single-precision arithmetic and the same border clamping of neighbour reads. With that,
+//! the same mix of single and double precision (C's `fabs`/`sqrt` take doubles) and the same
+//! border clamping of neighbour reads. With that,
 //! results are byte-identical to `cv2.inpaint(img, mask, 3, cv2.INPAINT_TELEA)` of 4.8.1.
 
 use std::cmp::Ordering;
@@ -153,16 +154,14 @@ fn march_outwards(g: &Grid, flags: &mut [u8], t: &mut [f32], queue: &mut Queue) 
     }
 }
 
-/// Per-offset constants of the radius-`range` disc: (di, dj, r.x, r.y, dst for 3 channels,
-/// dst for 1 channel). OpenCV computes the distance weight in double for colour images and in
-/// single precision (float `sqrt`) for one-channel images.
+/// Per-offset constants of the radius-`range` disc: offset, r = (centre - neighbour) and the
+/// distance weight 1/|r|^3.
 struct Offset {
     di: isize,
     dj: isize,
     rx: f32,
     ry: f32,
-    dst3: f32,
-    dst1: f32,
+    dst: f32,
 }
 
 fn disc(range: isize) -> Vec<Offset> {
@@ -177,15 +176,13 @@ fn disc(range: isize) -> Vec<Offset> {
             let ry = -dk as f32;
             let rx = -dl as f32;
             let len2 = rx * rx + ry * ry;
-            let dst3 = (1.0 / (len2 as f64 * (len2 as f64).sqrt())) as f32;
-            let dst1 = (1.0 / ((len2 * len2.sqrt()) as f64)) as f32;
+            let dst = (1.0 / (len2 as f64 * (len2 as f64).sqrt())) as f32;
             v.push(Offset {
                 di: dk,
                 dj: dl,
                 rx,
                 ry,
-                dst3,
-                dst1,
+                dst,
             });
         }
     }
@@ -382,13 +379,13 @@ fn fill(
                 let lm = l - 1 + (l == 1) as isize;
                 let lp = l - 1 - (l == ew - 2) as isize;
 
-                let dst = if channels == 3 { o.dst3 } else { o.dst1 };
-                let lev = (1.0 / ((1.0f32 + (t[q] - t[p]).abs()) as f64)) as f32;
+                // C's double `fabs`/`sqrt` promote these float expressions to double.
+                let lev = (1.0 / (1.0 + (t[q] - t[p]).abs() as f64)) as f32;
                 let mut dir = o.rx * grad_t_x + o.ry * grad_t_y;
                 if (dir.abs() as f64) <= 0.01 {
                     dir = 0.000001;
                 }
-                let w = (dst * lev * dir).abs();
+                let w = (o.dst * lev * dir).abs();
 
                 let kx_right = known(q + 1);
                 let kx_left = known(q - 1);
@@ -417,8 +414,8 @@ fn fill(
             }
             let (y, x) = ((i - 1) as usize, (j - 1) as usize);
             for c in 0..channels {
-                let norm = (jx[c] * jx[c] + jy[c] * jy[c]).sqrt() + 1.0e-20;
-                let sat = ia[c] / s[c] + (jx[c] + jy[c]) / norm + 0.5;
+                let norm = ((jx[c] * jx[c] + jy[c] * jy[c]) as f64).sqrt() + 1.0e-20f32 as f64;
+                let sat = ((ia[c] / s[c]) as f64 + (jx[c] + jy[c]) as f64 / norm + 0.5) as f32;
                 out[px(y, x, c)] = saturate_u8(sat);
             }
             flags[p] = BAND;
