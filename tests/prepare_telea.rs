@@ -132,3 +132,17 @@ fn telea_rejects_bad_input() {
     .unwrap_err();
     assert!(err.to_string().contains("4x3"), "{err}");
 }
+
+/// One-pixel-wide and fully masked images must not panic; a fully masked image has no known
+/// pixel to fill from and comes back unchanged, as in OpenCV.
+#[test]
+fn telea_handles_degenerate_shapes() {
+    let col: Vec<u8> = vec![10, 20, 0, 40, 50];
+    let out = inpaint_telea(&col, 1, 5, 1, &[0, 0, 255, 0, 0], 3.0).unwrap();
+    assert_eq!((out[0], out[1], out[3], out[4]), (10, 20, 40, 50));
+    let row: Vec<u8> = (0..15).map(|v| v as u8 * 10).collect();
+    inpaint_telea(&row, 5, 1, 3, &[255, 0, 0, 0, 255], 3.0).unwrap();
+    let img = vec![9u8; 12];
+    assert_eq!(inpaint_telea(&img, 4, 3, 1, &[1; 12], 3.0).unwrap(), img);
+    assert_eq!(inpaint_telea(&[7], 1, 1, 1, &[255], 3.0).unwrap(), vec![7]);
+}
