@@ -146,3 +146,45 @@ fn telea_handles_degenerate_shapes() {
     assert_eq!(inpaint_telea(&img, 4, 3, 1, &[1; 12], 3.0).unwrap(), img);
     assert_eq!(inpaint_telea(&[7], 1, 1, 1, &[255], 3.0).unwrap(), vec![7]);
 }
+
+/// Stopping early must not change any needed pixel: compare with the full run on every item.
+#[test]
+fn telea_needed_pixels_match_the_full_run() {
+    use mcld::prepare::telea::inpaint_telea_needed;
+    let case = read_json("metrics/telea.json");
+    for item in case["items"].as_array().expect("items") {
+        let name = item["name"].as_str().unwrap();
+        let channels = item["channels"].as_u64().unwrap() as usize;
+        let mask = load(item["mask"].as_str().unwrap()).to_luma8();
+        let (w, h) = mask.dimensions();
+        let img = load(item["image"].as_str().unwrap());
+        let raw = if channels == 3 {
+            img.to_rgb8().into_raw()
+        } else {
+            img.to_luma8().into_raw()
+        };
+        let (w, h) = (w as usize, h as usize);
+        // Needed: a band around the left third, so the march has to stop part-way.
+        let needed: Vec<u8> = (0..w * h).map(|p| (p % w < w / 3) as u8).collect();
+        let full = inpaint_telea(&raw, w, h, channels, mask.as_raw(), 3.0).unwrap();
+        let part = inpaint_telea_needed(&raw, w, h, channels, mask.as_raw(), 3.0, &needed).unwrap();
+        let mut checked = 0;
+        for p in 0..w * h {
+            if needed[p] != 0 || mask.as_raw()[p] == 0 {
+                for c in 0..channels {
+                    assert_eq!(
+                        part[p * channels + c],
+                        full[p * channels + c],
+                        "{name} px {p}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        let skipped = (0..w * h)
+            .filter(|&p| mask.as_raw()[p] != 0 && needed[p] == 0)
+            .filter(|&p| (0..channels).any(|c| part[p * channels + c] != full[p * channels + c]))
+            .count();
+        println!("{name}: {checked} pixels identical, {skipped} unneeded pixels left unfilled");
+    }
+}

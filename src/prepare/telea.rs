@@ -203,6 +203,40 @@ pub fn inpaint_telea(
     mask: &[u8],
     radius: f64,
 ) -> Result<Vec<u8>> {
+    run(image, width, height, channels, mask, radius, None)
+}
+
+/// [`inpaint_telea`] that stops as soon as every masked pixel that is nonzero in `needed` is
+/// filled; masked pixels filled by then have exactly the bytes of a full run (the march order up
+/// to that point does not depend on what comes after), the rest keep their input values. The
+/// texture maps keep only pixels near known texels, which the march reaches early.
+pub fn inpaint_telea_needed(
+    image: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    mask: &[u8],
+    radius: f64,
+    needed: &[u8],
+) -> Result<Vec<u8>> {
+    if needed.len() != width * height {
+        return Err(Error::msg(format!(
+            "telea inpainting: needed-pixel mask has {} bytes but the image is {width}x{height}",
+            needed.len()
+        )));
+    }
+    run(image, width, height, channels, mask, radius, Some(needed))
+}
+
+fn run(
+    image: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    mask: &[u8],
+    radius: f64,
+    needed: Option<&[u8]>,
+) -> Result<Vec<u8>> {
     if channels != 1 && channels != 3 {
         return Err(Error::msg(format!(
             "telea inpainting: {channels} channels given, only 1 or 3 are supported"
@@ -304,6 +338,24 @@ pub fn inpaint_telea(
     }
     march_outwards(&g, &mut outer, &mut t, &mut queue);
 
+    // Padded-grid marks of the masked pixels the caller needs, and how many there are.
+    let mut wanted = vec![false; if needed.is_some() { n } else { 0 }];
+    let mut remaining = usize::MAX;
+    if let Some(needed) = needed {
+        remaining = 0;
+        for y in 0..height {
+            for x in 0..width {
+                if needed[y * width + x] != 0 && mask[y * width + x] != 0 {
+                    wanted[g.at(y + 1, x + 1)] = true;
+                    remaining += 1;
+                }
+            }
+        }
+        if remaining == 0 {
+            return Ok(out);
+        }
+    }
+
     let mut queue = Queue::default();
     for (p, &b) in band.iter().enumerate() {
         if b {
@@ -320,6 +372,7 @@ pub fn inpaint_telea(
         channels,
         &disc(range),
         &mut queue,
+        (&wanted, remaining),
     );
     Ok(out)
 }
@@ -336,6 +389,7 @@ fn fill(
     channels: usize,
     offsets: &[Offset],
     queue: &mut Queue,
+    (wanted, mut remaining): (&[bool], usize),
 ) {
     let (ew, eh) = (g.ew as isize, g.eh as isize);
     let (w1, h1) = (width as isize - 1, height as isize - 1);
@@ -445,6 +499,12 @@ fn fill(
             }
             flags[p] = BAND;
             queue.push(p, dist);
+            if wanted.get(p) == Some(&true) {
+                remaining -= 1;
+                if remaining == 0 {
+                    return;
+                }
+            }
         }
     }
 }
