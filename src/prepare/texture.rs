@@ -42,7 +42,8 @@ pub struct TextureAssets {
 }
 
 impl TextureAssets {
-    /// The assets built into the binary.
+    /// The assets built into the binary. Decoding takes a few milliseconds: build them once and
+    /// share them (`&TextureAssets` is `Sync`) across images.
     pub fn builtin() -> Result<Self> {
         Self::from_bytes(BG_PNG, BG_NAME, LUT_ST, LUT_NAME)
     }
