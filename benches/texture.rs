@@ -34,16 +34,22 @@ fn main() {
     drop(assets_again);
 
     texture_map(&photo, &iuv, &assets).expect("warm-up");
-    let n = 8;
-    let t0 = Instant::now();
-    for _ in 0..n {
-        texture_map(&photo, &iuv, &assets).expect("texture map");
-    }
-    let one = t0.elapsed().as_secs_f64() / n as f64;
+    // Shared machines are noisy: report the best and the median run.
+    let mut runs: Vec<f64> = (0..9)
+        .map(|_| {
+            let t0 = Instant::now();
+            texture_map(&photo, &iuv, &assets).expect("texture map");
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    runs.sort_by(f64::total_cmp);
+    let (best, median) = (runs[0], runs[runs.len() / 2]);
     println!(
-        "one at a time (tiles in parallel, {threads} threads): {:.1} ms per map, {:.2} maps/s",
-        one * 1e3,
-        1.0 / one
+        "one at a time (tiles in parallel, {threads} threads): best {:.1} ms, median {:.1} ms \
+         per map ({:.2} maps/s at the median)",
+        best * 1e3,
+        median * 1e3,
+        1.0 / median
     );
 
     let batch = 4 * threads;

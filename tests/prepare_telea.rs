@@ -132,3 +132,59 @@ fn telea_rejects_bad_input() {
     .unwrap_err();
     assert!(err.to_string().contains("4x3"), "{err}");
 }
+
+/// One-pixel-wide and fully masked images must not panic; a fully masked image has no known
+/// pixel to fill from and comes back unchanged, as in OpenCV.
+#[test]
+fn telea_handles_degenerate_shapes() {
+    let col: Vec<u8> = vec![10, 20, 0, 40, 50];
+    let out = inpaint_telea(&col, 1, 5, 1, &[0, 0, 255, 0, 0], 3.0).unwrap();
+    assert_eq!((out[0], out[1], out[3], out[4]), (10, 20, 40, 50));
+    let row: Vec<u8> = (0..15).map(|v| v as u8 * 10).collect();
+    inpaint_telea(&row, 5, 1, 3, &[255, 0, 0, 0, 255], 3.0).unwrap();
+    let img = vec![9u8; 12];
+    assert_eq!(inpaint_telea(&img, 4, 3, 1, &[1; 12], 3.0).unwrap(), img);
+    assert_eq!(inpaint_telea(&[7], 1, 1, 1, &[255], 3.0).unwrap(), vec![7]);
+}
+
+/// Stopping early must not change any needed pixel: compare with the full run on every item.
+#[test]
+fn telea_needed_pixels_match_the_full_run() {
+    use mcld::prepare::telea::inpaint_telea_needed;
+    let case = read_json("metrics/telea.json");
+    for item in case["items"].as_array().expect("items") {
+        let name = item["name"].as_str().unwrap();
+        let channels = item["channels"].as_u64().unwrap() as usize;
+        let mask = load(item["mask"].as_str().unwrap()).to_luma8();
+        let (w, h) = mask.dimensions();
+        let img = load(item["image"].as_str().unwrap());
+        let raw = if channels == 3 {
+            img.to_rgb8().into_raw()
+        } else {
+            img.to_luma8().into_raw()
+        };
+        let (w, h) = (w as usize, h as usize);
+        // Needed: a band around the left third, so the march has to stop part-way.
+        let needed: Vec<u8> = (0..w * h).map(|p| (p % w < w / 3) as u8).collect();
+        let full = inpaint_telea(&raw, w, h, channels, mask.as_raw(), 3.0).unwrap();
+        let part = inpaint_telea_needed(&raw, w, h, channels, mask.as_raw(), 3.0, &needed).unwrap();
+        let mut checked = 0;
+        for p in 0..w * h {
+            if needed[p] != 0 || mask.as_raw()[p] == 0 {
+                for c in 0..channels {
+                    assert_eq!(
+                        part[p * channels + c],
+                        full[p * channels + c],
+                        "{name} px {p}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+        let skipped = (0..w * h)
+            .filter(|&p| mask.as_raw()[p] != 0 && needed[p] == 0)
+            .filter(|&p| (0..channels).any(|c| part[p * channels + c] != full[p * channels + c]))
+            .count();
+        println!("{name}: {checked} pixels identical, {skipped} unneeded pixels left unfilled");
+    }
+}

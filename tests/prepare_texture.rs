@@ -8,20 +8,56 @@ use mcld::prepare::texture::{
     atlas_to_normal, texture_atlas, texture_map, AtlasStages, TextureAssets, PARTS, TILE,
 };
 
-fn rgb(rel: &str) -> RgbImage {
-    image::open(common::fixture_path(&format!("metrics/texture/{rel}")))
-        .unwrap()
-        .to_rgb8()
+fn case_json() -> serde_json::Value {
+    let p = common::fixture_path("metrics/texture.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn gray(rel: &str) -> GrayImage {
-    image::open(common::fixture_path(&format!("metrics/texture/{rel}")))
-        .unwrap()
-        .to_luma8()
+/// Path (under `metrics/`) of a file the case JSON lists in `block` under a key ending in `stem`.
+fn listed(block: &str, stem: &str) -> String {
+    let json = case_json();
+    let keys: Vec<&String> = json[block]
+        .as_object()
+        .unwrap_or_else(|| panic!("texture.json has no {block} block"))
+        .keys()
+        .filter(|k| k.ends_with(stem))
+        .collect();
+    assert_eq!(
+        keys.len(),
+        1,
+        "texture.json {block}: keys ending in {stem}: {keys:?}"
+    );
+    keys[0].clone()
+}
+
+fn rgb(stem: &str) -> RgbImage {
+    image::open(common::fixture_path(&format!(
+        "metrics/{}",
+        listed("expected", stem)
+    )))
+    .unwrap()
+    .to_rgb8()
+}
+
+fn gray(stem: &str) -> GrayImage {
+    image::open(common::fixture_path(&format!(
+        "metrics/{}",
+        listed("expected", stem)
+    )))
+    .unwrap()
+    .to_luma8()
 }
 
 fn inputs() -> (RgbImage, RgbImage) {
-    (rgb("photo.png"), rgb("iuv.png"))
+    let load = |stem: &str| {
+        image::open(common::fixture_path(&format!(
+            "metrics/{}",
+            listed("inputs", stem)
+        )))
+        .unwrap()
+        .to_rgb8()
+    };
+    (load("photo.png"), load("iuv.png"))
 }
 
 /// Count of differing values (all channels), printed and asserted zero.
@@ -101,24 +137,24 @@ fn texture_intermediates_match() {
     assert_exact(
         "atlas_scatter",
         st.atlas_rgb(|t| &t.scatter).as_raw(),
-        rgb("atlas_scatter.png").as_raw(),
+        rgb("/atlas_scatter.png").as_raw(),
     );
     assert_exact(
         "atlas_valid",
         st.atlas_gray(|t| &t.valid).as_raw(),
-        gray("atlas_valid.png").as_raw(),
+        gray("/atlas_valid.png").as_raw(),
     );
     let dilated = st.atlas_gray(|t| &t.dilated);
     assert_exact(
         "atlas_dilated",
         dilated.as_raw(),
-        gray("atlas_dilated.png").as_raw(),
+        gray("/atlas_dilated.png").as_raw(),
     );
     let mask = st.atlas_gray(|t| &t.inpaint_mask);
     assert_exact(
         "atlas_inpaint_mask",
         mask.as_raw(),
-        gray("atlas_inpaint_mask.png").as_raw(),
+        gray("/atlas_inpaint_mask.png").as_raw(),
     );
 
     // TextureInd = dilated * template, on the atlas (absent parts: dilated is 0).
@@ -134,7 +170,7 @@ fn texture_intermediates_match() {
             }
         }
     }
-    assert_exact("atlas_ind", ind.as_raw(), gray("atlas_ind.png").as_raw());
+    assert_exact("atlas_ind", ind.as_raw(), gray("/atlas_ind.png").as_raw());
 
     let inpainted: Vec<bool> = mask.as_raw().iter().map(|&m| m != 0).collect();
     let n_inpainted = inpainted.iter().filter(|&&m| m).count();
@@ -150,7 +186,7 @@ fn texture_intermediates_match() {
     assert_inpainted(
         "atlas_normalized_inpainted",
         &st.atlas_rgb(|t| &t.normalized_inpainted),
-        &rgb("atlas_normalized_inpainted.png"),
+        &rgb("/atlas_normalized_inpainted.png"),
         &inpainted,
         tol,
     );
@@ -158,7 +194,7 @@ fn texture_intermediates_match() {
     assert_inpainted(
         "atlas_final",
         &final_atlas,
-        &rgb("atlas_final.png"),
+        &rgb("/atlas_final.png"),
         &inpainted,
         tol,
     );
@@ -183,7 +219,7 @@ fn texture_intermediates_match() {
     assert_inpainted(
         "texture",
         &texture,
-        &rgb("texture.png"),
+        &rgb("/texture.png"),
         &tex_inpainted,
         tol,
     );
@@ -202,11 +238,11 @@ fn index_probe() -> RgbImage {
 #[test]
 fn lookup_table_reproduces_expected_texture_exactly() {
     let assets = TextureAssets::builtin().unwrap();
-    let got = atlas_to_normal(&rgb("atlas_final.png"), &assets).unwrap();
+    let got = atlas_to_normal(&rgb("/atlas_final.png"), &assets).unwrap();
     assert_exact(
         "Atlas2Normal(expected atlas_final)",
         got.as_raw(),
-        rgb("texture.png").as_raw(),
+        rgb("/texture.png").as_raw(),
     );
 }
 

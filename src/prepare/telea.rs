@@ -33,8 +33,8 @@ const FAR: f32 = 1.0e6;
 #[derive(Clone, Copy)]
 struct Entry {
     t: f32,
-    seq: u64,
-    idx: usize,
+    seq: u32,
+    idx: u32,
 }
 
 impl PartialEq for Entry {
@@ -60,20 +60,22 @@ impl Ord for Entry {
 #[derive(Default)]
 struct Queue {
     heap: BinaryHeap<Entry>,
-    seq: u64,
+    seq: u32,
 }
 
 impl Queue {
     fn push(&mut self, idx: usize, t: f32) {
+        // Each pixel is pushed at most once per queue and `inpaint_telea` caps the pixel count
+        // at u32, so neither counter can wrap.
         self.heap.push(Entry {
             t,
             seq: self.seq,
-            idx,
+            idx: idx as u32,
         });
         self.seq += 1;
     }
     fn pop(&mut self) -> Option<usize> {
-        self.heap.pop().map(|e| e.idx)
+        self.heap.pop().map(|e| e.idx as usize)
     }
 }
 
@@ -201,6 +203,40 @@ pub fn inpaint_telea(
     mask: &[u8],
     radius: f64,
 ) -> Result<Vec<u8>> {
+    run(image, width, height, channels, mask, radius, None)
+}
+
+/// [`inpaint_telea`] that stops as soon as every masked pixel that is nonzero in `needed` is
+/// filled; masked pixels filled by then have exactly the bytes of a full run (the march order up
+/// to that point does not depend on what comes after), the rest keep their input values. The
+/// texture maps keep only pixels near known texels, which the march reaches early.
+pub fn inpaint_telea_needed(
+    image: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    mask: &[u8],
+    radius: f64,
+    needed: &[u8],
+) -> Result<Vec<u8>> {
+    if needed.len() != width * height {
+        return Err(Error::msg(format!(
+            "telea inpainting: needed-pixel mask has {} bytes but the image is {width}x{height}",
+            needed.len()
+        )));
+    }
+    run(image, width, height, channels, mask, radius, Some(needed))
+}
+
+fn run(
+    image: &[u8],
+    width: usize,
+    height: usize,
+    channels: usize,
+    mask: &[u8],
+    radius: f64,
+    needed: Option<&[u8]>,
+) -> Result<Vec<u8>> {
     if channels != 1 && channels != 3 {
         return Err(Error::msg(format!(
             "telea inpainting: {channels} channels given, only 1 or 3 are supported"
@@ -221,6 +257,14 @@ pub fn inpaint_telea(
     if !radius.is_finite() {
         return Err(Error::msg(format!(
             "telea inpainting: radius {radius} is not finite"
+        )));
+    }
+    if (width + 2)
+        .checked_mul(height + 2)
+        .is_none_or(|n| n > u32::MAX as usize)
+    {
+        return Err(Error::msg(format!(
+            "telea inpainting: {width}x{height} is too large"
         )));
     }
     let mut out = image.to_vec();
@@ -294,6 +338,24 @@ pub fn inpaint_telea(
     }
     march_outwards(&g, &mut outer, &mut t, &mut queue);
 
+    // Padded-grid marks of the masked pixels the caller needs, and how many there are.
+    let mut wanted = vec![false; if needed.is_some() { n } else { 0 }];
+    let mut remaining = usize::MAX;
+    if let Some(needed) = needed {
+        remaining = 0;
+        for y in 0..height {
+            for x in 0..width {
+                if needed[y * width + x] != 0 && mask[y * width + x] != 0 {
+                    wanted[g.at(y + 1, x + 1)] = true;
+                    remaining += 1;
+                }
+            }
+        }
+        if remaining == 0 {
+            return Ok(out);
+        }
+    }
+
     let mut queue = Queue::default();
     for (p, &b) in band.iter().enumerate() {
         if b {
@@ -310,6 +372,7 @@ pub fn inpaint_telea(
         channels,
         &disc(range),
         &mut queue,
+        (&wanted, remaining),
     );
     Ok(out)
 }
@@ -326,6 +389,7 @@ fn fill(
     channels: usize,
     offsets: &[Offset],
     queue: &mut Queue,
+    (wanted, mut remaining): (&[bool], usize),
 ) {
     let (ew, eh) = (g.ew as isize, g.eh as isize);
     let (w1, h1) = (width as isize - 1, height as isize - 1);
@@ -334,6 +398,8 @@ fn fill(
     let cy = |v: isize| v.clamp(0, h1) as usize;
     let cx = |v: isize| v.clamp(0, w1) as usize;
     let px = |y: usize, x: usize, c: usize| out_idx(y, x, c, width, channels);
+    let mut near: Vec<(usize, isize, isize, usize)> = Vec::with_capacity(offsets.len());
+    let mut lev: Vec<f64> = Vec::with_capacity(offsets.len());
     while let Some(pp) = queue.pop() {
         flags[pp] = KNOWN;
         for p in neighbours(g, pp) {
@@ -362,64 +428,83 @@ fn fill(
             let mut ia = [0f32; 3];
             let mut jx = [0f32; 3];
             let mut jy = [0f32; 3];
-            let mut s = [1.0e-20f32; 3];
-            for o in offsets {
+            let mut s = 1.0e-20f32;
+            // First the known neighbours and their level-set weights, so that the divisions
+            // run back to back (they dominate the cost otherwise).
+            near.clear();
+            lev.clear();
+            for (oi, o) in offsets.iter().enumerate() {
                 let k = i + o.di;
                 let l = j + o.dj;
                 if !(k > 0 && l > 0 && k < eh - 1 && l < ew - 1) {
                     continue;
                 }
                 let q = (k as usize) * g.ew + l as usize;
-                if !known(q) {
-                    continue;
+                if known(q) {
+                    near.push((oi, k, l, q));
+                    // C's double `fabs` promotes the float difference to double.
+                    lev.push((t[q] - t[p]).abs() as f64);
                 }
+            }
+            for v in lev.iter_mut() {
+                *v = 1.0 / (1.0 + *v);
+            }
+            for (&(oi, k, l, q), &lev) in near.iter().zip(lev.iter()) {
+                let o = &offsets[oi];
                 // OpenCV's clamped image coordinates of the neighbour and its own neighbours.
                 let km = k - 1 + (k == 1) as isize;
                 let kp = k - 1 - (k == eh - 2) as isize;
                 let lm = l - 1 + (l == 1) as isize;
                 let lp = l - 1 - (l == ew - 2) as isize;
 
-                // C's double `fabs`/`sqrt` promote these float expressions to double.
-                let lev = (1.0 / (1.0 + (t[q] - t[p]).abs() as f64)) as f32;
+                let lev = lev as f32;
                 let mut dir = o.rx * grad_t_x + o.ry * grad_t_y;
                 if (dir.abs() as f64) <= 0.01 {
                     dir = 0.000001;
                 }
                 let w = (o.dst * lev * dir).abs();
 
-                let kx_right = known(q + 1);
-                let kx_left = known(q - 1);
-                let ky_down = known(q + g.ew);
-                let ky_up = known(q - g.ew);
+                // Byte offsets of the value read and of the two ends of each gradient, with
+                // the gradient's factor; a missing gradient reads the same byte twice (0.0).
                 let (ykm, ykp, xlm, xlp) = (cy(km), cy(kp), cx(lm), cx(lp));
+                let at = |y: usize, x: usize| (y * width + x) * channels;
+                let centre = at(ykm, xlm);
+                let (gxa, gxb, gxf) = match (known(q + 1), known(q - 1)) {
+                    (true, true) => (at(ykm, cx(lp + 1)), at(ykm, cx(lm - 1)), 2.0f32),
+                    (true, false) => (at(ykm, cx(lp + 1)), centre, 1.0),
+                    (false, true) => (at(ykm, xlp), at(ykm, cx(lm - 1)), 1.0),
+                    (false, false) => (centre, centre, 1.0),
+                };
+                let (gya, gyb, gyf) = match (known(q + g.ew), known(q - g.ew)) {
+                    (true, true) => (at(cy(kp + 1), xlm), at(cy(km - 1), xlm), 2.0f32),
+                    (true, false) => (at(cy(kp + 1), xlm), centre, 1.0),
+                    (false, true) => (at(ykp, xlm), at(cy(km - 1), xlm), 1.0),
+                    (false, false) => (centre, centre, 1.0),
+                };
                 for c in 0..channels {
-                    let v = |y: usize, x: usize| out[px(y, x, c)] as i32;
-                    let gx = match (kx_right, kx_left) {
-                        (true, true) => (v(ykm, cx(lp + 1)) - v(ykm, cx(lm - 1))) as f32 * 2.0,
-                        (true, false) => (v(ykm, cx(lp + 1)) - v(ykm, xlm)) as f32,
-                        (false, true) => (v(ykm, xlp) - v(ykm, cx(lm - 1))) as f32,
-                        (false, false) => 0.0,
-                    };
-                    let gy = match (ky_down, ky_up) {
-                        (true, true) => (v(cy(kp + 1), xlm) - v(cy(km - 1), xlm)) as f32 * 2.0,
-                        (true, false) => (v(cy(kp + 1), xlm) - v(ykm, xlm)) as f32,
-                        (false, true) => (v(ykp, xlm) - v(cy(km - 1), xlm)) as f32,
-                        (false, false) => 0.0,
-                    };
-                    ia[c] += w * v(ykm, xlm) as f32;
+                    let gx = (out[gxa + c] as i32 - out[gxb + c] as i32) as f32 * gxf;
+                    let gy = (out[gya + c] as i32 - out[gyb + c] as i32) as f32 * gyf;
+                    ia[c] += w * out[centre + c] as f32;
                     jx[c] -= w * (gx * o.rx);
                     jy[c] -= w * (gy * o.ry);
-                    s[c] += w;
                 }
+                // The weight sum is the same for every channel.
+                s += w;
             }
             let (y, x) = ((i - 1) as usize, (j - 1) as usize);
             for c in 0..channels {
                 let norm = ((jx[c] * jx[c] + jy[c] * jy[c]) as f64).sqrt() + 1.0e-20f32 as f64;
-                let sat = ((ia[c] / s[c]) as f64 + (jx[c] + jy[c]) as f64 / norm + 0.5) as f32;
+                let sat = ((ia[c] / s) as f64 + (jx[c] + jy[c]) as f64 / norm + 0.5) as f32;
                 out[px(y, x, c)] = saturate_u8(sat);
             }
             flags[p] = BAND;
             queue.push(p, dist);
+            if wanted.get(p) == Some(&true) {
+                remaining -= 1;
+                if remaining == 0 {
+                    return;
+                }
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use image::{GrayImage, Luma, RgbImage};
 use rayon::prelude::*;
 use safetensors::SafeTensors;
 
-use super::telea::inpaint_telea;
+use super::telea::{inpaint_telea, inpaint_telea_needed};
 use crate::{Error, Result};
 
 /// DensePose part count (I = 1..=24).
@@ -42,7 +42,8 @@ pub struct TextureAssets {
 }
 
 impl TextureAssets {
-    /// The assets built into the binary.
+    /// The assets built into the binary. Decoding takes a few milliseconds: build them once and
+    /// share them (`&TextureAssets` is `Sync`) across images.
     pub fn builtin() -> Result<Self> {
         Self::from_bytes(BG_PNG, BG_NAME, LUT_ST, LUT_NAME)
     }
@@ -168,7 +169,8 @@ pub struct TileStages {
     pub dilated: Vec<u8>,
     /// 1 where the template is set and `valid` is not: the region Telea fills.
     pub inpaint_mask: Vec<u8>,
-    /// Min-max scaled tile after Telea.
+    /// Min-max scaled tile after Telea. Built by [`texture_map`]'s fast path, only the pixels
+    /// inside `dilated` are filled; [`texture_atlas`] fills all, as the reference does.
     pub normalized_inpainted: Vec<[u8; 3]>,
     /// Scaled back, truncated, kept only inside `dilated` (MCLD's TextureIm tile).
     pub final_tile: Vec<[u8; 3]>,
@@ -248,8 +250,10 @@ pub fn dilate_10x10(mask: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One present part's tile through valid mask, dilation, min-max scaling, Telea and back.
-pub fn process_tile(scattered: Vec<[u8; 3]>, template: &[u8]) -> Result<TileStages> {
+/// One present part's tile through valid mask, dilation, min-max scaling, Telea and back. With
+/// `full == false` Telea stops once the pixels inside the dilated area are filled: the final tile
+/// is the same, only `normalized_inpainted` outside that area is left unfilled.
+pub fn process_tile(scattered: Vec<[u8; 3]>, template: &[u8], full: bool) -> Result<TileStages> {
     let valid: Vec<u8> = scattered
         .iter()
         .map(|c| (c.iter().any(|&v| v != 0)) as u8)
@@ -276,7 +280,11 @@ pub fn process_tile(scattered: Vec<[u8; 3]>, template: &[u8]) -> Result<TileStag
             }
         })
         .collect();
-    let filled = inpaint_telea(&norm, TILE, TILE, 3, &inpaint_mask, TELEA_RADIUS)?;
+    let filled = if full {
+        inpaint_telea(&norm, TILE, TILE, 3, &inpaint_mask, TELEA_RADIUS)?
+    } else {
+        inpaint_telea_needed(&norm, TILE, TILE, 3, &inpaint_mask, TELEA_RADIUS, &dilated)?
+    };
     let normalized_inpainted: Vec<[u8; 3]> =
         filled.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect();
     let final_tile = normalized_inpainted
@@ -301,11 +309,21 @@ pub fn process_tile(scattered: Vec<[u8; 3]>, template: &[u8]) -> Result<TileStag
     })
 }
 
-/// Every stage of the atlas for one photo; tiles run in parallel.
+/// Every stage of the atlas for one photo, each as complete as the reference's; tiles run in
+/// parallel.
 pub fn texture_atlas(
     photo: &RgbImage,
     iuv: &RgbImage,
     assets: &TextureAssets,
+) -> Result<AtlasStages> {
+    atlas(photo, iuv, assets, true)
+}
+
+fn atlas(
+    photo: &RgbImage,
+    iuv: &RgbImage,
+    assets: &TextureAssets,
+    full: bool,
 ) -> Result<AtlasStages> {
     let (tiles, present) = scatter(photo, iuv)?;
     let tiles = tiles
@@ -313,7 +331,7 @@ pub fn texture_atlas(
         .enumerate()
         .map(|(p, tile)| {
             if present[p] {
-                process_tile(tile, assets.template(p + 1)).map(Some)
+                process_tile(tile, assets.template(p + 1), full).map(Some)
             } else {
                 Ok(None)
             }
@@ -394,5 +412,5 @@ pub fn atlas_to_normal(atlas: &RgbImage, assets: &TextureAssets) -> Result<RgbIm
 /// Texture map of `photo` (RGB) given its IUV image as stored on disk (R = V, G = U, B = I);
 /// returns the 512x512 RGB texture. No person in the IUV is an error.
 pub fn texture_map(photo: &RgbImage, iuv: &RgbImage, assets: &TextureAssets) -> Result<RgbImage> {
-    Ok(texture_atlas(photo, iuv, assets)?.to_normal(assets))
+    Ok(atlas(photo, iuv, assets, false)?.to_normal(assets))
 }
