@@ -90,10 +90,10 @@ impl Case {
             if k == "default" {
                 continue;
             }
-            if output == k || output.starts_with(k.as_str()) {
-                if best.map(|(b, _)| k.len() > b.len()).unwrap_or(true) {
-                    best = Some((k, v));
-                }
+            if (output == k || output.starts_with(k.as_str()))
+                && best.map(|(b, _)| k.len() > b.len()).unwrap_or(true)
+            {
+                best = Some((k, v));
             }
         }
         let v = best.map(|(_, v)| v).unwrap_or(&tol["default"]);
