@@ -1,0 +1,312 @@
+//! The stage runner behind `mcld prepare`: runs the selected stages in order, each one skipping
+//! outputs that already exist (so an interrupted run resumes), records per-item failures without
+//! stopping, and writes `prepare_report.json`.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+
+use super::report::{Failure, PrepareReport, StageReport, StageStatus};
+use super::split::{Part, SplitLists};
+use super::{face, pairs, split, stats, texture};
+use crate::{Error, Result};
+
+/// A step of `prepare`, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    Split,
+    Pairs,
+    Densepose,
+    Texture,
+    Face,
+    Stats,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 6] = [
+        Stage::Split,
+        Stage::Pairs,
+        Stage::Densepose,
+        Stage::Texture,
+        Stage::Face,
+        Stage::Stats,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Split => "split",
+            Stage::Pairs => "pairs",
+            Stage::Densepose => "densepose",
+            Stage::Texture => "texture",
+            Stage::Face => "face",
+            Stage::Stats => "stats",
+        }
+    }
+
+    /// Stages named by `--only` (empty = all), sorted into run order, duplicates dropped.
+    pub fn parse_selection(names: &[String]) -> Result<Vec<Stage>> {
+        if names.iter().all(|n| n.trim().is_empty()) {
+            return Ok(Stage::ALL.to_vec());
+        }
+        let mut v = names
+            .iter()
+            .filter(|n| !n.trim().is_empty())
+            .map(|n| n.parse())
+            .collect::<Result<Vec<Stage>>>()?;
+        v.sort();
+        v.dedup();
+        Ok(v)
+    }
+}
+
+impl FromStr for Stage {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        Stage::ALL
+            .into_iter()
+            .find(|st| st.name() == s)
+            .ok_or_else(|| {
+                Error::msg(format!(
+                    "unknown prepare stage `{s}`; expected one of split, pairs, densepose, \
+                     texture, face, stats"
+                ))
+            })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    /// Raw `MEN/`, `WOMEN/` in; `train/`, `test/`, `*_densepose/`, ... out.
+    pub dataset_root: PathBuf,
+    /// DensePose `.pkl`, SCRFD/ArcFace `.onnx`, CLIP.
+    pub pretrained_dir: PathBuf,
+    pub stages: Vec<Stage>,
+    pub lists: SplitLists,
+    /// Decode every photo during the split, so a corrupt JPEG is reported there and kept out.
+    pub verify_images: bool,
+    /// Progress bars and a printed summary (off for tests and scripts).
+    pub interactive: bool,
+    /// Where the JSON report goes; default `DATASET_ROOT/prepare_report.json`.
+    pub report_path: Option<PathBuf>,
+}
+
+impl PrepareOptions {
+    /// All stages, the standard split lists, photos verified, no progress output.
+    pub fn new(dataset_root: impl Into<PathBuf>, pretrained_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dataset_root: dataset_root.into(),
+            pretrained_dir: pretrained_dir.into(),
+            stages: Stage::ALL.to_vec(),
+            lists: SplitLists::builtin(),
+            verify_images: true,
+            interactive: false,
+            report_path: None,
+        }
+    }
+}
+
+fn progress(opts: &PrepareOptions, stage: Stage) -> ProgressBar {
+    if !opts.interactive {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:>9} [{elapsed_precise}] {wide_bar} {pos}/{len} ({eta})",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_prefix(stage.name());
+    bar
+}
+
+/// Runs the selected stages and writes the report. Stage-level problems (a missing folder, a
+/// model not built) are recorded in the report, not returned, so later stages still run; the
+/// error return is kept for a dataset root that does not exist or a report that cannot be written.
+pub fn run_prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
+    let root = &opts.dataset_root;
+    if !root.is_dir() {
+        return Err(Error::input(root, "dataset root is not a folder"));
+    }
+    let mut report = PrepareReport {
+        dataset_root: root.clone(),
+        stages: Vec::new(),
+    };
+    let mut stages = opts.stages.clone();
+    stages.sort();
+    stages.dedup();
+    for stage in stages {
+        let t0 = Instant::now();
+        let bar = progress(opts, stage);
+        let res = match stage {
+            Stage::Split => split::run_split(root, &opts.lists, opts.verify_images, &bar),
+            Stage::Pairs => pairs::run_pairs(root, &opts.lists),
+            Stage::Densepose => run_densepose(root),
+            Stage::Texture => run_texture(root, &bar),
+            Stage::Face => face::run_face(root, &opts.pretrained_dir),
+            Stage::Stats => stats::run_stats(root),
+        };
+        bar.finish_and_clear();
+        let mut rep = res.unwrap_or_else(|e| StageReport::failed(stage.name(), e.to_string()));
+        rep.settle();
+        rep.seconds = t0.elapsed().as_secs_f64();
+        report.stages.push(rep);
+    }
+    let path = opts
+        .report_path
+        .clone()
+        .unwrap_or_else(|| root.join("prepare_report.json"));
+    report.write_json(&path)?;
+    if opts.interactive {
+        eprint!("{}", report.summary(20));
+        eprintln!("report: {}", path.display());
+    }
+    Ok(report)
+}
+
+/// Flat names of the photos in `root/part/`, sorted; none when the folder is absent.
+pub fn list_photos(root: &Path, part: Part) -> Result<Vec<String>> {
+    let dir = root.join(part.dir());
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut names = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| Error::io(&dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".jpg") && !name.starts_with('.') {
+            names.push(name);
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// `root/{part}_{kind}/{stem}.{ext}`: where a photo's IUV, texture or face file lives.
+pub fn derived_path(root: &Path, part: Part, kind: &str, photo: &str, ext: &str) -> PathBuf {
+    let stem = photo.strip_suffix(".jpg").unwrap_or(photo);
+    root.join(format!("{}_{kind}", part.dir()))
+        .join(format!("{stem}.{ext}"))
+}
+
+/// DensePose inference is not in this build: the stage lists the IUV images still to make.
+fn run_densepose(root: &Path) -> Result<StageReport> {
+    let mut rep = StageReport::new("densepose");
+    for part in Part::ALL {
+        for name in list_photos(root, part)? {
+            let iuv = derived_path(root, part, "densepose", &name, "png");
+            if iuv.is_file() {
+                rep.skipped += 1;
+            } else {
+                rep.missing.push(iuv.display().to_string());
+            }
+        }
+    }
+    if !rep.missing.is_empty() {
+        rep.status = StageStatus::NotBuilt;
+        rep.error = Some(format!(
+            "DensePose inference is not built yet; {} IUV images are missing",
+            rep.missing.len()
+        ));
+    }
+    Ok(rep)
+}
+
+/// Reads an image as RGB, naming the file on failure.
+fn read_rgb(path: &Path) -> Result<image::RgbImage> {
+    let img = image::ImageReader::open(path)
+        .map_err(|e| Error::io(path, e))?
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?
+        .decode()
+        .map_err(|e| Error::input(path, format!("cannot decode image: {e}")))?;
+    Ok(img.to_rgb8())
+}
+
+/// Photo and IUV of one texture job, checked to decode and to have the same size.
+pub fn load_texture_inputs(photo: &Path, iuv: &Path) -> Result<(image::RgbImage, image::RgbImage)> {
+    let rgb = read_rgb(photo)?;
+    let iuv_img = read_rgb(iuv)?;
+    if iuv_img.dimensions() != rgb.dimensions() {
+        let (w, h) = iuv_img.dimensions();
+        let (pw, ph) = rgb.dimensions();
+        return Err(Error::input(
+            iuv,
+            format!("IUV is {w}x{h}, its photo {} is {pw}x{ph}", photo.display()),
+        ));
+    }
+    Ok((rgb, iuv_img))
+}
+
+/// One texture map: photo + IUV (same size) -> 512x512 PNG, written atomically.
+pub fn texture_one(
+    photo: &Path,
+    iuv: &Path,
+    out: &Path,
+    assets: &texture::TextureAssets,
+) -> Result<()> {
+    let (rgb, iuv_img) = load_texture_inputs(photo, iuv)?;
+    let tex = texture::texture_map(&rgb, &iuv_img, assets)
+        .map_err(|e| Error::input(photo, format!("texture map: {e}")))?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(tex), out)
+}
+
+/// Texture stage: every photo with an IUV and no texture yet, in parallel.
+fn run_texture(root: &Path, bar: &ProgressBar) -> Result<StageReport> {
+    let mut rep = StageReport::new("texture");
+    let mut jobs = Vec::new();
+    for part in Part::ALL {
+        for name in list_photos(root, part)? {
+            let out = derived_path(root, part, "texture", &name, "png");
+            let iuv = derived_path(root, part, "densepose", &name, "png");
+            if out.is_file() {
+                rep.skipped += 1;
+            } else if !iuv.is_file() {
+                rep.missing.push(iuv.display().to_string());
+            } else {
+                jobs.push((root.join(part.dir()).join(&name), iuv, out));
+            }
+        }
+    }
+    if !rep.missing.is_empty() {
+        rep.notes.push(format!(
+            "{} photos have no IUV yet (densepose stage) and were left for a later run",
+            rep.missing.len()
+        ));
+    }
+    if jobs.is_empty() {
+        return Ok(rep);
+    }
+    let assets = match texture::TextureAssets::builtin() {
+        Ok(a) => a,
+        Err(e) => {
+            rep.status = StageStatus::Failed;
+            rep.error = Some(format!(
+                "texture assets unavailable, {} jobs not attempted: {e}",
+                jobs.len()
+            ));
+            return Ok(rep);
+        }
+    };
+    bar.set_length(jobs.len() as u64);
+    let results: Vec<Option<Failure>> = jobs
+        .par_iter()
+        .map(|(photo, iuv, out)| {
+            let r = texture_one(photo, iuv, out, &assets);
+            bar.inc(1);
+            r.err().map(|e| Failure::new(photo, e.to_string()))
+        })
+        .collect();
+    for r in results {
+        match r {
+            None => rep.done += 1,
+            Some(f) => rep.failed.push(f),
+        }
+    }
+    Ok(rep)
+}
