@@ -206,7 +206,21 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Prepare(a) => {
             crate::device::parse_device(&a.compute.device)?;
-            Err(CliError::NotBuilt("prepare"))
+            let mut opts =
+                crate::prepare::run::PrepareOptions::new(&a.dataset_root, &a.pretrained_dir);
+            if !a.only.is_empty() {
+                opts.stages = crate::prepare::run::Stage::parse_selection(&a.only)?;
+            }
+            opts.interactive = true;
+            let report = crate::prepare::run::run_prepare(&opts)?;
+            if report.all_ok() {
+                Ok(())
+            } else {
+                Err(CliError::Failed(anyhow::anyhow!(
+                    "prepare finished with failures (see {})",
+                    a.dataset_root.join("prepare_report.json").display()
+                )))
+            }
         }
         Command::Train(a) => {
             crate::config::TrainConfig::load(&a.config)?;
