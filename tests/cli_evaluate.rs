@@ -6,9 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use image::{Rgb, RgbImage};
-use mcld::cli::evaluate::{
-    evaluate, write_reports, EvalBackend, EvalOptions, FidStats, PairScores,
-};
+use mcld::cli::evaluate::{evaluate, write_reports, EvalBackend, EvalOptions, PairScores};
 
 #[derive(Default)]
 struct Fake {
@@ -43,17 +41,6 @@ impl EvalBackend for Fake {
             h as u32,
             *img.get_pixel(0, 0),
         ))
-    }
-    fn stats(&self, f: &[Vec<f32>]) -> mcld::Result<FidStats> {
-        let m = f.iter().map(|v| v[0] as f64).sum::<f64>() / f.len() as f64;
-        Ok(FidStats {
-            mu: vec![m],
-            sigma: vec![0.0],
-            n: f.len(),
-        })
-    }
-    fn frechet(&self, a: &FidStats, b: &FidStats) -> mcld::Result<f64> {
-        Ok((a.mu[0] - b.mu[0]).powi(2))
     }
 }
 
@@ -100,8 +87,9 @@ fn evaluates_both_sizes_and_caches_real_stats() {
     assert_eq!((r256.pairs, r256.real_images), (2, 2));
     assert!((r256.psnr - 2.0).abs() < 1e-12); // mean(|10-14|, |20-20|)
     assert!((r256.lpips - 0.25).abs() < 1e-12);
-    // real mean 40, fake mean 17: (40-17)^2
-    assert!((r256.fid - 529.0).abs() < 1e-9, "{}", r256.fid);
+    // 1-d features: real {30, 50} (mean 40, var 200), fake {14, 20} (mean 17, var 18):
+    // (40-17)^2 + 200 + 18 - 2 sqrt(200*18) = 627.
+    assert!((r256.fid - 627.0).abs() < 1e-6, "{}", r256.fid);
     assert!(!r256.real_stats_cached);
     // 2 generated + 2 real per resolution.
     assert_eq!(b.feature_images.load(Ordering::SeqCst), 8);

@@ -13,17 +13,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::metrics::fid::{frechet_distance, FeatureStats};
 use crate::pipeline::inputs::read_rgb;
 use crate::{Error, Result};
-
-/// Mean and covariance of a feature set (the two moments FID compares).
-#[derive(Debug, Clone, PartialEq)]
-pub struct FidStats {
-    pub mu: Vec<f64>,
-    /// Row-major d x d covariance (divisor n-1).
-    pub sigma: Vec<f64>,
-    pub n: usize,
-}
 
 /// Per-pair scores: PSNR, SSIM (51x51 box), SSIM_256 (Gaussian 1.5).
 #[derive(Debug, Clone, Copy, Default)]
@@ -44,8 +36,6 @@ pub trait EvalBackend: Sync {
     fn fid_features(&self, imgs: &[RgbImage]) -> Result<Vec<Vec<f32>>>;
     /// The real-set resize: antialiased bicubic to (height, width), as torchvision's Resize.
     fn resize_real(&self, img: &RgbImage, hw: (usize, usize)) -> Result<RgbImage>;
-    fn stats(&self, feats: &[Vec<f32>]) -> Result<FidStats>;
-    fn frechet(&self, real: &FidStats, fake: &FidStats) -> Result<f64>;
 }
 
 #[derive(Debug, Clone)]
@@ -183,11 +173,15 @@ fn real_cache_path(
     ))
 }
 
-fn save_stats(path: &Path, s: &FidStats) -> Result<()> {
+fn save_stats(path: &Path, s: &FeatureStats) -> Result<()> {
     use candle_core::{Device, Tensor};
-    let d = s.mu.len();
+    let d = s.dim();
     let mu = Tensor::from_vec(s.mu.clone(), d, &Device::Cpu)?;
-    let sigma = Tensor::from_vec(s.sigma.clone(), (d, d), &Device::Cpu)?;
+    let sig: Vec<f64> = (0..d)
+        .flat_map(|i| (0..d).map(move |j| (i, j)))
+        .map(|(i, j)| s.sigma[(i, j)])
+        .collect();
+    let sigma = Tensor::from_vec(sig, (d, d), &Device::Cpu)?;
     let n = Tensor::from_vec(vec![s.n as i64], 1, &Device::Cpu)?;
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(
@@ -201,18 +195,33 @@ fn save_stats(path: &Path, s: &FidStats) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-fn load_stats(path: &Path) -> Result<FidStats> {
+fn load_stats(path: &Path) -> Result<FeatureStats> {
     let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu)?;
     let get = |k: &str| {
         t.get(k)
             .cloned()
             .ok_or_else(|| Error::input(path, format!("cached FID statistics lack `{k}`")))
     };
-    Ok(FidStats {
-        mu: get("mu")?.to_vec1::<f64>()?,
-        sigma: get("sigma")?.flatten_all()?.to_vec1::<f64>()?,
+    let mu = get("mu")?.to_vec1::<f32>()?;
+    let d = mu.len();
+    let sig = get("sigma")?.flatten_all()?.to_vec1::<f64>()?;
+    if sig.len() != d * d {
+        return Err(Error::input(
+            path,
+            "cached FID covariance has the wrong size",
+        ));
+    }
+    Ok(FeatureStats {
+        mu,
+        sigma: faer::Mat::from_fn(d, d, |i, j| sig[i * d + j]),
         n: get("n")?.to_vec1::<i64>()?[0] as usize,
     })
+}
+
+fn stats_of(feats: &[Vec<f32>]) -> Result<FeatureStats> {
+    let dim = feats.first().map(|f| f.len()).unwrap_or(0);
+    let flat: Vec<f32> = feats.iter().flatten().copied().collect();
+    FeatureStats::from_features(&flat, feats.len(), dim)
 }
 
 /// Real-set statistics at one size, from the cache when its key matches.
@@ -220,7 +229,7 @@ fn real_stats(
     opts: &EvalOptions,
     backend: &dyn EvalBackend,
     hw: (usize, usize),
-) -> Result<(FidStats, PathBuf, bool, usize)> {
+) -> Result<(FeatureStats, PathBuf, bool, usize)> {
     let names = list_images(&opts.training_path, &[".jpg", ".jpeg", ".png"])?;
     if names.is_empty() {
         return Err(Error::input(
@@ -248,7 +257,7 @@ fn real_stats(
         pb.inc(chunk.len() as u64);
     }
     pb.finish_and_clear();
-    let s = backend.stats(&feats)?;
+    let s = stats_of(&feats)?;
     save_stats(&cache, &s)?;
     Ok((s, cache, false, names.len()))
 }
@@ -299,9 +308,9 @@ pub fn evaluate(opts: &EvalOptions, backend: &dyn EvalBackend) -> Result<EvalRep
             pb.inc(chunk.len() as u64);
         }
         pb.finish_and_clear();
-        let fake = backend.stats(&feats)?;
+        let fake = stats_of(&feats)?;
         let (real, cache, cached, n_real) = real_stats(opts, backend, *hw)?;
-        let fid = backend.frechet(&real, &fake)?;
+        let fid = frechet_distance(&real, &fake)?.fid;
         let r = ResolutionReport {
             resolution: sub.clone(),
             pairs: pairs.len(),
