@@ -1,0 +1,268 @@
+//! Input resize (Pillow's bilinear), the chart result of one instance and the MCLD IUV image.
+
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use super::predictor::bilinear_host;
+use crate::{Error, Result};
+
+/// An 8-bit 3-channel image, row-major `HxWx3` (channel order is the caller's: BGR here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image3 {
+    pub h: usize,
+    pub w: usize,
+    pub data: Vec<u8>,
+}
+
+impl Image3 {
+    pub fn new(h: usize, w: usize, data: Vec<u8>) -> Result<Self> {
+        if data.len() != h * w * 3 {
+            return Err(Error::msg(format!(
+                "image buffer has {} bytes, expected {h}x{w}x3",
+                data.len()
+            )));
+        }
+        Ok(Self { h, w, data })
+    }
+
+    /// Reads a photo as BGR (detectron2's `read_image(format="BGR")`).
+    pub fn read_bgr(path: &Path) -> Result<Self> {
+        let img = image::open(path)
+            .map_err(|e| Error::input(path, format!("cannot decode image: {e}")))?
+            .to_rgb8();
+        let (w, h) = (img.width() as usize, img.height() as usize);
+        let mut data = img.into_raw();
+        for px in data.chunks_exact_mut(3) {
+            px.swap(0, 2);
+        }
+        Self::new(h, w, data)
+    }
+}
+
+/// `ResizeShortestEdge` at test time: the output `(h, w)`.
+pub fn shortest_edge_size(h: usize, w: usize, min: usize, max: usize) -> (usize, usize) {
+    let (h, w) = (h as f64, w as f64);
+    let scale = min as f64 / h.min(w);
+    let (mut nh, mut nw) = if h < w {
+        (min as f64, scale * w)
+    } else {
+        (scale * h, min as f64)
+    };
+    if nh.max(nw) > max as f64 {
+        let s = max as f64 / nh.max(nw);
+        nh *= s;
+        nw *= s;
+    }
+    ((nh + 0.5) as usize, (nw + 0.5) as usize)
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's `precompute_coeffs` for the bilinear (triangle) filter, then 8-bit fixed point.
+fn coeffs(insz: usize, outsz: usize) -> (usize, Vec<(usize, usize)>, Vec<i32>) {
+    let scale = insz as f64 / outsz as f64;
+    let filterscale = scale.max(1.0);
+    let support = filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(outsz);
+    let mut kk = vec![0i32; outsz * ksize];
+    let ss = 1.0 / filterscale;
+    let mut w = vec![0f64; ksize];
+    for xx in 0..outsz {
+        let center = (xx as f64 + 0.5) * scale;
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(insz as i64) as usize;
+        let n = xmax - xmin;
+        let mut ww = 0.0;
+        for x in 0..n {
+            let t = ((x + xmin) as f64 - center + 0.5) * ss;
+            let t = t.abs();
+            let v = if t < 1.0 { 1.0 - t } else { 0.0 };
+            w[x] = v;
+            ww += v;
+        }
+        for x in 0..n {
+            let v = if ww != 0.0 { w[x] / ww } else { w[x] };
+            let f = v * (1u32 << PRECISION_BITS) as f64;
+            kk[xx * ksize + x] = if v < 0.0 {
+                (f - 0.5) as i32
+            } else {
+                (f + 0.5) as i32
+            };
+        }
+        bounds.push((xmin, n));
+    }
+    (ksize, bounds, kk)
+}
+
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// `PIL.Image.resize(BILINEAR)` of a 3-channel 8-bit image: horizontal pass, then vertical,
+/// both in Pillow's fixed point (the intermediate is rounded to 8 bits as Pillow does).
+pub fn resize_pil_bilinear(img: &Image3, oh: usize, ow: usize) -> Result<Image3> {
+    if oh == 0 || ow == 0 || img.h == 0 || img.w == 0 {
+        return Err(Error::msg(format!(
+            "cannot resize a {}x{} image to {oh}x{ow}",
+            img.h, img.w
+        )));
+    }
+    let half = 1i64 << (PRECISION_BITS - 1);
+    let mut cur = img.clone();
+    if ow != cur.w {
+        let (ks, bounds, kk) = coeffs(cur.w, ow);
+        let mut out = vec![0u8; cur.h * ow * 3];
+        for y in 0..cur.h {
+            let row = &cur.data[y * cur.w * 3..(y + 1) * cur.w * 3];
+            for (x, &(xmin, n)) in bounds.iter().enumerate() {
+                let k = &kk[x * ks..x * ks + n];
+                for c in 0..3 {
+                    let mut acc = half;
+                    for (i, &kv) in k.iter().enumerate() {
+                        acc += row[(xmin + i) * 3 + c] as i64 * kv as i64;
+                    }
+                    out[(y * ow + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        cur = Image3::new(cur.h, ow, out)?;
+    }
+    if oh != cur.h {
+        let (ks, bounds, kk) = coeffs(cur.h, oh);
+        let w = cur.w;
+        let mut out = vec![0u8; oh * w * 3];
+        for (y, &(ymin, n)) in bounds.iter().enumerate() {
+            let k = &kk[y * ks..y * ks + n];
+            for x in 0..w {
+                for c in 0..3 {
+                    let mut acc = half;
+                    for (i, &kv) in k.iter().enumerate() {
+                        acc += cur.data[((ymin + i) * w + x) * 3 + c] as i64 * kv as i64;
+                    }
+                    out[(y * w + x) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        cur = Image3::new(oh, w, out)?;
+    }
+    Ok(cur)
+}
+
+/// The chart result of one instance at its box size: labels `[h, w]` and `uv` `[2, h, w]`.
+#[derive(Debug, Clone)]
+pub struct ChartResult {
+    pub h: usize,
+    pub w: usize,
+    pub labels: Vec<u8>,
+    pub uv: Vec<f32>,
+}
+
+/// Box `(x, y, w, h)` as detectron2 truncates it (`.long()` of the float XYWH, w/h at least 1).
+pub fn box_xywh_int(b: &[f32; 4]) -> (i64, i64, i64, i64) {
+    let w = (b[2] - b[0]) as i64;
+    let h = (b[3] - b[1]) as i64;
+    (b[0] as i64, b[1] as i64, w.max(1), h.max(1))
+}
+
+/// `densepose_chart_predictor_output_to_result` for one instance; tensors are `[1 or C, S, S]`
+/// planes (coarse, fine, u, v) of that instance.
+pub fn chart_result(
+    coarse: &Tensor,
+    fine: &Tensor,
+    u: &Tensor,
+    v: &Tensor,
+    box_xyxy: &[f32; 4],
+) -> Result<ChartResult> {
+    let (_, _, w, h) = box_xywh_int(box_xyxy);
+    let (h, w) = (h as usize, w as usize);
+    let resize = |t: &Tensor| -> Result<(usize, Vec<f32>)> {
+        let t = if t.rank() == 4 {
+            t.squeeze(0)?
+        } else {
+            t.clone()
+        };
+        let (c, sh, sw) = t.dims3()?;
+        let data = t.flatten_all()?.to_vec1::<f32>()?;
+        let out = bilinear_host(
+            &data,
+            c,
+            sh,
+            sw,
+            h,
+            w,
+            sh as f32 / h as f32,
+            sw as f32 / w as f32,
+        );
+        Ok((c, out))
+    };
+    let (cc, coarse) = resize(coarse)?;
+    let (fc, fine) = resize(fine)?;
+    let (uc, u) = resize(u)?;
+    let (vc, v) = resize(v)?;
+    if uc != fc || vc != fc {
+        return Err(Error::msg(format!(
+            "chart outputs disagree: fine has {fc} channels, u {uc}, v {vc}"
+        )));
+    }
+    let n = h * w;
+    let argmax = |d: &[f32], c: usize, p: usize| -> usize {
+        let mut best = 0;
+        for k in 1..c {
+            if d[k * n + p] > d[best * n + p] {
+                best = k;
+            }
+        }
+        best
+    };
+    let mut labels = vec![0u8; n];
+    let mut uv = vec![0f32; 2 * n];
+    for p in 0..n {
+        let fg = argmax(&coarse, cc, p) > 0;
+        let l = if fg { argmax(&fine, fc, p) } else { 0 };
+        labels[p] = l as u8;
+        if l > 0 {
+            uv[p] = u[l * n + p];
+            uv[n + p] = v[l * n + p];
+        }
+    }
+    Ok(ChartResult { h, w, labels, uv })
+}
+
+/// MCLD's `process_output`: `[I, U*255, V*255]` truncated to uint8, pasted at the box into a
+/// zero `HxWx3` image (channel order I, U, V).
+pub fn iuv_image(chart: &ChartResult, box_xyxy: &[f32; 4], h: usize, w: usize) -> Vec<u8> {
+    let (bx, by, _, _) = box_xywh_int(box_xyxy);
+    let mut out = vec![0u8; h * w * 3];
+    let n = chart.h * chart.w;
+    for r in 0..chart.h {
+        let y = by + r as i64;
+        if y < 0 || y >= h as i64 {
+            continue;
+        }
+        for c in 0..chart.w {
+            let x = bx + c as i64;
+            if x < 0 || x >= w as i64 {
+                continue;
+            }
+            let p = r * chart.w + c;
+            let o = (y as usize * w + x as usize) * 3;
+            out[o] = chart.labels[p];
+            out[o + 1] = (chart.uv[p] as f64 * 255.0) as u8;
+            out[o + 2] = (chart.uv[n + p] as f64 * 255.0) as u8;
+        }
+    }
+    out
+}
+
+/// Writes an `[I, U, V]` image as MCLD does with OpenCV: on disk R = V, G = U, B = I.
+pub fn save_iuv_png(iuv: &[u8], h: usize, w: usize, path: &Path) -> Result<()> {
+    let mut rgb = Vec::with_capacity(iuv.len());
+    for px in iuv.chunks_exact(3) {
+        rgb.extend_from_slice(&[px[2], px[1], px[0]]);
+    }
+    let img = image::RgbImage::from_raw(w as u32, h as u32, rgb)
+        .ok_or_else(|| Error::msg(format!("IUV buffer does not fit {h}x{w}")))?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img), path)
+}

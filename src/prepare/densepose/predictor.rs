@@ -1,0 +1,153 @@
+//! DensePose chart predictor (four transposed convs + bilinear upscale) and PyTorch's bilinear.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::Config;
+use crate::{Error, Result};
+
+/// `F.interpolate(mode="bilinear", align_corners=False)` of `[N, C, H, W]`; `scale_*` is the
+/// source step per output pixel (1/scale_factor, or in/out when a size is given).
+pub fn upsample_bilinear(
+    x: &Tensor,
+    oh: usize,
+    ow: usize,
+    scale_h: f32,
+    scale_w: f32,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let dev = x.device().clone();
+    let data = x
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?;
+    let out = bilinear_host(&data, n * c, h, w, oh, ow, scale_h, scale_w);
+    Ok(Tensor::from_vec(out, (n, c, oh, ow), &dev)?)
+}
+
+/// Source indices and weights along one axis (PyTorch's `compute_indices_weights_linear`).
+fn axis_weights(insz: usize, outsz: usize, scale: f32) -> Vec<(usize, usize, f32, f32)> {
+    (0..outsz)
+        .map(|i| {
+            let src = scale * (i as f32 + 0.5) - 0.5;
+            let src = if src < 0.0 { 0.0 } else { src };
+            let i0 = (src as usize).min(insz - 1);
+            let i1 = if i0 < insz - 1 { i0 + 1 } else { i0 };
+            let l1 = (src - i0 as f32).clamp(0.0, 1.0);
+            (i0, i1, 1.0 - l1, l1)
+        })
+        .collect()
+}
+
+/// Host bilinear over `planes` planes of `h x w`.
+#[allow(clippy::too_many_arguments)]
+pub fn bilinear_host(
+    data: &[f32],
+    planes: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    scale_h: f32,
+    scale_w: f32,
+) -> Vec<f32> {
+    let ys = axis_weights(h, oh, scale_h);
+    let xs = axis_weights(w, ow, scale_w);
+    let mut out = Vec::with_capacity(planes * oh * ow);
+    for p in 0..planes {
+        let src = &data[p * h * w..(p + 1) * h * w];
+        for &(y0, y1, hy0, hy1) in &ys {
+            let r0 = &src[y0 * w..(y0 + 1) * w];
+            let r1 = &src[y1 * w..(y1 + 1) * w];
+            for &(x0, x1, wx0, wx1) in &xs {
+                let t0 = r0[x0] * wx0 + r0[x1] * wx1;
+                let t1 = r1[x0] * wx0 + r1[x1] * wx1;
+                out.push(t0 * hy0 + t1 * hy1);
+            }
+        }
+    }
+    out
+}
+
+/// The four chart outputs of a batch of instances, each `[N, *, S, S]`.
+#[derive(Debug, Clone)]
+pub struct ChartOutput {
+    pub coarse_segm: Tensor,
+    pub fine_segm: Tensor,
+    pub u: Tensor,
+    pub v: Tensor,
+}
+
+#[derive(Debug, Clone)]
+struct Deconv {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+}
+
+impl Deconv {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize) -> Result<Self> {
+        if k < 2 {
+            return Err(Error::msg(
+                "ROI_DENSEPOSE_HEAD.DECONV_KERNEL must be at least 2",
+            ));
+        }
+        Ok(Self {
+            weight: vb.get((cin, cout, k, k), "weight")?,
+            bias: vb.get(cout, "bias")?,
+            padding: k / 2 - 1,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.conv_transpose2d(&self.weight, self.padding, 0, 2, 1)?;
+        Ok(y.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?)
+    }
+}
+
+/// `DensePoseChartPredictor` (confidences disabled).
+#[derive(Debug, Clone)]
+pub struct ChartPredictor {
+    coarse: Deconv,
+    fine: Deconv,
+    u: Deconv,
+    v: Deconv,
+    up_scale: usize,
+}
+
+impl ChartPredictor {
+    pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let dp = &cfg.model.roi_densepose_head;
+        let cin = dp.conv_head_dim;
+        let k = dp.deconv_kernel;
+        let np = dp.num_patches + 1;
+        Ok(Self {
+            coarse: Deconv::new(
+                vb.pp("ann_index_lowres"),
+                cin,
+                dp.num_coarse_segm_channels,
+                k,
+            )?,
+            fine: Deconv::new(vb.pp("index_uv_lowres"), cin, np, k)?,
+            u: Deconv::new(vb.pp("u_lowres"), cin, np, k)?,
+            v: Deconv::new(vb.pp("v_lowres"), cin, np, k)?,
+            up_scale: dp.up_scale,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<ChartOutput> {
+        let s = self.up_scale;
+        let inv = 1.0 / s as f32;
+        let up = |t: Tensor| -> Result<Tensor> {
+            let (_, _, h, w) = t.dims4()?;
+            upsample_bilinear(&t, h * s, w * s, inv, inv)
+        };
+        Ok(ChartOutput {
+            coarse_segm: up(self.coarse.forward(x)?)?,
+            fine_segm: up(self.fine.forward(x)?)?,
+            u: up(self.u.forward(x)?)?,
+            v: up(self.v.forward(x)?)?,
+        })
+    }
+}
