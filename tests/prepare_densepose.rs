@@ -493,3 +493,78 @@ fn end_to_end() {
     let iuv = iuv::iuv_image(&chart, &trace.boxes_orig[0], img.h, img.w);
     check_iuv(&case, &iuv, &trace.boxes_orig[0]);
 }
+
+/// Random He-scaled weights for any name, so the real-size model can be timed without the
+/// real checkpoint (FrozenBN stats are identity; residual branches are damped to stay finite).
+struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let dims = s.dims().to_vec();
+        let t = if name.ends_with("running_var") || (dims.len() == 1 && name.ends_with("weight")) {
+            Tensor::ones(s, dtype, dev)?
+        } else if dims.len() == 1 {
+            Tensor::zeros(s, dtype, dev)?
+        } else {
+            let fan_in: usize = dims[1..].iter().product();
+            let damp = if name.contains("conv3") { 0.2 } else { 1.0 };
+            (Tensor::randn(0f32, 1f32, s, dev)? * (damp * (2.0 / fan_in as f64).sqrt()))?
+                .to_dtype(dtype)?
+        };
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("RandomWeights needs a shape for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// CPU timing of the real-size R-101 DL model on a 750x1101 photo (prints, asserts nothing).
+#[test]
+#[ignore = "benchmark: cargo test --release --test prepare_densepose bench -- --ignored --nocapture"]
+fn bench_real_size_cpu() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs/densepose/densepose_rcnn_R_101_FPN_DL_s1x.yaml");
+    let cfg = Config::from_yaml_file(&path).unwrap();
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), DType::F32, Device::Cpu);
+    let model = DensePose::new(vb, &cfg).unwrap();
+    let (h, w) = (1101, 750);
+    let data: Vec<u8> = (0..h * w * 3).map(|i| ((i * 37) % 251) as u8).collect();
+    let img = Image3::new(h, w, data).unwrap();
+    let t = std::time::Instant::now();
+    let pre = model.preprocess(&img).unwrap();
+    let t_pre = t.elapsed();
+    let hw = (pre.resized.h, pre.resized.w);
+    let t = std::time::Instant::now();
+    let fpn = model.features(&pre.tensor).unwrap();
+    let t_fpn = t.elapsed();
+    let t = std::time::Instant::now();
+    let levels = model.rpn().head(&fpn).unwrap();
+    let props = model.rpn().proposals(&levels, hw).unwrap();
+    let t_rpn = t.elapsed();
+    let t = std::time::Instant::now();
+    let (_, det) = model.detect(&fpn, &props.boxes, hw).unwrap();
+    let t_box = t.elapsed();
+    let one = [[100.0f32, 100.0, 500.0, 1000.0]];
+    let t = std::time::Instant::now();
+    model.densepose(&fpn, &one).unwrap();
+    let t_dp1 = t.elapsed();
+    let total = t_pre + t_fpn + t_rpn + t_box + t_dp1;
+    println!(
+        "real-size DensePose R-101 DL on {h}x{w} (resized {hw:?}), CPU: resize+normalize {t_pre:.2?}, ResNet+FPN {t_fpn:.2?}, RPN {t_rpn:.2?} ({} proposals), box head {t_box:.2?} ({} random-weight detections), DensePose branch for 1 instance {t_dp1:.2?}; one-person image {:.3} images/s",
+        props.boxes.len(),
+        det.boxes.len(),
+        1.0 / total.as_secs_f64()
+    );
+}

@@ -390,6 +390,24 @@ fn stage_selection() {
 }
 
 #[test]
+fn empty_root_fails_the_split_stage_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let lists = SplitLists {
+        train: vec![RAW[0].1.into()],
+        test: vec![RAW[6].1.into()],
+    };
+    let rep = run_prepare(&opts(dir.path(), &lists, &[Stage::Split, Stage::Pairs])).unwrap();
+    let sp = stage(&rep, "split");
+    assert_eq!(sp.status, StageStatus::Failed);
+    assert!(
+        sp.error.as_deref().unwrap().contains("no raw images"),
+        "{sp:?}"
+    );
+    assert_eq!(stage(&rep, "pairs").status, StageStatus::Ok);
+    assert!(!rep.all_ok());
+}
+
+#[test]
 fn missing_root_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let o = PrepareOptions::new(dir.path().join("nope"), dir.path());

@@ -146,7 +146,7 @@ pub fn run_prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
             Stage::Pairs => pairs::run_pairs(root, &opts.lists),
             Stage::Densepose => run_densepose(root),
             Stage::Texture => run_texture(root, &bar),
-            Stage::Face => face::run_face(root, &opts.pretrained_dir),
+            Stage::Face => face::run_face(root, &opts.pretrained_dir, &bar),
             Stage::Stats => stats::run_stats(root),
         };
         bar.finish_and_clear();

@@ -256,6 +256,16 @@ pub fn run_split(
             missing.len()
         ));
     }
+    if raw.is_empty() && rep.skipped == 0 {
+        return Err(Error::input(
+            root,
+            format!(
+                "no raw images under MEN/ or WOMEN/ and no split images in train/ or test/ \
+                 ({} listed names)",
+                missing.len()
+            ),
+        ));
+    }
     rep.missing = missing;
 
     bar.set_length(jobs.len() as u64);

@@ -576,7 +576,7 @@ impl Machine<'_, '_> {
 }
 
 fn pairs(items: Vec<Value>) -> R<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return bad("odd number of items for a dict");
     }
     let mut it = items.into_iter();

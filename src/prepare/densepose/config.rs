@@ -402,7 +402,7 @@ impl Config {
         if m.pixel_mean.len() != 3 || m.pixel_std.len() != 3 {
             return Err("MODEL.PIXEL_MEAN and MODEL.PIXEL_STD need 3 values".into());
         }
-        if m.pixel_std.iter().any(|s| *s == 0.0) {
+        if m.pixel_std.contains(&0.0) {
             return Err("MODEL.PIXEL_STD has a zero".into());
         }
         if !matches!(m.resnets.depth, 18 | 34 | 50 | 101 | 152) {

@@ -75,11 +75,11 @@ fn coeffs(insz: usize, outsz: usize) -> (usize, Vec<(usize, usize)>, Vec<i32>) {
         let xmax = ((center + support + 0.5) as i64).min(insz as i64) as usize;
         let n = xmax - xmin;
         let mut ww = 0.0;
-        for x in 0..n {
+        for (x, wx) in w.iter_mut().enumerate().take(n) {
             let t = ((x + xmin) as f64 - center + 0.5) * ss;
             let t = t.abs();
             let v = if t < 1.0 { 1.0 - t } else { 0.0 };
-            w[x] = v;
+            *wx = v;
             ww += v;
         }
         for x in 0..n {

@@ -61,7 +61,7 @@ impl ConvBn {
         bias: bool,
         norm: bool,
     ) -> Result<Self> {
-        if cin % groups != 0 {
+        if groups == 0 || !cin.is_multiple_of(groups) {
             return Err(Error::msg(format!(
                 "conv {}: {cin} input channels do not split into {groups} groups",
                 vb.prefix()

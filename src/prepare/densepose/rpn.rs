@@ -166,21 +166,21 @@ impl Rpn {
         let mut scores = Vec::new();
         let mut lvl_ids = Vec::new();
         for (li, lv) in levels.iter().enumerate() {
-            let logits = lv.logits.to_vec3::<f32>()?;
-            let deltas = lv.deltas.to_vec3::<f32>()?;
-            let na = logits.len();
-            let h = logits[0].len();
-            let w = logits[0][0].len();
+            let (na, h, w) = lv.logits.dims3()?;
+            // (H, W, A) flattening, as the permute in the RPN does; deltas as (H, W, A, 4).
+            let logits = lv
+                .logits
+                .permute((1, 2, 0))?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let deltas = lv
+                .deltas
+                .reshape((na, 4, h, w))?
+                .permute((2, 3, 0, 1))?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             let stride = self.strides[li] as f32;
-            // (H, W, A) flattening, as the permute in the RPN does.
-            let mut flat: Vec<(f32, usize)> = Vec::with_capacity(h * w * na);
-            for y in 0..h {
-                for x in 0..w {
-                    for a in 0..na {
-                        flat.push((logits[a][y][x], (y * w + x) * na + a));
-                    }
-                }
-            }
+            let mut flat: Vec<(f32, usize)> = logits.iter().copied().zip(0..).collect();
             let k = self.pre_topk.min(flat.len());
             flat.sort_by(|p, q| q.0.total_cmp(&p.0));
             flat.truncate(k);
@@ -194,10 +194,10 @@ impl Rpn {
                 let ca = self.cell_anchors[li][a];
                 let anchor = [sx + ca[0], sy + ca[1], sx + ca[2], sy + ca[3]];
                 let d = [
-                    deltas[a * 4][y][x],
-                    deltas[a * 4 + 1][y][x],
-                    deltas[a * 4 + 2][y][x],
-                    deltas[a * 4 + 3][y][x],
+                    deltas[idx * 4],
+                    deltas[idx * 4 + 1],
+                    deltas[idx * 4 + 2],
+                    deltas[idx * 4 + 3],
                 ];
                 boxes.push(apply_deltas(&d, &anchor, &self.weights));
                 scores.push(s);
