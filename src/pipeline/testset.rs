@@ -37,6 +37,19 @@ pub struct Postprocess {
     pub ground_truth: Box<ResizePhoto>,
 }
 
+impl Postprocess {
+    /// The reference's: generated images through torch's antialiased bicubic and truncating
+    /// quantisation, ground truth through Pillow's bicubic (torchvision `Resize` on PIL images).
+    pub fn reference() -> Self {
+        Self {
+            generated: Box::new(crate::imageops::generated_to_rgb),
+            ground_truth: Box::new(|img, hw| {
+                crate::imageops::pil_resize_rgb(img, hw, crate::imageops::Filter::Bicubic)
+            }),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TestRunOptions {
     /// Output root: `save_path/exp_name/{256,512}/` and `save_path/gt/{256,512}/`.
