@@ -377,6 +377,34 @@ fn texture_inputs_are_checked_per_image() {
 }
 
 #[test]
+fn stats_stage_counts_and_wants_clip_std() {
+    let (dir, lists) = raw_tree();
+    let root = dir.path();
+    let rep = run_prepare(&opts(root, &lists, &[Stage::Split, Stage::Stats])).unwrap();
+    let st = stage(&rep, "stats");
+    assert_eq!(st.status, StageStatus::NotBuilt);
+    assert!(st
+        .notes
+        .contains(&"train: 6 photos, 0 IUV, 0 textures, 0 faces".to_string()));
+    assert!(st
+        .notes
+        .contains(&"test: 2 photos, 0 IUV, 0 textures, 0 faces".to_string()));
+    assert!(st.missing[0].ends_with("clip_std.npy"));
+    write_npy_f32(&root.join("clip_std.npy"), &[4], &[0.1, 0.2, 0.3, 0.4]).unwrap();
+    let rep = run_prepare(&opts(root, &lists, &[Stage::Stats])).unwrap();
+    let st = stage(&rep, "stats");
+    assert_eq!((st.status, st.skipped), (StageStatus::Ok, 1));
+    std::fs::write(root.join("clip_std.npy"), b"junk").unwrap();
+    let rep = run_prepare(&opts(root, &lists, &[Stage::Stats])).unwrap();
+    let st = stage(&rep, "stats");
+    assert_eq!(st.status, StageStatus::Failed);
+    assert!(
+        st.error.as_deref().unwrap().contains("clip_std.npy"),
+        "{st:?}"
+    );
+}
+
+#[test]
 fn stage_selection() {
     let s =
         |v: &[&str]| Stage::parse_selection(&v.iter().map(|x| x.to_string()).collect::<Vec<_>>());

@@ -169,6 +169,19 @@ fn malformed_files_give_errors_not_panics() {
 }
 
 #[test]
+fn deep_and_cyclic_pickles_do_not_crash() {
+    // A million nested 1-tuples: freeing them must not overflow the stack.
+    let mut p = vec![0x80, 2, b'K', 1];
+    p.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+    p.push(b'.');
+    let err = load_bytes(&p).unwrap_err();
+    assert!(err.to_string().contains("expected a dict"), "{err}");
+    // A dict that holds itself through the memo.
+    let err = load_bytes(&[0x80, 2, b'}', b'q', 0, b'K', 1, b'h', 0, b's', b'.']).unwrap_err();
+    assert!(err.to_string().contains("no dict of tensors"), "{err}");
+}
+
+#[test]
 fn detectron2_numpy_pickles_match_numpy() {
     let want = expected("expected_d2.safetensors");
     for f in ["d2_p2.pkl", "d2_p4.pkl", "d2_p5.pkl"] {

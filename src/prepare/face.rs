@@ -451,7 +451,8 @@ pub fn umeyama_similarity(src: &[[f32; 2]], dst: &[[f32; 2]]) -> [[f32; 3]; 2] {
     ]
 }
 
-/// `cv2.warpAffine(img, m, (size, size))` with bilinear sampling and a black border.
+/// `cv2.warpAffine(img, m, (size, size))` with bilinear sampling and a black border. Sampling is
+/// in float; OpenCV snaps positions to 1/32 px, so a pixel may differ by a grey level.
 pub fn warp_affine(img: &RgbImage, m: &[[f32; 3]; 2], size: u32) -> RgbImage {
     let (a, b, c) = (m[0][0] as f64, m[0][1] as f64, m[0][2] as f64);
     let (d, e, f) = (m[1][0] as f64, m[1][1] as f64, m[1][2] as f64);

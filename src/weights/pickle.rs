@@ -142,6 +142,42 @@ pub enum Value {
     NpDType(Rc<RefCell<NpDType>>),
 }
 
+/// Hostile pickles can nest containers a million deep; dropping them recursively would
+/// overflow the stack, so children of uniquely owned containers are freed from a work list.
+impl Drop for Value {
+    fn drop(&mut self) {
+        let mut work: Vec<Value> = Vec::new();
+        take_children(self, &mut work);
+        while let Some(mut v) = work.pop() {
+            take_children(&mut v, &mut work);
+        }
+    }
+}
+
+fn take_children(v: &mut Value, work: &mut Vec<Value>) {
+    match v {
+        Value::Tuple(t) => {
+            if let Some(items) = Rc::get_mut(t) {
+                work.append(items);
+            }
+        }
+        Value::List(l) => {
+            if let Some(items) = Rc::get_mut(l) {
+                work.append(items.get_mut());
+            }
+        }
+        Value::Dict(d) => {
+            if let Some(items) = Rc::get_mut(d) {
+                for (k, x) in items.get_mut().drain(..) {
+                    work.push(k);
+                    work.push(x);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 impl Value {
     pub fn kind(&self) -> &'static str {
         match self {

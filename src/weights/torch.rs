@@ -71,7 +71,8 @@ pub fn read_zip(path: &Path, device: &Device) -> Result<Loaded> {
     let prefix = pkl.trim_end_matches("data.pkl").to_string();
     let mut read_entry = |name: &str| -> Result<Vec<u8>> {
         let mut f = zip.by_name(name).map_err(zerr)?;
-        let mut buf = Vec::with_capacity(f.size() as usize);
+        // The header's size is untrusted: reserve at most what a sane entry needs up front.
+        let mut buf = Vec::with_capacity((f.size() as usize).min(1 << 26));
         f.read_to_end(&mut buf)
             .map_err(|e| Error::weights(path, format!("reading {name}: {e}")))?;
         Ok(buf)
@@ -125,7 +126,7 @@ pub fn read_legacy(path: &Path, data: &[u8], device: &Device) -> Result<Loaded> 
     pos = p;
     let (keys, p) = unpickle(path, data, pos, None)?;
     pos = p;
-    let Value::List(keys) = keys else {
+    let Value::List(keys) = &keys else {
         return Err(Error::weights(path, "storage key list is not a list"));
     };
     let mut dtypes: HashMap<String, TorchDType> = HashMap::new();
@@ -186,19 +187,25 @@ pub struct Loaded {
     pub skipped: Vec<String>,
 }
 
+/// Visits every tensor reachable from `v`, without recursion (nesting depth is untrusted).
 fn for_each_tensor(v: &Value, f: &mut dyn FnMut(&TorchTensor) -> Result<()>) -> Result<()> {
-    match v {
-        Value::Tensor(t) => f(t),
-        Value::Dict(d) => {
-            for (_, x) in d.borrow().iter() {
-                for_each_tensor(x, f)?;
+    // Memo references can make containers contain themselves: visit each one once.
+    let mut seen = std::collections::HashSet::new();
+    let mut work = vec![v.clone()];
+    while let Some(v) = work.pop() {
+        match &v {
+            Value::Tensor(t) => f(t)?,
+            Value::Dict(d) if seen.insert(Rc::as_ptr(d) as *const u8) => {
+                work.extend(d.borrow().iter().map(|(_, x)| x.clone()))
             }
-            Ok(())
+            Value::List(l) if seen.insert(Rc::as_ptr(l) as *const u8) => {
+                work.extend(l.borrow().iter().cloned())
+            }
+            Value::Tuple(t) => work.extend(t.iter().cloned()),
+            _ => {}
         }
-        Value::List(l) => l.borrow().iter().try_for_each(|x| for_each_tensor(x, f)),
-        Value::Tuple(t) => t.iter().try_for_each(|x| for_each_tensor(x, f)),
-        _ => Ok(()),
     }
+    Ok(())
 }
 
 fn has_tensors(v: &Value) -> bool {
@@ -298,6 +305,13 @@ fn candle_dtype(d: TorchDType) -> std::result::Result<DType, String> {
     })
 }
 
+fn checked_numel(shape: &[usize]) -> std::result::Result<usize, String> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} overflows"))
+}
+
 /// Copies the elements a strided view selects into a contiguous buffer.
 fn gather(
     src: &[u8],
@@ -306,7 +320,7 @@ fn gather(
     size: &[usize],
     stride: &[usize],
 ) -> std::result::Result<Vec<u8>, String> {
-    let numel: usize = size.iter().product();
+    let numel = checked_numel(size)?;
     if numel == 0 {
         return Ok(Vec::new());
     }
@@ -334,7 +348,12 @@ fn gather(
     if contiguous {
         return Ok(src[offset * es..(offset + numel) * es].to_vec());
     }
-    let mut out = Vec::with_capacity(numel * es);
+    // Broadcast views (stride 0) may select more elements than the storage holds; a
+    // failed reservation is an error here, not an abort.
+    let nbytes = numel.checked_mul(es).ok_or("view size overflows")?;
+    let mut out = Vec::new();
+    out.try_reserve_exact(nbytes)
+        .map_err(|_| format!("cannot allocate {nbytes} bytes for a {size:?} view"))?;
     let mut idx = vec![0usize; size.len()];
     for _ in 0..numel {
         let e: usize = offset + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
@@ -393,13 +412,13 @@ fn ndarray_tensor(a: &NdArray, device: &Device) -> std::result::Result<Tensor, S
         "u4" => (DType::U32, 4),
         c => return Err(format!("numpy dtype {c} is not supported")),
     };
-    let numel: usize = a.shape.iter().product();
-    if data.len() != numel * es {
+    let numel = checked_numel(&a.shape)?;
+    if numel.checked_mul(es) != Some(data.len()) {
         return Err(format!(
             "{} bytes of data for shape {:?} of {code} ({} expected)",
             data.len(),
             a.shape,
-            numel * es
+            numel.saturating_mul(es)
         ));
     }
     let mut buf = data.to_vec();
