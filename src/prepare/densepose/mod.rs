@@ -248,8 +248,14 @@ impl DensePose {
         })
     }
 
-    /// The whole predictor on a BGR photo.
+    /// The whole predictor on a BGR photo, DensePose for every detection.
     pub fn run(&self, bgr: &Image3) -> Result<Trace> {
+        self.run_with(bgr, usize::MAX)
+    }
+
+    /// As `run`, with the DensePose branch on the first `dp_limit` detections only: each
+    /// instance's branch is independent of the others, so the kept ones are unchanged.
+    pub fn run_with(&self, bgr: &Image3, dp_limit: usize) -> Result<Trace> {
         let pre = self.preprocess(bgr)?;
         let hw = (pre.resized.h, pre.resized.w);
         let fpn = self.features(&pre.tensor)?;
@@ -272,6 +278,7 @@ impl DensePose {
                 kept.push(*b);
             }
         }
+        kept.truncate(dp_limit);
         let densepose = if kept.is_empty() {
             None
         } else {
@@ -313,7 +320,7 @@ impl DensePose {
 
     /// Photo -> `[I, U, V]` image of the highest-scoring person (None when nobody is found).
     pub fn iuv(&self, bgr: &Image3) -> Result<Option<Vec<u8>>> {
-        let trace = self.run(bgr)?;
+        let trace = self.run_with(bgr, 1)?;
         if trace.densepose.is_none() {
             return Ok(None);
         }
