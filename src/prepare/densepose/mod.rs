@@ -161,6 +161,9 @@ impl DensePose {
 
     /// ResizeShortestEdge (Pillow bilinear), BGR mean/std, zero padding to /32.
     pub fn preprocess(&self, bgr: &Image3) -> Result<Preprocessed> {
+        if bgr.h == 0 || bgr.w == 0 {
+            return Err(Error::msg(format!("empty image ({}x{})", bgr.h, bgr.w)));
+        }
         let (oh, ow) = shortest_edge_size(
             bgr.h,
             bgr.w,
@@ -231,7 +234,13 @@ impl DensePose {
         let (decoder, maps) = match &self.decoder {
             Some(d) => {
                 let n = self.roi_levels.len();
-                let out = d.forward(&fpn[..n])?;
+                let levels = fpn.get(..n).ok_or_else(|| {
+                    Error::msg(format!(
+                        "DensePose decoder needs {n} levels, got {}",
+                        fpn.len()
+                    ))
+                })?;
+                let out = d.forward(levels)?;
                 let map = HostMap::from_tensor(&out)?;
                 (Some(out), vec![map])
             }
