@@ -626,3 +626,26 @@ fn bad_inputs_give_clear_errors() {
     // Wrong image buffer size.
     assert!(Image3::new(4, 4, vec![0; 10]).is_err());
 }
+
+/// Odd, non-square, upscaled and tiny photos run through without shape errors.
+#[test]
+fn other_image_shapes_run() {
+    let (_case, _cfg, model) = setup();
+    for (h, w) in [(301usize, 457usize), (457, 301), (40, 33), (1, 1)] {
+        let data: Vec<u8> = (0..h * w * 3).map(|i| ((i * 7919) % 256) as u8).collect();
+        let img = Image3::new(h, w, data).unwrap();
+        let trace = model.run_with(&img, 1).unwrap();
+        let (th, tw) = (trace.pre.resized.h, trace.pre.resized.w);
+        let (_, _, ph, pw) = trace.pre.tensor.dims4().unwrap();
+        assert!(ph % 32 == 0 && pw % 32 == 0 && ph >= th && pw >= tw);
+        for b in &trace.boxes_orig {
+            assert!(b[0] >= 0.0 && b[2] <= w as f32 && b[1] >= 0.0 && b[3] <= h as f32);
+        }
+        if let Some(iuv) = model.iuv(&img).unwrap() {
+            assert_eq!(iuv.len(), h * w * 3);
+        }
+    }
+    assert!(model
+        .preprocess(&Image3::new(0, 5, vec![]).unwrap())
+        .is_err());
+}
