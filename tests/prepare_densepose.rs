@@ -514,7 +514,13 @@ impl candle_nn::var_builder::SimpleBackend for RandomWeights {
             Tensor::zeros(s, dtype, dev)?
         } else {
             let fan_in: usize = dims[1..].iter().product();
-            let damp = if name.contains("conv3") { 0.2 } else { 1.0 };
+            let damp = if name.contains("conv3") {
+                0.2
+            } else if name.contains("anchor_deltas") || name.contains("bbox_pred") {
+                0.01
+            } else {
+                1.0
+            };
             (Tensor::randn(0f32, 1f32, s, dev)? * (damp * (2.0 / fan_in as f64).sqrt()))?
                 .to_dtype(dtype)?
         };
@@ -549,6 +555,14 @@ fn bench_real_size_cpu() {
     let t = std::time::Instant::now();
     let fpn = model.features(&pre.tensor).unwrap();
     let t_fpn = t.elapsed();
+    let p2 = fpn[0]
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    println!("bench: max |p2| {p2:.3e}");
     let t = std::time::Instant::now();
     let levels = model.rpn().head(&fpn).unwrap();
     let props = model.rpn().proposals(&levels, hw).unwrap();
@@ -567,4 +581,71 @@ fn bench_real_size_cpu() {
         det.boxes.len(),
         1.0 / total.as_secs_f64()
     );
+}
+
+#[test]
+fn end_to_end_first_instance_only_and_iuv() {
+    let (case, _cfg, model) = setup();
+    let img = photo(&case);
+    let trace = model.run_with(&img, 1).unwrap();
+    let dp = trace.densepose.as_ref().unwrap();
+    assert_eq!(
+        dp.pooled.dims()[0],
+        1,
+        "DensePose branch limited to one instance"
+    );
+    check(&case, "output.densepose.coarse_segm", &dp.chart.coarse_segm);
+    check(&case, "output.densepose.fine_segm", &dp.chart.fine_segm);
+    let iuv = model.iuv(&img).unwrap().expect("a person is detected");
+    check_iuv(&case, &iuv, &trace.boxes_orig[0]);
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let case = load_case(GROUP, CASE);
+    let mut j = case.json["config"].clone();
+    j["MODEL"]["ROI_DENSEPOSE_HEAD"]["DEEPLAB"]["NONLOCAL_ON"] = serde_json::json!(1);
+    let e = Config::from_json_value(&j).unwrap_err().to_string();
+    assert!(e.contains("NONLOCAL_ON"), "{e}");
+    let mut j = case.json["config"].clone();
+    j["MODEL"]["RESNETS"]["DEPTH"] = serde_json::json!(42);
+    let e = Config::from_json_value(&j).unwrap_err().to_string();
+    assert!(e.contains("DEPTH"), "{e}");
+    // A weight set missing one tensor names it.
+    let cfg = Config::from_json_value(&case.json["config"]).unwrap();
+    let missing = "roi_heads.densepose_head.body_conv_fcn3.weight";
+    let tensors: HashMap<String, Tensor> = case
+        .tensors
+        .iter()
+        .filter(|(k, _)| k.as_str() != missing)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+    let e = DensePose::new(vb, &cfg).unwrap_err().to_string();
+    assert!(e.contains(missing), "{e}");
+    // Wrong image buffer size.
+    assert!(Image3::new(4, 4, vec![0; 10]).is_err());
+}
+
+/// Odd, non-square, upscaled and tiny photos run through without shape errors.
+#[test]
+fn other_image_shapes_run() {
+    let (_case, _cfg, model) = setup();
+    for (h, w) in [(301usize, 457usize), (457, 301), (40, 33), (1, 1)] {
+        let data: Vec<u8> = (0..h * w * 3).map(|i| ((i * 7919) % 256) as u8).collect();
+        let img = Image3::new(h, w, data).unwrap();
+        let trace = model.run_with(&img, 1).unwrap();
+        let (th, tw) = (trace.pre.resized.h, trace.pre.resized.w);
+        let (_, _, ph, pw) = trace.pre.tensor.dims4().unwrap();
+        assert!(ph % 32 == 0 && pw % 32 == 0 && ph >= th && pw >= tw);
+        for b in &trace.boxes_orig {
+            assert!(b[0] >= 0.0 && b[2] <= w as f32 && b[1] >= 0.0 && b[3] <= h as f32);
+        }
+        if let Some(iuv) = model.iuv(&img).unwrap() {
+            assert_eq!(iuv.len(), h * w * 3);
+        }
+    }
+    assert!(model
+        .preprocess(&Image3::new(0, 5, vec![]).unwrap())
+        .is_err());
 }

@@ -1,1 +1,3 @@
 //! Dataset reading (pairs, images, IUV, textures, face embeddings) and training-time masks.
+
+pub mod face_mask;

@@ -26,11 +26,20 @@ impl Image3 {
         Ok(Self { h, w, data })
     }
 
-    /// Reads a photo as BGR (detectron2's `read_image(format="BGR")`).
+    /// Reads a photo as BGR, EXIF orientation applied (detectron2's `read_image(format="BGR")`).
     pub fn read_bgr(path: &Path) -> Result<Self> {
-        let img = image::open(path)
-            .map_err(|e| Error::input(path, format!("cannot decode image: {e}")))?
-            .to_rgb8();
+        use image::ImageDecoder;
+        let bad = |e: image::ImageError| Error::input(path, format!("cannot decode image: {e}"));
+        let mut dec = image::ImageReader::open(path)
+            .map_err(|e| Error::io(path, e))?
+            .with_guessed_format()
+            .map_err(|e| Error::io(path, e))?
+            .into_decoder()
+            .map_err(bad)?;
+        let orientation = dec.orientation().map_err(bad)?;
+        let mut img = image::DynamicImage::from_decoder(dec).map_err(bad)?;
+        img.apply_orientation(orientation);
+        let img = img.to_rgb8();
         let (w, h) = (img.width() as usize, img.height() as usize);
         let mut data = img.into_raw();
         for px in data.chunks_exact_mut(3) {
@@ -249,11 +258,16 @@ pub fn iuv_image(chart: &ChartResult, box_xyxy: &[f32; 4], h: usize, w: usize) -
             let p = r * chart.w + c;
             let o = (y as usize * w + x as usize) * 3;
             out[o] = chart.labels[p];
-            out[o + 1] = (chart.uv[p] as f64 * 255.0) as u8;
-            out[o + 2] = (chart.uv[n + p] as f64 * 255.0) as u8;
+            out[o + 1] = to_u8_wrapping(chart.uv[p] as f64 * 255.0);
+            out[o + 2] = to_u8_wrapping(chart.uv[n + p] as f64 * 255.0);
         }
     }
     out
+}
+
+/// numpy's float64 -> uint8 `astype` on x86: truncate, then keep the low 8 bits.
+fn to_u8_wrapping(v: f64) -> u8 {
+    (v as i64) as u8
 }
 
 /// Writes an `[I, U, V]` image as MCLD does with OpenCV: on disk R = V, G = U, B = I.

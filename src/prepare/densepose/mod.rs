@@ -161,6 +161,9 @@ impl DensePose {
 
     /// ResizeShortestEdge (Pillow bilinear), BGR mean/std, zero padding to /32.
     pub fn preprocess(&self, bgr: &Image3) -> Result<Preprocessed> {
+        if bgr.h == 0 || bgr.w == 0 {
+            return Err(Error::msg(format!("empty image ({}x{})", bgr.h, bgr.w)));
+        }
         let (oh, ow) = shortest_edge_size(
             bgr.h,
             bgr.w,
@@ -231,7 +234,13 @@ impl DensePose {
         let (decoder, maps) = match &self.decoder {
             Some(d) => {
                 let n = self.roi_levels.len();
-                let out = d.forward(&fpn[..n])?;
+                let levels = fpn.get(..n).ok_or_else(|| {
+                    Error::msg(format!(
+                        "DensePose decoder needs {n} levels, got {}",
+                        fpn.len()
+                    ))
+                })?;
+                let out = d.forward(levels)?;
                 let map = HostMap::from_tensor(&out)?;
                 (Some(out), vec![map])
             }
@@ -248,8 +257,14 @@ impl DensePose {
         })
     }
 
-    /// The whole predictor on a BGR photo.
+    /// The whole predictor on a BGR photo, DensePose for every detection.
     pub fn run(&self, bgr: &Image3) -> Result<Trace> {
+        self.run_with(bgr, usize::MAX)
+    }
+
+    /// As `run`, with the DensePose branch on the first `dp_limit` detections only: each
+    /// instance's branch is independent of the others, so the kept ones are unchanged.
+    pub fn run_with(&self, bgr: &Image3, dp_limit: usize) -> Result<Trace> {
         let pre = self.preprocess(bgr)?;
         let hw = (pre.resized.h, pre.resized.w);
         let fpn = self.features(&pre.tensor)?;
@@ -272,6 +287,7 @@ impl DensePose {
                 kept.push(*b);
             }
         }
+        kept.truncate(dp_limit);
         let densepose = if kept.is_empty() {
             None
         } else {
@@ -313,7 +329,7 @@ impl DensePose {
 
     /// Photo -> `[I, U, V]` image of the highest-scoring person (None when nobody is found).
     pub fn iuv(&self, bgr: &Image3) -> Result<Option<Vec<u8>>> {
-        let trace = self.run(bgr)?;
+        let trace = self.run_with(bgr, 1)?;
         if trace.densepose.is_none() {
             return Ok(None);
         }

@@ -40,7 +40,8 @@ impl Module for FrozenBn {
 pub struct ConvBn {
     weight: Tensor,
     bias: Option<Tensor>,
-    norm: Option<FrozenBn>,
+    /// `[Cout, Cin]` for 1x1 stride-1 convs, run as a plain matmul.
+    pointwise: Option<Tensor>,
     stride: usize,
     padding: usize,
     dilation: usize,
@@ -73,15 +74,26 @@ impl ConvBn {
         } else {
             None
         };
-        let norm = if norm {
-            Some(FrozenBn::new(vb.pp("norm"), cout)?)
+        // FrozenBN is a per-output-channel affine: fold it into the kernel and bias.
+        let (weight, bias) = if norm {
+            let bn = FrozenBn::new(vb.pp("norm"), cout)?;
+            let w = weight.broadcast_mul(&bn.scale.reshape((cout, 1, 1, 1))?)?;
+            let shift = bn.shift.reshape(cout)?;
+            let b = match bias {
+                Some(b) => (b.mul(&bn.scale.reshape(cout)?)? + shift)?,
+                None => shift,
+            };
+            (w, Some(b))
         } else {
-            None
+            (weight, bias)
         };
+        let pointwise = (k == 1 && padding == 0 && groups == 1 && stride == 1)
+            .then(|| weight.reshape((cout, cin)))
+            .transpose()?;
         Ok(Self {
             weight,
             bias,
-            norm,
+            pointwise,
             stride,
             padding,
             dilation,
@@ -92,18 +104,24 @@ impl ConvBn {
 
 impl Module for ConvBn {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = x.conv2d(
-            &self.weight,
-            self.padding,
-            self.stride,
-            self.dilation,
-            self.groups,
-        )?;
+        let mut y = match &self.pointwise {
+            Some(w) => {
+                let (n, c, h, wd) = x.dims4()?;
+                let flat = x.reshape((n, c, h * wd))?;
+                w.broadcast_left(n)?
+                    .matmul(&flat)?
+                    .reshape((n, (), h, wd))?
+            }
+            None => x.conv2d(
+                &self.weight,
+                self.padding,
+                self.stride,
+                self.dilation,
+                self.groups,
+            )?,
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-        }
-        if let Some(n) = &self.norm {
-            y = n.forward(&y)?;
         }
         Ok(y)
     }

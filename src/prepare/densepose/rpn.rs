@@ -162,6 +162,13 @@ impl Rpn {
 
     /// detectron2's `find_top_rpn_proposals` at test time; `image_hw` is the unpadded size.
     pub fn proposals(&self, levels: &[RpnLevel], image_hw: (usize, usize)) -> Result<Proposals> {
+        if levels.len() != self.strides.len() {
+            return Err(Error::msg(format!(
+                "RPN has {} levels, got outputs for {}",
+                self.strides.len(),
+                levels.len()
+            )));
+        }
         let mut boxes = Vec::new();
         let mut scores = Vec::new();
         let mut lvl_ids = Vec::new();
