@@ -1,5 +1,8 @@
-//! The face projector ("image_proj_model"): IP-Adapter's Perceiver resampler, turning one
-//! ArcFace embedding into `num_queries` tokens for the decoupled cross-attention.
+//! MCLD's face projector (SPEC §3): the IP-Adapter-plus Perceiver resampler ("image_proj_model")
+//! that turns an ArcFace embedding into face tokens for the decoupled cross-attention.
+//!
+//! LayerNorm and softmax come from `models::nn` (built from primitives) because the projector is
+//! trained and candle's fused versions drop gradients.
 
 use candle_core::{Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -8,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::models::nn::{attention, merge_heads, split_heads, LayerNorm};
 use crate::{Error, Result};
 
+const LN_EPS: f64 = 1e-5;
+
+/// `Resampler` constructor arguments; unknown keys are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub dim: usize,
@@ -17,16 +23,22 @@ pub struct Config {
     pub num_queries: usize,
     pub embedding_dim: usize,
     pub output_dim: usize,
-    #[serde(default = "four")]
+    #[serde(default = "default_ff_mult")]
     pub ff_mult: usize,
+    /// IP-Adapter options MCLD does not use; only their off values are accepted.
+    #[serde(default)]
+    pub apply_pos_emb: bool,
+    #[serde(default)]
+    pub num_latents_mean_pooled: usize,
 }
 
-fn four() -> usize {
+fn default_ff_mult() -> usize {
     4
 }
 
 impl Config {
-    /// MCLD's: width 1280, 4 layers, 20 heads of 64, 16 queries, 512 -> 768.
+    /// The projector MCLD trains: 16 queries of width 1280, 4 layers of 20 heads x 64,
+    /// 512-d ArcFace input, 768-d tokens.
     pub fn mcld() -> Self {
         Self {
             dim: 1280,
@@ -37,11 +49,11 @@ impl Config {
             embedding_dim: 512,
             output_dim: 768,
             ff_mult: 4,
+            apply_pos_emb: false,
+            num_latents_mean_pooled: 0,
         }
     }
 }
-
-const LN_EPS: f64 = 1e-5;
 
 #[derive(Debug, Clone)]
 struct PerceiverAttention {
@@ -51,10 +63,11 @@ struct PerceiverAttention {
     to_kv: Linear,
     to_out: Linear,
     heads: usize,
+    inner: usize,
 }
 
 impl PerceiverAttention {
-    fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
         let inner = cfg.dim_head * cfg.heads;
         Ok(Self {
             norm1: LayerNorm::new(vb.pp("norm1"), cfg.dim, LN_EPS)?,
@@ -63,47 +76,50 @@ impl PerceiverAttention {
             to_kv: candle_nn::linear_no_bias(cfg.dim, 2 * inner, vb.pp("to_kv"))?,
             to_out: candle_nn::linear_no_bias(inner, cfg.dim, vb.pp("to_out"))?,
             heads: cfg.heads,
+            inner,
         })
     }
 
-    fn forward(&self, x: &Tensor, latents: &Tensor) -> Result<Tensor> {
+    /// Queries from the latents; keys/values from [features, latents] so the queries also
+    /// attend to each other.
+    fn forward(&self, x: &Tensor, latents: &Tensor) -> candle_core::Result<Tensor> {
         let x = self.norm1.forward(x)?;
         let l = self.norm2.forward(latents)?;
         let q = self.to_q.forward(&l)?;
-        // Keys and values see the features and the queries themselves.
         let kv = self.to_kv.forward(&Tensor::cat(&[&x, &l], 1)?)?;
-        let inner = kv.dim(D::Minus1)? / 2;
-        let k = kv.narrow(D::Minus1, 0, inner)?;
-        let v = kv.narrow(D::Minus1, inner, inner)?;
-        let o = attention(
-            &split_heads(&q, self.heads)?,
-            &split_heads(&k, self.heads)?,
-            &split_heads(&v, self.heads)?,
-        )?;
-        Ok(self.to_out.forward(&merge_heads(&o)?)?)
+        let k = kv.narrow(D::Minus1, 0, self.inner)?;
+        let v = kv.narrow(D::Minus1, self.inner, self.inner)?;
+        let (q, k, v) = (
+            split_heads(&q, self.heads)?,
+            split_heads(&k, self.heads)?,
+            split_heads(&v, self.heads)?,
+        );
+        let out = merge_heads(&attention(&q, &k, &v)?)?;
+        self.to_out.forward(&out)
     }
 }
 
+/// LayerNorm, Linear(dim, dim * mult), exact GELU, Linear(dim * mult, dim); keys 0, 1, 3.
 #[derive(Debug, Clone)]
 struct FeedForward {
     norm: LayerNorm,
-    up: Linear,
-    down: Linear,
+    fc1: Linear,
+    fc2: Linear,
 }
 
 impl FeedForward {
-    fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+    fn new(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
         let hidden = cfg.dim * cfg.ff_mult;
         Ok(Self {
             norm: LayerNorm::new(vb.pp("0"), cfg.dim, LN_EPS)?,
-            up: candle_nn::linear_no_bias(cfg.dim, hidden, vb.pp("1"))?,
-            down: candle_nn::linear_no_bias(hidden, cfg.dim, vb.pp("3"))?,
+            fc1: candle_nn::linear_no_bias(cfg.dim, hidden, vb.pp("1"))?,
+            fc2: candle_nn::linear_no_bias(hidden, cfg.dim, vb.pp("3"))?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.up.forward(&self.norm.forward(x)?)?.gelu_erf()?;
-        Ok(self.down.forward(&h)?)
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.fc1.forward(&self.norm.forward(x)?)?.gelu_erf()?;
+        self.fc2.forward(&h)
     }
 }
 
@@ -111,60 +127,71 @@ impl FeedForward {
 pub struct Resampler {
     latents: Tensor,
     proj_in: Linear,
-    layers: Vec<(PerceiverAttention, FeedForward)>,
     proj_out: Linear,
     norm_out: LayerNorm,
+    layers: Vec<(PerceiverAttention, FeedForward)>,
     embedding_dim: usize,
 }
 
 impl Resampler {
     pub fn new(vb: VarBuilder, cfg: &Config) -> Result<Self> {
-        let latents = vb.get((1, cfg.num_queries, cfg.dim), "latents")?;
-        let proj_in = candle_nn::linear(cfg.embedding_dim, cfg.dim, vb.pp("proj_in"))?;
-        let layers = (0..cfg.depth)
-            .map(|i| {
-                let l = vb.pp(format!("layers.{i}"));
-                Ok((
-                    PerceiverAttention::new(l.pp("0"), cfg)?,
-                    FeedForward::new(l.pp("1"), cfg)?,
-                ))
+        if cfg.apply_pos_emb || cfg.num_latents_mean_pooled != 0 {
+            return Err(Error::msg(
+                "resampler: apply_pos_emb / num_latents_mean_pooled are not supported (MCLD uses neither)",
+            ));
+        }
+        let build = || -> candle_core::Result<Self> {
+            let latents = vb.get((1, cfg.num_queries, cfg.dim), "latents")?;
+            let proj_in = candle_nn::linear(cfg.embedding_dim, cfg.dim, vb.pp("proj_in"))?;
+            let proj_out = candle_nn::linear(cfg.dim, cfg.output_dim, vb.pp("proj_out"))?;
+            let norm_out = LayerNorm::new(vb.pp("norm_out"), cfg.output_dim, LN_EPS)?;
+            let vbl = vb.pp("layers");
+            let layers = (0..cfg.depth)
+                .map(|i| {
+                    let vbi = vbl.pp(i.to_string());
+                    Ok((
+                        PerceiverAttention::new(vbi.pp("0"), cfg)?,
+                        FeedForward::new(vbi.pp("1"), cfg)?,
+                    ))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok(Self {
+                latents,
+                proj_in,
+                proj_out,
+                norm_out,
+                layers,
+                embedding_dim: cfg.embedding_dim,
             })
-            .collect::<Result<Vec<_>>>()?;
-        let proj_out = candle_nn::linear(cfg.dim, cfg.output_dim, vb.pp("proj_out"))?;
-        let norm_out = LayerNorm::new(vb.pp("norm_out"), cfg.output_dim, LN_EPS)?;
-        Ok(Self {
-            latents,
-            proj_in,
-            layers,
-            proj_out,
-            norm_out,
-            embedding_dim: cfg.embedding_dim,
-        })
+        };
+        build().map_err(|e| Error::msg(format!("resampler (image_proj_model): {e}")))
     }
 
-    /// `x`: (B, N, embedding_dim) face embeddings -> (B, num_queries, output_dim) face tokens.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, _, e) = x.dims3().map_err(|_| {
-            Error::msg(format!(
-                "face projector expects (B, N, {}), got shape {:?}",
-                self.embedding_dim,
-                x.dims()
-            ))
-        })?;
-        if e != self.embedding_dim {
-            return Err(Error::msg(format!(
-                "face projector expects {}-d embeddings, got shape {:?}",
-                self.embedding_dim,
-                x.dims()
-            )));
-        }
-        let x = self.proj_in.forward(x)?;
+    /// Face embeddings (B, N, embedding_dim), or (B, embedding_dim) taken as N = 1, to
+    /// (B, num_queries, output_dim) face tokens.
+    pub fn forward(&self, face_emb: &Tensor) -> Result<Tensor> {
+        let x = match face_emb.dims() {
+            [_, e] if *e == self.embedding_dim => face_emb.unsqueeze(1)?,
+            [_, _, e] if *e == self.embedding_dim => face_emb.clone(),
+            d => {
+                return Err(Error::msg(format!(
+                    "resampler: expected face embeddings of shape (B, 1, {}), got {d:?}",
+                    self.embedding_dim
+                )))
+            }
+        };
+        let b = x.dim(0)?;
+        let x = self.proj_in.forward(&x)?;
         let (_, q, d) = self.latents.dims3()?;
-        let mut lat = self.latents.broadcast_as((b, q, d))?.contiguous()?;
+        let mut latents = self
+            .latents
+            .to_dtype(x.dtype())?
+            .broadcast_as((b, q, d))?
+            .contiguous()?;
         for (attn, ff) in &self.layers {
-            lat = (attn.forward(&x, &lat)? + &lat)?;
-            lat = (ff.forward(&lat)? + &lat)?;
+            latents = (attn.forward(&x, &latents)? + &latents)?;
+            latents = (ff.forward(&latents)? + &latents)?;
         }
-        Ok(self.norm_out.forward(&self.proj_out.forward(&lat)?)?)
+        Ok(self.norm_out.forward(&self.proj_out.forward(&latents)?)?)
     }
 }
