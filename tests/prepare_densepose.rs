@@ -702,3 +702,23 @@ fn nonlocal_block_wiring() {
     println!("non-local with GN weight 1: head differs from the no-non-local head by {err:.3e}");
     assert!(err.is_finite() && err > 1e-3);
 }
+
+#[test]
+fn load_from_safetensors_file() {
+    let case = load_case(GROUP, CASE);
+    let cfg = Config::from_json_value(&case.json["config"]).unwrap();
+    let model =
+        mcld::prepare::densepose::load_safetensors(&case.safetensors_path, &cfg, &Device::Cpu)
+            .unwrap();
+    let x = case.f32("output.image_tensor").unsqueeze(0).unwrap();
+    let p5 = model.features(&x).unwrap().remove(3).squeeze(0).unwrap();
+    check(&case, "output.fpn.p5", &p5);
+    let e = mcld::prepare::densepose::load_safetensors(
+        std::path::Path::new("/nonexistent/w.safetensors"),
+        &cfg,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("/nonexistent/w.safetensors"), "{e}");
+}
