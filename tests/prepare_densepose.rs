@@ -604,9 +604,9 @@ fn end_to_end_first_instance_only_and_iuv() {
 fn bad_inputs_give_clear_errors() {
     let case = load_case(GROUP, CASE);
     let mut j = case.json["config"].clone();
-    j["MODEL"]["ROI_DENSEPOSE_HEAD"]["DEEPLAB"]["NONLOCAL_ON"] = serde_json::json!(1);
+    j["MODEL"]["ROI_DENSEPOSE_HEAD"]["UV_CONFIDENCE"]["ENABLED"] = serde_json::json!(true);
     let e = Config::from_json_value(&j).unwrap_err().to_string();
-    assert!(e.contains("NONLOCAL_ON"), "{e}");
+    assert!(e.contains("confidence"), "{e}");
     let mut j = case.json["config"].clone();
     j["MODEL"]["RESNETS"]["DEPTH"] = serde_json::json!(42);
     let e = Config::from_json_value(&j).unwrap_err().to_string();
@@ -648,4 +648,77 @@ fn other_image_shapes_run() {
     assert!(model
         .preprocess(&Image3::new(0, 5, vec![]).unwrap())
         .is_err());
+}
+
+/// The non-local block has no fixture (the DL configs leave it off); this checks its wiring:
+/// with its output GroupNorm zeroed, as DensePose initialises it, it is the identity, so the
+/// head matches the reference; with a non-zero GroupNorm it changes the head's output.
+#[test]
+fn nonlocal_block_wiring() {
+    let case = load_case(GROUP, CASE);
+    let mut j = case.json["config"].clone();
+    j["MODEL"]["ROI_DENSEPOSE_HEAD"]["DEEPLAB"]["NONLOCAL_ON"] = serde_json::json!(1);
+    let cfg = Config::from_json_value(&j).unwrap();
+    let c = cfg.model.roi_densepose_head.decoder_num_classes;
+    let inter = c / 2;
+    let build = |gn_weight: f32| {
+        let mut t: HashMap<String, Tensor> = case
+            .tensors
+            .iter()
+            .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let p = "roi_heads.densepose_head.NLBlock.";
+        let dev = Device::Cpu;
+        for (name, o, i) in [
+            ("g.0", inter, c),
+            ("theta", inter, c),
+            ("phi.0", inter, c),
+            ("W.0", c, inter),
+        ] {
+            let w = (Tensor::randn(0f32, 1f32, (o, i, 1, 1), &dev).unwrap() * 0.1).unwrap();
+            t.insert(format!("{p}{name}.weight"), w);
+            t.insert(
+                format!("{p}{name}.bias"),
+                Tensor::zeros(o, DType::F32, &dev).unwrap(),
+            );
+        }
+        t.insert(
+            format!("{p}W.1.weight"),
+            (Tensor::ones(c, DType::F32, &dev).unwrap() * gn_weight as f64).unwrap(),
+        );
+        t.insert(
+            format!("{p}W.1.bias"),
+            Tensor::zeros(c, DType::F32, &dev).unwrap(),
+        );
+        DensePose::new(VarBuilder::from_tensors(t, DType::F32, &dev), &cfg).unwrap()
+    };
+    let fpn = fpn_of(&case);
+    let boxes = boxes_of(&case.f32("output.roi.pred_boxes_input_coords"));
+    let identity = build(0.0).densepose(&fpn, &boxes).unwrap();
+    check(&case, "output.densepose.head", &identity.head);
+    let active = build(1.0).densepose(&fpn, &boxes).unwrap();
+    let (err, _) = common::max_errs(&active.head, &case.f32("output.densepose.head"));
+    println!("non-local with GN weight 1: head differs from the no-non-local head by {err:.3e}");
+    assert!(err.is_finite() && err > 1e-3);
+}
+
+#[test]
+fn load_from_safetensors_file() {
+    let case = load_case(GROUP, CASE);
+    let cfg = Config::from_json_value(&case.json["config"]).unwrap();
+    let model =
+        mcld::prepare::densepose::load_safetensors(&case.safetensors_path, &cfg, &Device::Cpu)
+            .unwrap();
+    let x = case.f32("output.image_tensor").unsqueeze(0).unwrap();
+    let p5 = model.features(&x).unwrap().remove(3).squeeze(0).unwrap();
+    check(&case, "output.fpn.p5", &p5);
+    let e = mcld::prepare::densepose::load_safetensors(
+        std::path::Path::new("/nonexistent/w.safetensors"),
+        &cfg,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("/nonexistent/w.safetensors"), "{e}");
 }

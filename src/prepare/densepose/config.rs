@@ -454,9 +454,6 @@ impl Config {
                 dp.name
             ));
         }
-        if dp.deeplab.nonlocal_on != 0 {
-            return Err("ROI_DENSEPOSE_HEAD.DEEPLAB.NONLOCAL_ON is not supported".into());
-        }
         if dp.uv_confidence.enabled || dp.segm_confidence.enabled {
             return Err("DensePose confidence estimation is not supported".into());
         }

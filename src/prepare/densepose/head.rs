@@ -169,10 +169,65 @@ impl Aspp {
     }
 }
 
-/// `DensePoseDeepLabHead` (ASPP 6/12/56 + stacked conv/GN/ReLU) or `DensePoseV1ConvXHead`.
+/// DensePose's embedded-Gaussian non-local block (2D, sub-sampled, GN on the output conv).
+/// Not covered by a fixture: the published DL configs leave `NONLOCAL_ON` at 0.
+#[derive(Debug, Clone)]
+struct NonLocal {
+    g: ConvBn,
+    theta: ConvBn,
+    phi: ConvBn,
+    w: ConvBn,
+    w_norm: GroupNorm,
+    inter: usize,
+}
+
+impl NonLocal {
+    fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        let inter = (c / 2).max(1);
+        let conv =
+            |vb: VarBuilder, i: usize, o: usize| ConvBn::new(vb, i, o, 1, 1, 0, 1, 1, true, false);
+        Ok(Self {
+            g: conv(vb.pp("g.0"), c, inter)?,
+            theta: conv(vb.pp("theta"), c, inter)?,
+            phi: conv(vb.pp("phi.0"), c, inter)?,
+            w: conv(vb.pp("W.0"), inter, c)?,
+            w_norm: candle_nn::group_norm(32, c, 1e-5, vb.pp("W.1"))?,
+            inter,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let g = self.g.forward(x)?.max_pool2d(2)?;
+        let phi = self.phi.forward(x)?.max_pool2d(2)?;
+        let g = g
+            .reshape((b, self.inter, ()))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let theta = self
+            .theta
+            .forward(x)?
+            .reshape((b, self.inter, ()))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let phi = phi.reshape((b, self.inter, ()))?.contiguous()?;
+        let f = candle_nn::ops::softmax_last_dim(&theta.matmul(&phi)?)?;
+        let y = f
+            .matmul(&g)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, self.inter, h, w))?;
+        let wy = self.w_norm.forward(&self.w.forward(&y)?)?;
+        Ok((wy + x)?)
+    }
+}
+
+/// `DensePoseDeepLabHead` (ASPP 6/12/56, optional non-local, stacked conv/GN/ReLU) or
+/// `DensePoseV1ConvXHead`.
 #[derive(Debug, Clone)]
 pub struct DensePoseHead {
     aspp: Option<Aspp>,
+    nonlocal: Option<NonLocal>,
     convs: Vec<(ConvBn, Option<GroupNorm>)>,
 }
 
@@ -198,6 +253,11 @@ impl DensePoseHead {
         } else {
             None
         };
+        let nonlocal = if deeplab && dp.deeplab.nonlocal_on != 0 {
+            Some(NonLocal::new(vb.pp("NLBlock"), cin)?)
+        } else {
+            None
+        };
         let mut convs = Vec::new();
         let mut c = cin;
         for i in 0..dp.num_stacked_convs {
@@ -211,7 +271,11 @@ impl DensePoseHead {
             convs.push((conv, norm));
             c = hidden;
         }
-        Ok(Self { aspp, convs })
+        Ok(Self {
+            aspp,
+            nonlocal,
+            convs,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -219,6 +283,9 @@ impl DensePoseHead {
             Some(a) => a.forward(x)?,
             None => x.clone(),
         };
+        if let Some(nl) = &self.nonlocal {
+            x = nl.forward(&x)?;
+        }
         for (conv, norm) in &self.convs {
             x = conv.forward(&x)?;
             if let Some(n) = norm {
