@@ -3,4 +3,6 @@
 pub mod checkpoints;
 pub mod demo;
 pub mod inputs;
+pub mod mcld;
+pub mod sampler;
 pub mod testset;

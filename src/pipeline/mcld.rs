@@ -1,0 +1,245 @@
+//! The whole inference pipeline (SPEC §5) as one value: loading every network, turning pair
+//! inputs into network inputs exactly as the reference's data loader does, sampling, decoding.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+
+use super::checkpoints::PipelineFiles;
+use super::inputs::PairInputs;
+use super::sampler::{decode, denoise, Conditioning, McldNets, VAE_SCALE};
+use crate::config::{InferenceConfig, TrainConfig};
+use crate::imageops::{pil_resize_rgb, Filter, U8Image};
+use crate::models::clip::{self, ClipVisionModelWithProjection};
+use crate::models::unet::{IpAdapter, UNet2DConditionModel};
+use crate::models::vae::AutoencoderKL;
+use crate::models::{pose_guider, resampler, unet, vae};
+use crate::scheduler::ddim::DdimScheduler;
+use crate::weights::StrictWeights;
+use crate::{Error, Result};
+
+/// The image size the networks run at (the reference squashes every input to it).
+pub const IMAGE_SIZE: usize = 512;
+
+pub struct McldPipeline {
+    pub nets: McldNets,
+    pub vae: AutoencoderKL,
+    pub image_encoder: ClipVisionModelWithProjection,
+    pub scheduler: DdimScheduler,
+    pub guidance_scale: f64,
+    pub device: Device,
+    pub dtype: DType,
+    pub size: usize,
+}
+
+/// Loads one checkpoint strictly: a missing tensor, a wrong shape or an unexpected key is an
+/// error naming the file (unexpected keys listed in `allow` are tolerated).
+fn strict<T>(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    allow: &[&str],
+    build: impl FnOnce(candle_nn::VarBuilder) -> Result<T>,
+) -> Result<T> {
+    let w = StrictWeights::from_file(path)?.allow_unused(allow.iter().map(|s| s.to_string()));
+    let m = build(w.var_builder(dtype, device)).map_err(|e| Error::weights(path, e.to_string()))?;
+    w.finish()?;
+    Ok(m)
+}
+
+impl McldPipeline {
+    /// Loads the released (or our own) checkpoints plus the base models named by the config.
+    pub fn load(
+        files: &PipelineFiles,
+        infer: &InferenceConfig,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let ucfg = unet::Config::from_json_file(&files.unet_config)?;
+        let reference_unet = strict(&files.reference_unet, dtype, device, &[], |vb| {
+            UNet2DConditionModel::new_reference(vb, &ucfg)
+        })?;
+        let ip = IpAdapter {
+            num_tokens: 16,
+            scale: 0.5,
+        };
+        let denoising_unet = strict(&files.denoising_unet, dtype, device, &[], |vb| {
+            UNet2DConditionModel::new_denoising(vb, &ucfg, ip)
+        })?;
+        let pg_cfg = pose_guider::Config::mcld(ucfg.block_out_channels[0]);
+        let pose_guider = strict(&files.pose_guider, dtype, device, &[], |vb| {
+            pose_guider::PoseGuider::new(vb, &pg_cfg)
+        })?;
+        let mut rs_cfg = resampler::Config::mcld();
+        rs_cfg.output_dim = ucfg.cross_attention_dim;
+        let image_proj = strict(&files.image_proj, dtype, device, &[], |vb| {
+            resampler::Resampler::new(vb, &rs_cfg)
+        })?;
+        let vdir = crate::weights::ModelDir::open(&files.vae_dir)?;
+        let vcfg: vae::Config = vdir.config()?;
+        let vae = {
+            let w = vdir.strict()?;
+            let m = AutoencoderKL::new(w.var_builder(dtype, device), &vcfg)?;
+            w.finish()?;
+            m
+        };
+        let edir = crate::weights::ModelDir::open(&files.image_encoder_dir)?;
+        let ecfg = clip::Config::from_file(&edir.config)?;
+        let image_encoder = {
+            // The encoder folder may hold the text tower too (full CLIP checkpoints).
+            let w = edir
+                .strict()?
+                .allow_unused(["text_model.", "text_projection.", "logit_scale"]);
+            let m = ClipVisionModelWithProjection::new(w.var_builder(dtype, device), &ecfg)?;
+            w.finish()?;
+            m
+        };
+        let mut scheduler = DdimScheduler::from_config_kwargs(&infer.noise_scheduler_kwargs)?;
+        scheduler.set_timesteps(infer.num_inference_steps)?;
+        Ok(Self {
+            nets: McldNets {
+                reference_unet,
+                denoising_unet,
+                pose_guider,
+                image_proj,
+            },
+            vae,
+            image_encoder,
+            scheduler,
+            guidance_scale: infer.guidance_scale,
+            device: device.clone(),
+            dtype,
+            size: IMAGE_SIZE,
+        })
+    }
+
+    /// Loads from a checkpoint folder and a training config (as `mcld test` does).
+    pub fn from_config(
+        ckpt_dir: &Path,
+        cfg_path: &Path,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let cfg = TrainConfig::load(cfg_path)?;
+        let files = PipelineFiles::resolve(ckpt_dir, &cfg)?;
+        let infer = InferenceConfig::load(&cfg.inference_config)?;
+        Self::load(&files, &infer, device, dtype)
+    }
+
+    fn squash(&self, img: &RgbImage) -> Result<RgbImage> {
+        if img.width() as usize == self.size && img.height() as usize == self.size {
+            return Ok(img.clone());
+        }
+        pil_resize_rgb(img, (self.size, self.size), Filter::Bicubic)
+    }
+
+    /// HWC u8 -> (3, H, W) f32 in [0, 1].
+    fn to_unit(&self, img: &RgbImage) -> Result<Tensor> {
+        let (w, h) = img.dimensions();
+        let t = Tensor::from_vec(
+            img.as_raw().clone(),
+            (h as usize, w as usize, 3),
+            &Device::Cpu,
+        )?
+        .permute((2, 0, 1))?
+        .to_dtype(DType::F32)?;
+        Ok((t / 255.0)?)
+    }
+
+    /// Network inputs of a batch, as the reference's loader builds them: source, texture and
+    /// pose squashed to 512x512 with Pillow bicubic; CLIP preprocessing of the squashed source
+    /// and texture; texture in [-1, 1] through the VAE (posterior mean x 0.18215); pose / 255.
+    pub fn condition(&self, batch: &[PairInputs]) -> Result<Conditioning> {
+        let mut src_clip = Vec::new();
+        let mut tex_clip = Vec::new();
+        let mut tex = Vec::new();
+        let mut pose = Vec::new();
+        let mut face = Vec::new();
+        let pre = clip::Preprocess::default();
+        for p in batch {
+            let s = self.squash(&p.source)?;
+            let t = self.squash(&p.texture)?;
+            src_clip.push(pre.apply(&U8Image::from_rgb(&s), &Device::Cpu)?);
+            tex_clip.push(pre.apply(&U8Image::from_rgb(&t), &Device::Cpu)?);
+            tex.push(((self.to_unit(&t)? * 2.0)? - 1.0)?);
+            pose.push(self.to_unit(&self.squash(&p.pose)?)?);
+            if p.face.len() != 512 {
+                return Err(Error::msg(format!(
+                    "pair {}: face embedding has {} values, expected 512",
+                    p.pair.out_name(),
+                    p.face.len()
+                )));
+            }
+            face.push(Tensor::from_vec(p.face.clone(), (1, 512), &Device::Cpu)?);
+        }
+        let dev = &self.device;
+        let dt = self.dtype;
+        let stack = |v: &[Tensor]| -> Result<Tensor> {
+            Ok(Tensor::stack(v, 0)?.to_device(dev)?.to_dtype(dt)?)
+        };
+        let clip_src = self
+            .image_encoder
+            .forward(&stack(&src_clip)?)?
+            .image_embeds
+            .unsqueeze(1)?;
+        let clip_tex = self
+            .image_encoder
+            .forward(&stack(&tex_clip)?)?
+            .image_embeds
+            .unsqueeze(1)?;
+        let (mean, _) = self.vae.encode(&stack(&tex)?)?;
+        Ok(Conditioning {
+            clip_src,
+            clip_tex,
+            face: stack(&face)?,
+            ref_latents: (mean * VAE_SCALE)?,
+            pose: stack(&pose)?,
+        })
+    }
+
+    /// Seeded initial noise for a batch (the same seed gives the same images).
+    pub fn noise(&self, batch: usize, seed: u64) -> Result<Tensor> {
+        let h = self.size / 8;
+        // Drawn on the CPU so that a seed gives the same noise on every device.
+        let cpu = Device::Cpu;
+        cpu.set_seed(seed)?;
+        let n = Tensor::randn(0f32, 1f32, (batch, 4, h, h), &cpu)?;
+        Ok(n.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Generates one (3, 512, 512) image in [0, 1] per input pair.
+    pub fn generate(&self, batch: &[PairInputs], seed: u64) -> Result<Vec<Tensor>> {
+        let cond = self.condition(batch)?;
+        let noise = self.noise(batch.len(), seed)?;
+        let (latents, _) = denoise(
+            &self.nets,
+            &self.scheduler,
+            &cond,
+            &noise,
+            self.guidance_scale,
+            |_, _| {},
+        )?;
+        let img = decode(&self.vae, &latents)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?;
+        (0..batch.len()).map(|i| Ok(img.get(i)?)).collect()
+    }
+}
+
+/// `mcld test`'s generator: one seed per run, advanced per batch so batches differ.
+pub struct SeededGenerator<'a> {
+    pub pipeline: &'a McldPipeline,
+    pub seed: u64,
+    pub batches: u64,
+}
+
+impl super::testset::Generator for SeededGenerator<'_> {
+    fn generate(&mut self, batch: &[PairInputs]) -> Result<Vec<Tensor>> {
+        let out = self
+            .pipeline
+            .generate(batch, self.seed.wrapping_add(self.batches))?;
+        self.batches += 1;
+        Ok(out)
+    }
+}

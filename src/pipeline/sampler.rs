@@ -1,0 +1,134 @@
+//! The MCLD sampler (SPEC §5): conditioning, the reference UNet once, the guided DDIM loop and
+//! the VAE decode. Classifier-free guidance runs as one doubled batch [uncond, cond].
+//!
+//! Decision: the reference UNet runs on the conditional half only. The reference runs it on the
+//! doubled batch, but the unconditional half of the denoising UNet never reads the bank, so that
+//! half of the work is wasted; the results are identical (the `pipeline_small` fixture checks).
+
+use candle_core::{DType, Tensor};
+
+use crate::models::pose_guider::PoseGuider;
+use crate::models::resampler::Resampler;
+use crate::models::unet::{BankGuidance, DenoiseInput, StageContexts, UNet2DConditionModel};
+use crate::models::vae::AutoencoderKL;
+use crate::scheduler::ddim::DdimScheduler;
+use crate::Result;
+
+/// The VAE's latent scale (SD-1.x).
+pub const VAE_SCALE: f64 = 0.18215;
+
+/// The networks the denoising loop uses.
+pub struct McldNets {
+    pub reference_unet: UNet2DConditionModel,
+    pub denoising_unet: UNet2DConditionModel,
+    pub pose_guider: PoseGuider,
+    pub image_proj: Resampler,
+}
+
+/// Network-ready conditioning of a batch of B pairs.
+pub struct Conditioning {
+    /// CLIP image embedding of the source photos (B, 1, D).
+    pub clip_src: Tensor,
+    /// CLIP image embedding of the texture maps (B, 1, D).
+    pub clip_tex: Tensor,
+    /// Face embeddings (B, 1, 512).
+    pub face: Tensor,
+    /// VAE latents of the texture maps x 0.18215 (B, 4, h, w).
+    pub ref_latents: Tensor,
+    /// Target IUV images in [0, 1] (B, 3, H, W).
+    pub pose: Tensor,
+}
+
+/// What one denoising step produced (kept for tests and previews).
+pub struct StepRecord {
+    pub timestep: usize,
+    pub noise_pred: Tensor,
+    pub latents: Tensor,
+}
+
+/// Runs the guided DDIM loop from `init_noise`; returns the final latents and every step.
+pub fn denoise(
+    nets: &McldNets,
+    scheduler: &DdimScheduler,
+    cond: &Conditioning,
+    init_noise: &Tensor,
+    guidance_scale: f64,
+    mut on_step: impl FnMut(usize, usize),
+) -> Result<(Tensor, Vec<StepRecord>)> {
+    let b = init_noise.dim(0)?;
+    let dtype = init_noise.dtype();
+    let face_tokens = nets.image_proj.forward(&cond.face.to_dtype(dtype)?)?;
+    let cfg = guidance_scale > 1.0;
+    let double = |cond_half: &Tensor| -> Result<Tensor> {
+        if cfg {
+            Ok(Tensor::cat(&[&cond_half.zeros_like()?, cond_half], 0)?)
+        } else {
+            Ok(cond_half.clone())
+        }
+    };
+    let clip_src = double(&cond.clip_src.to_dtype(dtype)?)?;
+    let clip_tex = double(&cond.clip_tex.to_dtype(dtype)?)?;
+    let face = double(&face_tokens)?;
+    let contexts = StageContexts {
+        down: Tensor::cat(&[&clip_src, &face], 1)?,
+        mid: Tensor::cat(&[&clip_src, &clip_tex, &face], 1)?,
+        up: Tensor::cat(&[&clip_tex, &face], 1)?,
+    };
+
+    // Reference UNet at t = 0 on the conditional half, context = CLIP(source).
+    let t0 = Tensor::zeros(b, DType::I64, init_noise.device())?;
+    let bank = nets.reference_unet.forward_reference(
+        &cond.ref_latents.to_dtype(dtype)?,
+        &t0,
+        &cond.clip_src.to_dtype(dtype)?,
+    )?;
+
+    let pose = nets.pose_guider.forward(&cond.pose.to_dtype(dtype)?)?;
+    let pose = if cfg {
+        Tensor::cat(&[&pose, &pose], 0)?
+    } else {
+        pose
+    };
+
+    let timesteps = scheduler.timesteps().to_vec();
+    let mut latents = init_noise.clone();
+    let mut steps = Vec::with_capacity(timesteps.len());
+    for (i, &t) in timesteps.iter().enumerate() {
+        let input = if cfg {
+            Tensor::cat(&[&latents, &latents], 0)?
+        } else {
+            latents.clone()
+        };
+        let tt = Tensor::full(t as i64, input.dim(0)?, input.device())?;
+        let mut inp = DenoiseInput::new(&input, &tt, &contexts);
+        inp.pose_features = Some(&pose);
+        inp.bank = Some(&bank);
+        inp.guidance = if cfg {
+            BankGuidance::UncondFirstHalf
+        } else {
+            BankGuidance::AllSamples
+        };
+        let out = nets.denoising_unet.forward_denoise(&inp)?;
+        let noise_pred = if cfg {
+            let uncond = out.narrow(0, 0, b)?;
+            let cond_p = out.narrow(0, b, b)?;
+            (&uncond + ((cond_p - &uncond)? * guidance_scale)?)?
+        } else {
+            out
+        };
+        latents = scheduler.step(&noise_pred, t, &latents)?.prev_sample;
+        steps.push(StepRecord {
+            timestep: t,
+            noise_pred,
+            latents: latents.clone(),
+        });
+        on_step(i + 1, timesteps.len());
+    }
+    Ok((latents, steps))
+}
+
+/// Decodes latents to images in [0, 1]: (vae.decode(z / 0.18215) / 2 + 0.5).clamp(0, 1).
+pub fn decode(vae: &AutoencoderKL, latents: &Tensor) -> Result<Tensor> {
+    let x = vae.decode(&(latents / VAE_SCALE)?)?;
+    Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}
