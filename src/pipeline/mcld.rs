@@ -71,11 +71,11 @@ impl McldPipeline {
         let pose_guider = strict(&files.pose_guider, dtype, device, &[], |vb| {
             pose_guider::PoseGuider::new(vb, &pg_cfg)
         })?;
-        let mut rs_cfg = resampler::Config::mcld();
-        rs_cfg.output_dim = ucfg.cross_attention_dim;
-        let image_proj = strict(&files.image_proj, dtype, device, &[], |vb| {
-            resampler::Resampler::new(vb, &rs_cfg)
-        })?;
+        let rs_w = StrictWeights::from_file(&files.image_proj)?;
+        let rs_cfg = resampler_config_from_weights(&rs_w, &files.image_proj)?;
+        let image_proj = resampler::Resampler::new(rs_w.var_builder(dtype, device), &rs_cfg)
+            .map_err(|e| Error::weights(&files.image_proj, e.to_string()))?;
+        rs_w.finish()?;
         let vdir = crate::weights::ModelDir::open(&files.vae_dir)?;
         let vcfg: vae::Config = vdir.config()?;
         let vae = {
@@ -200,11 +200,15 @@ impl McldPipeline {
 
     /// Seeded initial noise for a batch (the same seed gives the same images).
     pub fn noise(&self, batch: usize, seed: u64) -> Result<Tensor> {
+        use rand::{rngs::StdRng, SeedableRng};
+        use rand_distr::{Distribution, StandardNormal};
         let h = self.size / 8;
-        // Drawn on the CPU so that a seed gives the same noise on every device.
-        let cpu = Device::Cpu;
-        cpu.set_seed(seed)?;
-        let n = Tensor::randn(0f32, 1f32, (batch, 4, h, h), &cpu)?;
+        // Drawn on the CPU from a seeded generator, so a seed gives the same noise everywhere.
+        let mut rng = StdRng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..batch * 4 * h * h)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        let n = Tensor::from_vec(v, (batch, 4, h, h), &Device::Cpu)?;
         Ok(n.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
@@ -225,6 +229,43 @@ impl McldPipeline {
             .to_device(&Device::Cpu)?;
         (0..batch.len()).map(|i| Ok(img.get(i)?)).collect()
     }
+}
+
+/// The projector's shape read off its weights (the released file has no config): width and
+/// queries from `latents`, depth from the layer count, heads of 64 as IP-Adapter uses.
+fn resampler_config_from_weights(w: &StrictWeights, path: &Path) -> Result<resampler::Config> {
+    let t = w.tensors();
+    let dims = |k: &str| -> Result<Vec<usize>> {
+        t.get(k)
+            .map(|x| x.dims().to_vec())
+            .ok_or_else(|| Error::weights(path, format!("face projector: tensor {k} missing")))
+    };
+    let lat = dims("latents")?;
+    let proj_in = dims("proj_in.weight")?;
+    let proj_out = dims("proj_out.weight")?;
+    let to_q = dims("layers.0.0.to_q.weight")?;
+    let ff = dims("layers.0.1.1.weight")?;
+    if lat.len() != 3 || proj_in.len() != 2 || proj_out.len() != 2 || to_q.len() != 2 {
+        return Err(Error::weights(
+            path,
+            "face projector: unexpected tensor ranks",
+        ));
+    }
+    let depth = (0..)
+        .take_while(|i| t.contains_key(&format!("layers.{i}.0.to_q.weight")))
+        .count();
+    let dim_head = 64.min(to_q[0]);
+    Ok(resampler::Config {
+        dim: lat[2],
+        depth,
+        dim_head,
+        heads: to_q[0] / dim_head,
+        num_queries: lat[1],
+        embedding_dim: proj_in[1],
+        output_dim: proj_out[0],
+        ff_mult: ff[0] / lat[2],
+        ..resampler::Config::mcld()
+    })
 }
 
 /// `mcld test`'s generator: one seed per run, advanced per batch so batches differ.

@@ -6,3 +6,4 @@ pub mod inputs;
 pub mod mcld;
 pub mod sampler;
 pub mod testset;
+pub mod tiny;

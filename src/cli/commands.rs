@@ -1,0 +1,221 @@
+//! The bodies of `mcld test`, `mcld infer` and `mcld demo`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Tensor;
+use image::{Rgb, RgbImage};
+
+use super::{InferArgs, TestArgs};
+use crate::config::TrainConfig;
+use crate::device::{parse_device, parse_dtype};
+use crate::pipeline::demo;
+use crate::pipeline::inputs::{
+    read_face_embedding, read_pairs, read_rgb, DatasetLayout, Pair, PairInputs,
+};
+use crate::pipeline::mcld::{McldPipeline, SeededGenerator};
+use crate::pipeline::testset::{run_test_set, Postprocess, TestRunOptions};
+use crate::{Error, Result};
+
+/// `mcld test`: the whole test set, resumable.
+pub fn test(a: &TestArgs) -> Result<()> {
+    let device = parse_device(&a.compute.device)?;
+    let dtype = parse_dtype(&a.compute.dtype)?;
+    let cfg = TrainConfig::load(&a.config_path)?;
+    let root = &cfg.data.root_dir;
+    let csv = if cfg.data.test_pairs.is_absolute() {
+        cfg.data.test_pairs.clone()
+    } else {
+        root.join(&cfg.data.test_pairs)
+    };
+    let pairs = read_pairs(&csv)?;
+    let t0 = Instant::now();
+    let pipeline = McldPipeline::from_config(&a.ckpt_dir, &a.config_path, &device, dtype)?;
+    eprintln!("loaded the pipeline in {:.1}s", t0.elapsed().as_secs_f64());
+    let opts = TestRunOptions {
+        save_path: a.save_path.clone(),
+        exp_name: cfg.exp_name.clone(),
+        limit: a.limit,
+        batch_size: a.batch_size,
+        progress: true,
+    };
+    let mut generator = SeededGenerator {
+        pipeline: &pipeline,
+        seed: a.seed,
+        batches: 0,
+    };
+    let summary = run_test_set(
+        &opts,
+        &DatasetLayout::new(root, "test"),
+        &pairs,
+        &mut generator,
+        &Postprocess::reference(),
+    )?;
+    summary.print();
+    println!("all test images are generated!");
+    Ok(())
+}
+
+/// Side-by-side strip of equally sized panels.
+fn strip(panels: &[RgbImage]) -> RgbImage {
+    let h = panels.iter().map(|p| p.height()).max().unwrap_or(0);
+    let w: u32 = panels.iter().map(|p| p.width()).sum();
+    let mut out = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    let mut x0 = 0;
+    for p in panels {
+        image::imageops::replace(&mut out, p, x0 as i64, 0);
+        x0 += p.width();
+    }
+    out
+}
+
+fn to_rgb(t: &Tensor) -> Result<RgbImage> {
+    let (_, h, w) = t.dims3()?;
+    crate::imageops::generated_to_rgb(t, (h, w))
+}
+
+/// An IUV image made visible: part index as hue-ish colour, U/V as brightness.
+fn pose_preview(iuv: &RgbImage) -> RgbImage {
+    RgbImage::from_fn(iuv.width(), iuv.height(), |x, y| {
+        let p = iuv.get_pixel(x, y);
+        if p[2] == 0 {
+            Rgb([0, 0, 0])
+        } else {
+            Rgb([p[2].saturating_mul(10), p[1], p[0]])
+        }
+    })
+}
+
+fn panel(img: &RgbImage, size: u32) -> Result<RgbImage> {
+    crate::imageops::pil_resize_rgb(
+        img,
+        (size as usize, size as usize),
+        crate::imageops::Filter::Bicubic,
+    )
+}
+
+/// `mcld infer`: one pair without a dataset.
+pub fn infer(a: &InferArgs) -> Result<()> {
+    let device = parse_device(&a.compute.device)?;
+    let dtype = parse_dtype(&a.compute.dtype)?;
+    let source = read_rgb(&a.source)?;
+    let pose = read_rgb(&a.pose)?;
+    let texture = match &a.texture {
+        Some(p) => read_rgb(p)?,
+        None => {
+            return Err(Error::msg(format!(
+                "no --texture given for {}: a texture map needs the source's DensePose IUV. \
+                 Make one with `mcld prepare --only densepose,texture` on a folder holding the \
+                 photo (DensePose weights: pretrained_weights/model_final_844d15.pkl), or pass \
+                 --texture TEXTURE.png",
+                a.source.display()
+            )))
+        }
+    };
+    let (face, face_missing) = match &a.face {
+        Some(p) => (read_face_embedding(p)?, false),
+        None => (vec![0f32; 512], true),
+    };
+    if face_missing {
+        eprintln!(
+            "no --face given: using a zero face embedding (as the reference does for photos \
+             without a detected face); `mcld prepare --only face` computes one"
+        );
+    }
+    let t0 = Instant::now();
+    let pipeline = McldPipeline::from_config(&a.ckpt_dir, &a.config_path, &device, dtype)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let input = PairInputs {
+        pair: Pair {
+            from: file_name(&a.source),
+            to: file_name(&a.pose),
+        },
+        target: source.clone(),
+        source,
+        pose,
+        texture,
+        face,
+        face_missing,
+    };
+    let t1 = Instant::now();
+    let out = pipeline.generate(std::slice::from_ref(&input), a.seed)?;
+    let gen_s = t1.elapsed().as_secs_f64();
+    let img = to_rgb(&out[0])?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img), &a.out)?;
+    println!(
+        "wrote {} (load {load_s:.1}s, generate {gen_s:.1}s)",
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "input".into())
+}
+
+/// `mcld demo`: the full pipeline on the built-in sample with tiny random weights written on
+/// the fly; shows what runs, not what a trained model produces.
+pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
+    let t0 = Instant::now();
+    let dir = match work {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("mcld-demo-{}", std::process::id())),
+    };
+    let layout = crate::pipeline::tiny::write_tiny_layout(&dir, &dir.join("dataset"), steps)?;
+    let photo = demo::sample_photo().to_rgb8();
+    let (w, h) = photo.dimensions();
+    let src_pose = demo::synthetic_pose(w, h, false);
+    let tgt_pose = demo::synthetic_pose(w, h, true);
+    let assets = crate::prepare::texture::TextureAssets::builtin()?;
+    let texture = crate::prepare::texture::texture_map(&photo, &src_pose, &assets)?;
+    let cfg = TrainConfig::load(&layout.config_path)?;
+    let infer = crate::config::InferenceConfig::load(&cfg.inference_config)?;
+    let files = crate::pipeline::checkpoints::PipelineFiles::resolve(&layout.ckpt_dir, &cfg)?;
+    let pipeline = McldPipeline::load(
+        &files,
+        &infer,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )?;
+    let input = PairInputs {
+        pair: Pair {
+            from: "astronaut.png".into(),
+            to: "pose.png".into(),
+        },
+        source: photo.clone(),
+        target: photo.clone(),
+        pose: tgt_pose.clone(),
+        texture: texture.clone(),
+        face: vec![0f32; 512],
+        face_missing: true,
+    };
+    let t1 = Instant::now();
+    let img = pipeline.generate(std::slice::from_ref(&input), 42)?;
+    let gen_s = t1.elapsed().as_secs_f64();
+    let s = 256;
+    let sheet = strip(&[
+        panel(&photo, s)?,
+        panel(&pose_preview(&tgt_pose), s)?,
+        panel(&texture, s)?,
+        panel(&to_rgb(&img[0])?, s)?,
+    ]);
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(sheet), out)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "wrote {}: source | target pose | texture map | output (512x512, {steps} DDIM steps)",
+        out.display()
+    );
+    println!(
+        "UNTRAINED: tiny random weights, so the output panel is noise by design. \
+         generation {gen_s:.2}s, total {:.2}s on CPU",
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "with real weights: put the checkpoints in ./checkpoints and the base models in \
+         ./pretrained_weights (see their README.md), then\n  mcld infer --source PHOTO \
+         --pose TARGET_IUV.png --texture TEXTURE.png --out out.png"
+    );
+    Ok(())
+}
