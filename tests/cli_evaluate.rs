@@ -153,3 +153,136 @@ fn size_mismatch_names_both_files() {
     );
     assert!(e.contains("(100, 100)"), "{e}");
 }
+
+mod common;
+
+/// `mcld evaluate` end to end on the fixture's real photos and weights: the printed PSNR, SSIM,
+/// SSIM_256 and LPIPS means equal the means of the fixture's per-pair values.
+#[test]
+fn evaluate_command_matches_fixture_numbers() {
+    use candle_core::{DType, Device};
+    let d = tempfile::tempdir().unwrap();
+    let cpu = Device::Cpu;
+    let ps = common::load_case("metrics", "psnr_ssim");
+    let lp = common::load_case("metrics", "lpips_alex");
+    let pairs = ps.json["pairs"].as_array().unwrap().clone();
+    // Layout: gen/<size>/<id>.png, gt/<size>/<id>.png, train/ = the ground truths.
+    for p in &pairs {
+        let sub = if p["height"].as_u64().unwrap() == 256 {
+            "256"
+        } else {
+            "512"
+        };
+        let id = p["id"].as_str().unwrap();
+        for (k, folder) in [("gt", "gt"), ("pred", "gen")] {
+            let src = common::fixture_path(&format!("metrics/{}", p[k].as_str().unwrap()));
+            let dst = d.path().join(folder).join(sub).join(format!("{id}.png"));
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(&src, &dst).unwrap();
+        }
+        let dst = d.path().join("train").join(format!("{id}.png"));
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(
+            common::fixture_path(&format!("metrics/{}", p["gt"].as_str().unwrap())),
+            dst,
+        )
+        .unwrap();
+    }
+    // Metric weights as `evaluate` looks for them.
+    let pre = d.path().join("pretrained");
+    std::fs::create_dir_all(&pre).unwrap();
+    let inc = common::load_case("metrics", "inception_fid");
+    let wf = inc.json["weights_file"].as_str().unwrap_or("").to_string();
+    let wpath = if wf.is_empty() {
+        std::fs::read_dir(common::fixture_path("metrics/weights"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+    } else {
+        common::fixture_path(&format!("metrics/{wf}"))
+    };
+    std::os::unix::fs::symlink(&wpath, pre.join("inception_v3.safetensors")).unwrap();
+    let pick = |pfx: &str| {
+        lp.tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with(pfx))
+            .map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).unwrap()))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    candle_core::safetensors::save(&pick("features."), pre.join("alexnet.safetensors")).unwrap();
+    candle_core::safetensors::save(&pick("lin"), pre.join("lpips_alex.safetensors")).unwrap();
+    let _ = &cpu;
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mcld"))
+        .args(["evaluate", "--img_path"])
+        .arg(d.path().join("gen"))
+        .arg("--gt_path")
+        .arg(d.path().join("gt"))
+        .arg("--training_path")
+        .arg(d.path().join("train"))
+        .arg("--pretrained_dir")
+        .arg(&pre)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("gen/metrics.json")).unwrap())
+            .unwrap();
+    let per_pair = |case: &common::Case, key: &str| -> Vec<f64> {
+        case.get(key)
+            .to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    let lpips_ids: Vec<String> = lp.json["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect();
+    for (ri, sub) in ["256", "512"].iter().enumerate() {
+        let r = &report["results"][ri];
+        assert_eq!(r["resolution"], *sub);
+        let idx: Vec<usize> = pairs
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p["id"].as_str().unwrap().starts_with(sub))
+            .map(|(i, _)| i)
+            .collect();
+        for (key, tol) in [("psnr", 1e-5), ("ssim", 1e-5), ("ssim_256", 1e-5)] {
+            let v = per_pair(&ps, key);
+            let want = idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len() as f64;
+            let got = r[key].as_f64().unwrap();
+            println!("{sub} {key}: got {got}, fixture mean {want}");
+            assert!((got - want).abs() <= tol, "{sub} {key}: {got} vs {want}");
+        }
+        let lv = per_pair(&lp, "lpips");
+        let li: Vec<usize> = lpips_ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| id.starts_with(sub))
+            .map(|(i, _)| i)
+            .collect();
+        if !li.is_empty() {
+            let want = li.iter().map(|&i| lv[i]).sum::<f64>() / li.len() as f64;
+            let got = r["lpips"].as_f64().unwrap();
+            println!("{sub} lpips: got {got}, fixture mean {want}");
+            assert!(
+                (got - want).abs() <= 1e-7 + 1e-4 * want.abs(),
+                "{sub} lpips: {got} vs {want}"
+            );
+        }
+        assert!(r["fid"].as_f64().unwrap().is_finite());
+    }
+    assert!(text.contains("FID:") && text.contains("PSNR:"), "{text}");
+}

@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::fid::{frechet_distance, FeatureStats};
+use crate::metrics::ChwImage;
 use crate::pipeline::inputs::read_rgb;
 use crate::{Error, Result};
 
@@ -365,4 +366,143 @@ pub fn write_reports(dir: &Path, r: &EvalReport) -> Result<()> {
     let json = serde_json::to_string_pretty(r).map_err(|e| Error::msg(e.to_string()))?;
     crate::fsutil::write_atomic(&dir.join("metrics.json"), json.as_bytes())?;
     crate::fsutil::write_atomic(&dir.join("metrics.md"), markdown(r).as_bytes())
+}
+
+/// The real backend: the metric kernels of `crate::metrics` on the chosen device.
+pub struct MetricsBackend {
+    pub lpips: crate::metrics::lpips::Lpips,
+    pub inception: crate::metrics::inception::InceptionV3,
+    pub backbone: String,
+}
+
+fn chw(img: &RgbImage) -> Result<ChwImage> {
+    ChwImage::from_rgb8(img.height() as usize, img.width() as usize, img.as_raw())
+}
+
+fn batch_tensor(imgs: &[RgbImage], device: &candle_core::Device) -> Result<candle_core::Tensor> {
+    let ts = imgs
+        .iter()
+        .map(|i| chw(i)?.to_tensor(device))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(candle_core::Tensor::cat(&ts, 0)?)
+}
+
+impl EvalBackend for MetricsBackend {
+    fn fid_backbone(&self) -> &str {
+        &self.backbone
+    }
+    fn pair_scores(&self, gt: &RgbImage, pred: &RgbImage) -> Result<PairScores> {
+        let (g, p) = (chw(gt)?, chw(pred)?);
+        Ok(PairScores {
+            psnr: crate::metrics::psnr::psnr(&g, &p)?,
+            ssim: crate::metrics::ssim::ssim_uniform51(&g, &p)?.mean,
+            ssim_256: crate::metrics::ssim::ssim_256(&g, &p)?.mean,
+        })
+    }
+    fn lpips(&self, gt: &[RgbImage], pred: &[RgbImage]) -> Result<Vec<f64>> {
+        let dev = self.lpips.device().clone();
+        let out = self
+            .lpips
+            .forward(&batch_tensor(pred, &dev)?, &batch_tensor(gt, &dev)?)?;
+        Ok(out
+            .lpips
+            .to_dtype(candle_core::DType::F64)?
+            .flatten_all()?
+            .to_vec1::<f64>()?)
+    }
+    fn fid_features(&self, imgs: &[RgbImage]) -> Result<Vec<Vec<f32>>> {
+        let c = imgs.iter().map(chw).collect::<Result<Vec<_>>>()?;
+        let f = self.inception.features(&c)?;
+        Ok(f.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
+    }
+    fn resize_real(&self, img: &RgbImage, hw: (usize, usize)) -> Result<RgbImage> {
+        crate::imageops::pil_resize_rgb(img, hw, crate::imageops::Filter::Bicubic)
+    }
+}
+
+/// Where `evaluate` expects the metric networks (torchvision's and lpips' published files).
+pub const METRIC_WEIGHTS: &str = "\
+  PRETRAINED/inception_v3_google-0cc3c7bd.pth   torchvision IMAGENET1K_V1 Inception-V3 (FID)
+  PRETRAINED/alexnet-owt-7be5be79.pth           torchvision AlexNet (LPIPS trunk)
+  PRETRAINED/lpips/alex.pth                     LPIPS v0.1 linear heads (from the lpips package)";
+
+fn find_first(dir: &Path, names: &[&str]) -> Option<PathBuf> {
+    names.iter().map(|n| dir.join(n)).find(|p| p.is_file())
+}
+
+impl MetricsBackend {
+    /// Loads the metric networks from `pretrained` with the safe weight reader.
+    pub fn load(pretrained: &Path, backbone: &str, device: &candle_core::Device) -> Result<Self> {
+        if backbone != "torchvision" {
+            return Err(Error::msg(format!(
+                "--fid-backbone {backbone}: only `torchvision` (what MCLD reports) is built so \
+                 far; pt_inception (pytorch-fid's TF port) is not built yet"
+            )));
+        }
+        let inc = find_first(
+            pretrained,
+            &[
+                "inception_v3_google-0cc3c7bd.pth",
+                "inception_v3_google-1a9a5a14.pth",
+                "inception_v3.safetensors",
+            ],
+        );
+        let alex = find_first(
+            pretrained,
+            &[
+                "alexnet-owt-7be5be79.pth",
+                "alexnet-owt-4df8aa71.pth",
+                "alexnet.safetensors",
+            ],
+        );
+        let lin = find_first(
+            pretrained,
+            &["lpips/alex.pth", "alex.pth", "lpips_alex.safetensors"],
+        );
+        let (inc, alex, lin) = match (inc, alex, lin) {
+            (Some(a), Some(b), Some(c)) => (a, b, c),
+            _ => {
+                return Err(Error::msg(format!(
+                    "metric weights missing under {}; expected:\n{}",
+                    pretrained.display(),
+                    METRIC_WEIGHTS.replace("PRETRAINED", &pretrained.display().to_string())
+                )))
+            }
+        };
+        let dt = candle_core::DType::F32;
+        // BatchNorm's `num_batches_tracked` counters are training bookkeeping, not weights.
+        let mut it = crate::weights::load(&inc, &candle_core::Device::Cpu)?;
+        it.retain(|k, _| !k.ends_with("num_batches_tracked"));
+        let iw = crate::weights::StrictWeights::new(it, &inc).allow_unused(["AuxLogits.", "fc."]);
+        let inception = crate::metrics::inception::InceptionV3::new(iw.var_builder(dt, device))
+            .map_err(|e| Error::weights(&inc, e.to_string()))?;
+        iw.finish()?;
+        let aw = crate::weights::StrictWeights::from_file(&alex)?.allow_unused(["classifier."]);
+        let lw = crate::weights::StrictWeights::from_file(&lin)?;
+        let lpips = crate::metrics::lpips::Lpips::from_parts(
+            aw.var_builder(dt, device),
+            lw.var_builder(dt, device),
+        )
+        .map_err(|e| Error::weights(&lin, e.to_string()))?;
+        aw.finish()?;
+        Ok(Self {
+            lpips,
+            inception,
+            backbone: backbone.to_string(),
+        })
+    }
+}
+
+/// Face similarity needs InsightFace's buffalo_s models; without them it is skipped, not failed.
+pub fn face_status(pretrained: &Path) -> BTreeMap<String, serde_json::Value> {
+    let dir = pretrained.join("buffalo_s");
+    let mut m = BTreeMap::new();
+    let msg = if dir.is_dir() {
+        "skipped: face similarity with buffalo_s is not built yet in this version"
+    } else {
+        "skipped: no pretrained_weights/buffalo_s/ (InsightFace buffalo_s ONNX models)"
+    };
+    println!("Face similarity {msg}");
+    m.insert("status".into(), serde_json::Value::String(msg.into()));
+    m
 }

@@ -240,7 +240,29 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             Err(CliError::NotBuilt("train"))
         }
         Command::Test(a) => Ok(commands::test(&a)?),
-        Command::Evaluate(_) => Err(CliError::NotBuilt("evaluate")),
+        Command::Evaluate(a) => {
+            let device = crate::device::parse_device(&a.compute.device)?;
+            let backend =
+                evaluate::MetricsBackend::load(&a.pretrained_dir, &a.fid_backbone, &device)?;
+            let opts = evaluate::EvalOptions {
+                gen_dir: a.save_path.clone(),
+                gt_dir: a.gt_folder.clone(),
+                training_path: a.training_path.clone(),
+                recompute_real_stats: a.recompute_real_stats,
+                batch_size: 16,
+                progress: true,
+                resolutions: evaluate::EvalOptions::reference_resolutions(),
+            };
+            let mut report = evaluate::evaluate(&opts, &backend)?;
+            report.face = evaluate::face_status(&a.pretrained_dir);
+            evaluate::write_reports(&a.save_path, &report)?;
+            println!(
+                "wrote {} and {}",
+                a.save_path.join("metrics.json").display(),
+                a.save_path.join("metrics.md").display()
+            );
+            Ok(())
+        }
         Command::Infer(a) => Ok(commands::infer(&a)?),
         Command::Demo(a) => Ok(commands::demo(&a.out, None, a.steps)?),
     }
