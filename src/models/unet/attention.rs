@@ -1,0 +1,322 @@
+//! Transformer2DModel / BasicTransformerBlock / Attention, with MCLD's two additions as plain
+//! arguments: the reference bank (self-attention keys/values extended by the reference UNet's
+//! states) and IP-adapter cross-attention on the trailing face tokens.
+
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+
+use super::resnet::conv;
+use super::{BankMode, ReferenceBank};
+use crate::models::nn::{attention, merge_heads, split_heads, LayerNorm};
+use crate::{Error, Result};
+
+/// IP-adapter settings of a denoising UNet's cross-attentions.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct IpAdapter {
+    /// How many trailing context tokens are face tokens.
+    pub num_tokens: usize,
+    /// Weight of the face attention in the sum.
+    pub scale: f64,
+}
+
+/// What a forward pass does with the self-attention inputs; threaded through explicitly so the
+/// model itself holds no state between calls.
+pub(crate) struct RunCtx<'a> {
+    /// Reference role: collects the norm1 output of each transformer block.
+    pub record: Option<&'a mut Vec<(String, Tensor)>>,
+    /// Denoising role: the bank to read, and how.
+    pub bank: Option<(&'a ReferenceBank, BankMode)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    ip: Option<(Linear, Linear, IpAdapter)>,
+    heads: usize,
+}
+
+impl Attention {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        ctx_dim: usize,
+        heads: usize,
+        ip: Option<IpAdapter>,
+    ) -> Result<Self> {
+        let ip = match ip {
+            Some(cfg) => {
+                let p = vb.pp("processor");
+                Some((
+                    candle_nn::linear_no_bias(ctx_dim, dim, p.pp("to_k_ip"))?,
+                    candle_nn::linear_no_bias(ctx_dim, dim, p.pp("to_v_ip"))?,
+                    cfg,
+                ))
+            }
+            None => None,
+        };
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(ctx_dim, dim, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(ctx_dim, dim, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(dim, dim, vb.pp("to_out").pp("0"))?,
+            ip,
+            heads,
+        })
+    }
+
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let h = self.heads;
+        let o = attention(
+            &split_heads(q, h)?,
+            &split_heads(k, h)?,
+            &split_heads(v, h)?,
+        )?;
+        Ok(merge_heads(&o)?)
+    }
+
+    /// Attention of `x` over `kv` (before projections), without the output projection.
+    fn core(&self, x: &Tensor, kv: &Tensor) -> Result<Tensor> {
+        let q = self.to_q.forward(x)?;
+        self.attend(&q, &self.to_k.forward(kv)?, &self.to_v.forward(kv)?)
+    }
+
+    /// Self-attention; `extra` (same batch as `x`) is appended to the keys/values.
+    pub fn self_attn(&self, x: &Tensor, extra: Option<&Tensor>) -> Result<Tensor> {
+        let o = match extra {
+            None => self.core(x, x)?,
+            Some(e) => self.core(x, &Tensor::cat(&[x, e], 1)?)?,
+        };
+        Ok(self.to_out.forward(&o)?)
+    }
+
+    /// Cross-attention; with IP weights, the last `num_tokens` context tokens are attended
+    /// separately through `to_k_ip`/`to_v_ip` and added with `scale`.
+    pub fn cross_attn(&self, x: &Tensor, ctx: &Tensor) -> Result<Tensor> {
+        let o = match &self.ip {
+            None => self.core(x, ctx)?,
+            Some((k_ip, v_ip, cfg)) => {
+                let t = ctx.dim(1)?;
+                if t <= cfg.num_tokens {
+                    return Err(Error::msg(format!(
+                        "IP cross-attention: context has {t} tokens, needs more than the {} face tokens",
+                        cfg.num_tokens
+                    )));
+                }
+                let rest = ctx.narrow(1, 0, t - cfg.num_tokens)?;
+                let face = ctx.narrow(1, t - cfg.num_tokens, cfg.num_tokens)?;
+                let q = self.to_q.forward(x)?;
+                let main =
+                    self.attend(&q, &self.to_k.forward(&rest)?, &self.to_v.forward(&rest)?)?;
+                let ip = self.attend(&q, &k_ip.forward(&face)?, &v_ip.forward(&face)?)?;
+                (main + (ip * cfg.scale)?)?
+            }
+        };
+        Ok(self.to_out.forward(&o)?)
+    }
+}
+
+/// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`), exact (erf) GELU as torch's default.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(x)?;
+        let inner = h.dim(candle_core::D::Minus1)? / 2;
+        let a = h.narrow(candle_core::D::Minus1, 0, inner)?;
+        let gate = h.narrow(candle_core::D::Minus1, inner, inner)?;
+        Ok(self.out.forward(&(a * gate.gelu_erf()?)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BasicTransformerBlock {
+    /// Full module name, the key of this block's bank entry.
+    name: String,
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    pub fn new(
+        vb: VarBuilder,
+        name: String,
+        dim: usize,
+        ctx_dim: usize,
+        heads: usize,
+        ip: Option<IpAdapter>,
+    ) -> Result<Self> {
+        Ok(Self {
+            name,
+            norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
+            attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, None)?,
+            norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
+            attn2: Attention::new(vb.pp("attn2"), dim, ctx_dim, heads, ip)?,
+            norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::new(vb.pp("ff"), dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Tensor, run: &mut RunCtx) -> Result<Tensor> {
+        let n = self.norm1.forward(x)?;
+        if let Some(rec) = run.record.as_deref_mut() {
+            rec.push((self.name.clone(), n.clone()));
+        }
+        let a = match run.bank {
+            None => self.attn1.self_attn(&n, None)?,
+            Some((bank, mode)) => self.read_bank(&n, bank, mode)?,
+        };
+        let x = (x + a)?;
+        let x = (&x + self.attn2.cross_attn(&self.norm2.forward(&x)?, ctx)?)?;
+        Ok((&x + self.ff.forward(&self.norm3.forward(&x)?)?)?)
+    }
+
+    /// Reference attention: samples `mode.plain..` attend to [own, bank]; the leading
+    /// `mode.plain` samples (the unconditional CFG half) use plain self-attention.
+    fn read_bank(&self, n: &Tensor, bank: &ReferenceBank, mode: BankMode) -> Result<Tensor> {
+        let b = n.dim(0)?;
+        let entry = bank.get(&self.name).ok_or_else(|| {
+            Error::msg(format!(
+                "reference bank has no entry for block {}",
+                self.name
+            ))
+        })?;
+        let (bb, bt, bc) = entry.dims3()?;
+        let reading = b.checked_sub(mode.plain).ok_or_else(|| {
+            Error::msg(format!(
+                "reference attention: {} plain samples requested but the batch is {b}",
+                mode.plain
+            ))
+        })?;
+        if bc != n.dim(2)? {
+            return Err(Error::msg(format!(
+                "reference bank entry {} has {bc} channels, the block has {}",
+                self.name,
+                n.dim(2)?
+            )));
+        }
+        let entry = if bb == b {
+            entry.narrow(0, mode.plain, reading)?
+        } else if bb == reading {
+            entry.clone()
+        } else if bb == 1 {
+            entry.broadcast_as((reading, bt, bc))?.contiguous()?
+        } else {
+            return Err(Error::msg(format!(
+                "reference bank entry {} has batch {bb}; expected {b}, {reading} or 1",
+                self.name
+            )));
+        };
+        let entry = if mode.fp16_round {
+            entry.to_dtype(DType::F16)?.to_dtype(n.dtype())?
+        } else {
+            entry.to_dtype(n.dtype())?
+        };
+        let own = n.narrow(0, mode.plain, reading)?;
+        let read = self.attn1.self_attn(&own, Some(&entry))?;
+        if mode.plain == 0 {
+            return Ok(read);
+        }
+        let plain = self.attn1.self_attn(&n.narrow(0, 0, mode.plain)?, None)?;
+        Ok(Tensor::cat(&[plain, read], 0)?)
+    }
+}
+
+/// `Transformer2DModel` (continuous input): GroupNorm(eps 1e-6), proj_in, blocks, proj_out,
+/// residual.
+#[derive(Debug, Clone)]
+pub struct Transformer2D {
+    norm: GroupNorm,
+    proj_in: Proj,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Proj,
+}
+
+#[derive(Debug, Clone)]
+enum Proj {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+pub struct TransformerSpec {
+    pub channels: usize,
+    pub heads: usize,
+    pub ctx_dim: usize,
+    pub groups: usize,
+    pub layers: usize,
+    pub linear_proj: bool,
+    pub ip: Option<IpAdapter>,
+}
+
+impl Transformer2D {
+    pub fn new(vb: VarBuilder, name: &str, s: &TransformerSpec) -> Result<Self> {
+        let c = s.channels;
+        let proj = |vb: VarBuilder| -> Result<Proj> {
+            Ok(if s.linear_proj {
+                Proj::Linear(candle_nn::linear(c, c, vb)?)
+            } else {
+                Proj::Conv(conv(vb, c, c, 1, 1)?)
+            })
+        };
+        let blocks = (0..s.layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb.pp("transformer_blocks").pp(i.to_string()),
+                    format!("{name}.transformer_blocks.{i}"),
+                    c,
+                    s.ctx_dim,
+                    s.heads,
+                    s.ip,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: candle_nn::group_norm(s.groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in: proj(vb.pp("proj_in"))?,
+            blocks,
+            proj_out: proj(vb.pp("proj_out"))?,
+        })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, ctx: &Tensor, run: &mut RunCtx) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let to_tokens =
+            |t: Tensor| -> Result<Tensor> { Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?) };
+        let to_map = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, h, w, c))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?)
+        };
+        let n = self.norm.forward(x)?;
+        let mut t = match &self.proj_in {
+            Proj::Conv(p) => to_tokens(p.forward(&n)?)?,
+            Proj::Linear(p) => p.forward(&to_tokens(n)?)?,
+        };
+        for blk in &self.blocks {
+            t = blk.forward(&t, ctx, run)?;
+        }
+        let out = match &self.proj_out {
+            Proj::Conv(p) => p.forward(&to_map(t)?)?,
+            Proj::Linear(p) => to_map(p.forward(&t)?)?,
+        };
+        Ok((out + x)?)
+    }
+}
