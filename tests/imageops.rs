@@ -106,7 +106,7 @@ fn jpeg_decode_vs_libjpeg_turbo_is_informative() {
 }
 
 fn decoded_planes(case: &Case) -> (Vec<f32>, usize, usize) {
-    let img = png(&input_key(&case, |k| k.starts_with("resize/decoded_")));
+    let img = png(&input_key(case, |k| k.starts_with("resize/decoded_")));
     let (h, w) = (img.height, img.width);
     let mut x = vec![0f32; 3 * h * w];
     for (i, px) in img.data.chunks(3).enumerate() {

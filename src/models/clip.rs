@@ -80,13 +80,13 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(Error::msg(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             )));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return Err(Error::msg(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size
@@ -278,6 +278,8 @@ pub struct Preprocess {
 }
 
 impl Default for Preprocess {
+    // CLIP's published constants, kept digit for digit as transformers spells them.
+    #[allow(clippy::excessive_precision)]
     fn default() -> Self {
         Self {
             shortest_edge: 224,
