@@ -326,7 +326,7 @@ impl Config {
                 return bad(format!("{key} is set; only null is supported"));
             }
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             return bad(format!(
                 "conv_in_kernel = {} / conv_out_kernel = {} must be odd",
                 self.conv_in_kernel, self.conv_out_kernel
