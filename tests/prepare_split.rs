@@ -382,7 +382,13 @@ fn stats_stage_counts_and_wants_clip_std() {
     let root = dir.path();
     let rep = run_prepare(&opts(root, &lists, &[Stage::Split, Stage::Stats])).unwrap();
     let st = stage(&rep, "stats");
-    assert_eq!(st.status, StageStatus::NotBuilt);
+    // No CLIP image encoder under the pretrained folder: the stage says which folder it needs.
+    assert_eq!(st.status, StageStatus::Failed);
+    assert!(
+        st.error.as_deref().unwrap_or("").contains("image_encoder"),
+        "{:?}",
+        st.error
+    );
     assert!(st
         .notes
         .contains(&"train: 6 photos, 0 IUV, 0 textures, 0 faces".to_string()));
@@ -462,4 +468,41 @@ fn npy_round_trip_and_std() {
     let std = per_dim_std(&[vec![1.0, 5.0], vec![3.0, 5.0]]).unwrap();
     assert_eq!(std, vec![1.0, 0.0]);
     assert!(per_dim_std(&[vec![1.0], vec![1.0, 2.0]]).is_err());
+}
+
+#[test]
+fn stats_stage_writes_clip_std_with_an_encoder() {
+    let (dir, lists) = raw_tree();
+    let root = dir.path();
+    run_prepare(&opts(root, &lists, &[Stage::Split])).unwrap();
+    // A tiny random CLIP encoder in the real folder layout.
+    let w = tempfile::tempdir().unwrap();
+    mcld::pipeline::tiny::write_tiny_layout(w.path(), root, 1).unwrap();
+    let pre = tempfile::tempdir().unwrap();
+    let enc = mcld::prepare::stats::clip_encoder_dir(pre.path());
+    std::fs::create_dir_all(&enc).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            w.path().join("pretrained/image_encoder").join(f),
+            enc.join(f),
+        )
+        .unwrap();
+    }
+    let mut o = opts(root, &lists, &[Stage::Stats]);
+    o.pretrained_dir = pre.path().to_path_buf();
+    let rep = run_prepare(&o).unwrap();
+    let st = stage(&rep, "stats");
+    assert_eq!((st.status, st.done), (StageStatus::Ok, 1), "{:?}", st.error);
+    let (shape, got) = mcld::prepare::stats::read_npy_f32(&root.join("clip_std.npy")).unwrap();
+    // Same numbers as computing the embeddings directly and taking numpy's std (ddof 0).
+    let emb = mcld::prepare::stats::clip_embeddings(root, &enc, &indicatif::ProgressBar::hidden())
+        .unwrap();
+    assert_eq!(emb.len(), 6);
+    let want = mcld::prepare::stats::per_dim_std(&emb).unwrap();
+    assert_eq!(shape, vec![want.len()]);
+    assert_eq!(got, want);
+    assert!(got.iter().any(|v| *v > 0.0));
+    // A second run keeps the file.
+    let rep = run_prepare(&o).unwrap();
+    assert_eq!(stage(&rep, "stats").skipped, 1);
 }

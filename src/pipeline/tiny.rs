@@ -69,6 +69,26 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
 fn save_random(path: &Path, build: impl FnOnce(VarBuilder) -> Result<()>) -> Result<()> {
     let vm = VarMap::new();
     build(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+    // Tensors fetched without an initialiser start at zero; norm scales at zero would make every
+    // output constant, so give them 1 and other zero tensors (embeddings, queries) small noise.
+    for (name, var) in vm
+        .data()
+        .lock()
+        .map_err(|_| Error::msg("var map lock"))?
+        .iter()
+    {
+        let t = var.as_tensor();
+        let zero = t.abs()?.sum_all()?.to_scalar::<f32>()? == 0.0;
+        if !zero || name.ends_with("bias") {
+            continue;
+        }
+        let fresh = if t.rank() == 1 && name.ends_with("weight") {
+            t.ones_like()?
+        } else {
+            (t.randn_like(0.0, 1.0)? * 0.02)?
+        };
+        var.set(&fresh)?;
+    }
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
     }

@@ -147,7 +147,7 @@ pub fn run_prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
             Stage::Densepose => run_densepose(root),
             Stage::Texture => run_texture(root, &bar),
             Stage::Face => face::run_face(root, &opts.pretrained_dir, &bar),
-            Stage::Stats => stats::run_stats(root),
+            Stage::Stats => stats::run_stats(root, &opts.pretrained_dir, &bar),
         };
         bar.finish_and_clear();
         let mut rep = res.unwrap_or_else(|e| StageReport::failed(stage.name(), e.to_string()));

@@ -147,9 +147,68 @@ fn count_files(dir: &Path, ext: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Stats stage: counts what each folder holds, and checks for `clip_std.npy` (the
-/// per-dimension CLIP std used by training's embedding noise).
-pub fn run_stats(root: &Path) -> Result<StageReport> {
+/// Where `prepare` looks for the CLIP image encoder (the one training conditions on).
+pub fn clip_encoder_dir(pretrained_dir: &Path) -> std::path::PathBuf {
+    pretrained_dir.join("sd-image-variations-diffusers/image_encoder")
+}
+
+/// CLIP `image_embeds` of the training sources, as training feeds them: each photo squashed to
+/// 512x512 (Pillow bicubic), CLIP-preprocessed, encoded in batches.
+pub fn clip_embeddings(
+    root: &Path,
+    encoder_dir: &Path,
+    bar: &indicatif::ProgressBar,
+) -> Result<Vec<Vec<f32>>> {
+    use crate::imageops::{pil_resize_rgb, Filter, U8Image};
+    use crate::models::clip;
+    let dir = crate::weights::ModelDir::open(encoder_dir)?;
+    let cfg = clip::Config::from_file(&dir.config)?;
+    let w = dir
+        .strict()?
+        .allow_unused(["text_model.", "text_projection.", "logit_scale"]);
+    let dev = candle_core::Device::Cpu;
+    let model = clip::ClipVisionModelWithProjection::new(
+        w.var_builder(candle_core::DType::F32, &dev),
+        &cfg,
+    )?;
+    w.finish()?;
+    let names = super::run::list_photos(root, Part::Train)?;
+    if names.is_empty() {
+        return Err(Error::input(
+            root.join("train"),
+            "no training photos for the CLIP statistics",
+        ));
+    }
+    bar.set_length(names.len() as u64);
+    let pre = clip::Preprocess::default();
+    let mut out = Vec::with_capacity(names.len());
+    for chunk in names.chunks(16) {
+        let pixels = chunk
+            .iter()
+            .map(|n| {
+                let path = root.join("train").join(n);
+                let img = crate::pipeline::inputs::read_rgb(&path)?;
+                let sq = pil_resize_rgb(&img, (512, 512), Filter::Bicubic)?;
+                pre.apply(&U8Image::from_rgb(&sq), &dev)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let e = model
+            .forward(&candle_core::Tensor::stack(&pixels, 0)?)?
+            .image_embeds;
+        out.extend(e.to_vec2::<f32>()?);
+        bar.inc(chunk.len() as u64);
+    }
+    Ok(out)
+}
+
+/// Stats stage: counts what each folder holds, and writes `clip_std.npy` (the per-dimension std
+/// of the training sources' CLIP embeddings, for training's embedding noise) when the CLIP
+/// image encoder is available; an existing file is kept.
+pub fn run_stats(
+    root: &Path,
+    pretrained_dir: &Path,
+    bar: &indicatif::ProgressBar,
+) -> Result<StageReport> {
     let mut rep = StageReport::new("stats");
     for part in Part::ALL {
         let p = part.dir();
@@ -162,19 +221,29 @@ pub fn run_stats(root: &Path) -> Result<StageReport> {
         ));
     }
     let std_path = root.join("clip_std.npy");
+    let enc = clip_encoder_dir(pretrained_dir);
     if std_path.is_file() {
         let (shape, _) = read_npy_f32(&std_path)?;
         rep.skipped += 1;
         rep.notes
             .push(format!("kept existing {} {shape:?}", std_path.display()));
+    } else if enc.join("config.json").is_file() {
+        let emb = clip_embeddings(root, &enc, bar)?;
+        let std = per_dim_std(&emb)?;
+        write_npy_f32(&std_path, &[std.len()], &std)?;
+        rep.done += 1;
+        rep.notes.push(format!(
+            "wrote {} from {} training photos",
+            std_path.display(),
+            emb.len()
+        ));
     } else {
-        rep.status = super::report::StageStatus::NotBuilt;
+        rep.status = super::report::StageStatus::Failed;
         rep.missing.push(std_path.display().to_string());
-        rep.error = Some(
-            "clip_std.npy needs the CLIP image encoder, not wired into prepare yet; \
-             `stats::per_dim_std` + `stats::write_npy_f32` compute and save it"
-                .into(),
-        );
+        rep.error = Some(format!(
+            "clip_std.npy needs the CLIP image encoder in {} (config.json + weights)",
+            enc.display()
+        ));
     }
     Ok(rep)
 }
