@@ -7,7 +7,7 @@ use mcld::prepare::pairs::{outfit_key, parse_pairs, read_pairs, train_pairs};
 use mcld::prepare::report::StageStatus;
 use mcld::prepare::run::load_texture_inputs;
 use mcld::prepare::split::{flat_name, SplitLists};
-use mcld::prepare::stats::{npy_f32_bytes, per_dim_std, read_npy_f32, write_npy_f32};
+use mcld::prepare::stats::{per_dim_std, read_npy_f32, write_npy_f32};
 use mcld::prepare::texture::TextureAssets;
 use mcld::prepare::{run_prepare, PrepareOptions, PrepareReport, Stage};
 
@@ -460,7 +460,7 @@ fn npy_round_trip_and_std() {
     assert_eq!(read_npy_f32(&p).unwrap(), (vec![2, 3], data.clone()));
     write_npy_f32(&p, &[6], &data).unwrap();
     assert_eq!(read_npy_f32(&p).unwrap().0, vec![6]);
-    assert!(npy_f32_bytes(&[4], &data).is_err());
+    assert!(write_npy_f32(&dir.path().join("b.npy"), &[4], &data).is_err());
     std::fs::write(&p, &bytes[..bytes.len() - 2]).unwrap();
     let e = read_npy_f32(&p).unwrap_err().to_string();
     assert!(e.contains("a.npy"), "{e}");

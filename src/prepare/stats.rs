@@ -1,5 +1,4 @@
-//! Stats stage and the small `.npy` reader/writer that `prepare` outputs use
-//! (face embeddings, the per-dimension CLIP std).
+//! Stats stage: folder counts and the per-dimension CLIP std used by training.
 
 use std::path::Path;
 
@@ -7,100 +6,8 @@ use super::report::StageReport;
 use super::split::Part;
 use crate::{Error, Result};
 
-/// `.npy` (format 1.0) bytes of a little-endian float32 C-order array.
-pub fn npy_f32_bytes(shape: &[usize], data: &[f32]) -> Result<Vec<u8>> {
-    let n: usize = shape.iter().product();
-    if n != data.len() {
-        return Err(Error::msg(format!(
-            "npy: shape {shape:?} holds {n} values, got {}",
-            data.len()
-        )));
-    }
-    let dims = match shape {
-        [d] => format!("({d},)"),
-        _ => format!(
-            "({})",
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
-    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {dims}, }}");
-    // magic (6) + version (2) + header length (2) + header + '\n' must be a multiple of 64.
-    let unpadded = 10 + header.len() + 1;
-    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
-    header.push('\n');
-    let mut out = Vec::with_capacity(10 + header.len() + 4 * data.len());
-    out.extend_from_slice(b"\x93NUMPY\x01\x00");
-    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    out.extend_from_slice(header.as_bytes());
-    for v in data {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    Ok(out)
-}
-
-/// Writes a float32 `.npy` atomically.
-pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
-    let bytes = npy_f32_bytes(shape, data).map_err(|e| Error::input(path, e.to_string()))?;
-    crate::fsutil::write_atomic(path, &bytes)
-}
-
-/// Reads a little-endian float32 C-order `.npy` (version 1 or 2): (shape, values).
-pub fn read_npy_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
-    let bytes = crate::fsutil::read(path)?;
-    let bad = |m: String| Error::input(path, m);
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(bad("not a .npy file (bad magic)".into()));
-    }
-    let (hlen, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        v => return Err(bad(format!("unsupported .npy version {v}"))),
-    };
-    let header = bytes
-        .get(start..start + hlen)
-        .and_then(|h| std::str::from_utf8(h).ok())
-        .ok_or_else(|| bad("truncated or non-text .npy header".into()))?;
-    if !header.contains("'descr': '<f4'") {
-        return Err(bad(format!("expected float32 ('<f4'), header is {header}")));
-    }
-    if header.contains("'fortran_order': True") {
-        return Err(bad("Fortran-order arrays are not supported".into()));
-    }
-    let shape_txt = header
-        .split_once("'shape':")
-        .and_then(|(_, r)| r.split_once('('))
-        .and_then(|(_, r)| r.split_once(')'))
-        .map(|(s, _)| s)
-        .ok_or_else(|| bad(format!("no shape in header {header}")))?;
-    let shape = shape_txt
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|_| bad(format!("bad shape `{shape_txt}`")))?;
-    let n: usize = shape.iter().product();
-    let body = &bytes[start + hlen..];
-    if body.len() != 4 * n {
-        return Err(bad(format!(
-            "shape {shape:?} needs {} data bytes, file has {}",
-            4 * n,
-            body.len()
-        )));
-    }
-    let data = body
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    Ok((shape, data))
-}
+/// One `.npy` implementation serves the whole crate (float32/float64 in, float32 out).
+pub use crate::pipeline::inputs::npy::{read_f32 as read_npy_f32, write_f32 as write_npy_f32};
 
 /// Per-dimension standard deviation (population, as `torch.std(unbiased=False)`) of equal-length
 /// rows; computed in f64 so 50k rows do not lose precision.
