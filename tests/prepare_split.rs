@@ -506,3 +506,49 @@ fn stats_stage_writes_clip_std_with_an_encoder() {
     let rep = run_prepare(&o).unwrap();
     assert_eq!(stage(&rep, "stats").skipped, 1);
 }
+
+#[test]
+fn texture_stage_resumes_after_an_interruption() {
+    let (dir, lists) = raw_tree();
+    let root = dir.path();
+    run_prepare(&opts(root, &lists, &[Stage::Split])).unwrap();
+    let iuv_dir = root.join("train_densepose");
+    std::fs::create_dir_all(&iuv_dir).unwrap();
+    let stems: Vec<String> = (0..3)
+        .map(|i| RAW[i].1.trim_end_matches(".jpg").to_string())
+        .collect();
+    for s in &stems {
+        mcld::pipeline::demo::synthetic_pose(24, 36, false)
+            .save(iuv_dir.join(format!("{s}.png")))
+            .unwrap();
+    }
+    let rep = run_prepare(&opts(root, &lists, &[Stage::Texture])).unwrap();
+    let tx = stage(&rep, "texture");
+    assert_eq!((tx.done, tx.failed.len()), (3, 0), "{tx:?}");
+    let out = |s: &str| root.join("train_texture").join(format!("{s}.png"));
+    let first: Vec<Vec<u8>> = stems
+        .iter()
+        .map(|s| std::fs::read(out(s)).unwrap())
+        .collect();
+    // An interrupted run: one map never written, a stale temp file left behind.
+    std::fs::remove_file(out(&stems[1])).unwrap();
+    std::fs::write(
+        root.join("train_texture")
+            .join(format!(".{}.png.999.tmp", stems[1])),
+        b"partial",
+    )
+    .unwrap();
+    let rep = run_prepare(&opts(root, &lists, &[Stage::Texture])).unwrap();
+    let tx = stage(&rep, "texture");
+    assert_eq!((tx.done, tx.skipped), (1, 2), "{tx:?}");
+    let again: Vec<Vec<u8>> = stems
+        .iter()
+        .map(|s| std::fs::read(out(s)).unwrap())
+        .collect();
+    assert_eq!(
+        first, again,
+        "finished maps are kept and the missing one is identical"
+    );
+    let img = image::open(out(&stems[1])).unwrap();
+    assert_eq!((img.width(), img.height()), (512, 512));
+}
