@@ -439,19 +439,7 @@ impl AutoencoderKL {
 
     /// Loads `diffusion_pytorch_model.safetensors`-style files; errors name the file.
     pub fn load(files: &[&Path], cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
-        let shown = files
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        for f in files {
-            if !f.exists() {
-                return Err(Error::weights(f, "file not found"));
-            }
-        }
-        // SAFETY: the files are mapped read-only and not modified while the model lives.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-            .map_err(|e| Error::weights(&shown, e.to_string()))?;
+        let (vb, shown) = crate::weights::mmap_safetensors(files, dtype, device)?;
         Self::new(vb, cfg).map_err(|e| Error::weights(&shown, e.to_string()))
     }
 

@@ -228,3 +228,26 @@ fn shards(index: &Path, dir: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(paths)
 }
+
+/// A `VarBuilder` over memory-mapped safetensors files, and the files' names for messages;
+/// a missing file is an error naming it.
+pub fn mmap_safetensors(
+    files: &[&Path],
+    dtype: candle_core::DType,
+    device: &Device,
+) -> Result<(candle_nn::VarBuilder<'static>, String)> {
+    let shown = files
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    for f in files {
+        if !f.exists() {
+            return Err(Error::weights(f, "file not found"));
+        }
+    }
+    // SAFETY: the files are mapped read-only and not modified while the model lives.
+    let vb = unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+        .map_err(|e| Error::weights(&shown, e.to_string()))?;
+    Ok((vb, shown))
+}
