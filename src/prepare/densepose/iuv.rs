@@ -66,51 +66,7 @@ pub fn shortest_edge_size(h: usize, w: usize, min: usize, max: usize) -> (usize,
     ((nh + 0.5) as usize, (nw + 0.5) as usize)
 }
 
-const PRECISION_BITS: u32 = 32 - 8 - 2;
-
-/// Pillow's `precompute_coeffs` for the bilinear (triangle) filter, then 8-bit fixed point.
-fn coeffs(insz: usize, outsz: usize) -> (usize, Vec<(usize, usize)>, Vec<i32>) {
-    let scale = insz as f64 / outsz as f64;
-    let filterscale = scale.max(1.0);
-    let support = filterscale;
-    let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(outsz);
-    let mut kk = vec![0i32; outsz * ksize];
-    let ss = 1.0 / filterscale;
-    let mut w = vec![0f64; ksize];
-    for xx in 0..outsz {
-        let center = (xx as f64 + 0.5) * scale;
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).min(insz as i64) as usize;
-        let n = xmax - xmin;
-        let mut ww = 0.0;
-        for (x, wx) in w.iter_mut().enumerate().take(n) {
-            let t = ((x + xmin) as f64 - center + 0.5) * ss;
-            let t = t.abs();
-            let v = if t < 1.0 { 1.0 - t } else { 0.0 };
-            *wx = v;
-            ww += v;
-        }
-        for x in 0..n {
-            let v = if ww != 0.0 { w[x] / ww } else { w[x] };
-            let f = v * (1u32 << PRECISION_BITS) as f64;
-            kk[xx * ksize + x] = if v < 0.0 {
-                (f - 0.5) as i32
-            } else {
-                (f + 0.5) as i32
-            };
-        }
-        bounds.push((xmin, n));
-    }
-    (ksize, bounds, kk)
-}
-
-fn clip8(v: i64) -> u8 {
-    (v >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
-/// `PIL.Image.resize(BILINEAR)` of a 3-channel 8-bit image: horizontal pass, then vertical,
-/// both in Pillow's fixed point (the intermediate is rounded to 8 bits as Pillow does).
+/// `PIL.Image.resize(BILINEAR)` of a 3-channel 8-bit image, through the crate's Pillow port.
 pub fn resize_pil_bilinear(img: &Image3, oh: usize, ow: usize) -> Result<Image3> {
     if oh == 0 || ow == 0 || img.h == 0 || img.w == 0 {
         return Err(Error::msg(format!(
@@ -118,45 +74,9 @@ pub fn resize_pil_bilinear(img: &Image3, oh: usize, ow: usize) -> Result<Image3>
             img.h, img.w
         )));
     }
-    let half = 1i64 << (PRECISION_BITS - 1);
-    let mut cur = img.clone();
-    if ow != cur.w {
-        let (ks, bounds, kk) = coeffs(cur.w, ow);
-        let mut out = vec![0u8; cur.h * ow * 3];
-        for y in 0..cur.h {
-            let row = &cur.data[y * cur.w * 3..(y + 1) * cur.w * 3];
-            for (x, &(xmin, n)) in bounds.iter().enumerate() {
-                let k = &kk[x * ks..x * ks + n];
-                for c in 0..3 {
-                    let mut acc = half;
-                    for (i, &kv) in k.iter().enumerate() {
-                        acc += row[(xmin + i) * 3 + c] as i64 * kv as i64;
-                    }
-                    out[(y * ow + x) * 3 + c] = clip8(acc);
-                }
-            }
-        }
-        cur = Image3::new(cur.h, ow, out)?;
-    }
-    if oh != cur.h {
-        let (ks, bounds, kk) = coeffs(cur.h, oh);
-        let w = cur.w;
-        let mut out = vec![0u8; oh * w * 3];
-        for (y, &(ymin, n)) in bounds.iter().enumerate() {
-            let k = &kk[y * ks..y * ks + n];
-            for x in 0..w {
-                for c in 0..3 {
-                    let mut acc = half;
-                    for (i, &kv) in k.iter().enumerate() {
-                        acc += cur.data[((ymin + i) * w + x) * 3 + c] as i64 * kv as i64;
-                    }
-                    out[(y * w + x) * 3 + c] = clip8(acc);
-                }
-            }
-        }
-        cur = Image3::new(oh, w, out)?;
-    }
-    Ok(cur)
+    let u = crate::imageops::U8Image::new(img.w, img.h, 3, img.data.clone())?;
+    let r = crate::imageops::pillow::resize(&u, ow, oh, crate::imageops::Filter::Bilinear)?;
+    Image3::new(oh, ow, r.data)
 }
 
 /// The chart result of one instance at its box size: labels `[h, w]` and `uv` `[2, h, w]`.
