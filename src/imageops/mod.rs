@@ -144,16 +144,20 @@ fn chw_dims(t: &Tensor) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
-/// `F.interpolate(t, (h, w), mode, antialias=True)` for a CHW/NCHW float tensor; computed on
-/// the CPU in f32 (the result returns to `t`'s device, in f32).
-pub fn tensor_interpolate_aa(t: &Tensor, size: (usize, usize), mode: AaMode) -> Result<Tensor> {
+/// Runs a per-plane resize on a CHW/NCHW tensor: on the CPU in f32, the result returned to
+/// `t`'s device (in f32) with the last two dimensions replaced by `size`.
+fn map_planes(
+    t: &Tensor,
+    size: (usize, usize),
+    f: impl FnOnce(&[f32], usize, (usize, usize)) -> Result<Vec<f32>>,
+) -> Result<Tensor> {
     let (n, c, h, w) = chw_dims(t)?;
     let x = t
         .to_dtype(DType::F32)?
         .to_device(&Device::Cpu)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-    let y = interpolate_aa(&x, n * c, (h, w), size, mode)?;
+    let y = f(&x, n * c, (h, w))?;
     let mut dims = t.dims().to_vec();
     let k = dims.len();
     dims[k - 2] = size.0;
@@ -161,20 +165,19 @@ pub fn tensor_interpolate_aa(t: &Tensor, size: (usize, usize), mode: AaMode) -> 
     Ok(Tensor::from_vec(y, dims, &Device::Cpu)?.to_device(t.device())?)
 }
 
+/// `F.interpolate(t, (h, w), mode, antialias=True)` for a CHW/NCHW float tensor; computed on
+/// the CPU in f32 (the result returns to `t`'s device, in f32).
+pub fn tensor_interpolate_aa(t: &Tensor, size: (usize, usize), mode: AaMode) -> Result<Tensor> {
+    map_planes(t, size, |x, planes, hw| {
+        interpolate_aa(x, planes, hw, size, mode)
+    })
+}
+
 /// `F.interpolate(t, (h, w), mode="bilinear", align_corners=False)` for a CHW/NCHW tensor.
 pub fn tensor_interpolate_bilinear(t: &Tensor, size: (usize, usize)) -> Result<Tensor> {
-    let (n, c, h, w) = chw_dims(t)?;
-    let x = t
-        .to_dtype(DType::F32)?
-        .to_device(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    let y = interpolate_bilinear(&x, n * c, (h, w), size)?;
-    let mut dims = t.dims().to_vec();
-    let k = dims.len();
-    dims[k - 2] = size.0;
-    dims[k - 1] = size.1;
-    Ok(Tensor::from_vec(y, dims, &Device::Cpu)?.to_device(t.device())?)
+    map_planes(t, size, |x, planes, hw| {
+        interpolate_bilinear(x, planes, hw, size)
+    })
 }
 
 /// The reference's output post-processing: a (3, H, W) image in [0, 1] -> antialiased bicubic
