@@ -1,6 +1,7 @@
 //! mcld: Multi-focal Conditioned Latent Diffusion for pose-guided person image synthesis,
 //! on candle. The binary in `main.rs` is a thin CLI over these modules.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

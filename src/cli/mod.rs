@@ -38,6 +38,17 @@ pub enum Command {
     Infer(InferArgs),
     /// Run the whole pipeline on a built-in sample with tiny untrained weights (no downloads).
     Demo(DemoArgs),
+    /// Time full-size networks with random weights (no downloads); prints the figures.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// The MCLD pipeline at SD-1.5 size: seconds per image and peak memory.
+    Pipeline(crate::bench::pipeline::PipelineBenchArgs),
+    /// DensePose R-CNN R-101 at DeepFashion size (750x1101): images per second.
+    Densepose(crate::bench::densepose::DenseposeBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -265,5 +276,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Infer(a) => Ok(commands::infer(&a)?),
         Command::Demo(a) => Ok(commands::demo(&a.out, None, a.steps)?),
+        Command::Bench(BenchCommand::Pipeline(a)) => Ok(crate::bench::pipeline::run(&a)?),
+        Command::Bench(BenchCommand::Densepose(a)) => Ok(crate::bench::densepose::run(&a)?),
     }
 }
