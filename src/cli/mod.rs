@@ -92,6 +92,18 @@ pub struct PrepareArgs {
     /// Run only these stages (comma-separated): split, pairs, densepose, texture, face, stats.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
+    /// DensePose detectron2 YAML (`_BASE_` followed); default
+    /// configs/densepose/densepose_rcnn_R_101_FPN_DL_s1x.yaml, else its compiled-in copy.
+    #[arg(long = "densepose-config", visible_alias = "densepose_config")]
+    pub densepose_config: Option<PathBuf>,
+    /// DensePose weights (.pkl from the detectron2 model zoo, or .safetensors with the same
+    /// names); default PRETRAINED_DIR/model_final_844d15.pkl.
+    #[arg(long = "densepose-weights", visible_alias = "densepose_weights")]
+    pub densepose_weights: Option<PathBuf>,
+    /// Photos per DensePose backbone pass (same-size photos share it); default 1 on the CPU,
+    /// 4 on a GPU.
+    #[arg(long = "densepose-batch", visible_alias = "densepose_batch")]
+    pub densepose_batch: Option<usize>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -229,12 +241,18 @@ impl<E: Into<anyhow::Error>> From<E> for CliError {
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Prepare(a) => {
-            crate::device::parse_device(&a.compute.device)?;
+            let device = crate::device::parse_device(&a.compute.device)?;
+            let dtype = crate::device::parse_dtype(&a.compute.dtype)?;
             let mut opts =
                 crate::prepare::run::PrepareOptions::new(&a.dataset_root, &a.pretrained_dir);
             if !a.only.is_empty() {
                 opts.stages = crate::prepare::run::Stage::parse_selection(&a.only)?;
             }
+            opts.densepose_config = a.densepose_config.clone();
+            opts.densepose_weights = a.densepose_weights.clone();
+            opts.densepose_batch = a.densepose_batch;
+            opts.device = device;
+            opts.dtype = dtype;
             opts.interactive = true;
             let report = crate::prepare::run::run_prepare(&opts)?;
             if report.all_ok() {

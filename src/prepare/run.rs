@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
+use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::report::{Failure, PrepareReport, StageReport, StageStatus};
 use super::split::{Part, SplitLists};
-use super::{face, pairs, split, stats, texture};
+use super::{densepose, face, pairs, split, stats, texture};
 use crate::{Error, Result};
 
 /// A step of `prepare`, in the order they run.
@@ -92,10 +93,21 @@ pub struct PrepareOptions {
     pub interactive: bool,
     /// Where the JSON report goes; default `DATASET_ROOT/prepare_report.json`.
     pub report_path: Option<PathBuf>,
+    /// DensePose detectron2 YAML; default `configs/densepose/densepose_rcnn_R_101_FPN_DL_s1x.yaml`
+    /// (the compiled-in copy when that file is not there).
+    pub densepose_config: Option<PathBuf>,
+    /// DensePose weights; default `PRETRAINED_DIR/model_final_844d15.pkl`.
+    pub densepose_weights: Option<PathBuf>,
+    /// Photos per DensePose backbone pass; default 1 on the CPU, 4 on a GPU.
+    pub densepose_batch: Option<usize>,
+    /// Where the networks run.
+    pub device: Device,
+    /// Requested precision (DensePose stays in float32, see its stage).
+    pub dtype: DType,
 }
 
 impl PrepareOptions {
-    /// All stages, the standard split lists, photos verified, no progress output.
+    /// All stages, the standard split lists, photos verified, no progress output, CPU, f32.
     pub fn new(dataset_root: impl Into<PathBuf>, pretrained_dir: impl Into<PathBuf>) -> Self {
         Self {
             dataset_root: dataset_root.into(),
@@ -105,6 +117,11 @@ impl PrepareOptions {
             verify_images: true,
             interactive: false,
             report_path: None,
+            densepose_config: None,
+            densepose_weights: None,
+            densepose_batch: None,
+            device: Device::Cpu,
+            dtype: DType::F32,
         }
     }
 }
@@ -144,7 +161,7 @@ pub fn run_prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         let res = match stage {
             Stage::Split => split::run_split(root, &opts.lists, opts.verify_images, &bar),
             Stage::Pairs => pairs::run_pairs(root, &opts.lists),
-            Stage::Densepose => run_densepose(root),
+            Stage::Densepose => run_densepose(opts, &bar),
             Stage::Texture => run_texture(root, &bar),
             Stage::Face => face::run_face(root, &opts.pretrained_dir, &bar),
             Stage::Stats => stats::run_stats(root, &opts.pretrained_dir, &bar),
@@ -194,27 +211,19 @@ pub fn derived_path(root: &Path, part: Part, kind: &str, photo: &str, ext: &str)
         .join(format!("{stem}.{ext}"))
 }
 
-/// DensePose inference is not in this build: the stage lists the IUV images still to make.
-fn run_densepose(root: &Path) -> Result<StageReport> {
-    let mut rep = StageReport::new("densepose");
-    for part in Part::ALL {
-        for name in list_photos(root, part)? {
-            let iuv = derived_path(root, part, "densepose", &name, "png");
-            if iuv.is_file() {
-                rep.skipped += 1;
-            } else {
-                rep.missing.push(iuv.display().to_string());
-            }
-        }
-    }
-    if !rep.missing.is_empty() {
-        rep.status = StageStatus::NotBuilt;
-        rep.error = Some(format!(
-            "DensePose inference is not built yet; {} IUV images are missing",
-            rep.missing.len()
-        ));
-    }
-    Ok(rep)
+/// DensePose stage: IUV PNGs for the photos that have none (see `densepose::stage`).
+fn run_densepose(opts: &PrepareOptions, bar: &ProgressBar) -> Result<StageReport> {
+    let dp = densepose::stage::DenseposeOptions {
+        config: opts.densepose_config.clone(),
+        weights: opts
+            .densepose_weights
+            .clone()
+            .unwrap_or_else(|| opts.pretrained_dir.join(densepose::stage::WEIGHTS_FILE)),
+        device: opts.device.clone(),
+        dtype: opts.dtype,
+        batch: opts.densepose_batch,
+    };
+    densepose::stage::run_stage(&opts.dataset_root, &dp, bar)
 }
 
 /// Reads an image as RGB, naming the file on failure.

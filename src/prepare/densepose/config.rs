@@ -477,3 +477,26 @@ impl Config {
         Ok(cfg)
     }
 }
+
+/// The shipped `configs/densepose/` pair, compiled in so that an installed binary run away from
+/// the source tree still finds the model it was written for.
+const BUILTIN_BASE: &str = include_str!("../../../configs/densepose/Base-DensePose-RCNN-FPN.yaml");
+const BUILTIN_R101_DL: &str =
+    include_str!("../../../configs/densepose/densepose_rcnn_R_101_FPN_DL_s1x.yaml");
+
+impl Config {
+    /// `densepose_rcnn_R_101_FPN_DL_s1x.yaml` over its base, from the compiled-in copies.
+    pub fn builtin_r101_dl() -> Result<Self> {
+        let name = Path::new("<built-in densepose_rcnn_R_101_FPN_DL_s1x.yaml>");
+        let parse = |text: &str| -> Result<serde_yaml::Value> {
+            serde_yaml::from_str(text).map_err(|e| Error::config(name, e.to_string()))
+        };
+        let mut merged = parse(BUILTIN_BASE)?;
+        let mut own = parse(BUILTIN_R101_DL)?;
+        if let Some(m) = own.as_mapping_mut() {
+            m.remove("_BASE_");
+        }
+        merge(&mut merged, own);
+        Self::from_yaml_value(merged, name)
+    }
+}

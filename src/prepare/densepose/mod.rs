@@ -8,9 +8,11 @@ pub mod config;
 pub mod head;
 pub mod iuv;
 pub mod predictor;
+pub mod random;
 pub mod resnet;
 pub mod roi;
 pub mod rpn;
+pub mod stage;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -266,8 +268,19 @@ impl DensePose {
     /// instance's branch is independent of the others, so the kept ones are unchanged.
     pub fn run_with(&self, bgr: &Image3, dp_limit: usize) -> Result<Trace> {
         let pre = self.preprocess(bgr)?;
-        let hw = (pre.resized.h, pre.resized.w);
         let fpn = self.features(&pre.tensor)?;
+        self.run_on_features(bgr, pre, fpn, dp_limit)
+    }
+
+    /// Everything after the backbone for one photo whose `[1, C, H, W]` features are given.
+    pub fn run_on_features(
+        &self,
+        bgr: &Image3,
+        pre: Preprocessed,
+        fpn: Vec<Tensor>,
+        dp_limit: usize,
+    ) -> Result<Trace> {
+        let hw = (pre.resized.h, pre.resized.w);
         let rpn_levels = self.rpn.head(&fpn)?;
         let proposals = self.rpn.proposals(&rpn_levels, hw)?;
         let (box_outputs, detections) = self.detect(&fpn, &proposals.boxes, hw)?;
@@ -307,6 +320,46 @@ impl DensePose {
         })
     }
 
+    /// Several photos, DensePose on the first `dp_limit` detections of each. Photos whose padded
+    /// inputs have the same size share one backbone+FPN pass (a batch of N); padding is never
+    /// enlarged, so each photo sees exactly the input it would see alone.
+    pub fn run_batch(&self, photos: &[&Image3], dp_limit: usize) -> Result<Vec<Trace>> {
+        let pres = photos
+            .iter()
+            .map(|p| self.preprocess(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut fpns: Vec<Option<Vec<Tensor>>> = vec![None; photos.len()];
+        let mut done = vec![false; photos.len()];
+        for i in 0..photos.len() {
+            if done[i] {
+                continue;
+            }
+            let dims = pres[i].tensor.dims().to_vec();
+            let group: Vec<usize> = (i..photos.len())
+                .filter(|&j| !done[j] && pres[j].tensor.dims() == dims.as_slice())
+                .collect();
+            let inputs: Vec<&Tensor> = group.iter().map(|&j| &pres[j].tensor).collect();
+            let x = Tensor::cat(&inputs, 0)?;
+            let feats = self.features(&x)?;
+            for (k, &j) in group.iter().enumerate() {
+                let per = feats
+                    .iter()
+                    .map(|f| f.narrow(0, k, 1))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                fpns[j] = Some(per);
+                done[j] = true;
+            }
+        }
+        pres.into_iter()
+            .zip(fpns)
+            .zip(photos)
+            .map(|((pre, fpn), bgr)| {
+                let fpn = fpn.ok_or_else(|| Error::msg("batch lost an image"))?;
+                self.run_on_features(bgr, pre, fpn, dp_limit)
+            })
+            .collect()
+    }
+
     /// Chart result of instance `i` of a trace (at its box in the original photo).
     pub fn chart_result(trace: &Trace, i: usize) -> Result<ChartResult> {
         let dp = trace
@@ -330,10 +383,25 @@ impl DensePose {
     /// Photo -> `[I, U, V]` image of the highest-scoring person (None when nobody is found).
     pub fn iuv(&self, bgr: &Image3) -> Result<Option<Vec<u8>>> {
         let trace = self.run_with(bgr, 1)?;
+        Self::iuv_of_trace(&trace, bgr)
+    }
+
+    /// As `iuv` for several photos, sharing backbone passes (see `run_batch`).
+    pub fn iuv_batch(&self, photos: &[&Image3]) -> Result<Vec<Option<Vec<u8>>>> {
+        let traces = self.run_batch(photos, 1)?;
+        traces
+            .iter()
+            .zip(photos)
+            .map(|(t, p)| Self::iuv_of_trace(t, p))
+            .collect()
+    }
+
+    /// MCLD's IUV image of a trace's first instance.
+    pub fn iuv_of_trace(trace: &Trace, bgr: &Image3) -> Result<Option<Vec<u8>>> {
         if trace.densepose.is_none() {
             return Ok(None);
         }
-        let chart = Self::chart_result(&trace, 0)?;
+        let chart = Self::chart_result(trace, 0)?;
         Ok(Some(iuv::iuv_image(
             &chart,
             &trace.boxes_orig[0],
@@ -351,6 +419,19 @@ pub fn load_safetensors(
 ) -> Result<DensePose> {
     let tensors = candle_core::safetensors::load(path, device)
         .map_err(|e| Error::weights(path, e.to_string()))?;
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    DensePose::new(vb, cfg).map_err(|e| Error::weights(path, e.to_string()))
+}
+
+/// Loads a model from any weight file the crate reads: detectron2's `.pkl` (through the
+/// restricted pickle reader, never executing pickle code), safetensors or a PyTorch checkpoint.
+/// Names are detectron2's state-dict names; extra entries (e.g. `pixel_mean`) are ignored.
+pub fn load_weights(path: &std::path::Path, cfg: &Config, device: &Device) -> Result<DensePose> {
+    let tensors = crate::weights::load(path, device)?;
+    let tensors = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     DensePose::new(vb, cfg).map_err(|e| Error::weights(path, e.to_string()))
 }
