@@ -157,6 +157,10 @@ impl DensePose {
         &self.cfg
     }
 
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn rpn(&self) -> &Rpn {
         &self.rpn
     }
