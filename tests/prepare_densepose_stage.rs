@@ -339,3 +339,67 @@ fn batched_backbone_passes_match_single_ones() {
     }
     compare_with_reference(&case, &iuv_path(root, "b_copy.jpg"));
 }
+
+/// A config that cannot be read stops the stage before any weight loads, naming the file, and
+/// the shipped YAML and its compiled-in copy agree.
+#[test]
+fn bad_config_is_named_and_builtin_config_matches_the_file() {
+    let case = load_case(GROUP, CASE);
+    let (dir, _) = dataset(&case);
+    let root = dir.path();
+    let bad = root.join("broken.yaml");
+    std::fs::write(&bad, "MODEL: [unclosed").unwrap();
+    let opts = DenseposeOptions {
+        config: Some(bad.clone()),
+        weights: root.join("none.pkl"),
+        device: candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
+        batch: None,
+    };
+    let rep = stage::run_stage(root, &opts, &indicatif::ProgressBar::hidden()).unwrap();
+    assert_eq!(rep.status, StageStatus::Failed);
+    let e = rep.error.unwrap();
+    println!("{e}");
+    assert!(e.contains(&bad.display().to_string()), "{e}");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join(stage::DEFAULT_CONFIG);
+    let from_file = mcld::prepare::densepose::Config::from_yaml_file(&shipped).unwrap();
+    let builtin = mcld::prepare::densepose::Config::builtin_r101_dl().unwrap();
+    assert_eq!(format!("{from_file:?}"), format!("{builtin:?}"));
+    assert_eq!(builtin.model.resnets.depth, 101);
+}
+
+/// `mcld bench densepose` runs the whole path and prints its figures (here on the fixture's
+/// shrunk config so that it is quick; the real figure comes from the shipped R-101 config).
+#[test]
+fn bench_densepose_prints_figures() {
+    let case = load_case(GROUP, CASE);
+    let (dir, cfg) = dataset(&case);
+    let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
+        .args([
+            "bench",
+            "densepose",
+            "--images",
+            "1",
+            "--batch",
+            "2",
+            "--config",
+        ])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success());
+    for want in [
+        "images/s",
+        "ResNet+FPN",
+        "RPN",
+        "box head",
+        "DensePose head",
+        "peak RSS",
+        "batched path",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+    drop(dir);
+}

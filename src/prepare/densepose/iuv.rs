@@ -4,7 +4,7 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::predictor::bilinear_host;
+use super::predictor::BilinearGrid;
 use crate::{Error, Result};
 
 /// An 8-bit 3-channel image, row-major `HxWx3` (channel order is the caller's: BGR here).
@@ -106,56 +106,73 @@ pub fn chart_result(
 ) -> Result<ChartResult> {
     let (_, _, w, h) = box_xywh_int(box_xyxy);
     let (h, w) = (h as usize, w as usize);
-    let resize = |t: &Tensor| -> Result<(usize, Vec<f32>)> {
+    let host = |t: &Tensor| -> Result<(usize, usize, usize, Vec<f32>)> {
         let t = if t.rank() == 4 {
             t.squeeze(0)?
         } else {
             t.clone()
         };
         let (c, sh, sw) = t.dims3()?;
-        let data = t.flatten_all()?.to_vec1::<f32>()?;
-        let out = bilinear_host(
-            &data,
-            c,
-            sh,
-            sw,
-            h,
-            w,
-            sh as f32 / h as f32,
-            sw as f32 / w as f32,
-        );
-        Ok((c, out))
+        Ok((c, sh, sw, t.flatten_all()?.to_vec1::<f32>()?))
     };
-    let (cc, coarse) = resize(coarse)?;
-    let (fc, fine) = resize(fine)?;
-    let (uc, u) = resize(u)?;
-    let (vc, v) = resize(v)?;
+    let (cc, csh, csw, coarse) = host(coarse)?;
+    let (fc, sh, sw, fine) = host(fine)?;
+    let (uc, ush, usw, u) = host(u)?;
+    let (vc, vsh, vsw, v) = host(v)?;
     if uc != fc || vc != fc {
         return Err(Error::msg(format!(
             "chart outputs disagree: fine has {fc} channels, u {uc}, v {vc}"
         )));
     }
-    let n = h * w;
-    let argmax = |d: &[f32], c: usize, p: usize| -> usize {
+    if (csh, csw) != (sh, sw) || (ush, usw) != (sh, sw) || (vsh, vsw) != (sh, sw) {
+        return Err(Error::msg(
+            "chart outputs disagree in size (coarse, fine, u, v)",
+        ));
+    }
+    // One grid for all four (same source size, same box). Each output pixel is evaluated on
+    // its own with the full resize's arithmetic: coarse first, the 25 fine channels only on the
+    // foreground, U and V only in the chosen part's channel. Rows run in parallel.
+    let grid = BilinearGrid::new(sh, sw, h, w, sh as f32 / h as f32, sw as f32 / w as f32);
+    let plane = sh * sw;
+    let argmax = |d: &[f32], c: usize, oy: usize, ox: usize| -> usize {
         let mut best = 0;
+        let mut best_v = grid.at(&d[..plane], oy, ox);
         for k in 1..c {
-            if d[k * n + p] > d[best * n + p] {
+            let v = grid.at(&d[k * plane..(k + 1) * plane], oy, ox);
+            if v > best_v {
                 best = k;
+                best_v = v;
             }
         }
         best
     };
+    let n = h * w;
     let mut labels = vec![0u8; n];
-    let mut uv = vec![0f32; 2 * n];
-    for p in 0..n {
-        let fg = argmax(&coarse, cc, p) > 0;
-        let l = if fg { argmax(&fine, fc, p) } else { 0 };
-        labels[p] = l as u8;
-        if l > 0 {
-            uv[p] = u[l * n + p];
-            uv[n + p] = v[l * n + p];
-        }
+    let mut u_out = vec![0f32; n];
+    let mut v_out = vec![0f32; n];
+    {
+        use rayon::prelude::*;
+        labels
+            .par_chunks_mut(w)
+            .zip(u_out.par_chunks_mut(w))
+            .zip(v_out.par_chunks_mut(w))
+            .enumerate()
+            .for_each(|(oy, ((lr, ur), vr))| {
+                for ox in 0..w {
+                    if argmax(&coarse, cc, oy, ox) == 0 {
+                        continue;
+                    }
+                    let l = argmax(&fine, fc, oy, ox);
+                    lr[ox] = l as u8;
+                    if l > 0 {
+                        ur[ox] = grid.at(&u[l * plane..(l + 1) * plane], oy, ox);
+                        vr[ox] = grid.at(&v[l * plane..(l + 1) * plane], oy, ox);
+                    }
+                }
+            });
     }
+    let mut uv = u_out;
+    uv.extend_from_slice(&v_out);
     Ok(ChartResult { h, w, labels, uv })
 }
 

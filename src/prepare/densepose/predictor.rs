@@ -40,6 +40,57 @@ fn axis_weights(insz: usize, outsz: usize, scale: f32) -> Vec<(usize, usize, f32
         .collect()
 }
 
+/// The sampling grid of one `h x w -> oh x ow` bilinear resize, so that single output pixels
+/// can be evaluated with exactly the arithmetic of the full resize.
+#[derive(Debug, Clone)]
+pub struct BilinearGrid {
+    w: usize,
+    ys: Vec<(usize, usize, f32, f32)>,
+    xs: Vec<(usize, usize, f32, f32)>,
+}
+
+impl BilinearGrid {
+    pub fn new(h: usize, w: usize, oh: usize, ow: usize, scale_h: f32, scale_w: f32) -> Self {
+        Self {
+            w,
+            ys: axis_weights(h, oh, scale_h),
+            xs: axis_weights(w, ow, scale_w),
+        }
+    }
+
+    /// Output pixel `(oy, ox)` of one `h x w` plane.
+    #[inline]
+    pub fn at(&self, plane: &[f32], oy: usize, ox: usize) -> f32 {
+        let (y0, y1, hy0, hy1) = self.ys[oy];
+        let (x0, x1, wx0, wx1) = self.xs[ox];
+        let (r0, r1) = (y0 * self.w, y1 * self.w);
+        let t0 = plane[r0 + x0] * wx0 + plane[r0 + x1] * wx1;
+        let t1 = plane[r1 + x0] * wx0 + plane[r1 + x1] * wx1;
+        t0 * hy0 + t1 * hy1
+    }
+
+    /// Every output pixel of `planes` planes, planes in parallel.
+    pub fn resize(&self, data: &[f32], planes: usize) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (oh, ow) = (self.ys.len(), self.xs.len());
+        let inp = data.len() / planes.max(1);
+        let mut out = vec![0f32; planes * oh * ow];
+        if oh * ow == 0 {
+            return out;
+        }
+        out.par_chunks_mut(oh * ow)
+            .zip(data.par_chunks(inp.max(1)))
+            .for_each(|(dst, src)| {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        dst[oy * ow + ox] = self.at(src, oy, ox);
+                    }
+                }
+            });
+        out
+    }
+}
+
 /// Host bilinear over `planes` planes of `h x w`.
 #[allow(clippy::too_many_arguments)]
 pub fn bilinear_host(
@@ -52,22 +103,7 @@ pub fn bilinear_host(
     scale_h: f32,
     scale_w: f32,
 ) -> Vec<f32> {
-    let ys = axis_weights(h, oh, scale_h);
-    let xs = axis_weights(w, ow, scale_w);
-    let mut out = Vec::with_capacity(planes * oh * ow);
-    for p in 0..planes {
-        let src = &data[p * h * w..(p + 1) * h * w];
-        for &(y0, y1, hy0, hy1) in &ys {
-            let r0 = &src[y0 * w..(y0 + 1) * w];
-            let r1 = &src[y1 * w..(y1 + 1) * w];
-            for &(x0, x1, wx0, wx1) in &xs {
-                let t0 = r0[x0] * wx0 + r0[x1] * wx1;
-                let t1 = r1[x0] * wx0 + r1[x1] * wx1;
-                out.push(t0 * hy0 + t1 * hy1);
-            }
-        }
-    }
-    out
+    BilinearGrid::new(h, w, oh, ow, scale_h, scale_w).resize(data, planes)
 }
 
 /// The four chart outputs of a batch of instances, each `[N, *, S, S]`.
