@@ -246,20 +246,27 @@ impl RoiPooler {
         }
         let c = maps[0].c;
         let r = self.resolution;
-        let mut out = Vec::with_capacity(boxes.len() * c * r * r);
-        for b in boxes {
-            let li = self.level_of(b);
-            let scale = 1.0f32 / (1u32 << self.levels[li]) as f32;
-            roi_align_one(
-                &maps[li],
-                b,
-                scale,
-                r,
-                self.sampling,
-                self.aligned,
-                &mut out,
-            );
-        }
+        // Boxes are independent: pooled in parallel, concatenated in order.
+        use rayon::prelude::*;
+        let per_box: Vec<Vec<f32>> = boxes
+            .par_iter()
+            .map(|b| {
+                let li = self.level_of(b);
+                let scale = 1.0f32 / (1u32 << self.levels[li]) as f32;
+                let mut out = Vec::with_capacity(c * r * r);
+                roi_align_one(
+                    &maps[li],
+                    b,
+                    scale,
+                    r,
+                    self.sampling,
+                    self.aligned,
+                    &mut out,
+                );
+                out
+            })
+            .collect();
+        let out = per_box.concat();
         Ok(Tensor::from_vec(out, (boxes.len(), c, r, r), device)?)
     }
 }
