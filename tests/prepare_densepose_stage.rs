@@ -338,6 +338,14 @@ fn batched_backbone_passes_match_single_ones() {
         assert_eq!(diff, 0, "{name}");
     }
     compare_with_reference(&case, &iuv_path(root, "b_copy.jpg"));
+    // Mixed sizes in one call: grouped by padded size, each as if alone.
+    let (h, w) = (301usize, 457usize);
+    let data: Vec<u8> = (0..h * w * 3).map(|i| ((i * 7919) % 256) as u8).collect();
+    let other = Image3::new(h, w, data).unwrap();
+    let batch = model.iuv_batch(&[&img, &other, &img]).unwrap();
+    assert_eq!(batch[0].as_ref(), Some(&single));
+    assert_eq!(batch[2].as_ref(), Some(&single));
+    assert_eq!(batch[1], model.iuv(&other).unwrap());
 }
 
 /// A config that cannot be read stops the stage before any weight loads, naming the file, and
