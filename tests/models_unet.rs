@@ -325,12 +325,15 @@ fn odd_latent_sizes_round_trip() {
 #[ignore = "real SD-1.5 size on CPU: slow; run by hand for timing"]
 fn sd15_size_forward_on_cpu() {
     let cfg = Config::sd15();
-    let vm = candle_nn::VarMap::new();
-    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let vb =
+        mcld::weights::random::RandomWeights::new(0).into_var_builder(DType::F32, &Device::Cpu);
     let t0 = std::time::Instant::now();
     let unet = UNet2DConditionModel::new(vb, &cfg).unwrap();
-    let n: usize = vm.all_vars().iter().map(|v| v.elem_count()).sum();
-    println!("built SD-1.5 UNet ({n} parameters) in {:?}", t0.elapsed());
+    println!(
+        "built SD-1.5 UNet in {:?}, peak RSS {:?} bytes",
+        t0.elapsed(),
+        mcld::bench::peak_rss_bytes()
+    );
     let s = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &Device::Cpu).unwrap();
     let c = Tensor::randn(0f32, 1.0, (1, 1, 768), &Device::Cpu).unwrap();
     let t = Tensor::new(&[999i64], &Device::Cpu).unwrap();

@@ -58,19 +58,59 @@ impl Module for LayerNorm {
     }
 }
 
-/// Scaled dot-product attention on (B, heads, Tq, d) x (B, heads, Tk, d); softmax from
-/// primitives (differentiable), computed in f32 for half-precision inputs.
+/// Score elements (B x heads x query rows x keys) materialised at once by [`attention`]: 2^26
+/// f32 values are 256 MiB, so SD-1.5's 4096-token self-attention runs in a few slices instead of
+/// holding gigabytes of scores and softmax temporaries.
+pub const ATTENTION_CHUNK_ELEMS: usize = 1 << 26;
+
+/// Scaled dot-product attention on (B, heads, Tq, d) x (B, heads, Tk, d), computed in f32 for
+/// half-precision inputs. Query rows are processed in slices of at most
+/// [`ATTENTION_CHUNK_ELEMS`] scores (each row's result is independent of the slicing). Without
+/// gradient tracking the fused softmax is used; with it, the softmax from primitives, because
+/// the fused one has no backward pass.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    attention_chunked(q, k, v, ATTENTION_CHUNK_ELEMS)
+}
+
+/// [`attention`] with an explicit score budget (tests use small ones to exercise the slicing).
+pub fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, max_elems: usize) -> Result<Tensor> {
+    let (b, h, tq, _) = q.dims4()?;
+    let tk = k.dim(2)?;
+    let per_row = (b * h * tk).max(1);
+    let rows = (max_elems / per_row).clamp(1, tq.max(1));
+    let kt = k.t()?.contiguous()?;
+    let v = v.contiguous()?;
+    let grads = q.track_op() || k.track_op() || v.track_op();
+    if rows >= tq {
+        return attention_rows(&q.contiguous()?, &kt, &v, grads);
+    }
+    let mut outs = Vec::with_capacity(tq.div_ceil(rows));
+    let mut start = 0;
+    while start < tq {
+        let n = rows.min(tq - start);
+        let qs = q.narrow(2, start, n)?.contiguous()?;
+        outs.push(attention_rows(&qs, &kt, &v, grads)?);
+        start += n;
+    }
+    Tensor::cat(&outs, 2)
+}
+
+/// softmax(q k^T / sqrt(d)) v for one slice of query rows; `kt` is k transposed, contiguous.
+fn attention_rows(q: &Tensor, kt: &Tensor, v: &Tensor, grads: bool) -> Result<Tensor> {
     let dtype = q.dtype();
     let d = q.dim(D::Minus1)? as f64;
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * (1.0 / d.sqrt()))?;
+    let scores = (q.matmul(kt)? * (1.0 / d.sqrt()))?;
     let scores = if dtype == DType::F64 {
         scores
     } else {
         scores.to_dtype(DType::F32)?
     };
-    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
-    probs.matmul(&v.contiguous()?)
+    let probs = if grads {
+        candle_nn::ops::softmax(&scores, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
+    probs.to_dtype(dtype)?.matmul(v)
 }
 
 /// (B, T, heads*d) -> (B, heads, T, d)

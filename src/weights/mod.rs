@@ -3,6 +3,7 @@
 //! restricted reader that only rebuilds tensors; any other callable is refused by name.
 
 pub mod pickle;
+pub mod random;
 pub mod strict;
 pub mod torch;
 
