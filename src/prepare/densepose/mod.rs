@@ -8,7 +8,6 @@ pub mod config;
 pub mod head;
 pub mod iuv;
 pub mod predictor;
-pub mod random;
 pub mod resnet;
 pub mod roi;
 pub mod rpn;
