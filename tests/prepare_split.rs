@@ -326,7 +326,10 @@ fn densepose_and_texture_stages_report_per_image() {
         .unwrap();
     let rep = run_prepare(&opts(root, &lists, &[Stage::Densepose, Stage::Texture])).unwrap();
     let dp = stage(&rep, "densepose");
-    assert_eq!(dp.status, StageStatus::NotBuilt);
+    // No DensePose weights in the test's pretrained dir: the stage fails and says where to get them.
+    assert_eq!(dp.status, StageStatus::Failed);
+    let err = dp.error.as_deref().unwrap_or_default();
+    assert!(err.contains("model_final_844d15.pkl"), "{err}");
     assert_eq!((dp.skipped, dp.missing.len()), (2, RAW.len() - 2));
     let tx = stage(&rep, "texture");
     assert_eq!(tx.missing.len(), RAW.len() - 2);
