@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::fid::{frechet_distance, FeatureStats};
+use crate::metrics::inception::{Flavor, InceptionV3};
 use crate::metrics::ChwImage;
 use crate::pipeline::inputs::read_rgb;
 use crate::{Error, Result};
@@ -371,7 +372,7 @@ pub fn write_reports(dir: &Path, r: &EvalReport) -> Result<()> {
 /// The real backend: the metric kernels of `crate::metrics` on the chosen device.
 pub struct MetricsBackend {
     pub lpips: crate::metrics::lpips::Lpips,
-    pub inception: crate::metrics::inception::InceptionV3,
+    pub inception: InceptionV3,
     pub backbone: String,
 }
 
@@ -420,11 +421,30 @@ impl EvalBackend for MetricsBackend {
     }
 }
 
-/// Where `evaluate` expects the metric networks (torchvision's and lpips' published files).
+/// Where `evaluate` expects the metric networks (torchvision's, pytorch-fid's and lpips'
+/// published files).
 pub const METRIC_WEIGHTS: &str = "\
-  PRETRAINED/inception_v3_google-0cc3c7bd.pth   torchvision IMAGENET1K_V1 Inception-V3 (FID)
+  PRETRAINED/inception_v3_google-0cc3c7bd.pth   torchvision IMAGENET1K_V1 Inception-V3 (FID, default)
+  PRETRAINED/pt_inception-2015-12-05-6726825d.pth  pytorch-fid's TF Inception (--fid-backbone pt_inception)
   PRETRAINED/alexnet-owt-7be5be79.pth           torchvision AlexNet (LPIPS trunk)
-  PRETRAINED/lpips/alex.pth                     LPIPS v0.1 linear heads (from the lpips package)";
+  PRETRAINED/lpips/alex.pth                     LPIPS v0.1 linear heads (from the lpips package)
+  PRETRAINED/buffalo_s/det_500m.onnx, w600k_mbf.onnx  InsightFace buffalo_s (face similarity, optional)";
+
+/// File names tried for each FID backbone, in order.
+pub fn inception_file_names(flavor: Flavor) -> &'static [&'static str] {
+    match flavor {
+        Flavor::Torchvision => &[
+            "inception_v3_google-0cc3c7bd.pth",
+            "inception_v3_google-1a9a5a14.pth",
+            "inception_v3.safetensors",
+        ],
+        Flavor::PtInception => &[
+            "pt_inception-2015-12-05-6726825d.pth",
+            "pt_inception-2015-12-05.pth",
+            "pt_inception.safetensors",
+        ],
+    }
+}
 
 fn find_first(dir: &Path, names: &[&str]) -> Option<PathBuf> {
     names.iter().map(|n| dir.join(n)).find(|p| p.is_file())
@@ -433,20 +453,8 @@ fn find_first(dir: &Path, names: &[&str]) -> Option<PathBuf> {
 impl MetricsBackend {
     /// Loads the metric networks from `pretrained` with the safe weight reader.
     pub fn load(pretrained: &Path, backbone: &str, device: &candle_core::Device) -> Result<Self> {
-        if backbone != "torchvision" {
-            return Err(Error::msg(format!(
-                "--fid-backbone {backbone}: only `torchvision` (what MCLD reports) is built so \
-                 far; pt_inception (pytorch-fid's TF port) is not built yet"
-            )));
-        }
-        let inc = find_first(
-            pretrained,
-            &[
-                "inception_v3_google-0cc3c7bd.pth",
-                "inception_v3_google-1a9a5a14.pth",
-                "inception_v3.safetensors",
-            ],
-        );
+        let flavor = Flavor::parse(backbone)?;
+        let inc = find_first(pretrained, inception_file_names(flavor));
         let alex = find_first(
             pretrained,
             &[
@@ -463,20 +471,14 @@ impl MetricsBackend {
             (Some(a), Some(b), Some(c)) => (a, b, c),
             _ => {
                 return Err(Error::msg(format!(
-                    "metric weights missing under {}; expected:\n{}",
+                    "metric weights missing under {} for --fid-backbone {backbone}; expected:\n{}",
                     pretrained.display(),
                     METRIC_WEIGHTS.replace("PRETRAINED", &pretrained.display().to_string())
                 )))
             }
         };
         let dt = candle_core::DType::F32;
-        // BatchNorm's `num_batches_tracked` counters are training bookkeeping, not weights.
-        let mut it = crate::weights::load(&inc, &candle_core::Device::Cpu)?;
-        it.retain(|k, _| !k.ends_with("num_batches_tracked"));
-        let iw = crate::weights::StrictWeights::new(it, &inc).allow_unused(["AuxLogits.", "fc."]);
-        let inception = crate::metrics::inception::InceptionV3::new(iw.var_builder(dt, device))
-            .map_err(|e| Error::weights(&inc, e.to_string()))?;
-        iw.finish()?;
+        let inception = InceptionV3::load(&inc, flavor, device)?;
         let aw = crate::weights::StrictWeights::from_file(&alex)?.allow_unused(["classifier."]);
         let lw = crate::weights::StrictWeights::from_file(&lin)?;
         let lpips = crate::metrics::lpips::Lpips::from_parts(
@@ -488,7 +490,7 @@ impl MetricsBackend {
         Ok(Self {
             lpips,
             inception,
-            backbone: backbone.to_string(),
+            backbone: flavor.name().to_string(),
         })
     }
 }
