@@ -265,7 +265,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 resolutions: evaluate::EvalOptions::reference_resolutions(),
             };
             let mut report = evaluate::evaluate(&opts, &backend)?;
-            report.face = evaluate::face_status(&a.pretrained_dir);
+            report.face = evaluate::face_status(&opts, &a.pretrained_dir)?;
             evaluate::write_reports(&a.save_path, &report)?;
             println!(
                 "wrote {} and {}",

@@ -1,0 +1,286 @@
+//! Face similarity of `mcld evaluate` on real ONNX stand-ins for buffalo_s: the SCRFD detector of
+//! the PyPI sdist `scrfd` 0.3.0 as `det_500m.onnx` and the ArcFace-style recogniser of the npm
+//! package `faceplugin-face-recognition-js` 0.0.1 as `w600k_mbf.onnx` (the files
+//! tests/prepare_face.rs uses, fetched into the same cache under the target folder; a failed
+//! fetch fails the tests). Photos with faces are the `scrfd` package's own.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use image::RgbImage;
+use mcld::cli::evaluate::{face_similarity, face_status, EvalOptions};
+use mcld::metrics::face::{FaceConfig, FaceModels, DETECTOR_ONNX, RECOGNISER_ONNX};
+
+fn cache_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("mcld-test-cache/face")
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// (detector, recogniser, folder of the package photos), fetched once.
+fn assets() -> &'static (PathBuf, PathBuf, PathBuf) {
+    static A: OnceLock<(PathBuf, PathBuf, PathBuf)> = OnceLock::new();
+    A.get_or_init(|| {
+        let cache = cache_dir();
+        std::fs::create_dir_all(&cache).unwrap();
+        let scrfd = cache.join("scrfd-0.3.0");
+        if !scrfd.join("models/scrfd.onnx").is_file() {
+            run(Command::new("pip")
+                .args(["download", "--no-deps", "--no-binary", ":all:"])
+                .args(["scrfd==0.3.0", "-d"])
+                .arg(&cache));
+            run(Command::new("tar")
+                .arg("xzf")
+                .arg(cache.join("scrfd-0.3.0.tar.gz"))
+                .arg("-C")
+                .arg(&cache));
+        }
+        let rec = cache.join("package/model/fr_feature.onnx");
+        if !rec.is_file() {
+            run(Command::new("npm")
+                .args(["pack", "faceplugin-face-recognition-js@0.0.1"])
+                .arg("--pack-destination")
+                .arg(&cache)
+                .current_dir(&cache));
+            run(Command::new("tar")
+                .arg("xzf")
+                .arg(cache.join("faceplugin-face-recognition-js-0.0.1.tgz"))
+                .arg("-C")
+                .arg(&cache)
+                .arg("package/model/fr_feature.onnx"));
+        }
+        (scrfd.join("models/scrfd.onnx"), rec, scrfd.join("images"))
+    })
+}
+
+/// A pretrained folder holding the stand-ins under buffalo_s's names.
+fn pretrained(root: &Path) -> PathBuf {
+    let (det, rec, _) = assets();
+    let pre = root.join("pretrained");
+    std::fs::create_dir_all(pre.join("buffalo_s")).unwrap();
+    std::fs::copy(det, pre.join("buffalo_s").join(DETECTOR_ONNX)).unwrap();
+    std::fs::copy(rec, pre.join("buffalo_s").join(RECOGNISER_ONNX)).unwrap();
+    pre
+}
+
+/// A package photo fitted into a 176x256 grey canvas, like a DeepFashion 256 image.
+fn photo(name: &str) -> RgbImage {
+    let img = image::open(assets().2.join(name)).unwrap().to_rgb8();
+    let (w, h) = img.dimensions();
+    let s = (176.0 / w as f64).min(256.0 / h as f64);
+    let (nw, nh) = ((w as f64 * s) as u32, (h as f64 * s) as u32);
+    let small = image::imageops::resize(&img, nw, nh, image::imageops::FilterType::Triangle);
+    let mut canvas = RgbImage::from_pixel(176, 256, image::Rgb([128, 128, 128]));
+    image::imageops::replace(
+        &mut canvas,
+        &small,
+        ((176 - nw) / 2) as i64,
+        ((256 - nh) / 2) as i64,
+    );
+    canvas
+}
+
+fn blank() -> RgbImage {
+    RgbImage::from_pixel(176, 256, image::Rgb([90, 120, 200]))
+}
+
+/// gen/256/NAME and gt/256/NAME for each (name, generated, ground truth).
+fn layout(root: &Path, pairs: &[(&str, &RgbImage, &RgbImage)]) -> EvalOptions {
+    for (name, gen, gt) in pairs {
+        for (dir, img) in [("gen", gen), ("gt", gt)] {
+            let p = root.join(dir).join("256").join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            img.save(&p).unwrap();
+        }
+    }
+    EvalOptions {
+        gen_dir: root.join("gen"),
+        gt_dir: root.join("gt"),
+        training_path: root.join("train"),
+        recompute_real_stats: false,
+        batch_size: 4,
+        progress: false,
+        resolutions: vec![("256".into(), (256, 176))],
+    }
+}
+
+fn models(pre: &Path) -> FaceModels {
+    let dir = pre.join("buffalo_s");
+    FaceModels::load(
+        &dir.join(DETECTOR_ONNX),
+        &dir.join(RECOGNISER_ONNX),
+        &FaceConfig::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn face_similarity_identical_different_and_missing() {
+    let d = tempfile::tempdir().unwrap();
+    let pre = pretrained(d.path());
+    let m = models(&pre);
+    // The stand-in detector fixes its input at 640x640, which InsightFace keeps over det_size.
+    assert_eq!(m.det_hw(), (640, 640));
+    let (newton, gauss, empty) = (photo("newton.png"), photo("gauss.png"), blank());
+    assert!(
+        m.embed_largest(&newton).unwrap().is_some(),
+        "newton: no face"
+    );
+    assert!(m.embed_largest(&gauss).unwrap().is_some(), "gauss: no face");
+    assert!(m.embed_largest(&empty).unwrap().is_none());
+
+    let same = face_similarity(
+        &layout(&d.path().join("same"), &[("a.png", &newton, &newton)]),
+        &m,
+        "256",
+    )
+    .unwrap();
+    println!("identical pair: {same:?}");
+    assert_eq!((same.pairs, same.pairs_with_faces), (1, 1));
+    assert!((same.cosine_similarity - 1.0).abs() <= 1e-5, "{same:?}");
+    assert!(same.euclidean_distance.abs() <= 1e-5, "{same:?}");
+
+    let other = face_similarity(
+        &layout(&d.path().join("other"), &[("b.png", &gauss, &newton)]),
+        &m,
+        "256",
+    )
+    .unwrap();
+    println!("different people: {other:?}");
+    assert_eq!(other.pairs_with_faces, 1);
+    assert!(
+        other.cosine_similarity < same.cosine_similarity - 0.1,
+        "{other:?}"
+    );
+    assert!(other.euclidean_distance > 0.1, "{other:?}");
+
+    let missing = face_similarity(
+        &layout(
+            &d.path().join("missing"),
+            &[("c.png", &empty, &newton), ("d.png", &newton, &empty)],
+        ),
+        &m,
+        "256",
+    )
+    .unwrap();
+    println!("one side without a face: {missing:?}");
+    assert_eq!(missing.pairs, 2);
+    assert_eq!(missing.pairs_with_faces, 0);
+    assert_eq!(
+        (missing.no_face_generated, missing.no_face_ground_truth),
+        (1, 1)
+    );
+    assert!(missing.cosine_similarity.is_nan());
+
+    // Without the models: a skip message, not an error.
+    let none = face_status(
+        &layout(&d.path().join("same"), &[]),
+        &d.path().join("nothing"),
+    )
+    .unwrap();
+    let status = none["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("skipped") && status.contains("buffalo_s"),
+        "{status}"
+    );
+}
+
+/// `mcld evaluate` end to end with the face models present: printed lines, metrics.json and
+/// metrics.md carry the face figures, averaged over the pairs with a face on both sides.
+#[test]
+fn evaluate_command_reports_face_similarity() {
+    use candle_core::DType;
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    let pre = pretrained(root);
+    let (newton, gauss, empty) = (photo("newton.png"), photo("gauss.png"), blank());
+    let pairs = [
+        ("a.png", &newton, &newton),
+        ("b.png", &gauss, &newton),
+        ("c.png", &empty, &gauss),
+    ];
+    layout(root, &pairs);
+    // The 512 folder and the real set, needed by the other metrics.
+    for (name, gen, gt) in &pairs {
+        for (dir, img) in [("gen", gen), ("gt", gt), ("train", gt)] {
+            let sub = if dir == "train" { "" } else { "512" };
+            let p = root.join(dir).join(sub).join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            img.save(&p).unwrap();
+        }
+    }
+    // Metric weights from the shared fixtures, as tests/cli_evaluate.rs provides them.
+    let inc = common::load_case("metrics", "inception_fid");
+    let name = inc.json["weights_file"]["name"].as_str().unwrap();
+    std::os::unix::fs::symlink(
+        common::fixture_path(&format!("metrics/weights/{name}")),
+        pre.join("inception_v3.safetensors"),
+    )
+    .unwrap();
+    let lp = common::load_case("metrics", "lpips_alex");
+    let pick = |pfx: &str| {
+        lp.tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with(pfx))
+            .map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).unwrap()))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    candle_core::safetensors::save(&pick("features."), pre.join("alexnet.safetensors")).unwrap();
+    candle_core::safetensors::save(&pick("lin"), pre.join("lpips_alex.safetensors")).unwrap();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
+        .arg("evaluate")
+        .arg("--save_path")
+        .arg(root.join("gen"))
+        .arg("--gt_folder")
+        .arg(root.join("gt"))
+        .arg("--training_path")
+        .arg(root.join("train"))
+        .arg("--pretrained_dir")
+        .arg(&pre)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(text.contains("Face cosine similarity: "), "{text}");
+    assert!(text.contains("Face euclidean distance : "), "{text}");
+
+    // Same figures as the library on the two scored pairs.
+    let m = models(&pre);
+    let lib = face_similarity(&layout(&root.join("lib"), &pairs[..2]), &m, "256").unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("gen/metrics.json")).unwrap())
+            .unwrap();
+    let face = &report["face"];
+    assert_eq!(face["status"], "computed");
+    assert_eq!(face["pairs"], 3);
+    assert_eq!(face["pairs_with_faces"], 2);
+    assert_eq!(face["no_face_generated"], 1);
+    assert_eq!(face["no_face_ground_truth"], 0);
+    let cos = face["cosine_similarity"].as_f64().unwrap();
+    let dist = face["euclidean_distance"].as_f64().unwrap();
+    println!("CLI cosine {cos}, distance {dist}; library {lib:?}");
+    assert!((cos - lib.cosine_similarity).abs() <= 1e-9);
+    assert!((dist - lib.euclidean_distance).abs() <= 1e-9);
+    assert!(cos < 1.0 - 0.05 && cos > -1.0);
+    let md = std::fs::read_to_string(root.join("gen/metrics.md")).unwrap();
+    assert!(md.contains("face cosine similarity"), "{md}");
+}
