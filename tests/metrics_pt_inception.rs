@@ -211,3 +211,84 @@ fn pt_inception_reads_the_real_layout_and_names() {
         .to_string();
     assert!(err.contains("Mixed_7c.branch_pool.extra"), "{err}");
 }
+
+/// `mcld evaluate --fid-backbone pt_inception` finds `pt_inception*.{pth,safetensors}` in the
+/// pretrained folder, reports the backbone and keys the real-set cache by it.
+#[test]
+fn evaluate_command_uses_pt_inception_backbone() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    let ps = common::load_case("metrics", "psnr_ssim");
+    for p in ps.json["pairs"].as_array().unwrap() {
+        let sub = if p["height"].as_u64().unwrap() == 256 {
+            "256"
+        } else {
+            "512"
+        };
+        let id = p["id"].as_str().unwrap();
+        for (k, dir, sub) in [("gt", "gt", sub), ("pred", "gen", sub), ("gt", "train", "")] {
+            let src = common::fixture_path(&format!("metrics/{}", p[k].as_str().unwrap()));
+            let dst = root.join(dir).join(sub).join(format!("{id}.png"));
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+    let pre = root.join("pretrained");
+    std::fs::create_dir_all(&pre).unwrap();
+    candle_core::safetensors::save(&recipe_state_dict(), pre.join("pt_inception.safetensors"))
+        .unwrap();
+    let lp = common::load_case("metrics", "lpips_alex");
+    let pick = |pfx: &str| {
+        lp.tensors
+            .iter()
+            .filter(|(k, _)| k.starts_with(pfx))
+            .map(|(k, v)| (k.clone(), v.to_dtype(DType::F32).unwrap()))
+            .collect::<HashMap<_, _>>()
+    };
+    candle_core::safetensors::save(&pick("features."), pre.join("alexnet.safetensors")).unwrap();
+    candle_core::safetensors::save(&pick("lin"), pre.join("lpips_alex.safetensors")).unwrap();
+
+    let evaluate = |backbone: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mcld"))
+            .arg("evaluate")
+            .arg("--save_path")
+            .arg(root.join("gen"))
+            .arg("--gt_folder")
+            .arg(root.join("gt"))
+            .arg("--training_path")
+            .arg(root.join("train"))
+            .arg("--pretrained_dir")
+            .arg(&pre)
+            .args(["--fid-backbone", backbone])
+            .output()
+            .unwrap()
+    };
+    let out = evaluate("pt_inception");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("gen/metrics.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["fid_backbone"], "pt_inception");
+    for r in report["results"].as_array().unwrap() {
+        let cache = r["real_stats_cache"].as_str().unwrap();
+        assert!(cache.contains("_pt_inception_"), "{cache}");
+        assert!(r["fid"].as_f64().unwrap().is_finite());
+        println!(
+            "{} FID (recipe pt_inception): {}",
+            r["resolution"], r["fid"]
+        );
+    }
+    // torchvision's file is absent: that backbone names what it wants.
+    let out = evaluate("torchvision");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("inception_v3_google"), "{err}");
+    let out = evaluate("tf_inception");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown FID backbone"));
+}
