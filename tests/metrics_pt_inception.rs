@@ -290,5 +290,9 @@ fn evaluate_command_uses_pt_inception_backbone() {
     assert!(err.contains("inception_v3_google"), "{err}");
     let out = evaluate("tf_inception");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown FID backbone"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tf_inception") && err.contains("pt_inception"),
+        "{err}"
+    );
 }
