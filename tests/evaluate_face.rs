@@ -432,3 +432,154 @@ fn resize_with_dynamic_sizes_runs_at_the_chosen_input() {
         assert_eq!(worst, 0.0);
     }
 }
+
+fn face_fixture_dir() -> PathBuf {
+    std::env::var_os("MCLD_FACE_FIXTURE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/face_similarity")
+        })
+}
+
+/// Against tests/fixtures/face_similarity (InsightFace 0.7.3's own code on the same stand-ins,
+/// evaluate.py's semantics): the chosen face's box and key points, its raw embedding, the pair
+/// figures and their means, within the fixture's tolerances (10x the gap between OpenCV's
+/// fixed-point sampling and the float sampling used here).
+#[test]
+fn face_similarity_matches_insightface() {
+    let dir = face_fixture_dir();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("face_similarity.json")).unwrap())
+            .unwrap();
+    let tensors = candle_core::safetensors::load(
+        dir.join("face_similarity.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let tol = |k: &str| json["tolerance"][k].as_f64().expect("tolerance entry");
+    let vec = |k: &str| -> Option<Vec<f32>> {
+        tensors
+            .get(k)
+            .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    };
+    let d = tempfile::tempdir().unwrap();
+    let pre = pretrained(d.path());
+    let m = models(&pre);
+    let hw = &json["detector"]["input_hw"];
+    assert_eq!(
+        m.det_hw(),
+        (
+            hw[0].as_u64().unwrap() as usize,
+            hw[1].as_u64().unwrap() as usize
+        )
+    );
+
+    let mut emb = std::collections::HashMap::new();
+    let (mut worst_e, mut worst_k, mut worst_b) = (0f64, 0f64, 0f64);
+    for name in json["images"].as_array().unwrap() {
+        let name = name.as_str().unwrap();
+        let img = image::open(dir.join(name)).unwrap().to_rgb8();
+        let faces = m.detect(&img).unwrap();
+        let largest = faces.iter().max_by(|a, b| a.area().total_cmp(&b.area()));
+        let got = m.embed_largest(&img).unwrap();
+        let Some(want) = vec(&format!("{name}.embedding")) else {
+            assert!(
+                largest.is_none() && got.is_none(),
+                "{name}: a face where InsightFace has none"
+            );
+            continue;
+        };
+        let face = largest.unwrap_or_else(|| panic!("{name}: no face"));
+        let got = got.unwrap();
+        let max = want.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+        let e = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max)
+            / max;
+        let kps: Vec<f32> = face.kps.iter().flatten().copied().collect();
+        let k = kps
+            .iter()
+            .zip(vec(&format!("{name}.kps")).unwrap())
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max);
+        let b = face
+            .bbox
+            .iter()
+            .zip(vec(&format!("{name}.bbox")).unwrap())
+            .map(|(a, b)| (a - b).abs() as f64)
+            .fold(0.0, f64::max);
+        println!("{name}: embedding {e:.3e} of max, key points {k:.3e} px, box {b:.3e} px");
+        worst_e = worst_e.max(e);
+        worst_k = worst_k.max(k);
+        worst_b = worst_b.max(b);
+        emb.insert(name.to_string(), got);
+    }
+    println!(
+        "worst: embedding {worst_e:.3e} (tol {}), key points {worst_k:.3e} (tol {}), box {worst_b:.3e} (tol {})",
+        tol("embedding"),
+        tol("kps"),
+        tol("bbox")
+    );
+    assert!(worst_e <= tol("embedding"));
+    assert!(worst_k <= tol("kps"));
+    assert!(worst_b <= tol("bbox"));
+
+    // Per pair, then the means over the whole folder as `evaluate` computes them.
+    let pairs = json["pairs"].as_array().unwrap();
+    let (mut worst_c, mut worst_d) = (0f64, 0f64);
+    let mut files = Vec::new();
+    for p in pairs {
+        let (g, t) = (
+            p["generated"].as_str().unwrap(),
+            p["ground_truth"].as_str().unwrap(),
+        );
+        files.push((
+            format!("{}.png", p["name"].as_str().unwrap()),
+            image::open(dir.join(g)).unwrap().to_rgb8(),
+            image::open(dir.join(t)).unwrap().to_rgb8(),
+        ));
+        match (emb.get(g), emb.get(t), p["cosine"].as_f64()) {
+            (Some(a), Some(b), Some(c)) => {
+                let (cos, dist) = mcld::metrics::face::similarity(a, b).unwrap();
+                let want_d = p["euclidean"].as_f64().unwrap();
+                println!(
+                    "pair {}: cosine {cos} vs {c}, distance {dist} vs {want_d}",
+                    p["name"]
+                );
+                worst_c = worst_c.max((cos - c).abs());
+                worst_d = worst_d.max((dist - want_d).abs());
+            }
+            (a, b, c) => assert!(
+                c.is_none() && (a.is_none() || b.is_none()),
+                "pair {}: face presence differs from InsightFace",
+                p["name"]
+            ),
+        }
+    }
+    let refs: Vec<(&str, &RgbImage, &RgbImage)> =
+        files.iter().map(|(n, g, t)| (n.as_str(), g, t)).collect();
+    let r = face_similarity(&layout(&d.path().join("eval"), &refs), &m, "256").unwrap();
+    let (mc, md) = (
+        json["mean_cosine"].as_f64().unwrap(),
+        json["mean_euclidean"].as_f64().unwrap(),
+    );
+    println!(
+        "means: cosine {} vs {mc}, distance {} vs {md}",
+        r.cosine_similarity, r.euclidean_distance
+    );
+    worst_c = worst_c.max((r.cosine_similarity - mc).abs());
+    worst_d = worst_d.max((r.euclidean_distance - md).abs());
+    println!(
+        "worst: cosine {worst_c:.3e} (tol {}), distance {worst_d:.3e} (tol {})",
+        tol("cosine"),
+        tol("distance")
+    );
+    assert_eq!(
+        r.pairs_with_faces as u64,
+        json["pairs_with_faces"].as_u64().unwrap()
+    );
+    assert!(worst_c <= tol("cosine"));
+    assert!(worst_d <= tol("distance"));
+}
