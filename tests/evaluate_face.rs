@@ -283,6 +283,35 @@ fn evaluate_command_reports_face_similarity() {
     assert!(cos < 1.0 - 0.05 && cos > -1.0);
     let md = std::fs::read_to_string(root.join("gen/metrics.md")).unwrap();
     assert!(md.contains("face cosine similarity"), "{md}");
+
+    // A broken face model fails the run with its name, after the other metrics are written.
+    let det = pre.join("buffalo_s").join(DETECTOR_ONNX);
+    std::fs::write(&det, b"not an onnx file").unwrap();
+    std::fs::remove_file(root.join("gen/metrics.json")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
+        .arg("evaluate")
+        .arg("--save_path")
+        .arg(root.join("gen"))
+        .arg("--gt_folder")
+        .arg(root.join("gt"))
+        .arg("--training_path")
+        .arg(root.join("train"))
+        .arg("--pretrained_dir")
+        .arg(&pre)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(DETECTOR_ONNX), "{err}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("gen/metrics.json")).unwrap())
+            .unwrap();
+    let status = report["face"]["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("failed") && status.contains(DETECTOR_ONNX),
+        "{status}"
+    );
+    assert!(report["results"][0]["ssim"].is_number());
 }
 
 /// The detector loader gives an opset-11 `Resize` with empty `scales` and `sizes` computed from

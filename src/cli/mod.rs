@@ -268,13 +268,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 resolutions: evaluate::EvalOptions::reference_resolutions(),
             };
             let mut report = evaluate::evaluate(&opts, &backend)?;
-            report.face = evaluate::face_status(&opts, &a.pretrained_dir)?;
+            // A face-model failure still leaves the other metrics on disk, then fails the run.
+            let face = evaluate::face_status(&opts, &a.pretrained_dir);
+            report.face = match &face {
+                Ok(m) => m.clone(),
+                Err(e) => [("status".to_string(), format!("failed: {e}").into())].into(),
+            };
             evaluate::write_reports(&a.save_path, &report)?;
             println!(
                 "wrote {} and {}",
                 a.save_path.join("metrics.json").display(),
                 a.save_path.join("metrics.md").display()
             );
+            face?;
             Ok(())
         }
         Command::Infer(a) => Ok(commands::infer(&a)?),
