@@ -8,6 +8,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use mcld::metrics::fid::{frechet_distance, FeatureStats};
+use mcld::metrics::inception::Flavor;
 use mcld::metrics::{inception::InceptionV3, lpips::Lpips, ssim, ChwImage};
 
 fn synthetic(h: usize, w: usize, seed: u32) -> ChwImage {
@@ -92,4 +93,58 @@ fn metric_timings() {
         t.elapsed().as_secs_f64(),
         r.fid
     );
+}
+
+/// pt_inception features (the torchvision fixture weights run as the TF flavour: same sizes) and
+/// face similarity per pair with the buffalo_s stand-ins of tests/evaluate_face.rs (run that test
+/// first to fetch them; the stand-in detector is fixed at 640x640, the real det_500m runs at
+/// 512x352).
+#[test]
+#[ignore = "timing figures for the report; slow"]
+fn pt_inception_and_face_timings() {
+    let dev = Device::Cpu;
+    let inc = common::load_case("metrics", "inception_fid");
+    let name = inc.json["weights_file"]["name"].as_str().unwrap();
+    let path = common::fixture_path(&format!("metrics/weights/{name}"));
+    let net = InceptionV3::load(&path, Flavor::PtInception, &dev).unwrap();
+    for (h, w) in [(256, 176), (512, 352)] {
+        let a = synthetic(h, w, 1);
+        time(&format!("pt_inception (1 image) {h}x{w}"), 3, || {
+            net.features(std::slice::from_ref(&a)).unwrap()
+        });
+        let batch: Vec<ChwImage> = (0..8).map(|i| synthetic(h, w, 10 + i)).collect();
+        let t = Instant::now();
+        let _: Tensor = net.features(&batch).unwrap();
+        println!(
+            "pt_inception batch 8 {h}x{w}: {:.1} ms/image",
+            t.elapsed().as_secs_f64() * 1e3 / 8.0
+        );
+    }
+
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let cache = target.join("mcld-test-cache/face");
+    let det = cache.join("scrfd-0.3.0/models/scrfd.onnx");
+    let rec = cache.join("package/model/fr_feature.onnx");
+    let models = mcld::metrics::face::FaceModels::load(
+        &det,
+        &rec,
+        &mcld::metrics::face::FaceConfig::default(),
+    )
+    .expect("face stand-ins (run tests/evaluate_face.rs first)");
+    let photo = image::open(cache.join("scrfd-0.3.0/images/newton.png"))
+        .unwrap()
+        .to_rgb8();
+    let img = image::imageops::resize(&photo, 176, 99, image::imageops::FilterType::Triangle);
+    let mut canvas = image::RgbImage::from_pixel(176, 256, image::Rgb([128, 128, 128]));
+    image::imageops::replace(&mut canvas, &img, 0, 78);
+    time("face detect (640x640 canvas)", 5, || {
+        models.detect(&canvas).unwrap()
+    });
+    time("face pair (2 x detect + align + embed)", 5, || {
+        let a = models.embed_largest(&canvas).unwrap().unwrap();
+        let b = models.embed_largest(&canvas).unwrap().unwrap();
+        mcld::metrics::face::similarity(&a, &b).unwrap()
+    });
 }

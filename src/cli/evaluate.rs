@@ -14,6 +14,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::fid::{frechet_distance, FeatureStats};
+use crate::metrics::inception::{Flavor, InceptionV3};
 use crate::metrics::ChwImage;
 use crate::pipeline::inputs::read_rgb;
 use crate::{Error, Result};
@@ -355,8 +356,24 @@ pub fn markdown(r: &EvalReport) -> String {
             x.resolution, x.pairs, x.fid, x.lpips, x.ssim, x.ssim_256, x.psnr
         ));
     }
-    for (k, v) in &r.face {
-        s.push_str(&format!("\nface {k}: {v}\n"));
+    let f = |k: &str| r.face.get(k).and_then(|v| v.as_f64());
+    let n = |k: &str| r.face.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    match (f("cosine_similarity"), f("euclidean_distance")) {
+        (Some(c), Some(d)) => s.push_str(&format!(
+            "\n| faces at | pairs with faces | pairs | face cosine similarity | face euclidean distance |\n\
+             |---|---|---|---|---|\n| {} | {} | {} | {c:.4} | {d:.4} |\n",
+            r.face
+                .get("resolution")
+                .and_then(|v| v.as_str())
+                .unwrap_or("256"),
+            n("pairs_with_faces"),
+            n("pairs"),
+        )),
+        _ => {
+            for (k, v) in &r.face {
+                s.push_str(&format!("\nface {k}: {v}\n"));
+            }
+        }
     }
     s
 }
@@ -371,7 +388,7 @@ pub fn write_reports(dir: &Path, r: &EvalReport) -> Result<()> {
 /// The real backend: the metric kernels of `crate::metrics` on the chosen device.
 pub struct MetricsBackend {
     pub lpips: crate::metrics::lpips::Lpips,
-    pub inception: crate::metrics::inception::InceptionV3,
+    pub inception: InceptionV3,
     pub backbone: String,
 }
 
@@ -420,11 +437,30 @@ impl EvalBackend for MetricsBackend {
     }
 }
 
-/// Where `evaluate` expects the metric networks (torchvision's and lpips' published files).
+/// Where `evaluate` expects the metric networks (torchvision's, pytorch-fid's and lpips'
+/// published files).
 pub const METRIC_WEIGHTS: &str = "\
-  PRETRAINED/inception_v3_google-0cc3c7bd.pth   torchvision IMAGENET1K_V1 Inception-V3 (FID)
+  PRETRAINED/inception_v3_google-0cc3c7bd.pth   torchvision IMAGENET1K_V1 Inception-V3 (FID, default)
+  PRETRAINED/pt_inception-2015-12-05-6726825d.pth  pytorch-fid's TF Inception (--fid-backbone pt_inception)
   PRETRAINED/alexnet-owt-7be5be79.pth           torchvision AlexNet (LPIPS trunk)
-  PRETRAINED/lpips/alex.pth                     LPIPS v0.1 linear heads (from the lpips package)";
+  PRETRAINED/lpips/alex.pth                     LPIPS v0.1 linear heads (from the lpips package)
+  PRETRAINED/buffalo_s/det_500m.onnx, w600k_mbf.onnx  InsightFace buffalo_s (face similarity, optional)";
+
+/// File names tried for each FID backbone, in order.
+pub fn inception_file_names(flavor: Flavor) -> &'static [&'static str] {
+    match flavor {
+        Flavor::Torchvision => &[
+            "inception_v3_google-0cc3c7bd.pth",
+            "inception_v3_google-1a9a5a14.pth",
+            "inception_v3.safetensors",
+        ],
+        Flavor::PtInception => &[
+            "pt_inception-2015-12-05-6726825d.pth",
+            "pt_inception-2015-12-05.pth",
+            "pt_inception.safetensors",
+        ],
+    }
+}
 
 fn find_first(dir: &Path, names: &[&str]) -> Option<PathBuf> {
     names.iter().map(|n| dir.join(n)).find(|p| p.is_file())
@@ -433,20 +469,8 @@ fn find_first(dir: &Path, names: &[&str]) -> Option<PathBuf> {
 impl MetricsBackend {
     /// Loads the metric networks from `pretrained` with the safe weight reader.
     pub fn load(pretrained: &Path, backbone: &str, device: &candle_core::Device) -> Result<Self> {
-        if backbone != "torchvision" {
-            return Err(Error::msg(format!(
-                "--fid-backbone {backbone}: only `torchvision` (what MCLD reports) is built so \
-                 far; pt_inception (pytorch-fid's TF port) is not built yet"
-            )));
-        }
-        let inc = find_first(
-            pretrained,
-            &[
-                "inception_v3_google-0cc3c7bd.pth",
-                "inception_v3_google-1a9a5a14.pth",
-                "inception_v3.safetensors",
-            ],
-        );
+        let flavor = Flavor::parse(backbone)?;
+        let inc = find_first(pretrained, inception_file_names(flavor));
         let alex = find_first(
             pretrained,
             &[
@@ -463,20 +487,14 @@ impl MetricsBackend {
             (Some(a), Some(b), Some(c)) => (a, b, c),
             _ => {
                 return Err(Error::msg(format!(
-                    "metric weights missing under {}; expected:\n{}",
+                    "metric weights missing under {} for --fid-backbone {backbone}; expected:\n{}",
                     pretrained.display(),
                     METRIC_WEIGHTS.replace("PRETRAINED", &pretrained.display().to_string())
                 )))
             }
         };
         let dt = candle_core::DType::F32;
-        // BatchNorm's `num_batches_tracked` counters are training bookkeeping, not weights.
-        let mut it = crate::weights::load(&inc, &candle_core::Device::Cpu)?;
-        it.retain(|k, _| !k.ends_with("num_batches_tracked"));
-        let iw = crate::weights::StrictWeights::new(it, &inc).allow_unused(["AuxLogits.", "fc."]);
-        let inception = crate::metrics::inception::InceptionV3::new(iw.var_builder(dt, device))
-            .map_err(|e| Error::weights(&inc, e.to_string()))?;
-        iw.finish()?;
+        let inception = InceptionV3::load(&inc, flavor, device)?;
         let aw = crate::weights::StrictWeights::from_file(&alex)?.allow_unused(["classifier."]);
         let lw = crate::weights::StrictWeights::from_file(&lin)?;
         let lpips = crate::metrics::lpips::Lpips::from_parts(
@@ -488,21 +506,133 @@ impl MetricsBackend {
         Ok(Self {
             lpips,
             inception,
-            backbone: backbone.to_string(),
+            backbone: flavor.name().to_string(),
         })
     }
 }
 
-/// Face similarity needs InsightFace's buffalo_s models; without them it is skipped, not failed.
-pub fn face_status(pretrained: &Path) -> BTreeMap<String, serde_json::Value> {
-    let dir = pretrained.join("buffalo_s");
-    let mut m = BTreeMap::new();
-    let msg = if dir.is_dir() {
-        "skipped: face similarity with buffalo_s is not built yet in this version"
-    } else {
-        "skipped: no pretrained_weights/buffalo_s/ (InsightFace buffalo_s ONNX models)"
+/// Face-similarity figures over the 256 pairs (SPEC §6).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct FaceReport {
+    pub resolution: String,
+    pub pairs: usize,
+    /// Pairs where both images have a face: the ones averaged.
+    pub pairs_with_faces: usize,
+    pub no_face_generated: usize,
+    pub no_face_ground_truth: usize,
+    /// Mean cosine similarity of the raw embeddings (NaN, written as null, without pairs).
+    pub cosine_similarity: f64,
+    /// Mean Euclidean distance of the raw embeddings.
+    pub euclidean_distance: f64,
+}
+
+/// Face similarity of every matched pair of `sub`, as the reference's `evaluate_face`: both
+/// images embedded by [`crate::metrics::face::FaceModels`], pairs without a face on either side
+/// left out (and counted).
+pub fn face_similarity(
+    opts: &EvalOptions,
+    models: &crate::metrics::face::FaceModels,
+    sub: &str,
+) -> Result<FaceReport> {
+    let pairs = match_pairs(&opts.gen_dir.join(sub), &opts.gt_dir.join(sub))?;
+    let pb = bar(pairs.len(), opts.progress, "faces");
+    let per_pair = pairs
+        .par_iter()
+        .map(|(t, g)| {
+            let gt = read_rgb(t)?;
+            let pr = read_rgb(g)?;
+            if gt.dimensions() != pr.dimensions() {
+                return Err(Error::input(
+                    g,
+                    format!(
+                        "size {:?} differs from ground truth {} {:?}",
+                        pr.dimensions(),
+                        t.display(),
+                        gt.dimensions()
+                    ),
+                ));
+            }
+            let eg = models.embed_largest(&gt).map_err(|e| in_file(t, e))?;
+            let ep = models.embed_largest(&pr).map_err(|e| in_file(g, e))?;
+            pb.inc(1);
+            Ok((eg, ep))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    pb.finish_and_clear();
+    let mut r = FaceReport {
+        resolution: sub.to_string(),
+        pairs: pairs.len(),
+        ..FaceReport::default()
     };
-    println!("Face similarity {msg}");
-    m.insert("status".into(), serde_json::Value::String(msg.into()));
-    m
+    let (mut cos, mut dist) = (Vec::new(), Vec::new());
+    for (eg, ep) in per_pair {
+        match (eg, ep) {
+            (Some(a), Some(b)) => {
+                let (c, d) = crate::metrics::face::similarity(&b, &a)?;
+                cos.push(c);
+                dist.push(d);
+            }
+            (gt, gen) => {
+                r.no_face_ground_truth += usize::from(gt.is_none());
+                r.no_face_generated += usize::from(gen.is_none());
+            }
+        }
+    }
+    r.pairs_with_faces = cos.len();
+    r.cosine_similarity = mean(&cos);
+    r.euclidean_distance = mean(&dist);
+    Ok(r)
+}
+
+fn in_file(path: &Path, e: Error) -> Error {
+    Error::input(path, format!("face similarity: {e}"))
+}
+
+/// The report's `face` entry: the figures when `PRETRAINED/buffalo_s/` holds both models
+/// (printed as the reference prints them), otherwise why it was skipped. Missing models are
+/// not an error.
+pub fn face_status(
+    opts: &EvalOptions,
+    pretrained: &Path,
+) -> Result<BTreeMap<String, serde_json::Value>> {
+    use crate::metrics::face::{find_models, FaceConfig, FaceModels, BUFFALO_DIR};
+    let mut m = BTreeMap::new();
+    let Some((det, rec)) = find_models(pretrained) else {
+        let msg = format!(
+            "skipped: no {}/{BUFFALO_DIR}/{{{},{}}} (InsightFace buffalo_s ONNX models)",
+            pretrained.display(),
+            crate::metrics::face::DETECTOR_ONNX,
+            crate::metrics::face::RECOGNISER_ONNX
+        );
+        println!("Face similarity {msg}");
+        m.insert("status".into(), serde_json::Value::String(msg));
+        return Ok(m);
+    };
+    let models = FaceModels::load(&det, &rec, &FaceConfig::default())?;
+    // The reference scores faces on the 256 images only.
+    let sub = opts
+        .resolutions
+        .iter()
+        .map(|(s, _)| s.as_str())
+        .find(|s| *s == "256")
+        .or_else(|| opts.resolutions.first().map(|(s, _)| s.as_str()))
+        .ok_or_else(|| Error::msg("no resolution to score faces on"))?;
+    let r = face_similarity(opts, &models, sub)?;
+    println!("Evaluation Results on faces of target images:");
+    println!("Face cosine similarity: {}", r.cosine_similarity);
+    println!("Face euclidean distance : {}", r.euclidean_distance);
+    println!(
+        "({} of {} pairs with a face on both sides; no face: {} generated, {} ground truth)",
+        r.pairs_with_faces, r.pairs, r.no_face_generated, r.no_face_ground_truth
+    );
+    let v = serde_json::to_value(&r).map_err(|e| Error::msg(e.to_string()))?;
+    if let serde_json::Value::Object(o) = v {
+        m.extend(o);
+    }
+    m.insert("status".into(), "computed".into());
+    m.insert(
+        "models".into(),
+        det.parent().unwrap_or(&det).display().to_string().into(),
+    );
+    Ok(m)
 }

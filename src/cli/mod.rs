@@ -168,13 +168,16 @@ pub struct EvaluateArgs {
         default_value = "./dataset/fashion/train/"
     )]
     pub training_path: PathBuf,
-    /// FID network: torchvision (what MCLD reports) or pt_inception (pytorch-fid's TF port).
-    #[arg(long = "fid-backbone", default_value = "torchvision")]
+    /// FID network: torchvision (what MCLD reports; PRETRAINED/inception_v3_google-0cc3c7bd.pth)
+    /// or pt_inception (pytorch-fid's TF port, the usual FID elsewhere;
+    /// PRETRAINED/pt_inception-2015-12-05-6726825d.pth from pytorch-fid's GitHub release).
+    #[arg(long = "fid-backbone", default_value = "torchvision", value_parser = ["torchvision", "pt_inception"])]
     pub fid_backbone: String,
     /// Recompute the cached real-set FID statistics.
     #[arg(long = "recompute-real-stats")]
     pub recompute_real_stats: bool,
-    /// Folder with inception, alexnet, lpips and face-model weights.
+    /// Folder with inception, alexnet, lpips and face-model weights (face similarity runs when
+    /// buffalo_s/det_500m.onnx and buffalo_s/w600k_mbf.onnx, InsightFace's buffalo_s, are there).
     #[arg(
         long = "pretrained_dir",
         visible_alias = "pretrained-dir",
@@ -283,13 +286,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 resolutions: evaluate::EvalOptions::reference_resolutions(),
             };
             let mut report = evaluate::evaluate(&opts, &backend)?;
-            report.face = evaluate::face_status(&a.pretrained_dir);
+            // A face-model failure still leaves the other metrics on disk, then fails the run.
+            let face = evaluate::face_status(&opts, &a.pretrained_dir);
+            report.face = match &face {
+                Ok(m) => m.clone(),
+                Err(e) => [("status".to_string(), format!("failed: {e}").into())].into(),
+            };
             evaluate::write_reports(&a.save_path, &report)?;
             println!(
                 "wrote {} and {}",
                 a.save_path.join("metrics.json").display(),
                 a.save_path.join("metrics.md").display()
             );
+            face?;
             Ok(())
         }
         Command::Infer(a) => Ok(commands::infer(&a)?),

@@ -1,10 +1,19 @@
-//! torchvision Inception-V3 up to the 2048-d average pool, run as MCLD's FID extractor:
-//! bilinear resize to 299x299 (no antialias), MCLD's per-channel affine, then the blocks.
+//! Inception-V3 up to the 2048-d average pool, in two flavours sharing one set of blocks:
+//!
+//! * [`Flavor::Torchvision`]: torchvision's ImageNet network run as MCLD's FID extractor
+//!   (bilinear resize to 299x299 without antialias, MCLD's per-channel affine);
+//! * [`Flavor::PtInception`]: the TF-ported network pytorch-fid uses
+//!   (`pt_inception-2015-12-05-6726825d.pth`): same resize, then `2x - 1`, and TF's pooling in
+//!   the branch pools (average without the padded zeros; max in the last block).
 //!
 //! Weight names are torchvision's `Inception3` state dict (`Mixed_5b.branch1x1.conv.weight`,
-//! `....bn.running_var`, ...); `AuxLogits.*` and `fc.*` are not needed.
+//! `....bn.running_var`, ...), which the pytorch-fid file shares; `AuxLogits.*` and `fc.*`
+//! are not needed.
 
-use candle_core::{Device, Tensor, D};
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::ChwImage;
@@ -79,10 +88,84 @@ impl BasicConv2d {
     }
 }
 
-/// `F.avg_pool2d(x, 3, stride=1, padding=1)` with torch's default `count_include_pad=True`.
-fn avg_pool_3x3_same(x: &Tensor) -> Result<Tensor> {
-    let x = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    Ok(x.avg_pool2d_with_stride(3, 1)?)
+/// Which network: the two differ only in input scaling and the branch pools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Flavor {
+    /// torchvision's ImageNet Inception-V3 as MCLD uses it (what the paper reports).
+    #[default]
+    Torchvision,
+    /// pytorch-fid's TF port (the "standard" FID network of other papers).
+    PtInception,
+}
+
+impl Flavor {
+    /// The `--fid-backbone` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Torchvision => "torchvision",
+            Flavor::PtInception => "pt_inception",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "torchvision" => Ok(Flavor::Torchvision),
+            "pt_inception" => Ok(Flavor::PtInception),
+            _ => Err(Error::msg(format!(
+                "unknown FID backbone `{s}` (expected torchvision or pt_inception)"
+            ))),
+        }
+    }
+
+    /// Pool of the A/C/E blocks' `branch_pool`; `last_e` is `Mixed_7c`.
+    fn branch_pool(self, last_e: bool) -> Pool {
+        match (self, last_e) {
+            (Flavor::Torchvision, _) => Pool::AvgWithPad,
+            (Flavor::PtInception, false) => Pool::AvgWithoutPad,
+            (Flavor::PtInception, true) => Pool::Max,
+        }
+    }
+}
+
+/// 3x3, stride 1, padding 1 pools of the branch_pool paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pool {
+    /// torch's default `count_include_pad=True`.
+    AvgWithPad,
+    /// `count_include_pad=False`, as TF averages.
+    AvgWithoutPad,
+    /// `F.max_pool2d(x, 3, 1, padding=1)`.
+    Max,
+}
+
+impl Pool {
+    fn forward(self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Pool::AvgWithPad => {
+                let x = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+                Ok(x.avg_pool2d_with_stride(3, 1)?)
+            }
+            Pool::AvgWithoutPad => {
+                let (_, _, h, w) = x.dims4()?;
+                let avg = Pool::AvgWithPad.forward(x)?;
+                // 9 / (number of real pixels under the window), per output position.
+                let span =
+                    |n: usize, i: usize| -> f32 { (i.min(1) + 1 + usize::from(i + 1 < n)) as f32 };
+                let scale: Vec<f32> = (0..h)
+                    .flat_map(|i| (0..w).map(move |j| 9.0 / (span(h, i) * span(w, j))))
+                    .collect();
+                let scale =
+                    Tensor::from_vec(scale, (1, 1, h, w), x.device())?.to_dtype(x.dtype())?;
+                Ok(avg.broadcast_mul(&scale)?)
+            }
+            // Edge replication is exact for a max: the copies are already under the window
+            // (torch pads with -inf, which never wins either).
+            Pool::Max => {
+                let x = x.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?;
+                Ok(x.max_pool2d_with_stride(3, 1)?)
+            }
+        }
+    }
 }
 
 fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
@@ -95,11 +178,13 @@ struct InceptionA {
     b5x5: [BasicConv2d; 2],
     b3x3dbl: [BasicConv2d; 3],
     pool: BasicConv2d,
+    pool_kind: Pool,
 }
 
 impl InceptionA {
-    fn new(vb: VarBuilder, cin: usize, pool_features: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, cin: usize, pool_features: usize, pool_kind: Pool) -> Result<Self> {
         Ok(Self {
+            pool_kind,
             b1x1: BasicConv2d::square(vb.pp("branch1x1"), cin, 64, 1, 1, 0)?,
             b5x5: [
                 BasicConv2d::square(vb.pp("branch5x5_1"), cin, 48, 1, 1, 0)?,
@@ -118,7 +203,7 @@ impl InceptionA {
         let a = self.b1x1.forward(x)?;
         let b = chain(&self.b5x5, x)?;
         let c = chain(&self.b3x3dbl, x)?;
-        let d = self.pool.forward(&avg_pool_3x3_same(x)?)?;
+        let d = self.pool.forward(&self.pool_kind.forward(x)?)?;
         Ok(Tensor::cat(&[a, b, c, d], 1)?)
     }
 }
@@ -163,13 +248,15 @@ struct InceptionC {
     b7x7: [BasicConv2d; 3],
     b7x7dbl: [BasicConv2d; 5],
     pool: BasicConv2d,
+    pool_kind: Pool,
 }
 
 impl InceptionC {
-    fn new(vb: VarBuilder, cin: usize, c7: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, cin: usize, c7: usize, pool_kind: Pool) -> Result<Self> {
         let row = |vb: VarBuilder, i, o| BasicConv2d::new(vb, i, o, (1, 7), 1, (0, 3));
         let col = |vb: VarBuilder, i, o| BasicConv2d::new(vb, i, o, (7, 1), 1, (3, 0));
         Ok(Self {
+            pool_kind,
             b1x1: BasicConv2d::square(vb.pp("branch1x1"), cin, 192, 1, 1, 0)?,
             b7x7: [
                 BasicConv2d::square(vb.pp("branch7x7_1"), cin, c7, 1, 1, 0)?,
@@ -191,7 +278,7 @@ impl InceptionC {
         let a = self.b1x1.forward(x)?;
         let b = chain(&self.b7x7, x)?;
         let c = chain(&self.b7x7dbl, x)?;
-        let d = self.pool.forward(&avg_pool_3x3_same(x)?)?;
+        let d = self.pool.forward(&self.pool_kind.forward(x)?)?;
         Ok(Tensor::cat(&[a, b, c, d], 1)?)
     }
 }
@@ -237,13 +324,15 @@ struct InceptionE {
     b3x3dbl_3a: BasicConv2d,
     b3x3dbl_3b: BasicConv2d,
     pool: BasicConv2d,
+    pool_kind: Pool,
 }
 
 impl InceptionE {
-    fn new(vb: VarBuilder, cin: usize) -> Result<Self> {
+    fn new(vb: VarBuilder, cin: usize, pool_kind: Pool) -> Result<Self> {
         let row = |vb: VarBuilder, i, o| BasicConv2d::new(vb, i, o, (1, 3), 1, (0, 1));
         let col = |vb: VarBuilder, i, o| BasicConv2d::new(vb, i, o, (3, 1), 1, (1, 0));
         Ok(Self {
+            pool_kind,
             b1x1: BasicConv2d::square(vb.pp("branch1x1"), cin, 320, 1, 1, 0)?,
             b3x3_1: BasicConv2d::square(vb.pp("branch3x3_1"), cin, 384, 1, 1, 0)?,
             b3x3_2a: row(vb.pp("branch3x3_2a"), 384, 384)?,
@@ -265,7 +354,7 @@ impl InceptionE {
             &[self.b3x3dbl_3a.forward(&c)?, self.b3x3dbl_3b.forward(&c)?],
             1,
         )?;
-        let d = self.pool.forward(&avg_pool_3x3_same(x)?)?;
+        let d = self.pool.forward(&self.pool_kind.forward(x)?)?;
         Ok(Tensor::cat(&[a, b, c, d], 1)?)
     }
 }
@@ -300,11 +389,17 @@ impl Block {
 pub struct InceptionV3 {
     blocks: Vec<(&'static str, Block)>,
     device: Device,
+    flavor: Flavor,
 }
 
 impl InceptionV3 {
-    /// `vb` points at the root of a torchvision `Inception3` state dict.
+    /// torchvision's network; `vb` points at the root of an `Inception3` state dict.
     pub fn new(vb: VarBuilder) -> Result<Self> {
+        Self::with_flavor(vb, Flavor::Torchvision)
+    }
+
+    /// Either network; both read the same state-dict names.
+    pub fn with_flavor(vb: VarBuilder, flavor: Flavor) -> Result<Self> {
         let sq = |name: &str, i, o, k, s, p| -> Result<Block> {
             Ok(Block::Conv(BasicConv2d::square(
                 vb.pp(name),
@@ -315,6 +410,13 @@ impl InceptionV3 {
                 p,
             )?))
         };
+        let pool = flavor.branch_pool(false);
+        let a = |name: &'static str, cin, pf| -> Result<(&'static str, Block)> {
+            Ok((name, Block::A(InceptionA::new(vb.pp(name), cin, pf, pool)?)))
+        };
+        let c = |name: &'static str, c7| -> Result<(&'static str, Block)> {
+            Ok((name, Block::C(InceptionC::new(vb.pp(name), 768, c7, pool)?)))
+        };
         let blocks = vec![
             ("Conv2d_1a_3x3", sq("Conv2d_1a_3x3", 3, 32, 3, 2, 0)?),
             ("Conv2d_2a_3x3", sq("Conv2d_2a_3x3", 32, 32, 3, 1, 0)?),
@@ -323,55 +425,72 @@ impl InceptionV3 {
             ("Conv2d_3b_1x1", sq("Conv2d_3b_1x1", 64, 80, 1, 1, 0)?),
             ("Conv2d_4a_3x3", sq("Conv2d_4a_3x3", 80, 192, 3, 1, 0)?),
             ("maxpool2", Block::MaxPool),
-            (
-                "Mixed_5b",
-                Block::A(InceptionA::new(vb.pp("Mixed_5b"), 192, 32)?),
-            ),
-            (
-                "Mixed_5c",
-                Block::A(InceptionA::new(vb.pp("Mixed_5c"), 256, 64)?),
-            ),
-            (
-                "Mixed_5d",
-                Block::A(InceptionA::new(vb.pp("Mixed_5d"), 288, 64)?),
-            ),
+            a("Mixed_5b", 192, 32)?,
+            a("Mixed_5c", 256, 64)?,
+            a("Mixed_5d", 288, 64)?,
             (
                 "Mixed_6a",
                 Block::B(InceptionB::new(vb.pp("Mixed_6a"), 288)?),
             ),
-            (
-                "Mixed_6b",
-                Block::C(InceptionC::new(vb.pp("Mixed_6b"), 768, 128)?),
-            ),
-            (
-                "Mixed_6c",
-                Block::C(InceptionC::new(vb.pp("Mixed_6c"), 768, 160)?),
-            ),
-            (
-                "Mixed_6d",
-                Block::C(InceptionC::new(vb.pp("Mixed_6d"), 768, 160)?),
-            ),
-            (
-                "Mixed_6e",
-                Block::C(InceptionC::new(vb.pp("Mixed_6e"), 768, 192)?),
-            ),
+            c("Mixed_6b", 128)?,
+            c("Mixed_6c", 160)?,
+            c("Mixed_6d", 160)?,
+            c("Mixed_6e", 192)?,
             (
                 "Mixed_7a",
                 Block::D(InceptionD::new(vb.pp("Mixed_7a"), 768)?),
             ),
             (
                 "Mixed_7b",
-                Block::E(InceptionE::new(vb.pp("Mixed_7b"), 1280)?),
+                Block::E(InceptionE::new(
+                    vb.pp("Mixed_7b"),
+                    1280,
+                    flavor.branch_pool(false),
+                )?),
             ),
             (
                 "Mixed_7c",
-                Block::E(InceptionE::new(vb.pp("Mixed_7c"), 2048)?),
+                Block::E(InceptionE::new(
+                    vb.pp("Mixed_7c"),
+                    2048,
+                    flavor.branch_pool(true),
+                )?),
             ),
         ];
         Ok(Self {
             blocks,
             device: vb.device().clone(),
+            flavor,
         })
+    }
+
+    /// Builds the network from a state dict read from `source` (named in errors): BatchNorm's
+    /// `num_batches_tracked` counters and the unused `AuxLogits.*`/`fc.*` are tolerated, any
+    /// other unused or missing tensor is an error.
+    pub fn from_state_dict(
+        mut tensors: HashMap<String, Tensor>,
+        source: &Path,
+        flavor: Flavor,
+        device: &Device,
+    ) -> Result<Self> {
+        tensors.retain(|k, _| !k.ends_with("num_batches_tracked"));
+        let w =
+            crate::weights::StrictWeights::new(tensors, source).allow_unused(["AuxLogits.", "fc."]);
+        let net = Self::with_flavor(w.var_builder(DType::F32, device), flavor)
+            .map_err(|e| Error::weights(source, e.to_string()))?;
+        w.finish()?;
+        Ok(net)
+    }
+
+    /// Reads a `.pth` (torchvision's or pytorch-fid's file) or `.safetensors` state dict with
+    /// the safe reader.
+    pub fn load(path: &Path, flavor: Flavor, device: &Device) -> Result<Self> {
+        let tensors = crate::weights::load(path, &Device::Cpu)?;
+        Self::from_state_dict(tensors, path, flavor, device)
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
     }
 
     pub fn device(&self) -> &Device {
@@ -407,11 +526,15 @@ impl InceptionV3 {
         Ok(pooled)
     }
 
-    /// Features of `[0,1]` images of any size: [`preprocess`] then [`Self::forward`].
+    /// Features of `[0,1]` images of any size: the flavour's preprocessing ([`preprocess`] or
+    /// [`preprocess_pt`]) then [`Self::forward`].
     pub fn features(&self, images: &[ChwImage]) -> Result<Tensor> {
         let batch = images
             .iter()
-            .map(|im| preprocess(im, &self.device))
+            .map(|im| match self.flavor {
+                Flavor::Torchvision => preprocess(im, &self.device),
+                Flavor::PtInception => preprocess_pt(im, &self.device),
+            })
             .collect::<Result<Vec<_>>>()?;
         self.forward(&Tensor::cat(&batch, 0)?)
     }
@@ -469,6 +592,21 @@ pub fn preprocess(img: &ChwImage, device: &Device) -> Result<Tensor> {
         for v in &mut r.data[c * n..(c + 1) * n] {
             *v = *v * a + b;
         }
+    }
+    r.to_tensor(device)
+}
+
+/// pytorch-fid's input transform on `[0,1]` RGB: resize to 299x299, then `2x - 1` in f32.
+pub fn preprocess_pt(img: &ChwImage, device: &Device) -> Result<Tensor> {
+    if img.channels != 3 {
+        return Err(Error::msg(format!(
+            "pt_inception: expected an RGB image, got {} channels",
+            img.channels
+        )));
+    }
+    let mut r = resize_bilinear(img, INPUT_SIZE, INPUT_SIZE)?;
+    for v in &mut r.data {
+        *v = *v * 2.0 - 1.0;
     }
     r.to_tensor(device)
 }

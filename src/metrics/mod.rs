@@ -1,6 +1,7 @@
 //! Evaluation metrics as MCLD's evaluator computes them (SPEC §6): PSNR, SSIM (two variants),
 //! LPIPS (AlexNet, v0.1), Inception-V3 pool features and the Frechet distance.
 
+pub mod face;
 pub mod fid;
 pub mod inception;
 pub mod lpips;

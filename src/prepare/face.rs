@@ -92,7 +92,7 @@ impl Detection {
     }
 }
 
-type Plan = TypedRunnableModel<TypedModel>;
+pub type Plan = TypedRunnableModel<TypedModel>;
 
 fn tract_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
     Error::weights(path, format!("{what}: {e:#}"))
@@ -101,7 +101,7 @@ fn tract_err(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
 /// Loads an ONNX file for a fixed NCHW input. Resize nodes that give only output `sizes`
 /// (empty `scales`, as in SCRFD's FPN) are rewritten to constant `scales`: tract's Resize
 /// evaluates an empty `scales` as "no resize" and the graph then breaks at the next Add.
-fn load_onnx(path: &Path, input_shape: [usize; 4]) -> Result<Plan> {
+pub fn load_onnx(path: &Path, input_shape: [usize; 4]) -> Result<Plan> {
     let onnx = tract_onnx::onnx();
     let mut proto = onnx
         .proto_model_for_path(path)
@@ -253,7 +253,7 @@ fn pil_nearest_index(len_in: u32, len_out: u32) -> Vec<u32> {
     out
 }
 
-fn resize(img: &RgbImage, w: u32, h: u32, mode: ResizeMode) -> RgbImage {
+pub fn resize(img: &RgbImage, w: u32, h: u32, mode: ResizeMode) -> RgbImage {
     match mode {
         ResizeMode::Nearest => {
             let xs = pil_nearest_index(img.width(), w);
@@ -275,7 +275,7 @@ fn resize(img: &RgbImage, w: u32, h: u32, mode: ResizeMode) -> RgbImage {
 }
 
 /// NCHW float tensor of an RGB image, `(v - mean) / std`.
-fn to_tensor(img: &RgbImage, mean: f32, std: f32) -> Result<Tensor> {
+pub fn to_tensor(img: &RgbImage, mean: f32, std: f32) -> Result<Tensor> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let mut data = vec![0f32; 3 * h * w];
     for (x, y, p) in img.enumerate_pixels() {
@@ -287,7 +287,7 @@ fn to_tensor(img: &RgbImage, mean: f32, std: f32) -> Result<Tensor> {
 }
 
 /// Greedy NMS over detections sorted by score (InsightFace's "+1" pixel areas).
-fn nms(dets: &[Detection], thresh: f32) -> Vec<Detection> {
+pub fn nms(dets: &[Detection], thresh: f32) -> Vec<Detection> {
     let area = |d: &Detection| (d.bbox[2] - d.bbox[0] + 1.0) * (d.bbox[3] - d.bbox[1] + 1.0);
     let mut keep: Vec<Detection> = Vec::new();
     let mut alive = vec![true; dets.len()];

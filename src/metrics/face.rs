@@ -1,0 +1,377 @@
+//! Face similarity of `evaluate` (SPEC §6) as MCLD's `evaluate.py` computes it with InsightFace's
+//! `buffalo_s` pack: SCRFD-500M finds faces (det_size 512x352 as the reference sets it, unless
+//! the ONNX file fixes its own input size, which InsightFace then keeps), the largest face by box
+//! area is aligned to ArcFace's 112x112 template and embedded by MobileFaceNet; a pair scores the
+//! cosine similarity and the Euclidean distance of the RAW embeddings (InsightFace's
+//! `face.embedding`, not `normed_embedding`), and pairs where either side has no face are left
+//! out of the means.
+//!
+//! The detector, alignment and recogniser pieces are those of `crate::prepare::face`.
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+use crate::prepare::face::{
+    nms, norm_crop, resize, to_tensor, ArcFace, ArcFaceConfig, Detection, Plan, ScrfdConfig,
+};
+use crate::{Error, Result};
+
+/// Folder of the pack under `pretrained_weights/` and its two files used here.
+pub const BUFFALO_DIR: &str = "buffalo_s";
+pub const DETECTOR_ONNX: &str = "det_500m.onnx";
+pub const RECOGNISER_ONNX: &str = "w600k_mbf.onnx";
+
+/// Settings of the reference's `FaceAnalysis(name='buffalo_s').prepare(det_size=(512, 352))`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaceConfig {
+    /// Detector input (width, height) for a model whose input size is not fixed.
+    pub det_size: (usize, usize),
+    /// Score threshold, NMS threshold, strides, anchors, input scaling of SCRFD.
+    pub scrfd: ScrfdConfig,
+}
+
+impl Default for FaceConfig {
+    fn default() -> Self {
+        Self {
+            det_size: (512, 352),
+            scrfd: ScrfdConfig::default(),
+        }
+    }
+}
+
+/// `DIR/buffalo_s/{det_500m,w600k_mbf}.onnx` when both exist.
+pub fn find_models(pretrained: &Path) -> Option<(PathBuf, PathBuf)> {
+    let dir = pretrained.join(BUFFALO_DIR);
+    let det = dir.join(DETECTOR_ONNX);
+    let rec = dir.join(RECOGNISER_ONNX);
+    (det.is_file() && rec.is_file()).then_some((det, rec))
+}
+
+fn read_proto(path: &Path) -> Result<pb::ModelProto> {
+    tract_onnx::onnx()
+        .proto_model_for_path(path)
+        .map_err(|e| Error::weights(path, format!("cannot read ONNX: {e:#}")))
+}
+
+/// Fixed (height, width) of the first graph input, if the file states both.
+fn fixed_input_hw(proto: &pb::ModelProto) -> Option<(usize, usize)> {
+    let graph = proto.graph.as_ref()?;
+    let inits: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let input = graph
+        .input
+        .iter()
+        .find(|i| !inits.contains(&i.name.as_str()))?;
+    let Some(pb::type_proto::Value::TensorType(t)) = input.r#type.as_ref()?.value.as_ref() else {
+        return None;
+    };
+    let dims: Vec<Option<usize>> = t
+        .shape
+        .as_ref()?
+        .dim
+        .iter()
+        .map(|d| match d.value {
+            Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => {
+                Some(v as usize)
+            }
+            _ => None,
+        })
+        .collect();
+    match dims.as_slice() {
+        [_, _, Some(h), Some(w)] => Some((*h, *w)),
+        _ => None,
+    }
+}
+
+/// InsightFace's rule for ArcFace input scaling: a graph that starts with its own Sub and Mul
+/// nodes (among the first 8) takes raw pixels, otherwise `(x - 127.5) / 127.5`.
+fn arcface_scaling(proto: &pb::ModelProto) -> (f32, f32) {
+    let nodes = proto
+        .graph
+        .as_ref()
+        .map(|g| &g.node[..g.node.len().min(8)])
+        .unwrap_or(&[]);
+    let has = |pfx: &[&str]| {
+        nodes
+            .iter()
+            .any(|n| pfx.iter().any(|p| n.name.starts_with(p)))
+    };
+    if has(&["Sub", "_minus"]) && has(&["Mul", "_mul"]) {
+        (0.0, 1.0)
+    } else {
+        (127.5, 127.5)
+    }
+}
+
+/// Prepares an ONNX graph for a fixed NCHW input. tract 0.21 runs an opset-11 `Resize` whose
+/// `scales` input is empty (the exporters' way to say "use `sizes`") as no resize at all, so
+/// every such node gets constant scales: output over input shape, both from tract's shape
+/// analysis at this input size. Unlike a lookup of constant `sizes`, this also covers
+/// dynamic-shape exports (InsightFace's det_500m) whose sizes come from `Shape` of another map.
+pub fn plan_for_input(path: &Path, mut proto: pb::ModelProto, shape: [usize; 4]) -> Result<Plan> {
+    let err =
+        |what: &str, e: &dyn std::fmt::Display| Error::weights(path, format!("{what}: {e:#}"));
+    let onnx = tract_onnx::onnx();
+    let graph = proto
+        .graph
+        .as_ref()
+        .ok_or_else(|| Error::weights(path, "ONNX file has no graph"))?;
+    let empty_const = |name: &str| {
+        name.is_empty()
+            || graph
+                .initializer
+                .iter()
+                .any(|t| t.name == name && t.dims.iter().product::<i64>() == 0)
+            || graph.node.iter().any(|n| {
+                n.op_type == "Constant"
+                    && n.output.iter().any(|o| o == name)
+                    && n.attribute.iter().any(|a| {
+                        a.t.as_ref()
+                            .is_some_and(|t| t.dims.iter().product::<i64>() == 0)
+                    })
+            })
+    };
+    let targets: Vec<usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            n.op_type == "Resize"
+                && n.input.len() == 4
+                && !n.input[3].is_empty()
+                && empty_const(&n.input[2])
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if !targets.is_empty() {
+        let mut model = onnx
+            .model_for_proto_model(&proto)
+            .and_then(|m| m.with_input_fact(0, f32::fact(shape).into()))
+            .map_err(|e| err("cannot read ONNX graph", &e))?;
+        model
+            .analyse(false)
+            .map_err(|e| err("cannot infer ONNX shapes", &e))?;
+        let concrete = |name: &str| -> Option<Vec<usize>> {
+            let o = model.find_outlet_label(name)?;
+            model
+                .outlet_fact(o)
+                .ok()?
+                .shape
+                .as_concrete_finite()
+                .ok()
+                .flatten()
+                .map(|s| s.to_vec())
+        };
+        let mut inits = Vec::new();
+        let mut rewrites = Vec::new();
+        for i in targets {
+            let node = &graph.node[i];
+            let (Some(inp), Some(out)) = (concrete(&node.input[0]), concrete(&node.output[0]))
+            else {
+                return Err(Error::weights(
+                    path,
+                    format!(
+                        "Resize `{}`: shapes not known at input {shape:?}",
+                        node.name
+                    ),
+                ));
+            };
+            if inp.len() != out.len() || inp.contains(&0) {
+                return Err(Error::weights(
+                    path,
+                    format!("Resize `{}`: input {inp:?} vs output {out:?}", node.name),
+                ));
+            }
+            let scales: Vec<f32> = out
+                .iter()
+                .zip(&inp)
+                .map(|(&o, &i)| o as f32 / i as f32)
+                .collect();
+            let name = format!("{}__mcld_eval_scales", node.output[0]);
+            inits.push(pb::TensorProto {
+                name: name.clone(),
+                dims: vec![scales.len() as i64],
+                data_type: pb::tensor_proto::DataType::Float as i32,
+                float_data: scales,
+                ..Default::default()
+            });
+            rewrites.push((i, name));
+        }
+        let graph = proto.graph.as_mut().expect("checked above");
+        for (i, name) in rewrites {
+            graph.node[i].input[2] = name;
+            graph.node[i].input.truncate(3);
+        }
+        graph.initializer.extend(inits);
+    }
+    onnx.model_for_proto_model(&proto)
+        .and_then(|m| m.with_input_fact(0, f32::fact(shape).into()))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| err("cannot prepare the ONNX graph", &e))
+}
+
+/// Detector + recogniser of the buffalo_s pack.
+pub struct FaceModels {
+    det: Plan,
+    det_path: PathBuf,
+    /// Detector input (height, width).
+    det_hw: (usize, usize),
+    cfg: ScrfdConfig,
+    rec: ArcFace,
+}
+
+impl FaceModels {
+    pub fn load(det: &Path, rec: &Path, cfg: &FaceConfig) -> Result<Self> {
+        let det_proto = read_proto(det)?;
+        let det_hw = fixed_input_hw(&det_proto).unwrap_or((cfg.det_size.1, cfg.det_size.0));
+        if det_hw.0 == 0 || det_hw.1 == 0 {
+            return Err(Error::msg("face detector: empty det_size"));
+        }
+        let (input_mean, input_std) = arcface_scaling(&read_proto(rec)?);
+        let rec = ArcFace::load(
+            rec,
+            &ArcFaceConfig {
+                input_mean,
+                input_std,
+                ..ArcFaceConfig::default()
+            },
+        )?;
+        Ok(Self {
+            det: plan_for_input(det, det_proto, [1, 3, det_hw.0, det_hw.1])?,
+            det_path: det.to_path_buf(),
+            det_hw,
+            cfg: cfg.scrfd.clone(),
+            rec,
+        })
+    }
+
+    /// Detector input (height, width) in use.
+    pub fn det_hw(&self) -> (usize, usize) {
+        self.det_hw
+    }
+
+    /// Faces in `img`, best score first, after NMS: InsightFace's SCRFD.detect on a
+    /// (possibly non-square) canvas, the photo scaled to fit and placed top-left.
+    pub fn detect(&self, img: &RgbImage) -> Result<Vec<Detection>> {
+        let cfg = &self.cfg;
+        let (ih, iw) = self.det_hw;
+        let (w, h) = img.dimensions();
+        if w == 0 || h == 0 {
+            return Err(Error::msg("empty image"));
+        }
+        // Python float arithmetic of the reference, then int() truncation.
+        let im_ratio = h as f64 / w as f64;
+        let model_ratio = ih as f64 / iw as f64;
+        let (nw, nh) = if im_ratio > model_ratio {
+            (((ih as f64 / im_ratio) as u32).max(1), ih as u32)
+        } else {
+            (iw as u32, ((iw as f64 * im_ratio) as u32).max(1))
+        };
+        let det_scale = (nh as f64 / h as f64) as f32;
+        let small = resize(img, nw, nh, cfg.resize);
+        let mut canvas = RgbImage::new(iw as u32, ih as u32);
+        image::imageops::replace(&mut canvas, &small, 0, 0);
+        let input = to_tensor(&canvas, cfg.input_mean, cfg.input_std)?;
+        let err = |what: &str, e: &dyn std::fmt::Display| {
+            Error::weights(&self.det_path, format!("{what}: {e:#}"))
+        };
+        let outs = self
+            .det
+            .run(tvec!(input.into()))
+            .map_err(|e| err("SCRFD run", &e))?;
+        let fmc = cfg.strides.len();
+        if outs.len() < 3 * fmc {
+            return Err(Error::weights(
+                &self.det_path,
+                format!("expected {} outputs, got {}", 3 * fmc, outs.len()),
+            ));
+        }
+        let mut dets = Vec::new();
+        for (k, &stride) in cfg.strides.iter().enumerate() {
+            let (fh, fw) = (ih / stride, iw / stride);
+            let n = fh * fw * cfg.num_anchors;
+            let view = |o: usize, per: usize| -> Result<&[f32]> {
+                let s = outs[o]
+                    .as_slice::<f32>()
+                    .map_err(|e| err("SCRFD output", &e))?;
+                if s.len() != n * per {
+                    return Err(Error::weights(
+                        &self.det_path,
+                        format!(
+                            "output {o} (stride {stride}) has {} values, expected {n}x{per}",
+                            s.len()
+                        ),
+                    ));
+                }
+                Ok(s)
+            };
+            let scores = view(k, 1)?;
+            let boxes = view(k + fmc, 4)?;
+            let kps = view(k + 2 * fmc, 10)?;
+            let st = stride as f32;
+            for (i, &score) in scores.iter().enumerate() {
+                if score < cfg.score_threshold {
+                    continue;
+                }
+                let cell = i / cfg.num_anchors;
+                let cx = ((cell % fw) * stride) as f32;
+                let cy = ((cell / fw) * stride) as f32;
+                let b = &boxes[4 * i..4 * i + 4];
+                let bbox = [
+                    (cx - b[0] * st) / det_scale,
+                    (cy - b[1] * st) / det_scale,
+                    (cx + b[2] * st) / det_scale,
+                    (cy + b[3] * st) / det_scale,
+                ];
+                let kp = &kps[10 * i..10 * i + 10];
+                let mut pts = [[0f32; 2]; 5];
+                for (j, p) in pts.iter_mut().enumerate() {
+                    *p = [
+                        (cx + kp[2 * j] * st) / det_scale,
+                        (cy + kp[2 * j + 1] * st) / det_scale,
+                    ];
+                }
+                dets.push(Detection {
+                    bbox,
+                    score,
+                    kps: pts,
+                });
+            }
+        }
+        dets.sort_by(|a, b| b.score.total_cmp(&a.score));
+        Ok(nms(&dets, cfg.nms_threshold))
+    }
+
+    /// Raw embedding of the largest face (the last of equal areas, as the reference's sort
+    /// picks it), or `None` without a face.
+    pub fn embed_largest(&self, img: &RgbImage) -> Result<Option<Vec<f32>>> {
+        let faces = self.detect(img)?;
+        let Some(face) = faces.iter().max_by(|a, b| a.area().total_cmp(&b.area())) else {
+            return Ok(None);
+        };
+        self.rec.embed(&norm_crop(img, &face.kps)).map(Some)
+    }
+}
+
+/// Cosine similarity and Euclidean distance of two raw embeddings, in f64.
+pub fn similarity(a: &[f32], b: &[f32]) -> Result<(f64, f64)> {
+    if a.len() != b.len() || a.is_empty() {
+        return Err(Error::msg(format!(
+            "face embeddings of different lengths ({} vs {})",
+            a.len(),
+            b.len()
+        )));
+    }
+    let (mut dot, mut na, mut nb, mut d2) = (0f64, 0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+        d2 += (x - y) * (x - y);
+    }
+    Ok((dot / (na.sqrt() * nb.sqrt()), d2.sqrt()))
+}
