@@ -32,7 +32,11 @@ pub fn test(a: &TestArgs) -> Result<()> {
     let pairs = read_pairs(&csv)?;
     let t0 = Instant::now();
     let pipeline = McldPipeline::from_config(&a.ckpt_dir, &a.config_path, &device, dtype)?;
-    eprintln!("loaded the pipeline in {:.1}s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded the pipeline in {:.1}s (precision {})",
+        t0.elapsed().as_secs_f64(),
+        pipeline.precision.describe()
+    );
     let opts = TestRunOptions {
         save_path: a.save_path.clone(),
         exp_name: cfg.exp_name.clone(),
@@ -146,8 +150,9 @@ pub fn infer(a: &InferArgs) -> Result<()> {
     let img = to_rgb(&out[0])?;
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img), &a.out)?;
     println!(
-        "wrote {} (load {load_s:.1}s, generate {gen_s:.1}s)",
-        a.out.display()
+        "wrote {} (load {load_s:.1}s, generate {gen_s:.1}s, precision {})",
+        a.out.display(),
+        pipeline.precision.describe()
     );
     Ok(())
 }

@@ -9,6 +9,7 @@
 //! mid-block attention) need.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -23,6 +24,8 @@ const BLOCK: usize = 1 << 16;
 pub struct RandomWeights {
     seed: u64,
     unchecked: HashMap<String, Vec<usize>>,
+    /// Every tensor handed out (f32, CPU), when recording: what `tiny` saves as a checkpoint.
+    record: Option<Arc<Mutex<HashMap<String, Tensor>>>>,
 }
 
 /// SplitMix64: a tiny, well-mixed generator, plenty for random weights.
@@ -75,6 +78,21 @@ impl RandomWeights {
         Self {
             seed,
             unchecked: HashMap::new(),
+            record: None,
+        }
+    }
+
+    /// Keeps a copy of every tensor handed out; [`RandomWeights::recorded`] returns them.
+    pub fn recording(mut self) -> Self {
+        self.record = Some(Arc::default());
+        self
+    }
+
+    /// The tensors handed out so far (empty unless [`RandomWeights::recording`]).
+    pub fn recorded(&self) -> HashMap<String, Tensor> {
+        match &self.record {
+            Some(r) => r.lock().map(|m| m.clone()).unwrap_or_default(),
+            None => HashMap::new(),
         }
     }
 
@@ -104,6 +122,16 @@ impl RandomWeights {
 
     /// The tensor `name` of shape `dims`, in f32 on the CPU.
     pub fn tensor(&self, name: &str, dims: &[usize]) -> candle_core::Result<Tensor> {
+        let t = self.generate(name, dims)?;
+        if let Some(r) = &self.record {
+            if let Ok(mut m) = r.lock() {
+                m.insert(name.to_string(), t.clone());
+            }
+        }
+        Ok(t)
+    }
+
+    fn generate(&self, name: &str, dims: &[usize]) -> candle_core::Result<Tensor> {
         let n: usize = dims.iter().product();
         let data = match fill_for(name, dims) {
             Fill::Const(v) => vec![v; n],
