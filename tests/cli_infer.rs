@@ -194,3 +194,119 @@ fn infer_without_densepose_says_what_is_missing() {
     }
     assert!(!out.exists());
 }
+
+/// SCRFD (PyPI sdist `scrfd` 0.3.0, with its test photos) and an ArcFace-style 112x112 -> 512
+/// recogniser (npm `faceplugin-face-recognition-js` 0.0.1), fetched once into the target
+/// folder's test cache (the same cache `tests/prepare_face.rs` uses); a failed fetch fails.
+fn face_models() -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let cache = target.join("mcld-test-cache/face");
+    std::fs::create_dir_all(&cache).unwrap();
+    let sh = |cmd: &mut Command| {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let scrfd = cache.join("scrfd-0.3.0");
+    if !scrfd.join("models/scrfd.onnx").is_file() {
+        sh(Command::new("pip")
+            .args(["download", "--no-deps", "--no-binary", ":all:"])
+            .args(["scrfd==0.3.0", "-d"])
+            .arg(&cache));
+        sh(Command::new("tar")
+            .arg("xzf")
+            .arg(cache.join("scrfd-0.3.0.tar.gz"))
+            .arg("-C")
+            .arg(&cache));
+    }
+    let rec = cache.join("package/model/fr_feature.onnx");
+    if !rec.is_file() {
+        sh(Command::new("npm")
+            .args(["pack", "faceplugin-face-recognition-js@0.0.1"])
+            .arg("--pack-destination")
+            .arg(&cache)
+            .current_dir(&cache));
+        sh(Command::new("tar")
+            .arg("xzf")
+            .arg(cache.join("faceplugin-face-recognition-js-0.0.1.tgz"))
+            .arg("-C")
+            .arg(&cache)
+            .arg("package/model/fr_feature.onnx"));
+    }
+    (
+        scrfd.join("models/scrfd.onnx"),
+        rec,
+        scrfd.join("images/newton.png"),
+    )
+}
+
+#[test]
+fn infer_computes_the_face_embedding() {
+    let d = tempfile::tempdir().unwrap();
+    let tiny = write_tiny_layout(&d.path().join("w"), &d.path().join("data"), 1).unwrap();
+    let (det, rec, photo_path) = face_models();
+    let pre = d.path().join("pretrained");
+    std::fs::create_dir_all(pre.join("antelopev2")).unwrap();
+    std::fs::copy(&det, pre.join("antelopev2/scrfd_10g_bnkps.onnx")).unwrap();
+    std::fs::copy(&rec, pre.join("antelopev2/glintr100.onnx")).unwrap();
+    let photo = rgb(&photo_path);
+    let pose = d.path().join("pose.png");
+    mcld::pipeline::demo::synthetic_pose(photo.width(), photo.height(), true)
+        .save(&pose)
+        .unwrap();
+    let texture = d.path().join("texture.png");
+    image::RgbImage::from_pixel(64, 64, image::Rgb([120, 80, 40]))
+        .save(&texture)
+        .unwrap();
+
+    // The embedding infer would use, computed here and handed over as a file.
+    let emb = mcld::prepare::face::FaceEmbedder::load(&det, &rec)
+        .unwrap()
+        .embed_largest(&photo)
+        .unwrap()
+        .expect("the test photo has a face");
+    let npy = d.path().join("face.npy");
+    mcld::pipeline::inputs::npy::write_f32(&npy, &[emb.len()], &emb).unwrap();
+
+    let zeros = d.path().join("zeros.npy");
+    mcld::pipeline::inputs::npy::write_f32(&zeros, &[512], &[0.0; 512]).unwrap();
+
+    let outs = [
+        d.path().join("computed.png"),
+        d.path().join("given.png"),
+        d.path().join("zeros.png"),
+    ];
+    for (i, out) in outs.iter().enumerate() {
+        let mut args = infer_args(
+            photo_path.to_str().unwrap(),
+            pose.to_str().unwrap(),
+            out.to_str().unwrap(),
+            pre.to_str().unwrap(),
+            tiny.ckpt_dir.to_str().unwrap(),
+            tiny.config_path.to_str().unwrap(),
+        );
+        args.extend(["--texture", texture.to_str().unwrap()]);
+        match i {
+            1 => args.extend(["--face", npy.to_str().unwrap()]),
+            2 => args.extend(["--face", zeros.to_str().unwrap()]),
+            _ => {}
+        }
+        let (ok, text) = run(&args);
+        assert!(ok, "{text}");
+        if i == 0 {
+            assert!(
+                text.contains("computed the source's face embedding"),
+                "{text}"
+            );
+        }
+    }
+    // Same seed, same weights: the computed embedding is the one given explicitly.
+    assert_eq!(rgb(&outs[0]), rgb(&outs[1]));
+    // ... and the face does reach the output (a zero embedding gives another image).
+    assert_ne!(rgb(&outs[0]), rgb(&outs[2]));
+}
