@@ -1,19 +1,392 @@
 //! `mcld bench pipeline`: the MCLD pipeline at SD-1.5 size with random weights.
+//!
+//! Every network is built at its released size (SD-1.5 UNet twice, the reference one without
+//! `conv_norm_out`/`conv_out`, the denoising one with `to_k_ip`/`to_v_ip`; pose guider; the
+//! 1280-wide face projector; sd-vae-ft-mse; the CLIP ViT-L/14 image encoder of
+//! sd-image-variations-diffusers, whose 768-d embedding matches the UNets' cross-attention
+//! width) from [`RandomWeights`], then whole batches are timed phase by phase.
+//!
+//! GPU memory: candle exposes no allocator statistics, so on CUDA the bench asks `nvidia-smi`
+//! for this process's usage after every phase and reports the largest sample. A transient peak
+//! inside a phase (attention scores) can exceed it; candle's CUDA allocator frees eagerly, so
+//! the samples show what stays resident.
 
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
 use crate::cli::ComputeArgs;
+use crate::device::{parse_device, parse_dtype};
+use crate::models::clip::{self, ClipVisionModelWithProjection};
+use crate::models::unet::{self, IpAdapter, UNet2DConditionModel};
+use crate::models::vae::{self, AutoencoderKL};
+use crate::models::{pose_guider, resampler};
+use crate::pipeline::inputs::{Pair, PairInputs};
+use crate::pipeline::mcld::{McldPipeline, Precision};
+use crate::pipeline::random::RandomWeights;
+use crate::pipeline::sampler::{self, McldNets};
+use crate::scheduler::ddim::DdimScheduler;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Args)]
 pub struct PipelineBenchArgs {
-    /// Images to time (after one warm-up image).
+    /// Images to time (after the warm-up batch).
     #[arg(long, default_value_t = 2)]
     pub images: usize,
+    /// DDIM steps per image (MCLD uses 20).
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Square image size the networks run at (MCLD: 512; a multiple of 64).
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Pairs per forward pass (the loop runs twice that for guidance).
+    #[arg(long = "batch-size", visible_alias = "batch_size", default_value_t = 1)]
+    pub batch_size: usize,
+    /// Untimed warm-up batches before timing (0 skips it; useful on a slow CPU).
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Seed of the random weights and noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
-pub fn run(_args: &PipelineBenchArgs) -> Result<()> {
-    Err(Error::msg("bench pipeline: not built yet"))
+/// `stable-diffusion-v1-5/unet/config.json` (the keys that differ from nothing are all given).
+const SD15_UNET: &str = r#"{
+  "_class_name": "UNet2DConditionModel",
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false,
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "out_channels": 4,
+  "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+/// `sd-vae-ft-mse/config.json`.
+const SD_VAE_FT_MSE: &str = r#"{
+  "_class_name": "AutoencoderKL",
+  "act_fn": "silu",
+  "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "in_channels": 3,
+  "latent_channels": 4,
+  "layers_per_block": 2,
+  "norm_num_groups": 32,
+  "out_channels": 3,
+  "sample_size": 256,
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+}"#;
+
+/// `sd-image-variations-diffusers/image_encoder/config.json` (CLIP ViT-L/14 vision tower).
+const CLIP_VIT_L14: &str = r#"{
+  "hidden_size": 1024,
+  "intermediate_size": 4096,
+  "projection_dim": 768,
+  "num_hidden_layers": 24,
+  "num_attention_heads": 16,
+  "num_channels": 3,
+  "image_size": 224,
+  "patch_size": 14,
+  "hidden_act": "quick_gelu",
+  "layer_norm_eps": 1e-05
+}"#;
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| Error::msg(format!("built-in {what} config: {e}")))
+}
+
+/// Every network of the pipeline at full size with random weights; `steps` DDIM steps at
+/// `size` x `size`.
+pub fn random_pipeline(
+    device: &Device,
+    dtype: DType,
+    steps: usize,
+    size: usize,
+    seed: u64,
+) -> Result<McldPipeline> {
+    if size == 0 || !size.is_multiple_of(64) {
+        return Err(Error::msg(format!(
+            "--size {size}: must be a positive multiple of 64 (VAE /8, UNet /8 again)"
+        )));
+    }
+    let prec = Precision::new(device, dtype);
+    // Rounding random weights through bf16 changes nothing measurable in a timing run, so the
+    // CPU bf16 path simply computes in f32, as `Precision` does for real weights.
+    let dt = prec.compute;
+    let rw = |s: u64| RandomWeights::new(seed.wrapping_mul(31).wrapping_add(s));
+    let ucfg: unet::Config = parse("SD-1.5 UNet", SD15_UNET)?;
+    let reference_unet = UNet2DConditionModel::new_reference(rw(1).var_builder(dt, device), &ucfg)?;
+    let denoising_unet = UNet2DConditionModel::new_denoising(
+        rw(2).var_builder(dt, device),
+        &ucfg,
+        IpAdapter {
+            num_tokens: 16,
+            scale: 0.5,
+        },
+    )?;
+    let pose_guider = pose_guider::PoseGuider::new(
+        rw(3).var_builder(dt, device),
+        &pose_guider::Config::mcld(ucfg.block_out_channels[0]),
+    )?;
+    let image_proj =
+        resampler::Resampler::new(rw(4).var_builder(dt, device), &resampler::Config::mcld())?;
+    let vcfg: vae::Config = parse("sd-vae-ft-mse", SD_VAE_FT_MSE)?;
+    let bottleneck = *vcfg.block_out_channels.last().unwrap_or(&512);
+    let vae = AutoencoderKL::new(
+        rw(5)
+            .with_vae_mid_attention("", bottleneck)
+            .var_builder(dt, device),
+        &vcfg,
+    )?;
+    let ccfg = clip::Config::from_json_str(CLIP_VIT_L14)?;
+    let image_encoder = ClipVisionModelWithProjection::new(rw(6).var_builder(dt, device), &ccfg)?;
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let infer: crate::config::InferenceConfig = crate::config::parse_yaml(
+        include_str!("../../configs/inference/inference.yaml"),
+        &here.join("configs/inference/inference.yaml"),
+    )?;
+    let mut scheduler = DdimScheduler::from_config_kwargs(&infer.noise_scheduler_kwargs)?;
+    scheduler.set_timesteps(steps)?;
+    Ok(McldPipeline {
+        nets: McldNets {
+            reference_unet,
+            denoising_unet,
+            pose_guider,
+            image_proj,
+            dtype: dt,
+        },
+        vae,
+        image_encoder,
+        scheduler,
+        guidance_scale: infer.guidance_scale,
+        device: device.clone(),
+        dtype: dt,
+        precision: prec,
+        size,
+    })
+}
+
+/// The built-in sample as a batch of `n` identical pairs (timings do not depend on content).
+fn sample_batch(n: usize, seed: u64) -> Result<Vec<PairInputs>> {
+    use rand::{rngs::StdRng, SeedableRng};
+    use rand_distr::{Distribution, StandardNormal};
+    let photo = crate::pipeline::demo::sample_photo().to_rgb8();
+    let (w, h) = photo.dimensions();
+    let src_pose = crate::pipeline::demo::synthetic_pose(w, h, false);
+    let pose = crate::pipeline::demo::synthetic_pose(w, h, true);
+    let assets = crate::prepare::texture::TextureAssets::builtin()?;
+    let texture = crate::prepare::texture::texture_map(&photo, &src_pose, &assets)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let face: Vec<f32> = (0..512).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Ok((0..n)
+        .map(|i| PairInputs {
+            pair: Pair {
+                from: format!("bench{i}.png"),
+                to: "pose.png".into(),
+            },
+            source: photo.clone(),
+            target: photo.clone(),
+            pose: pose.clone(),
+            texture: texture.clone(),
+            face: face.clone(),
+            face_missing: false,
+        })
+        .collect())
+}
+
+/// This process's GPU memory in bytes according to `nvidia-smi`, when it answers.
+fn gpu_used_bytes() -> Option<u64> {
+    let out = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-compute-apps=pid,used_memory",
+            "--format=csv,noheader,nounits",
+        ])
+        .output()
+        .ok()?;
+    let pid = std::process::id();
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut it = l.split(',').map(str::trim);
+        let p: u32 = it.next()?.parse().ok()?;
+        let mib: u64 = it.next()?.parse().ok()?;
+        (p == pid).then_some(mib * 1024 * 1024)
+    })
+}
+
+/// Seconds of each phase for one batch, plus whether everything stayed finite.
+#[derive(Debug, Default, Clone)]
+struct Phases {
+    condition: f64,
+    prepare: f64,
+    denoise: f64,
+    decode: f64,
+    finite: bool,
+    latent_absmax: f32,
+}
+
+impl Phases {
+    fn total(&self) -> f64 {
+        self.condition + self.prepare + self.denoise + self.decode
+    }
+}
+
+fn absmax(t: &Tensor) -> Result<f32> {
+    Ok(t.to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?)
+}
+
+/// Runs one batch phase by phase; `gpu_peak` collects nvidia-smi samples on CUDA.
+fn run_batch(
+    p: &McldPipeline,
+    batch: &[PairInputs],
+    seed: u64,
+    gpu_peak: &mut Option<u64>,
+) -> Result<Phases> {
+    let dev = &p.device;
+    let mut sample_gpu = || {
+        if dev.is_cuda() {
+            if let Some(b) = gpu_used_bytes() {
+                *gpu_peak = Some(gpu_peak.unwrap_or(0).max(b));
+            }
+        }
+    };
+    let mut ph = Phases::default();
+    let t = Instant::now();
+    let cond = p.condition(batch)?;
+    dev.synchronize()?;
+    ph.condition = t.elapsed().as_secs_f64();
+    sample_gpu();
+    let t = Instant::now();
+    let prep = sampler::prepare(&p.nets, &cond, p.guidance_scale)?;
+    dev.synchronize()?;
+    ph.prepare = t.elapsed().as_secs_f64();
+    sample_gpu();
+    let noise = p.noise(batch.len(), seed)?;
+    let t = Instant::now();
+    let (latents, _) = sampler::sample(
+        &p.nets,
+        &p.scheduler,
+        &prep,
+        &noise,
+        p.guidance_scale,
+        |_, _| {},
+    )?;
+    dev.synchronize()?;
+    ph.denoise = t.elapsed().as_secs_f64();
+    sample_gpu();
+    let t = Instant::now();
+    let img = sampler::decode(&p.vae, &latents, p.dtype)?;
+    dev.synchronize()?;
+    ph.decode = t.elapsed().as_secs_f64();
+    sample_gpu();
+    ph.latent_absmax = absmax(&latents)?;
+    let img_max = absmax(&img)?;
+    ph.finite = ph.latent_absmax.is_finite() && img_max.is_finite();
+    Ok(ph)
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+pub fn run(args: &PipelineBenchArgs) -> Result<()> {
+    let device = parse_device(&args.compute.device)?;
+    let dtype = parse_dtype(&args.compute.dtype)?;
+    if args.images == 0 || args.batch_size == 0 {
+        return Err(Error::msg("--images and --batch-size must be at least 1"));
+    }
+    let t = Instant::now();
+    let p = random_pipeline(&device, dtype, args.steps, args.size, args.seed)?;
+    device.synchronize()?;
+    let build_s = t.elapsed().as_secs_f64();
+    println!(
+        "bench pipeline: SD-1.5-size MCLD with random weights, {}x{}, {} DDIM steps, guidance \
+         {} (doubled batch), batch {}, device {}, precision {}",
+        args.size,
+        args.size,
+        args.steps,
+        p.guidance_scale,
+        args.batch_size,
+        args.compute.device,
+        p.precision.describe()
+    );
+    println!("built the networks in {build_s:.1}s");
+    let batch = sample_batch(args.batch_size, args.seed)?;
+    let mut gpu_peak = None;
+    for w in 0..args.warmup {
+        let ph = run_batch(&p, &batch, args.seed.wrapping_add(w as u64), &mut gpu_peak)?;
+        println!("warm-up batch: {:.2}s", ph.total());
+    }
+    let batches = args.images.div_ceil(args.batch_size);
+    let mut all = Vec::new();
+    for i in 0..batches {
+        let ph = run_batch(
+            &p,
+            &batch,
+            args.seed.wrapping_add(1000 + i as u64),
+            &mut gpu_peak,
+        )?;
+        println!(
+            "batch {}/{batches}: {:.2}s (condition {:.2}, reference UNet + pose + projector {:.2}, \
+             {} steps {:.2}, decode {:.2}); latents max|x| {:.3}{}",
+            i + 1,
+            ph.total(),
+            ph.condition,
+            ph.prepare,
+            args.steps,
+            ph.denoise,
+            ph.decode,
+            ph.latent_absmax,
+            if ph.finite { "" } else { "  NON-FINITE (NaN/inf)" }
+        );
+        all.push(ph);
+    }
+    let n = (batches * args.batch_size) as f64;
+    let sum = |f: fn(&Phases) -> f64| all.iter().map(f).sum::<f64>() / n;
+    println!(
+        "per image: {:.3}s total = condition (CLIP x2 + VAE encode) {:.3}s + reference UNet, \
+         pose guider, projector {:.3}s + {} guided steps {:.3}s ({:.3}s/step) + VAE decode {:.3}s",
+        sum(Phases::total),
+        sum(|p| p.condition),
+        sum(|p| p.prepare),
+        args.steps,
+        sum(|p| p.denoise),
+        sum(|p| p.denoise) / args.steps.max(1) as f64,
+        sum(|p| p.decode),
+    );
+    match crate::bench::peak_rss_bytes() {
+        Some(b) => println!("peak RSS {:.2} GiB", gib(b)),
+        None => println!("peak RSS: not reported by this OS"),
+    }
+    if device.is_cuda() {
+        match gpu_peak {
+            Some(b) => println!(
+                "peak GPU memory {:.2} GiB (largest nvidia-smi sample between phases)",
+                gib(b)
+            ),
+            None => println!("peak GPU memory: nvidia-smi did not report this process"),
+        }
+    }
+    if all.iter().any(|p| !p.finite) {
+        return Err(Error::msg(
+            "non-finite latents or image in a timed batch (see above): the timings are of a \
+             run that produced NaN/inf",
+        ));
+    }
+    Ok(())
 }

@@ -14,6 +14,7 @@ use crate::pipeline::inputs::{
     read_face_embedding, read_pairs, read_rgb, DatasetLayout, Pair, PairInputs,
 };
 use crate::pipeline::mcld::{McldPipeline, SeededGenerator};
+use crate::pipeline::preprocess::{self, FaceOutcome};
 use crate::pipeline::testset::{run_test_set, Postprocess, TestRunOptions};
 use crate::{Error, Result};
 
@@ -31,7 +32,11 @@ pub fn test(a: &TestArgs) -> Result<()> {
     let pairs = read_pairs(&csv)?;
     let t0 = Instant::now();
     let pipeline = McldPipeline::from_config(&a.ckpt_dir, &a.config_path, &device, dtype)?;
-    eprintln!("loaded the pipeline in {:.1}s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "loaded the pipeline in {:.1}s (precision {})",
+        t0.elapsed().as_secs_f64(),
+        pipeline.precision.describe()
+    );
     let opts = TestRunOptions {
         save_path: a.save_path.clone(),
         exp_name: cfg.exp_name.clone(),
@@ -102,26 +107,28 @@ pub fn infer(a: &InferArgs) -> Result<()> {
     let pose = read_rgb(&a.pose)?;
     let texture = match &a.texture {
         Some(p) => read_rgb(p)?,
-        None => {
-            return Err(Error::msg(format!(
-                "no --texture given for {}: a texture map needs the source's DensePose IUV. \
-                 Make one with `mcld prepare --only densepose,texture` on a folder holding the \
-                 photo (DensePose weights: pretrained_weights/model_final_844d15.pkl), or pass \
-                 --texture TEXTURE.png",
-                a.source.display()
-            )))
-        }
+        None => computed_texture(a, &source, &device)?,
     };
     let (face, face_missing) = match &a.face {
         Some(p) => (read_face_embedding(p)?, false),
-        None => (vec![0f32; 512], true),
+        None => match preprocess::face_of_photo(&a.pretrained_dir, &source)? {
+            FaceOutcome::Found(v) => {
+                eprintln!("computed the source's face embedding (antelopev2)");
+                (v, false)
+            }
+            FaceOutcome::NoFace => {
+                eprintln!(
+                    "no face found in {}: using a zero face embedding, as the reference does",
+                    a.source.display()
+                );
+                (vec![0f32; 512], true)
+            }
+            FaceOutcome::ModelsMissing(msg) => {
+                eprintln!("{msg}\nusing a zero face embedding (as for photos without a face)");
+                (vec![0f32; 512], true)
+            }
+        },
     };
-    if face_missing {
-        eprintln!(
-            "no --face given: using a zero face embedding (as the reference does for photos \
-             without a detected face); `mcld prepare --only face` computes one"
-        );
-    }
     let t0 = Instant::now();
     let pipeline = McldPipeline::from_config(&a.ckpt_dir, &a.config_path, &device, dtype)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -143,10 +150,61 @@ pub fn infer(a: &InferArgs) -> Result<()> {
     let img = to_rgb(&out[0])?;
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img), &a.out)?;
     println!(
-        "wrote {} (load {load_s:.1}s, generate {gen_s:.1}s)",
-        a.out.display()
+        "wrote {} (load {load_s:.1}s, generate {gen_s:.1}s, precision {})",
+        a.out.display(),
+        pipeline.precision.describe()
     );
     Ok(())
+}
+
+/// Texture map of the source through DensePose, saved where the user can look at it.
+fn computed_texture(
+    a: &InferArgs,
+    source: &RgbImage,
+    device: &candle_core::Device,
+) -> Result<RgbImage> {
+    let dp = preprocess::load_densepose(&a.pretrained_dir, device).map_err(|e| {
+        Error::msg(format!(
+            "no --texture given for {}, so its texture map must be computed, which needs \
+             DensePose: {e}\n(alternatively pass --texture TEXTURE.png, e.g. one made by \
+             `mcld prepare --only densepose,texture`)",
+            a.source.display()
+        ))
+    })?;
+    let t = Instant::now();
+    let c = preprocess::texture_of_photo(&dp, source, &a.source)?;
+    let tex_path = a
+        .save_texture
+        .clone()
+        .unwrap_or_else(|| beside(&a.out, "texture"));
+    let iuv_path = tex_path.with_file_name(format!(
+        "{}_source_iuv.png",
+        tex_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().trim_end_matches("_texture").to_string())
+            .unwrap_or_else(|| "out".into())
+    ));
+    crate::fsutil::save_image_atomic(
+        &image::DynamicImage::ImageRgb8(c.texture.clone()),
+        &tex_path,
+    )?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(c.iuv), &iuv_path)?;
+    eprintln!(
+        "computed the texture map with DensePose in {:.1}s: {} (source IUV: {})",
+        t.elapsed().as_secs_f64(),
+        tex_path.display(),
+        iuv_path.display()
+    );
+    Ok(c.texture)
+}
+
+/// `DIR/STEM_SUFFIX.png` for an output `DIR/STEM.EXT`.
+fn beside(out: &Path, suffix: &str) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".into());
+    out.with_file_name(format!("{stem}_{suffix}.png"))
 }
 
 fn file_name(p: &Path) -> String {
@@ -215,7 +273,9 @@ pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
     println!(
         "with real weights: put the checkpoints in ./checkpoints and the base models in \
          ./pretrained_weights (see their README.md), then\n  mcld infer --source PHOTO \
-         --pose TARGET_IUV.png --texture TEXTURE.png --out out.png"
+         --pose TARGET_IUV.png --out out.png\n(the texture map and face embedding are computed \
+         from the photo with model_final_844d15.pkl and antelopev2/ in ./pretrained_weights, \
+         or given with --texture TEXTURE.png --face EMB.npy)"
     );
     Ok(())
 }

@@ -219,6 +219,18 @@ pub struct InferArgs {
         default_value = "./configs/train/train.yaml"
     )]
     pub config_path: PathBuf,
+    /// Folder with the preprocessing models used when --texture / --face are not given
+    /// (model_final_844d15.pkl for DensePose, antelopev2/ for the face embedding).
+    #[arg(
+        long = "pretrained_dir",
+        visible_alias = "pretrained-dir",
+        default_value = "./pretrained_weights"
+    )]
+    pub pretrained_dir: PathBuf,
+    /// Where to write the texture map computed from the source (default: beside --out, as
+    /// OUT_texture.png; the source's IUV goes beside it as OUT_source_iuv.png).
+    #[arg(long = "save-texture", visible_alias = "save_texture")]
+    pub save_texture: Option<PathBuf>,
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

@@ -1,6 +1,7 @@
 //! The whole inference pipeline (SPEC §5) as one value: loading every network, turning pair
 //! inputs into network inputs exactly as the reference's data loader does, sampling, decoding.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -29,49 +30,122 @@ pub struct McldPipeline {
     pub scheduler: DdimScheduler,
     pub guidance_scale: f64,
     pub device: Device,
+    /// The dtype the networks compute in (see [`Precision`]).
     pub dtype: DType,
+    pub precision: Precision,
     pub size: usize,
+}
+
+/// How a requested precision runs on a device: the dtype the networks compute in, and the
+/// dtype their weights are rounded through first (when that differs).
+///
+/// candle 0.11.1's CPU matmul (which also carries every convolution) has no bf16 kernel, so on
+/// the CPU `bf16` means bf16-rounded weights with f32 arithmetic: the weights carry bf16's
+/// precision loss, activations keep f32. f16 runs natively everywhere, bf16 natively on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    pub compute: DType,
+    pub round_weights: Option<DType>,
+}
+
+impl Precision {
+    pub fn new(device: &Device, requested: DType) -> Self {
+        if requested == DType::BF16 && device.is_cpu() {
+            Self {
+                compute: DType::F32,
+                round_weights: Some(DType::BF16),
+            }
+        } else {
+            Self {
+                compute: requested,
+                round_weights: None,
+            }
+        }
+    }
+
+    /// One line for logs: what actually runs.
+    pub fn describe(&self) -> String {
+        match self.round_weights {
+            Some(r) => format!(
+                "{r:?} weights computed in {:?} (no {r:?} matmul on this device)",
+                self.compute
+            ),
+            None => format!("{:?}", self.compute),
+        }
+    }
+
+    /// Rounds floating-point tensors through `round_weights` (others are left alone).
+    pub fn round(&self, tensors: HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
+        let Some(r) = self.round_weights else {
+            return Ok(tensors);
+        };
+        tensors
+            .into_iter()
+            .map(|(k, t)| {
+                let t = if t.dtype().is_float() {
+                    t.to_dtype(r)?.to_dtype(t.dtype())?
+                } else {
+                    t
+                };
+                Ok((k, t))
+            })
+            .collect()
+    }
+
+    fn weights(&self, w: StrictWeights) -> Result<StrictWeights> {
+        if self.round_weights.is_none() {
+            return Ok(w);
+        }
+        let src = w.source().to_path_buf();
+        Ok(StrictWeights::new(self.round(w.tensors().clone())?, src))
+    }
 }
 
 /// Loads one checkpoint strictly: a missing tensor, a wrong shape or an unexpected key is an
 /// error naming the file (unexpected keys listed in `allow` are tolerated).
 fn strict<T>(
     path: &Path,
-    dtype: DType,
+    prec: Precision,
     device: &Device,
     allow: &[&str],
     build: impl FnOnce(candle_nn::VarBuilder) -> Result<T>,
 ) -> Result<T> {
-    let w = StrictWeights::from_file(path)?.allow_unused(allow.iter().map(|s| s.to_string()));
-    let m = build(w.var_builder(dtype, device)).map_err(|e| Error::weights(path, e.to_string()))?;
+    let w = prec
+        .weights(StrictWeights::from_file(path)?)?
+        .allow_unused(allow.iter().map(|s| s.to_string()));
+    let m = build(w.var_builder(prec.compute, device))
+        .map_err(|e| Error::weights(path, e.to_string()))?;
     w.finish()?;
     Ok(m)
 }
 
 impl McldPipeline {
     /// Loads the released (or our own) checkpoints plus the base models named by the config.
+    /// `dtype` is the requested precision; see [`Precision`] for what runs on each device.
     pub fn load(
         files: &PipelineFiles,
         infer: &InferenceConfig,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        let prec = Precision::new(device, dtype);
+        let dtype = prec.compute;
         let ucfg = unet::Config::from_json_file(&files.unet_config)?;
-        let reference_unet = strict(&files.reference_unet, dtype, device, &[], |vb| {
+        let reference_unet = strict(&files.reference_unet, prec, device, &[], |vb| {
             UNet2DConditionModel::new_reference(vb, &ucfg)
         })?;
         let ip = IpAdapter {
             num_tokens: 16,
             scale: 0.5,
         };
-        let denoising_unet = strict(&files.denoising_unet, dtype, device, &[], |vb| {
+        let denoising_unet = strict(&files.denoising_unet, prec, device, &[], |vb| {
             UNet2DConditionModel::new_denoising(vb, &ucfg, ip)
         })?;
         let pg_cfg = pose_guider::Config::mcld(ucfg.block_out_channels[0]);
-        let pose_guider = strict(&files.pose_guider, dtype, device, &[], |vb| {
+        let pose_guider = strict(&files.pose_guider, prec, device, &[], |vb| {
             pose_guider::PoseGuider::new(vb, &pg_cfg)
         })?;
-        let rs_w = StrictWeights::from_file(&files.image_proj)?;
+        let rs_w = prec.weights(StrictWeights::from_file(&files.image_proj)?)?;
         let rs_cfg = resampler_config_from_weights(&rs_w, &files.image_proj)?;
         let image_proj = resampler::Resampler::new(rs_w.var_builder(dtype, device), &rs_cfg)
             .map_err(|e| Error::weights(&files.image_proj, e.to_string()))?;
@@ -79,7 +153,7 @@ impl McldPipeline {
         let vdir = crate::weights::ModelDir::open(&files.vae_dir)?;
         let vcfg: vae::Config = vdir.config()?;
         let vae = {
-            let w = vdir.strict()?;
+            let w = prec.weights(vdir.strict()?)?;
             let m = AutoencoderKL::new(w.var_builder(dtype, device), &vcfg)?;
             w.finish()?;
             m
@@ -88,9 +162,11 @@ impl McldPipeline {
         let ecfg = clip::Config::from_file(&edir.config)?;
         let image_encoder = {
             // The encoder folder may hold the text tower too (full CLIP checkpoints).
-            let w = edir
-                .strict()?
-                .allow_unused(["text_model.", "text_projection.", "logit_scale"]);
+            let w = prec.weights(edir.strict()?)?.allow_unused([
+                "text_model.",
+                "text_projection.",
+                "logit_scale",
+            ]);
             let m = ClipVisionModelWithProjection::new(w.var_builder(dtype, device), &ecfg)?;
             w.finish()?;
             m
@@ -103,6 +179,7 @@ impl McldPipeline {
                 denoising_unet,
                 pose_guider,
                 image_proj,
+                dtype,
             },
             vae,
             image_encoder,
@@ -110,6 +187,7 @@ impl McldPipeline {
             guidance_scale: infer.guidance_scale,
             device: device.clone(),
             dtype,
+            precision: prec,
             size: IMAGE_SIZE,
         })
     }
@@ -198,7 +276,8 @@ impl McldPipeline {
         })
     }
 
-    /// Seeded initial noise for a batch (the same seed gives the same images).
+    /// Seeded initial noise for a batch (the same seed gives the same images); f32 whatever the
+    /// networks' dtype, as the sampler keeps its latents in f32.
     pub fn noise(&self, batch: usize, seed: u64) -> Result<Tensor> {
         use rand::{rngs::StdRng, SeedableRng};
         use rand_distr::{Distribution, StandardNormal};
@@ -209,7 +288,7 @@ impl McldPipeline {
             .map(|_| StandardNormal.sample(&mut rng))
             .collect();
         let n = Tensor::from_vec(v, (batch, 4, h, h), &Device::Cpu)?;
-        Ok(n.to_device(&self.device)?.to_dtype(self.dtype)?)
+        Ok(n.to_device(&self.device)?)
     }
 
     /// Generates one (3, 512, 512) image in [0, 1] per input pair.
@@ -224,9 +303,7 @@ impl McldPipeline {
             self.guidance_scale,
             |_, _| {},
         )?;
-        let img = decode(&self.vae, &latents)?
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?;
+        let img = decode(&self.vae, &latents, self.dtype)?.to_device(&Device::Cpu)?;
         (0..batch.len()).map(|i| Ok(img.get(i)?)).collect()
     }
 }

@@ -4,6 +4,8 @@ pub mod checkpoints;
 pub mod demo;
 pub mod inputs;
 pub mod mcld;
+pub mod preprocess;
+pub mod random;
 pub mod sampler;
 pub mod testset;
 pub mod tiny;

@@ -4,12 +4,19 @@
 //! Decision: the reference UNet runs on the conditional half only. The reference runs it on the
 //! doubled batch, but the unconditional half of the denoising UNet never reads the bank, so that
 //! half of the work is wasted; the results are identical (the `pipeline_small` fixture checks).
+//!
+//! Precision: the networks run in `McldNets::dtype` (f32, f16 or bf16), but the latents, the
+//! guidance combination and the DDIM update stay in f32. The reference's fp16 run keeps latents
+//! in fp16; keeping them in f32 costs nothing measurable (a few 64x64x4 tensors per step) and
+//! stops 20 steps of half-precision rounding from accumulating in the one state that persists.
 
 use candle_core::{DType, Tensor};
 
 use crate::models::pose_guider::PoseGuider;
 use crate::models::resampler::Resampler;
-use crate::models::unet::{BankGuidance, DenoiseInput, StageContexts, UNet2DConditionModel};
+use crate::models::unet::{
+    BankGuidance, DenoiseInput, ReferenceBank, StageContexts, UNet2DConditionModel,
+};
 use crate::models::vae::AutoencoderKL;
 use crate::scheduler::ddim::DdimScheduler;
 use crate::Result;
@@ -23,6 +30,8 @@ pub struct McldNets {
     pub denoising_unet: UNet2DConditionModel,
     pub pose_guider: PoseGuider,
     pub image_proj: Resampler,
+    /// The dtype the networks' weights were loaded in; their inputs are cast to it.
+    pub dtype: DType,
 }
 
 /// Network-ready conditioning of a batch of B pairs.
@@ -46,17 +55,23 @@ pub struct StepRecord {
     pub latents: Tensor,
 }
 
-/// Runs the guided DDIM loop from `init_noise`; returns the final latents and every step.
-pub fn denoise(
-    nets: &McldNets,
-    scheduler: &DdimScheduler,
-    cond: &Conditioning,
-    init_noise: &Tensor,
-    guidance_scale: f64,
-    mut on_step: impl FnMut(usize, usize),
-) -> Result<(Tensor, Vec<StepRecord>)> {
-    let b = init_noise.dim(0)?;
-    let dtype = init_noise.dtype();
+/// What the loop reuses at every step: computed once per batch.
+pub struct Prepared {
+    /// Stage contexts of the doubled batch (or the batch itself without guidance).
+    pub contexts: StageContexts,
+    /// The reference UNet's bank (conditional half only).
+    pub bank: ReferenceBank,
+    /// Pose-guider features, doubled like the batch.
+    pub pose: Tensor,
+    /// Pairs in the batch.
+    pub batch: usize,
+}
+
+/// Face tokens, stage contexts, the reference UNet (once, t = 0, context = CLIP(source)) and the
+/// pose features: everything the loop needs besides the latents.
+pub fn prepare(nets: &McldNets, cond: &Conditioning, guidance_scale: f64) -> Result<Prepared> {
+    let b = cond.ref_latents.dim(0)?;
+    let dtype = nets.dtype;
     let face_tokens = nets.image_proj.forward(&cond.face.to_dtype(dtype)?)?;
     let cfg = guidance_scale > 1.0;
     let double = |cond_half: &Tensor| -> Result<Tensor> {
@@ -74,24 +89,61 @@ pub fn denoise(
         mid: Tensor::cat(&[&clip_src, &clip_tex, &face], 1)?,
         up: Tensor::cat(&[&clip_tex, &face], 1)?,
     };
-
-    // Reference UNet at t = 0 on the conditional half, context = CLIP(source).
-    let t0 = Tensor::zeros(b, DType::I64, init_noise.device())?;
+    let t0 = Tensor::zeros(b, DType::I64, cond.ref_latents.device())?;
     let bank = nets.reference_unet.forward_reference(
         &cond.ref_latents.to_dtype(dtype)?,
         &t0,
         &cond.clip_src.to_dtype(dtype)?,
     )?;
-
     let pose = nets.pose_guider.forward(&cond.pose.to_dtype(dtype)?)?;
     let pose = if cfg {
         Tensor::cat(&[&pose, &pose], 0)?
     } else {
         pose
     };
+    Ok(Prepared {
+        contexts,
+        bank,
+        pose,
+        batch: b,
+    })
+}
+
+/// Runs the guided DDIM loop from `init_noise`; returns the final latents and every step.
+pub fn denoise(
+    nets: &McldNets,
+    scheduler: &DdimScheduler,
+    cond: &Conditioning,
+    init_noise: &Tensor,
+    guidance_scale: f64,
+    on_step: impl FnMut(usize, usize),
+) -> Result<(Tensor, Vec<StepRecord>)> {
+    let prep = prepare(nets, cond, guidance_scale)?;
+    sample(nets, scheduler, &prep, init_noise, guidance_scale, on_step)
+}
+
+/// The DDIM loop alone, on prepared conditioning.
+pub fn sample(
+    nets: &McldNets,
+    scheduler: &DdimScheduler,
+    prep: &Prepared,
+    init_noise: &Tensor,
+    guidance_scale: f64,
+    mut on_step: impl FnMut(usize, usize),
+) -> Result<(Tensor, Vec<StepRecord>)> {
+    let b = prep.batch;
+    if init_noise.dim(0)? != b {
+        return Err(crate::Error::msg(format!(
+            "sampler: {} noise samples for a batch of {b}",
+            init_noise.dim(0)?
+        )));
+    }
+    let dtype = nets.dtype;
+    let cfg = guidance_scale > 1.0;
+    let (contexts, bank, pose) = (&prep.contexts, &prep.bank, &prep.pose);
 
     let timesteps = scheduler.timesteps().to_vec();
-    let mut latents = init_noise.clone();
+    let mut latents = init_noise.to_dtype(DType::F32)?;
     let mut steps = Vec::with_capacity(timesteps.len());
     for (i, &t) in timesteps.iter().enumerate() {
         let input = if cfg {
@@ -99,16 +151,20 @@ pub fn denoise(
         } else {
             latents.clone()
         };
+        let input = input.to_dtype(dtype)?;
         let tt = Tensor::full(t as i64, input.dim(0)?, input.device())?;
-        let mut inp = DenoiseInput::new(&input, &tt, &contexts);
-        inp.pose_features = Some(&pose);
-        inp.bank = Some(&bank);
+        let mut inp = DenoiseInput::new(&input, &tt, contexts);
+        inp.pose_features = Some(pose);
+        inp.bank = Some(bank);
         inp.guidance = if cfg {
             BankGuidance::UncondFirstHalf
         } else {
             BankGuidance::AllSamples
         };
-        let out = nets.denoising_unet.forward_denoise(&inp)?;
+        let out = nets
+            .denoising_unet
+            .forward_denoise(&inp)?
+            .to_dtype(DType::F32)?;
         let noise_pred = if cfg {
             let uncond = out.narrow(0, 0, b)?;
             let cond_p = out.narrow(0, b, b)?;
@@ -128,7 +184,9 @@ pub fn denoise(
 }
 
 /// Decodes latents to images in [0, 1]: (vae.decode(z / 0.18215) / 2 + 0.5).clamp(0, 1).
-pub fn decode(vae: &AutoencoderKL, latents: &Tensor) -> Result<Tensor> {
-    let x = vae.decode(&(latents / VAE_SCALE)?)?;
+/// The VAE runs in `dtype` (its weights' dtype); the result is f32.
+pub fn decode(vae: &AutoencoderKL, latents: &Tensor, dtype: DType) -> Result<Tensor> {
+    let z = (latents.to_dtype(DType::F32)? / VAE_SCALE)?.to_dtype(dtype)?;
+    let x = vae.decode(&z)?.to_dtype(DType::F32)?;
     Ok(((x / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
 }

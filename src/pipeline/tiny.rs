@@ -5,11 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 use serde_json::json;
 
 use crate::models::unet::{IpAdapter, UNet2DConditionModel};
 use crate::models::{clip, pose_guider, resampler, unet, vae};
+use crate::pipeline::random::RandomWeights;
 use crate::{Error, Result};
 
 /// What [`write_tiny_layout`] produced.
@@ -45,10 +46,7 @@ fn vae_json() -> serde_json::Value {
         "block_out_channels": [8, 8, 16, 16],
         "layers_per_block": 1,
         "latent_channels": 4,
-        "norm_num_groups": 4,
-        // The VAE's mid-block attention probes its weight layout, which a fresh VarMap cannot
-        // answer; the tiny model does without it.
-        "mid_block_add_attention": false
+        "norm_num_groups": 4
     })
 }
 
@@ -65,65 +63,59 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     crate::fsutil::write_atomic(path, s.as_bytes())
 }
 
-/// Builds a model on a fresh VarMap (candle's random initialisers) and saves its weights.
-fn save_random(path: &Path, build: impl FnOnce(VarBuilder) -> Result<()>) -> Result<()> {
-    let vm = VarMap::new();
-    build(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
-    // Tensors fetched without an initialiser start at zero; norm scales at zero would make every
-    // output constant, so give them 1 and other zero tensors (embeddings, queries) small noise.
-    for (name, var) in vm
-        .data()
-        .lock()
-        .map_err(|_| Error::msg("var map lock"))?
-        .iter()
-    {
-        let t = var.as_tensor();
-        let zero = t.abs()?.sum_all()?.to_scalar::<f32>()? == 0.0;
-        if !zero || name.ends_with("bias") {
-            continue;
-        }
-        let fresh = if t.rank() == 1 && name.ends_with("weight") {
-            t.ones_like()?
-        } else {
-            (t.randn_like(0.0, 1.0)? * 0.02)?
-        };
-        var.set(&fresh)?;
-    }
+/// Builds a model on seeded random weights (see [`RandomWeights`]) and saves what it fetched.
+fn save_random(
+    path: &Path,
+    weights: RandomWeights,
+    build: impl FnOnce(VarBuilder) -> Result<()>,
+) -> Result<()> {
+    let weights = weights.recording();
+    build(weights.clone().var_builder(DType::F32, &Device::Cpu))?;
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
     }
-    vm.save(path)?;
-    Ok(())
+    candle_core::safetensors::save(&weights.recorded(), path)
+        .map_err(|e| Error::weights(path, e.to_string()))
 }
 
 /// Writes tiny checkpoints (`ckpt/`), base models (`pretrained/`) and configs under `root`.
 /// `dataset_root` goes into the training config's `data.root_dir`; `steps` into the inference
-/// config. The weights come from
-/// candle's (unseeded) initialisers: only their shapes and names matter here.
+/// config. The weights are seeded random values (the same every time): only their shapes and
+/// names matter here.
 pub fn write_tiny_layout(root: &Path, dataset_root: &Path, steps: usize) -> Result<TinyLayout> {
     let ckpt = root.join("ckpt");
     let pre = root.join("pretrained");
     let ucfg: unet::Config =
         serde_json::from_value(unet_json()).map_err(|e| Error::msg(e.to_string()))?;
     write_json(&pre.join("sd15/unet/config.json"), &unet_json())?;
-    save_random(&ckpt.join("reference_unet.safetensors"), |vb| {
-        UNet2DConditionModel::new_reference(vb, &ucfg).map(|_| ())
-    })?;
-    save_random(&ckpt.join("denoising_unet.safetensors"), |vb| {
-        UNet2DConditionModel::new_denoising(
-            vb,
-            &ucfg,
-            IpAdapter {
-                num_tokens: 16,
-                scale: 0.5,
-            },
-        )
-        .map(|_| ())
-    })?;
-    save_random(&ckpt.join("pose_guider.safetensors"), |vb| {
-        pose_guider::PoseGuider::new(vb, &pose_guider::Config::mcld(ucfg.block_out_channels[0]))
+    save_random(
+        &ckpt.join("reference_unet.safetensors"),
+        RandomWeights::new(1),
+        |vb| UNet2DConditionModel::new_reference(vb, &ucfg).map(|_| ()),
+    )?;
+    save_random(
+        &ckpt.join("denoising_unet.safetensors"),
+        RandomWeights::new(2),
+        |vb| {
+            UNet2DConditionModel::new_denoising(
+                vb,
+                &ucfg,
+                IpAdapter {
+                    num_tokens: 16,
+                    scale: 0.5,
+                },
+            )
             .map(|_| ())
-    })?;
+        },
+    )?;
+    save_random(
+        &ckpt.join("pose_guider.safetensors"),
+        RandomWeights::new(3),
+        |vb| {
+            pose_guider::PoseGuider::new(vb, &pose_guider::Config::mcld(ucfg.block_out_channels[0]))
+                .map(|_| ())
+        },
+    )?;
     let rcfg = resampler::Config {
         dim: 64,
         depth: 1,
@@ -135,20 +127,28 @@ pub fn write_tiny_layout(root: &Path, dataset_root: &Path, steps: usize) -> Resu
         ff_mult: 4,
         ..resampler::Config::mcld()
     };
-    save_random(&ckpt.join("image_projector.safetensors"), |vb| {
-        resampler::Resampler::new(vb, &rcfg).map(|_| ())
-    })?;
+    save_random(
+        &ckpt.join("image_projector.safetensors"),
+        RandomWeights::new(4),
+        |vb| resampler::Resampler::new(vb, &rcfg).map(|_| ()),
+    )?;
     let vcfg: vae::Config =
         serde_json::from_value(vae_json()).map_err(|e| Error::msg(e.to_string()))?;
     write_json(&pre.join("vae/config.json"), &vae_json())?;
-    save_random(&pre.join("vae/diffusion_pytorch_model.safetensors"), |vb| {
-        vae::AutoencoderKL::new(vb, &vcfg).map(|_| ())
-    })?;
+    let vae_weights = RandomWeights::new(5)
+        .with_vae_mid_attention("", *vcfg.block_out_channels.last().unwrap_or(&1));
+    save_random(
+        &pre.join("vae/diffusion_pytorch_model.safetensors"),
+        vae_weights,
+        |vb| vae::AutoencoderKL::new(vb, &vcfg).map(|_| ()),
+    )?;
     let ccfg = clip::Config::from_json_str(&clip_json().to_string())?;
     write_json(&pre.join("image_encoder/config.json"), &clip_json())?;
-    save_random(&pre.join("image_encoder/model.safetensors"), |vb| {
-        clip::ClipVisionModelWithProjection::new(vb, &ccfg).map(|_| ())
-    })?;
+    save_random(
+        &pre.join("image_encoder/model.safetensors"),
+        RandomWeights::new(6),
+        |vb| clip::ClipVisionModelWithProjection::new(vb, &ccfg).map(|_| ()),
+    )?;
 
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut infer: crate::config::InferenceConfig = crate::config::parse_yaml(

@@ -1,0 +1,156 @@
+//! The per-photo preprocessing `mcld infer` runs when it is not handed precomputed files: the
+//! source's texture map (DensePose IUV -> UV atlas) and its face embedding (SCRFD + ArcFace),
+//! exactly as `mcld prepare` makes them for the dataset (SPEC §2).
+//!
+//! `load_densepose` duplicates what the prepare stage's loader does; the two are meant to be
+//! unified once both have landed.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use image::RgbImage;
+
+use crate::prepare::densepose::iuv::Image3;
+use crate::prepare::densepose::{Config as DensePoseConfig, DensePose};
+use crate::prepare::face::{self, FaceEmbedder};
+use crate::prepare::texture::{self, TextureAssets};
+use crate::{Error, Result};
+
+/// DensePose R-CNN R-101-FPN DL s1x weights (detectron2 model zoo).
+pub const DENSEPOSE_WEIGHTS: &str = "model_final_844d15.pkl";
+pub const DENSEPOSE_URL: &str = "https://dl.fbaipublicfiles.com/densepose/\
+densepose_rcnn_R_101_FPN_DL_s1x/165712116/model_final_844d15.pkl";
+/// The detectron2 config of those weights, as shipped in `configs/densepose/`.
+pub const DENSEPOSE_YAML: &str = "densepose_rcnn_R_101_FPN_DL_s1x.yaml";
+/// A fully merged config dumped as JSON (the fixtures' form; `{"config": {...}}` or bare).
+pub const DENSEPOSE_JSON: &str = "densepose_rcnn.json";
+
+fn first_file(cands: impl IntoIterator<Item = PathBuf>) -> Option<PathBuf> {
+    cands.into_iter().find(|p| p.is_file())
+}
+
+/// Where the DensePose config is taken from: a JSON or YAML in the pretrained folder (so a
+/// folder can carry its own variant), else the repository's `configs/densepose/` YAML.
+fn densepose_config(pretrained: &Path) -> Result<DensePoseConfig> {
+    if let Some(p) = first_file([
+        pretrained.join(DENSEPOSE_JSON),
+        pretrained.join("densepose").join(DENSEPOSE_JSON),
+    ]) {
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(&p, e.to_string()))?;
+        let v = v.get("config").cloned().unwrap_or(v);
+        return DensePoseConfig::from_json_value(&v).map_err(|e| Error::config(&p, e.to_string()));
+    }
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let yaml = first_file([
+        pretrained.join(DENSEPOSE_YAML),
+        PathBuf::from("configs/densepose").join(DENSEPOSE_YAML),
+        here.join("configs/densepose").join(DENSEPOSE_YAML),
+    ])
+    .ok_or_else(|| {
+        Error::msg(format!(
+            "DensePose config {DENSEPOSE_YAML} not found in {} or ./configs/densepose/ \
+             (it ships with the repository, with its Base-DensePose-RCNN-FPN.yaml)",
+            pretrained.display()
+        ))
+    })?;
+    DensePoseConfig::from_yaml_file(&yaml)
+}
+
+/// Loads DensePose R-CNN from `PRETRAINED/model_final_844d15.pkl` (or `PRETRAINED/densepose/`)
+/// with its config; a missing file is an error saying where to get it.
+pub fn load_densepose(pretrained: &Path, device: &Device) -> Result<DensePose> {
+    let weights = first_file([
+        pretrained.join(DENSEPOSE_WEIGHTS),
+        pretrained.join("densepose").join(DENSEPOSE_WEIGHTS),
+    ])
+    .ok_or_else(|| {
+        Error::msg(format!(
+            "DensePose weights not found: expected {} (download {DENSEPOSE_URL}), or pass \
+             --pretrained_dir with the folder holding them",
+            pretrained.join(DENSEPOSE_WEIGHTS).display()
+        ))
+    })?;
+    let cfg = densepose_config(pretrained)?;
+    let tensors = crate::weights::load(&weights, device)?;
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    DensePose::new(vb, &cfg).map_err(|e| Error::weights(&weights, e.to_string()))
+}
+
+/// IUV image of the highest-scoring person as MCLD stores it (R = V, G = U, B = I), or `None`
+/// when DensePose finds nobody.
+pub fn source_iuv(dp: &DensePose, photo: &RgbImage) -> Result<Option<RgbImage>> {
+    let (w, h) = (photo.width() as usize, photo.height() as usize);
+    let mut bgr = photo.as_raw().clone();
+    for px in bgr.chunks_exact_mut(3) {
+        px.swap(0, 2);
+    }
+    let Some(iuv) = dp.iuv(&Image3::new(h, w, bgr)?)? else {
+        return Ok(None);
+    };
+    // [I, U, V] -> the on-disk channel order.
+    let mut rgb = iuv;
+    for px in rgb.chunks_exact_mut(3) {
+        px.swap(0, 2);
+    }
+    Ok(RgbImage::from_raw(w as u32, h as u32, rgb))
+}
+
+/// The source photo's texture map (DensePose then the UV atlas); `None` when no person is found.
+pub struct ComputedTexture {
+    pub iuv: RgbImage,
+    pub texture: RgbImage,
+}
+
+pub fn texture_of_photo(
+    dp: &DensePose,
+    photo: &RgbImage,
+    source: &Path,
+) -> Result<ComputedTexture> {
+    let iuv = source_iuv(dp, photo)?.ok_or_else(|| {
+        Error::input(
+            source,
+            "DensePose found no person in the photo, so there is no texture map to build; \
+             pass --texture TEXTURE.png",
+        )
+    })?;
+    let assets = TextureAssets::builtin()?;
+    let texture = texture::texture_map(photo, &iuv, &assets)
+        .map_err(|e| Error::input(source, format!("texture map: {e}")))?;
+    Ok(ComputedTexture { iuv, texture })
+}
+
+/// How the face embedding of the source came about.
+pub enum FaceOutcome {
+    Found(Vec<f32>),
+    /// The models ran and saw no face: zeros, as the reference does.
+    NoFace,
+    /// The face models are not installed; the message says which file and where to get it.
+    ModelsMissing(String),
+}
+
+/// Face embedding of the largest face in `photo`, with antelopev2 from `pretrained`.
+pub fn face_of_photo(pretrained: &Path, photo: &RgbImage) -> Result<FaceOutcome> {
+    let det = face::find_model(pretrained, face::DETECTOR_ONNX);
+    let rec = face::find_model(pretrained, face::RECOGNISER_ONNX);
+    let (Some(det), Some(rec)) = (det, rec) else {
+        let missing: Vec<String> = [face::DETECTOR_ONNX, face::RECOGNISER_ONNX]
+            .iter()
+            .filter(|n| face::find_model(pretrained, n).is_none())
+            .map(|n| pretrained.join("antelopev2").join(n).display().to_string())
+            .collect();
+        return Ok(FaceOutcome::ModelsMissing(format!(
+            "face models not found: {} (InsightFace's antelopev2 pack, \
+             https://github.com/deepinsight/insightface/tree/master/python-package); \
+             pass --face EMB.npy for a precomputed embedding",
+            missing.join(", ")
+        )));
+    };
+    let emb = FaceEmbedder::load(&det, &rec)?;
+    Ok(match emb.embed_largest(photo)? {
+        Some(v) => FaceOutcome::Found(v),
+        None => FaceOutcome::NoFace,
+    })
+}
