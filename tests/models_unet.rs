@@ -325,8 +325,7 @@ fn odd_latent_sizes_round_trip() {
 #[ignore = "real SD-1.5 size on CPU: slow; run by hand for timing"]
 fn sd15_size_forward_on_cpu() {
     let cfg = Config::sd15();
-    let vb =
-        mcld::weights::random::RandomWeights::new(0).into_var_builder(DType::F32, &Device::Cpu);
+    let vb = mcld::weights::random::RandomWeights::new(0).var_builder(DType::F32, &Device::Cpu);
     let t0 = std::time::Instant::now();
     let unet = UNet2DConditionModel::new(vb, &cfg).unwrap();
     println!(

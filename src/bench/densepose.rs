@@ -144,10 +144,11 @@ pub fn run(args: &DenseposeBenchArgs) -> Result<()> {
     // Residual branches damped so 101 random layers stay finite; small box/anchor deltas keep
     // the random proposals inside the image.
     let vb = RandomWeights::new(args.seed)
+        .gain(std::f32::consts::SQRT_2)
         .damp("conv3", 0.2)
         .damp("anchor_deltas", 0.01)
         .damp("bbox_pred", 0.01)
-        .into_var_builder(candle_core::DType::F32, &device);
+        .var_builder(candle_core::DType::F32, &device);
     let model = DensePose::new(vb, &cfg)?;
     let t_build = t.elapsed();
     let (h, w) = (1101, 750);

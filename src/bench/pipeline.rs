@@ -24,9 +24,9 @@ use crate::models::vae::{self, AutoencoderKL};
 use crate::models::{pose_guider, resampler};
 use crate::pipeline::inputs::{Pair, PairInputs};
 use crate::pipeline::mcld::{McldPipeline, Precision};
-use crate::pipeline::random::RandomWeights;
 use crate::pipeline::sampler::{self, McldNets};
 use crate::scheduler::ddim::DdimScheduler;
+use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Args)]

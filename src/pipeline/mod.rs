@@ -5,7 +5,6 @@ pub mod demo;
 pub mod inputs;
 pub mod mcld;
 pub mod preprocess;
-pub mod random;
 pub mod sampler;
 pub mod testset;
 pub mod tiny;

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::models::unet::{IpAdapter, UNet2DConditionModel};
 use crate::models::{clip, pose_guider, resampler, unet, vae};
-use crate::pipeline::random::RandomWeights;
+use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
 /// What [`write_tiny_layout`] produced.
