@@ -1,14 +1,11 @@
 //! The per-photo preprocessing `mcld infer` runs when it is not handed precomputed files: the
 //! source's texture map (DensePose IUV -> UV atlas) and its face embedding (SCRFD + ArcFace),
-//! exactly as `mcld prepare` makes them for the dataset (SPEC §2).
-//!
-//! `load_densepose` duplicates what the prepare stage's loader does; the two are meant to be
-//! unified once both have landed.
+//! exactly as `mcld prepare` makes them for the dataset (SPEC §2). The DensePose loading is the
+//! prepare stage's; only the search of `--pretrained_dir` is infer's own.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use candle_core::Device;
 use image::RgbImage;
 
 use crate::prepare::densepose::iuv::Image3;
@@ -17,10 +14,9 @@ use crate::prepare::face::{self, FaceEmbedder};
 use crate::prepare::texture::{self, TextureAssets};
 use crate::{Error, Result};
 
-/// DensePose R-CNN R-101-FPN DL s1x weights (detectron2 model zoo).
-pub const DENSEPOSE_WEIGHTS: &str = "model_final_844d15.pkl";
-pub const DENSEPOSE_URL: &str = "https://dl.fbaipublicfiles.com/densepose/\
-densepose_rcnn_R_101_FPN_DL_s1x/165712116/model_final_844d15.pkl";
+pub use crate::prepare::densepose::stage::{
+    load_config, WEIGHTS_FILE as DENSEPOSE_WEIGHTS, WEIGHTS_URL as DENSEPOSE_URL,
+};
 /// The detectron2 config of those weights, as shipped in `configs/densepose/`.
 pub const DENSEPOSE_YAML: &str = "densepose_rcnn_R_101_FPN_DL_s1x.yaml";
 /// A fully merged config dumped as JSON (the fixtures' form; `{"config": {...}}` or bare).
@@ -31,7 +27,8 @@ fn first_file(cands: impl IntoIterator<Item = PathBuf>) -> Option<PathBuf> {
 }
 
 /// Where the DensePose config is taken from: a JSON or YAML in the pretrained folder (so a
-/// folder can carry its own variant), else the repository's `configs/densepose/` YAML.
+/// folder can carry its own variant), else the prepare stage's default (`configs/densepose/`,
+/// or the copy built into the binary).
 fn densepose_config(pretrained: &Path) -> Result<DensePoseConfig> {
     if let Some(p) = first_file([
         pretrained.join(DENSEPOSE_JSON),
@@ -43,20 +40,10 @@ fn densepose_config(pretrained: &Path) -> Result<DensePoseConfig> {
         let v = v.get("config").cloned().unwrap_or(v);
         return DensePoseConfig::from_json_value(&v).map_err(|e| Error::config(&p, e.to_string()));
     }
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let yaml = first_file([
-        pretrained.join(DENSEPOSE_YAML),
-        PathBuf::from("configs/densepose").join(DENSEPOSE_YAML),
-        here.join("configs/densepose").join(DENSEPOSE_YAML),
-    ])
-    .ok_or_else(|| {
-        Error::msg(format!(
-            "DensePose config {DENSEPOSE_YAML} not found in {} or ./configs/densepose/ \
-             (it ships with the repository, with its Base-DensePose-RCNN-FPN.yaml)",
-            pretrained.display()
-        ))
-    })?;
-    DensePoseConfig::from_yaml_file(&yaml)
+    if let Some(p) = first_file([pretrained.join(DENSEPOSE_YAML)]) {
+        return DensePoseConfig::from_yaml_file(&p);
+    }
+    Ok(load_config(None)?.0)
 }
 
 /// Loads DensePose R-CNN from `PRETRAINED/model_final_844d15.pkl` (or `PRETRAINED/densepose/`)
@@ -74,9 +61,7 @@ pub fn load_densepose(pretrained: &Path, device: &Device) -> Result<DensePose> {
         ))
     })?;
     let cfg = densepose_config(pretrained)?;
-    let tensors = crate::weights::load(&weights, device)?;
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    DensePose::new(vb, &cfg).map_err(|e| Error::weights(&weights, e.to_string()))
+    crate::prepare::densepose::load_weights(&weights, &cfg, device)
 }
 
 /// IUV image of the highest-scoring person as MCLD stores it (R = V, G = U, B = I), or `None`
