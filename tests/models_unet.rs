@@ -320,24 +320,3 @@ fn odd_latent_sizes_round_trip() {
     let out = unet.forward(&s, &t, &c).unwrap();
     assert_eq!(out.dims(), &[b, unet.config().out_channels, 13, 10]);
 }
-
-#[test]
-#[ignore = "real SD-1.5 size on CPU: slow; run by hand for timing"]
-fn sd15_size_forward_on_cpu() {
-    let cfg = Config::sd15();
-    let vb = mcld::weights::random::RandomWeights::new(0).var_builder(DType::F32, &Device::Cpu);
-    let t0 = std::time::Instant::now();
-    let unet = UNet2DConditionModel::new(vb, &cfg).unwrap();
-    println!(
-        "built SD-1.5 UNet in {:?}, peak RSS {:?} bytes",
-        t0.elapsed(),
-        mcld::bench::peak_rss_bytes()
-    );
-    let s = Tensor::randn(0f32, 1.0, (1, 4, 64, 64), &Device::Cpu).unwrap();
-    let c = Tensor::randn(0f32, 1.0, (1, 1, 768), &Device::Cpu).unwrap();
-    let t = Tensor::new(&[999i64], &Device::Cpu).unwrap();
-    let t0 = std::time::Instant::now();
-    let out = unet.forward(&s, &t, &c).unwrap();
-    println!("one 64x64 forward: {:?}", t0.elapsed());
-    assert_eq!(out.dims(), &[1, 4, 64, 64]);
-}

@@ -1,6 +1,8 @@
-//! Per-image CPU timings of the metrics (ignored: run with `--ignored --nocapture`). Figures are
-//! printed, never asserted.
+//! Per-image timings of the metrics on this machine: `cargo bench --bench metrics`. Figures
+//! are printed, never asserted. Weights come from the shared fixtures; the face part uses the
+//! stand-in ONNX models tests/evaluate_face.rs fetches (skipped with a message without them).
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::time::Instant;
@@ -36,8 +38,11 @@ fn time<T>(label: &str, reps: usize, mut f: impl FnMut() -> T) {
     );
 }
 
-#[test]
-#[ignore = "timing figures for the report; slow"]
+fn main() {
+    metric_timings();
+    pt_inception_and_face_timings();
+}
+
 fn metric_timings() {
     let dev = Device::Cpu;
     let lp = common::load_case("metrics", "lpips_alex");
@@ -96,11 +101,8 @@ fn metric_timings() {
 }
 
 /// pt_inception features (the torchvision fixture weights run as the TF flavour: same sizes) and
-/// face similarity per pair with the buffalo_s stand-ins of tests/evaluate_face.rs (run that test
-/// first to fetch them; the stand-in detector is fixed at 640x640, the real det_500m runs at
-/// 512x352).
-#[test]
-#[ignore = "timing figures for the report; slow"]
+/// face similarity per pair with the buffalo_s stand-ins (the stand-in detector is fixed at
+/// 640x640, the real det_500m runs at 512x352).
 fn pt_inception_and_face_timings() {
     let dev = Device::Cpu;
     let inc = common::load_case("metrics", "inception_fid");
@@ -127,12 +129,16 @@ fn pt_inception_and_face_timings() {
     let cache = target.join("mcld-test-cache/face");
     let det = cache.join("scrfd-0.3.0/models/scrfd.onnx");
     let rec = cache.join("package/model/fr_feature.onnx");
+    if !det.is_file() || !rec.is_file() {
+        println!("face timings skipped: run `cargo test --release --test evaluate_face` first");
+        return;
+    }
     let models = mcld::metrics::face::FaceModels::load(
         &det,
         &rec,
         &mcld::metrics::face::FaceConfig::default(),
     )
-    .expect("face stand-ins (run tests/evaluate_face.rs first)");
+    .expect("face stand-ins");
     let photo = image::open(cache.join("scrfd-0.3.0/images/newton.png"))
         .unwrap()
         .to_rgb8();
