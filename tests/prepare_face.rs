@@ -292,7 +292,7 @@ fn face_stage_end_to_end() {
     // Same as running the pieces by hand (the JPEG round trip is the stage's input).
     let det = detector(&ScrfdConfig::default());
     let rec = ArcFace::load(&a.recogniser, &ArcFaceConfig::default()).unwrap();
-    let jpg = image::open(train.join(face_name)).unwrap().to_rgb8();
+    let jpg = mcld::imageops::open_rgb(&train.join(face_name)).unwrap();
     let direct = rec.embed(&crop_of(&det, &jpg)).unwrap();
     let worst = v
         .iter()

@@ -116,16 +116,51 @@ impl U8Image {
 }
 
 /// Opens an image file and converts it to RGB, like `Image.open(p).convert("RGB")`.
-/// JPEG decoding is the `image` crate's, not libjpeg-turbo: pixels may differ by a level or two.
 pub fn open_rgb(path: &Path) -> Result<RgbImage> {
-    let reader = image::ImageReader::open(path)
+    Ok(open_image(path)?.to_rgb8())
+}
+
+/// Decodes an image file. JPEGs go through libjpeg-turbo's decoder (as built by mozjpeg: ISLOW
+/// IDCT and fancy upsampling, what Pillow and OpenCV use), so dataset photos have the
+/// reference's pixels exactly; the `image` crate's JPEG decoder differs by up to 4 levels.
+/// Other formats, and JPEGs libjpeg cannot turn into RGB (CMYK), go through `image`.
+pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        if let Some(img) = decode_jpeg_libjpeg(&bytes) {
+            return Ok(img);
+        }
+    }
+    image::load_from_memory(&bytes)
+        .map_err(|e| Error::input(path, format!("cannot decode image: {e}")))
+}
+
+/// [`open_image`] with the EXIF orientation applied, as OpenCV's `imread` does.
+pub fn open_image_oriented(path: &Path) -> Result<image::DynamicImage> {
+    use image::ImageDecoder;
+    let orientation = image::ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?;
-    let img = reader
-        .decode()
+        .map_err(|e| Error::io(path, e))?
+        .into_decoder()
+        .and_then(|mut d| d.orientation())
         .map_err(|e| Error::input(path, format!("cannot decode image: {e}")))?;
-    Ok(img.to_rgb8())
+    let mut img = open_image(path)?;
+    img.apply_orientation(orientation);
+    Ok(img)
+}
+
+/// libjpeg reports fatal errors by unwinding; any failure here falls back to `image`, whose
+/// error message then names the problem.
+fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<image::DynamicImage> {
+    let run = || -> std::io::Result<Option<image::DynamicImage>> {
+        let mut dec = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
+        let (w, h) = (dec.width() as u32, dec.height() as u32);
+        let px: Vec<[u8; 3]> = dec.read_scanlines()?;
+        dec.finish()?;
+        Ok(RgbImage::from_raw(w, h, px.into_flattened()).map(image::DynamicImage::ImageRgb8))
+    };
+    std::panic::catch_unwind(run).ok()?.ok()?
 }
 
 /// Pillow bicubic resize of an RGB image to (height, width): torchvision's

@@ -60,9 +60,7 @@ impl ChwImage {
 
     /// Reads an image file as RGB. Grey or RGBA files are converted like PIL's `convert("RGB")`.
     pub fn load_rgb(path: &Path) -> Result<Self> {
-        let img = image::open(path)
-            .map_err(|e| Error::input(path, format!("cannot read image: {e}")))?
-            .to_rgb8();
+        let img = crate::imageops::open_rgb(path)?;
         let (w, h) = (img.width() as usize, img.height() as usize);
         if w == 0 || h == 0 {
             return Err(Error::input(path, "image is empty"));

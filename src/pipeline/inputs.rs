@@ -131,13 +131,7 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
     if !path.exists() {
         return Err(Error::input(path, "file not found"));
     }
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::input(path, format!("cannot decode image: {e}")))?;
-    Ok(img.to_rgb8())
+    crate::imageops::open_rgb(path)
 }
 
 /// Reads all inputs of a pair. A missing or unreadable photo, pose or texture is an error naming

@@ -596,9 +596,7 @@ pub fn run_face(
         .par_iter()
         .map(|(photo, out)| {
             let r = (|| {
-                let img = image::open(photo)
-                    .map_err(|e| Error::input(photo, format!("cannot decode image: {e}")))?
-                    .to_rgb8();
+                let img = crate::imageops::open_rgb(photo)?;
                 match embedder.embed_largest(&img)? {
                     Some(v) => {
                         super::stats::write_npy_f32(out, &[v.len()], &v)?;

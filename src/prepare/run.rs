@@ -228,13 +228,7 @@ fn run_densepose(opts: &PrepareOptions, bar: &ProgressBar) -> Result<StageReport
 
 /// Reads an image as RGB, naming the file on failure.
 fn read_rgb(path: &Path) -> Result<image::RgbImage> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::input(path, format!("cannot decode image: {e}")))?;
-    Ok(img.to_rgb8())
+    crate::imageops::open_rgb(path)
 }
 
 /// Photo and IUV of one texture job, checked to decode and to have the same size.

@@ -28,18 +28,7 @@ impl Image3 {
 
     /// Reads a photo as BGR, EXIF orientation applied (detectron2's `read_image(format="BGR")`).
     pub fn read_bgr(path: &Path) -> Result<Self> {
-        use image::ImageDecoder;
-        let bad = |e: image::ImageError| Error::input(path, format!("cannot decode image: {e}"));
-        let mut dec = image::ImageReader::open(path)
-            .map_err(|e| Error::io(path, e))?
-            .with_guessed_format()
-            .map_err(|e| Error::io(path, e))?
-            .into_decoder()
-            .map_err(bad)?;
-        let orientation = dec.orientation().map_err(bad)?;
-        let mut img = image::DynamicImage::from_decoder(dec).map_err(bad)?;
-        img.apply_orientation(orientation);
-        let img = img.to_rgb8();
+        let img = crate::imageops::open_image_oriented(path)?.to_rgb8();
         let (w, h) = (img.width() as usize, img.height() as usize);
         let mut data = img.into_raw();
         for px in data.chunks_exact_mut(3) {
