@@ -16,7 +16,8 @@ use tract_onnx::prelude::*;
 
 pub use crate::prepare::face::plan_for_input;
 use crate::prepare::face::{
-    nms, norm_crop, resize, to_tensor, ArcFace, ArcFaceConfig, Detection, Plan, ScrfdConfig,
+    decode_scrfd, norm_crop, resize, to_tensor, ArcFace, ArcFaceConfig, Detection, Plan,
+    ScrfdConfig,
 };
 use crate::{Error, Result};
 
@@ -175,67 +176,7 @@ impl FaceModels {
             .det
             .run(tvec!(input.into()))
             .map_err(|e| err("SCRFD run", &e))?;
-        let fmc = cfg.strides.len();
-        if outs.len() < 3 * fmc {
-            return Err(Error::weights(
-                &self.det_path,
-                format!("expected {} outputs, got {}", 3 * fmc, outs.len()),
-            ));
-        }
-        let mut dets = Vec::new();
-        for (k, &stride) in cfg.strides.iter().enumerate() {
-            let (fh, fw) = (ih / stride, iw / stride);
-            let n = fh * fw * cfg.num_anchors;
-            let view = |o: usize, per: usize| -> Result<&[f32]> {
-                let s = outs[o]
-                    .as_slice::<f32>()
-                    .map_err(|e| err("SCRFD output", &e))?;
-                if s.len() != n * per {
-                    return Err(Error::weights(
-                        &self.det_path,
-                        format!(
-                            "output {o} (stride {stride}) has {} values, expected {n}x{per}",
-                            s.len()
-                        ),
-                    ));
-                }
-                Ok(s)
-            };
-            let scores = view(k, 1)?;
-            let boxes = view(k + fmc, 4)?;
-            let kps = view(k + 2 * fmc, 10)?;
-            let st = stride as f32;
-            for (i, &score) in scores.iter().enumerate() {
-                if score < cfg.score_threshold {
-                    continue;
-                }
-                let cell = i / cfg.num_anchors;
-                let cx = ((cell % fw) * stride) as f32;
-                let cy = ((cell / fw) * stride) as f32;
-                let b = &boxes[4 * i..4 * i + 4];
-                let bbox = [
-                    (cx - b[0] * st) / det_scale,
-                    (cy - b[1] * st) / det_scale,
-                    (cx + b[2] * st) / det_scale,
-                    (cy + b[3] * st) / det_scale,
-                ];
-                let kp = &kps[10 * i..10 * i + 10];
-                let mut pts = [[0f32; 2]; 5];
-                for (j, p) in pts.iter_mut().enumerate() {
-                    *p = [
-                        (cx + kp[2 * j] * st) / det_scale,
-                        (cy + kp[2 * j + 1] * st) / det_scale,
-                    ];
-                }
-                dets.push(Detection {
-                    bbox,
-                    score,
-                    kps: pts,
-                });
-            }
-        }
-        dets.sort_by(|a, b| b.score.total_cmp(&a.score));
-        Ok(nms(&dets, cfg.nms_threshold))
+        decode_scrfd(&self.det_path, &outs, (ih, iw), det_scale, cfg)
     }
 
     /// Raw embedding of the largest face (the last of equal areas, as the reference's sort

@@ -351,68 +351,87 @@ impl Scrfd {
             .plan
             .run(tvec!(input.into()))
             .map_err(|e| tract_err(&self.path, "SCRFD run", e))?;
-        let fmc = cfg.strides.len();
-        if outs.len() < 3 * fmc {
-            return Err(Error::weights(
-                &self.path,
-                format!("expected {} outputs, got {}", 3 * fmc, outs.len()),
-            ));
-        }
-        let mut dets = Vec::new();
-        for (k, &stride) in cfg.strides.iter().enumerate() {
-            let side = cfg.input_size / stride;
-            let n = side * side * cfg.num_anchors;
-            let view = |o: usize, per: usize| -> Result<&[f32]> {
-                let s = outs[o]
-                    .as_slice::<f32>()
-                    .map_err(|e| tract_err(&self.path, "SCRFD output", e))?;
-                if s.len() != n * per {
-                    return Err(Error::weights(
-                        &self.path,
-                        format!(
-                            "output {o} (stride {stride}) has {} values, expected {n}x{per}",
-                            s.len()
-                        ),
-                    ));
-                }
-                Ok(s)
-            };
-            let scores = view(k, 1)?;
-            let boxes = view(k + fmc, 4)?;
-            let kps = view(k + 2 * fmc, 10)?;
-            for (i, &score) in scores.iter().enumerate() {
-                if score < cfg.score_threshold {
-                    continue;
-                }
-                let cell = i / cfg.num_anchors;
-                let cx = ((cell % side) * stride) as f32;
-                let cy = ((cell / side) * stride) as f32;
-                let st = stride as f32;
-                let b = &boxes[4 * i..4 * i + 4];
-                let bbox = [
-                    (cx - b[0] * st) / det_scale,
-                    (cy - b[1] * st) / det_scale,
-                    (cx + b[2] * st) / det_scale,
-                    (cy + b[3] * st) / det_scale,
-                ];
-                let kp = &kps[10 * i..10 * i + 10];
-                let mut pts = [[0f32; 2]; 5];
-                for (j, p) in pts.iter_mut().enumerate() {
-                    *p = [
-                        (cx + kp[2 * j] * st) / det_scale,
-                        (cy + kp[2 * j + 1] * st) / det_scale,
-                    ];
-                }
-                dets.push(Detection {
-                    bbox,
-                    score,
-                    kps: pts,
-                });
-            }
-        }
-        dets.sort_by(|a, b| b.score.total_cmp(&a.score));
-        Ok(nms(&dets, cfg.nms_threshold))
+        decode_scrfd(
+            &self.path,
+            &outs,
+            (cfg.input_size, cfg.input_size),
+            det_scale,
+            cfg,
+        )
     }
+}
+
+/// SCRFD's raw outputs (score, box and key-point maps per stride, for an input of `(ih, iw)`)
+/// -> detections in the original image's coordinates, by score, after NMS, as InsightFace
+/// decodes them.
+pub fn decode_scrfd(
+    path: &Path,
+    outs: &[TValue],
+    (ih, iw): (usize, usize),
+    det_scale: f32,
+    cfg: &ScrfdConfig,
+) -> Result<Vec<Detection>> {
+    let fmc = cfg.strides.len();
+    if outs.len() < 3 * fmc {
+        return Err(Error::weights(
+            path,
+            format!("expected {} outputs, got {}", 3 * fmc, outs.len()),
+        ));
+    }
+    let mut dets = Vec::new();
+    for (k, &stride) in cfg.strides.iter().enumerate() {
+        let (fh, fw) = (ih / stride, iw / stride);
+        let n = fh * fw * cfg.num_anchors;
+        let view = |o: usize, per: usize| -> Result<&[f32]> {
+            let s = outs[o]
+                .as_slice::<f32>()
+                .map_err(|e| tract_err(path, "SCRFD output", e))?;
+            if s.len() != n * per {
+                return Err(Error::weights(
+                    path,
+                    format!(
+                        "output {o} (stride {stride}) has {} values, expected {n}x{per}",
+                        s.len()
+                    ),
+                ));
+            }
+            Ok(s)
+        };
+        let scores = view(k, 1)?;
+        let boxes = view(k + fmc, 4)?;
+        let kps = view(k + 2 * fmc, 10)?;
+        for (i, &score) in scores.iter().enumerate() {
+            if score < cfg.score_threshold {
+                continue;
+            }
+            let cell = i / cfg.num_anchors;
+            let cx = ((cell % fw) * stride) as f32;
+            let cy = ((cell / fw) * stride) as f32;
+            let st = stride as f32;
+            let b = &boxes[4 * i..4 * i + 4];
+            let bbox = [
+                (cx - b[0] * st) / det_scale,
+                (cy - b[1] * st) / det_scale,
+                (cx + b[2] * st) / det_scale,
+                (cy + b[3] * st) / det_scale,
+            ];
+            let kp = &kps[10 * i..10 * i + 10];
+            let mut pts = [[0f32; 2]; 5];
+            for (j, p) in pts.iter_mut().enumerate() {
+                *p = [
+                    (cx + kp[2 * j] * st) / det_scale,
+                    (cy + kp[2 * j + 1] * st) / det_scale,
+                ];
+            }
+            dets.push(Detection {
+                bbox,
+                score,
+                kps: pts,
+            });
+        }
+    }
+    dets.sort_by(|a, b| b.score.total_cmp(&a.score));
+    Ok(nms(&dets, cfg.nms_threshold))
 }
 
 /// Least-squares similarity (rotation, uniform scale, translation; no reflection) mapping
