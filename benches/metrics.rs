@@ -39,6 +39,7 @@ fn time<T>(label: &str, reps: usize, mut f: impl FnMut() -> T) {
 }
 
 fn main() {
+    mcld::device::retain_freed_memory();
     metric_timings();
     pt_inception_and_face_timings();
 }

@@ -15,6 +15,7 @@ fn gib(bytes: Option<u64>) -> String {
 }
 
 fn main() {
+    mcld::device::retain_freed_memory();
     let dev = Device::Cpu;
     let cfg = Config::sd15();
     let t0 = Instant::now();

@@ -2,6 +2,7 @@ use clap::Parser;
 use mcld::cli::{self, Cli, CliError};
 
 fn main() {
+    mcld::device::retain_freed_memory();
     let args = Cli::parse();
     match cli::run(args) {
         Ok(()) => {}

@@ -633,3 +633,30 @@ fn load_from_safetensors_file() {
     .to_string();
     assert!(e.contains("/nonexistent/w.safetensors"), "{e}");
 }
+
+/// On a GPU the decoder's and chart predictor's bilinear upscales run as candle's
+/// `upsample_bilinear2d_with_scale` instead of our host loop (which the fixtures pin). Same
+/// interpolation on the CPU, for the factors and odd shapes used: equal to float rounding.
+#[test]
+fn device_bilinear_matches_host_bilinear() {
+    use mcld::prepare::densepose::predictor::upsample_bilinear_host;
+    let dev = Device::Cpu;
+    for (factor, h, w) in [(2usize, 28usize, 28usize), (2, 37, 50), (2, 1, 3), (4, 7, 5)] {
+        let x = Tensor::randn(0f32, 1f32, (2, 3, h, w), &dev).unwrap();
+        let host = upsample_bilinear_host(&x, factor).unwrap();
+        let f = factor as f64;
+        let kernel = x.upsample_bilinear2d_with_scale(f, f, false).unwrap();
+        assert_eq!(host.dims(), kernel.dims());
+        let err = (host - kernel)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err < 1e-5, "factor {factor}, {h}x{w}: max error {err}");
+    }
+}

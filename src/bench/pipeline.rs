@@ -242,12 +242,16 @@ impl Phases {
     }
 }
 
-fn absmax(t: &Tensor) -> Result<f32> {
-    Ok(t.to_dtype(DType::F32)?
-        .abs()?
+/// Largest |x| and whether every value is finite, on the host: candle's `max` reductions skip
+/// NaNs (CUDA's `fmaxf`, and the CPU's comparisons past the first element).
+fn absmax(t: &Tensor) -> Result<(f32, bool)> {
+    let v = t
+        .to_dtype(DType::F32)?
         .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?)
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec1::<f32>()?;
+    let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    Ok((max, v.iter().all(|x| x.is_finite())))
 }
 
 /// Runs one batch phase by phase; `gpu_peak` collects nvidia-smi samples on CUDA.
@@ -294,9 +298,10 @@ fn run_batch(
     dev.synchronize()?;
     ph.decode = t.elapsed().as_secs_f64();
     sample_gpu();
-    ph.latent_absmax = absmax(&latents)?;
-    let img_max = absmax(&img)?;
-    ph.finite = ph.latent_absmax.is_finite() && img_max.is_finite();
+    let (latent_max, latent_finite) = absmax(&latents)?;
+    let (_, img_finite) = absmax(&img)?;
+    ph.latent_absmax = latent_max;
+    ph.finite = latent_finite && img_finite;
     Ok(ph)
 }
 

@@ -46,6 +46,8 @@ pub struct McldPipeline {
 pub struct Precision {
     pub compute: DType,
     pub round_weights: Option<DType>,
+    /// What the user should know about this choice on this device, if anything.
+    pub caveat: Option<&'static str>,
 }
 
 impl Precision {
@@ -54,23 +56,34 @@ impl Precision {
             Self {
                 compute: DType::F32,
                 round_weights: Some(DType::BF16),
+                caveat: None,
             }
         } else {
+            // candle 0.11.1 asks cuDNN for f16 accumulation in f16 convolutions (PyTorch asks
+            // for f32); its bf16 convolutions and all its half matmuls accumulate in f32.
+            let caveat = (requested == DType::F16 && device.is_cuda()).then_some(
+                "f16 convolutions accumulate in f16 on candle's cuDNN path; bf16 accumulates in f32",
+            );
             Self {
                 compute: requested,
                 round_weights: None,
+                caveat,
             }
         }
     }
 
     /// One line for logs: what actually runs.
     pub fn describe(&self) -> String {
-        match self.round_weights {
+        let what = match self.round_weights {
             Some(r) => format!(
                 "{r:?} weights computed in {:?} (no {r:?} matmul on this device)",
                 self.compute
             ),
             None => format!("{:?}", self.compute),
+        };
+        match self.caveat {
+            Some(c) => format!("{what} ({c})"),
+            None => what,
         }
     }
 

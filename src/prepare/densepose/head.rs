@@ -4,7 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
 
 use super::config::Config;
-use super::predictor::upsample_bilinear;
+use super::predictor::upsample_bilinear_by;
 use super::resnet::ConvBn;
 use crate::{Error, Result};
 
@@ -72,8 +72,7 @@ impl Decoder {
             for (conv, up) in tower {
                 x = conv.forward(&x)?.relu()?;
                 if *up {
-                    let (_, _, h, w) = x.dims4()?;
-                    x = upsample_bilinear(&x, h * 2, w * 2, 0.5, 0.5)?;
+                    x = upsample_bilinear_by(&x, 2)?;
                 }
             }
             acc = Some(match acc {

@@ -430,7 +430,8 @@ pub fn load_safetensors(
 /// restricted pickle reader, never executing pickle code), safetensors or a PyTorch checkpoint.
 /// Names are detectron2's state-dict names; extra entries (e.g. `pixel_mean`) are ignored.
 pub fn load_weights(path: &std::path::Path, cfg: &Config, device: &Device) -> Result<DensePose> {
-    let tensors = crate::weights::load(path, device)?;
+    // Cast on the host: candle's CUDA casts lack int32 -> f32, and unused entries stay there.
+    let tensors = crate::weights::load(path, &Device::Cpu)?;
     let tensors = tensors
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))

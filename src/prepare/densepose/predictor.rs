@@ -6,24 +6,29 @@ use candle_nn::VarBuilder;
 use super::config::Config;
 use crate::{Error, Result};
 
-/// `F.interpolate(mode="bilinear", align_corners=False)` of `[N, C, H, W]`; `scale_*` is the
-/// source step per output pixel (1/scale_factor, or in/out when a size is given).
-pub fn upsample_bilinear(
-    x: &Tensor,
-    oh: usize,
-    ow: usize,
-    scale_h: f32,
-    scale_w: f32,
-) -> Result<Tensor> {
+/// `F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)` of
+/// `[N, C, H, W]`. On the CPU the host loop below (torch's float arithmetic; the fixtures pin it);
+/// elsewhere candle's kernel, so decoder maps never make a round trip through host memory (same
+/// taps, weights computed in double; `tests/prepare_densepose.rs` bounds the difference).
+pub fn upsample_bilinear_by(x: &Tensor, factor: usize) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        return upsample_bilinear_host(x, factor);
+    }
+    let f = factor as f64;
+    Ok(x.upsample_bilinear2d_with_scale(f, f, false)?)
+}
+
+/// The host-side `upsample_bilinear_by`, on whatever device `x` lives (result on the same one).
+pub fn upsample_bilinear_host(x: &Tensor, factor: usize) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    let dev = x.device().clone();
+    let (oh, ow, inv) = (h * factor, w * factor, 1.0 / factor as f32);
     let data = x
         .to_dtype(DType::F32)?
-        .flatten_all()?
         .to_device(&Device::Cpu)?
+        .flatten_all()?
         .to_vec1::<f32>()?;
-    let out = bilinear_host(&data, n * c, h, w, oh, ow, scale_h, scale_w);
-    Ok(Tensor::from_vec(out, (n, c, oh, ow), &dev)?)
+    let out = bilinear_host(&data, n * c, h, w, oh, ow, inv, inv);
+    Ok(Tensor::from_vec(out, (n, c, oh, ow), x.device())?)
 }
 
 /// Source indices and weights along one axis (PyTorch's `compute_indices_weights_linear`).
@@ -173,12 +178,7 @@ impl ChartPredictor {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<ChartOutput> {
-        let s = self.up_scale;
-        let inv = 1.0 / s as f32;
-        let up = |t: Tensor| -> Result<Tensor> {
-            let (_, _, h, w) = t.dims4()?;
-            upsample_bilinear(&t, h * s, w * s, inv, inv)
-        };
+        let up = |t: Tensor| upsample_bilinear_by(&t, self.up_scale);
         Ok(ChartOutput {
             coarse_segm: up(self.coarse.forward(x)?)?,
             fine_segm: up(self.fine.forward(x)?)?,

@@ -85,6 +85,12 @@ impl HostMap {
             t.clone()
         };
         let (c, h, w) = t.dims3()?;
+        // A view into a batch would otherwise bring the whole batch's storage to the host.
+        let t = if t.device().is_cpu() {
+            t
+        } else {
+            t.force_contiguous()?
+        };
         let data = t
             .to_dtype(DType::F32)?
             .flatten_all()?
@@ -370,6 +376,14 @@ impl BoxHead {
         proposals: &[[f32; 4]],
         image_hw: (usize, usize),
     ) -> Result<Detections> {
+        if proposals.is_empty() {
+            // candle's CUDA softmax cannot launch on zero rows.
+            return Ok(Detections {
+                boxes: Vec::new(),
+                scores: Vec::new(),
+                classes: Vec::new(),
+            });
+        }
         let probs = candle_nn::ops::softmax_last_dim(&out.cls_logits)?.to_vec2::<f32>()?;
         let deltas = out.bbox_deltas.to_vec2::<f32>()?;
         let (ih, iw) = (image_hw.0 as f32, image_hw.1 as f32);
