@@ -641,7 +641,12 @@ fn load_from_safetensors_file() {
 fn device_bilinear_matches_host_bilinear() {
     use mcld::prepare::densepose::predictor::upsample_bilinear_host;
     let dev = Device::Cpu;
-    for (factor, h, w) in [(2usize, 28usize, 28usize), (2, 37, 50), (2, 1, 3), (4, 7, 5)] {
+    for (factor, h, w) in [
+        (2usize, 28usize, 28usize),
+        (2, 37, 50),
+        (2, 1, 3),
+        (4, 7, 5),
+    ] {
         let x = Tensor::randn(0f32, 1f32, (2, 3, h, w), &dev).unwrap();
         let host = upsample_bilinear_host(&x, factor).unwrap();
         let f = factor as f64;

@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::ChwImage;
+use crate::models::conv::conv2d_forward;
 use crate::{Error, Result};
 
 /// BatchNorm epsilon of torchvision's BasicConv2d.
@@ -77,10 +78,10 @@ impl BasicConv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (ph, pw) = self.pad;
         let y = if ph == pw {
-            x.conv2d(&self.weight, ph, self.stride, 1, 1)?
+            conv2d_forward(x, &self.weight, None, ph, self.stride, 1, 1)?
         } else {
             let x = x.pad_with_zeros(2, ph, ph)?.pad_with_zeros(3, pw, pw)?;
-            x.conv2d(&self.weight, 0, self.stride, 1, 1)?
+            conv2d_forward(&x, &self.weight, None, 0, self.stride, 1, 1)?
         };
         Ok(y.broadcast_mul(&self.scale)?
             .broadcast_add(&self.shift)?

@@ -5,7 +5,9 @@
 //! (`lin{k}.model.1.weight`; the newer `lins.{k}.model.1.weight` spelling is accepted too).
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, Module, VarBuilder};
+use candle_nn::{Conv2dConfig, Module, VarBuilder};
+
+use crate::models::conv::{conv2d, conv2d_forward, Conv2d};
 
 use crate::Result;
 
@@ -40,13 +42,7 @@ impl AlexTrunk {
                 stride,
                 ..Default::default()
             };
-            convs.push(candle_nn::conv2d(
-                cin,
-                cout,
-                k,
-                cfg,
-                vb.pp(idx.to_string()),
-            )?);
+            convs.push(conv2d(cin, cout, k, cfg, vb.pp(idx.to_string()))?);
         }
         Ok(Self { convs })
     }
@@ -151,7 +147,7 @@ impl Lpips {
             let norm = f.sqr()?.sum_keepdim(1)?.sqrt()?;
             let f = f.broadcast_div(&(norm + 1e-10)?)?;
             let d = (f.narrow(0, 0, n)? - f.narrow(0, n, n)?)?.sqr()?;
-            let l = d.conv2d(lin, 0, 1, 1, 1)?;
+            let l = conv2d_forward(&d, lin, None, 0, 1, 1, 1)?;
             layers.push(l.flatten_from(1)?.mean(D::Minus1)?);
         }
         let per_layer = Tensor::stack(&layers, 1)?;

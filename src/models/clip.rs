@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+
+use crate::models::conv::Conv2d;
 use serde::Deserialize;
 
 use super::nn::{attention, merge_heads, split_heads, LayerNorm};
@@ -190,7 +192,7 @@ impl ClipVisionModelWithProjection {
             ..Default::default()
         };
         Ok(Self {
-            patch: candle_nn::conv2d_no_bias(
+            patch: crate::models::conv::conv2d_no_bias(
                 cfg.num_channels,
                 d,
                 cfg.patch_size,

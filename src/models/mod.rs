@@ -1,6 +1,7 @@
 //! The networks of MCLD (SPEC §3), each a `Config` + `new(vb, cfg)` + `forward`.
 
 pub mod clip;
+pub mod conv;
 pub mod nn;
 pub mod pose_guider;
 pub mod resampler;

@@ -5,7 +5,9 @@
 //! the 4-D version here has the same weights and the same keys.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::models::conv::Conv2d;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -55,7 +57,7 @@ fn conv(vb: VarBuilder, cin: usize, cout: usize, stride: usize, name: &str) -> R
         stride,
         ..Default::default()
     };
-    candle_nn::conv2d(cin, cout, 3, cfg, vb.pp(name))
+    crate::models::conv::conv2d(cin, cout, 3, cfg, vb.pp(name))
         .map_err(|e| Error::msg(format!("pose guider: {e}")))
 }
 

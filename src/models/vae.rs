@@ -7,7 +7,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+use crate::models::conv::{conv2d, Conv2d};
 use serde::Deserialize;
 
 use super::nn::{attention, merge_heads, split_heads};
@@ -139,7 +141,7 @@ fn conv(
         stride,
         ..Default::default()
     };
-    Ok(candle_nn::conv2d(cin, cout, k, cfg, vb)?)
+    Ok(conv2d(cin, cout, k, cfg, vb)?)
 }
 
 fn group_norm(vb: VarBuilder, groups: usize, c: usize) -> Result<GroupNorm> {

@@ -3,7 +3,9 @@
 //! states) and IP-adapter cross-attention on the trailing face tokens.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, Linear, VarBuilder};
+
+use crate::models::conv::Conv2d;
 
 use super::resnet::conv;
 use super::{BankMode, ReferenceBank};

@@ -12,7 +12,9 @@ mod resnet;
 use std::path::Path;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
+
+use crate::models::conv::Conv2d;
 use serde::{Deserialize, Serialize};
 
 pub use attention::IpAdapter;

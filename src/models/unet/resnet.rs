@@ -1,7 +1,9 @@
 //! ResnetBlock2D and the resampling convolutions of the SD UNet.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+use crate::models::conv::{conv2d, Conv2d};
 
 use crate::Result;
 
@@ -12,7 +14,7 @@ pub fn conv(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize) ->
         stride,
         ..Default::default()
     };
-    Ok(candle_nn::conv2d(cin, cout, k, cfg, vb)?)
+    Ok(conv2d(cin, cout, k, cfg, vb)?)
 }
 
 /// diffusers' `ResnetBlock2D` with `time_embedding_norm="default"` and output scale 1.
@@ -87,7 +89,7 @@ impl Downsample2D {
             ..Default::default()
         };
         Ok(Self {
-            conv: candle_nn::conv2d(ch, ch, 3, cfg, vb.pp("conv"))?,
+            conv: conv2d(ch, ch, 3, cfg, vb.pp("conv"))?,
             pad_right_bottom: padding == 0,
         })
     }

@@ -4,6 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Config;
+use crate::models::conv::conv2d_forward;
 use crate::{Error, Result};
 
 /// detectron2 `FrozenBatchNorm2d` at inference: a fixed per-channel affine.
@@ -104,7 +105,7 @@ impl ConvBn {
 
 impl Module for ConvBn {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = match &self.pointwise {
+        let y = match &self.pointwise {
             Some(w) => {
                 let (n, c, h, wd) = x.dims4()?;
                 let flat = x.reshape((n, c, h * wd))?;
@@ -112,18 +113,22 @@ impl Module for ConvBn {
                     .matmul(&flat)?
                     .reshape((n, (), h, wd))?
             }
-            None => x.conv2d(
-                &self.weight,
-                self.padding,
-                self.stride,
-                self.dilation,
-                self.groups,
-            )?,
+            None => {
+                return conv2d_forward(
+                    x,
+                    &self.weight,
+                    self.bias.as_ref(),
+                    self.padding,
+                    self.stride,
+                    self.dilation,
+                    self.groups,
+                )
+            }
         };
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
         }
-        Ok(y)
     }
 }
 
