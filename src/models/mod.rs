@@ -2,6 +2,7 @@
 
 pub mod clip;
 pub mod conv;
+pub mod cpu_attention;
 pub mod nn;
 pub mod pose_guider;
 pub mod resampler;

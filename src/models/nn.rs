@@ -67,8 +67,12 @@ pub const ATTENTION_CHUNK_ELEMS: usize = 1 << 26;
 /// half-precision inputs. Query rows are processed in slices of at most
 /// [`ATTENTION_CHUNK_ELEMS`] scores (each row's result is independent of the slicing). Without
 /// gradient tracking the fused softmax is used; with it, the softmax from primitives, because
-/// the fused one has no backward pass.
+/// the fused one has no backward pass. f32 on the CPU without gradients takes the fused kernel
+/// of `cpu_attention` instead.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    if let Some(out) = super::cpu_attention::attention(q, k, v)? {
+        return Ok(out);
+    }
     attention_chunked(q, k, v, ATTENTION_CHUNK_ELEMS)
 }
 
