@@ -2,25 +2,17 @@
 //! the awkward ones (padding wider than the kernel reach, strides that skip the last column,
 //! dilation, non-square kernels, views, many tiles).
 
+mod common;
+
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::Conv2dConfig;
+use common::max_errs;
 use mcld::models::conv::{conv2d_cpu, conv2d_forward, Conv2d};
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Relative to the reference's largest magnitude.
-fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    max_abs(&(got - want).unwrap()) / max_abs(want).max(1e-12)
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let (e, m) = max_errs(got, want);
+    e / m.max(1e-12)
 }
 
 fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, pad: usize, s: usize, d: usize) -> Tensor {

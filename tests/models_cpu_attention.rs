@@ -1,35 +1,10 @@
 //! The fused CPU attention and its vectorised exp, against f64 arithmetic.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{max_errs, naive_attention as naive};
 use mcld::models::cpu_attention::{attention, exp_approx, exp_shifted, softmax_in_place};
-
-fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-    let (q, k, v) = (
-        q.to_dtype(DType::F64).unwrap(),
-        k.to_dtype(DType::F64).unwrap(),
-        v.to_dtype(DType::F64).unwrap(),
-    );
-    let d = q.dim(D::Minus1).unwrap() as f64;
-    let s = (q.matmul(&k.t().unwrap()).unwrap() / d.sqrt()).unwrap();
-    let m = s.max_keepdim(D::Minus1).unwrap();
-    let e = s.broadcast_sub(&m).unwrap().exp().unwrap();
-    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-    p.matmul(&v).unwrap()
-}
-
-fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 #[test]
 fn exp_is_within_two_ulp_on_its_domain() {
@@ -86,7 +61,7 @@ fn matches_f64_attention_over_shapes() {
         let k = Tensor::randn(0f32, 1.0, (b, h, tk, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (b, h, tk, dv), &dev).unwrap();
         let got = attention(&q, &k, &v).unwrap().expect("fused path applies");
-        let e = max_abs(&got, &naive(&q, &k, &v));
+        let e = max_errs(&got, &naive(&q, &k, &v)).0;
         println!("{b}x{h}x{tq}x{tk} d {d}: max_abs_err vs f64 {e:.3e}");
         assert!(e < 1e-5, "fused attention off by {e}");
     }
@@ -99,7 +74,7 @@ fn views_and_fallbacks() {
     let x = Tensor::randn(0f32, 1.0, (2, 50, 4 * 8), &dev).unwrap();
     let heads = x.reshape((2, 50, 4, 8)).unwrap().transpose(1, 2).unwrap();
     let got = attention(&heads, &heads, &heads).unwrap().unwrap();
-    assert!(max_abs(&got, &naive(&heads, &heads, &heads)) < 1e-5);
+    assert!(max_errs(&got, &naive(&heads, &heads, &heads)).0 < 1e-5);
     // Half precision and tracked inputs are left to the generic path.
     let h16 = heads.to_dtype(DType::F16).unwrap();
     assert!(attention(&h16, &h16, &h16).unwrap().is_none());

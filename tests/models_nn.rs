@@ -1,35 +1,14 @@
 //! The shared attention: slicing the query rows must not change the result, and gradients
 //! must still flow when the inputs are trained.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{max_errs, naive_attention as naive};
 use mcld::models::nn::{attention, attention_chunked};
 
-/// Plain softmax(q k^T / sqrt(d)) v, one matrix at a time, in f64 as the yardstick.
-fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-    let (q, k, v) = (
-        q.to_dtype(DType::F64).unwrap(),
-        k.to_dtype(DType::F64).unwrap(),
-        v.to_dtype(DType::F64).unwrap(),
-    );
-    let d = q.dim(D::Minus1).unwrap() as f64;
-    let s = (q.matmul(&k.t().unwrap()).unwrap() / d.sqrt()).unwrap();
-    let m = s.max_keepdim(D::Minus1).unwrap();
-    let e = s.broadcast_sub(&m).unwrap().exp().unwrap();
-    let p = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
-    p.matmul(&v).unwrap()
-}
-
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    max_errs(a, b).0
 }
 
 fn qkv(tq: usize, tk: usize) -> (Tensor, Tensor, Tensor) {

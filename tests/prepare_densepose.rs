@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::{assert_close, fixture_path, load_case, Case, Tolerance};
+use common::{assert_close, fixture_path, load_case, max_errs, Case, Tolerance};
 use mcld::prepare::densepose::iuv::{self, Image3};
 use mcld::prepare::densepose::{Config, DensePose};
 
@@ -652,16 +652,7 @@ fn device_bilinear_matches_host_bilinear() {
         let f = factor as f64;
         let kernel = x.upsample_bilinear2d_with_scale(f, f, false).unwrap();
         assert_eq!(host.dims(), kernel.dims());
-        let err = (host - kernel)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = max_errs(&host, &kernel).0;
         assert!(err < 1e-5, "factor {factor}, {h}x{w}: max error {err}");
     }
 }

@@ -13,6 +13,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::host::{with_f32, SharedOut};
+
 /// A tile's patch matrix holds at most this many floats (16 MiB).
 const TILE_FLOATS: usize = 1 << 22;
 
@@ -171,17 +173,6 @@ pub fn conv2d_cpu(
     )?))
 }
 
-/// Runs `f` on a contiguous f32 CPU tensor's data.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-            Ok(f(&v[layout.start_offset()..]))
-        }
-        _ => candle_core::bail!("conv2d fast path: expected an f32 CPU tensor"),
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
     ci: usize,
@@ -255,20 +246,7 @@ impl Geometry {
     }
 }
 
-/// Raw output pointer shared by tiles that write disjoint columns of the same rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every tile writes only its own output pixels (see `run`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// A method, so closures capture the `Sync` wrapper rather than its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
+/// The convolution of `n` images; tiles of output rows write disjoint parts of the output.
 fn run(g: &Geometry, n: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (k, p) = (g.k(), g.oh * g.ow);
     let mut out = vec![0f32; n * g.co * p];
@@ -297,7 +275,7 @@ fn run(g: &Geometry, n: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Ve
     } else {
         gemm::Parallelism::Rayon(threads)
     };
-    let dst = OutPtr(out.as_mut_ptr());
+    let dst = SharedOut::new(&mut out);
     let tile = |&(b, r0, r1): &(usize, usize, usize), col: &mut Vec<f32>| {
         let np = (r1 - r0) * g.ow;
         let xb = &x[b * g.ci * g.h * g.w..(b + 1) * g.ci * g.h * g.w];

@@ -10,6 +10,8 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use super::host::{with_f32, SharedOut};
+
 /// Scores per task block: about 512 KiB, inside a core's L2.
 const BLOCK_SCORES: usize = 1 << 17;
 
@@ -42,17 +44,6 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Opti
     Ok(Some(Tensor::from_vec(out, (b, h, tq, dv), q.device())?))
 }
 
-/// Runs `f` on a contiguous f32 CPU tensor's data.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-            Ok(f(&v[layout.start_offset()..]))
-        }
-        _ => candle_core::bail!("fused attention: expected an f32 CPU tensor"),
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Shape {
     bh: usize,
@@ -62,19 +53,7 @@ struct Shape {
     dv: usize,
 }
 
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own block of output rows (see `run`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// A method, so closures capture the `Sync` wrapper rather than its raw field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
+/// All heads; each task owns one block of one head's output rows.
 fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; s.bh * s.tq * s.dv];
     if out.is_empty() {
@@ -83,7 +62,7 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
     let rows = (BLOCK_SCORES / s.tk).clamp(1, s.tq);
     let blocks = s.tq.div_ceil(rows);
     let scale = 1.0 / (s.d as f32).sqrt();
-    let dst = OutPtr(out.as_mut_ptr());
+    let dst = SharedOut::new(&mut out);
     (0..s.bh * blocks)
         .into_par_iter()
         .for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {

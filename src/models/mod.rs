@@ -3,6 +3,7 @@
 pub mod clip;
 pub mod conv;
 pub mod cpu_attention;
+mod host;
 pub mod nn;
 pub mod pose_guider;
 pub mod resampler;

@@ -156,6 +156,23 @@ pub fn max_errs(got: &Tensor, expected: &Tensor) -> (f64, f64) {
     (err, mx)
 }
 
+/// Plain softmax(q k^T / sqrt(d)) v in f64, one matrix at a time: the yardstick for attention.
+pub fn naive_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    let (q, k, v) = (
+        q.to_dtype(DType::F64).unwrap(),
+        k.to_dtype(DType::F64).unwrap(),
+        v.to_dtype(DType::F64).unwrap(),
+    );
+    let d = q.dim(candle_core::D::Minus1).unwrap() as f64;
+    let s = (q.matmul(&k.t().unwrap()).unwrap() / d.sqrt()).unwrap();
+    let m = s.max_keepdim(candle_core::D::Minus1).unwrap();
+    let e = s.broadcast_sub(&m).unwrap().exp().unwrap();
+    let p = e
+        .broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap())
+        .unwrap();
+    p.matmul(&v).unwrap()
+}
+
 /// Asserts `got` matches `expected` within `tol`, printing the worst error either way.
 pub fn assert_close(name: &str, got: &Tensor, expected: &Tensor, tol: Tolerance) {
     let (err, mx) = max_errs(got, expected);
