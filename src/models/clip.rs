@@ -192,13 +192,14 @@ impl ClipVisionModelWithProjection {
             ..Default::default()
         };
         Ok(Self {
-            patch: crate::models::conv::conv2d_no_bias(
+            patch: candle_nn::conv2d_no_bias(
                 cfg.num_channels,
                 d,
                 cfg.patch_size,
                 conv_cfg,
                 emb.pp("patch_embedding"),
-            )?,
+            )
+            .map(Conv2d::from)?,
             class_embedding: emb.get(d, "class_embedding")?,
             position_embedding: emb.get((cfg.num_positions(), d), "position_embedding.weight")?,
             pre_ln: LayerNorm::new(vm.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,

@@ -56,7 +56,7 @@ impl From<candle_nn::Conv2d> for Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let c = self.config();
-        match conv2d_cpu(
+        conv2d_forward(
             x,
             self.weight(),
             self.bias(),
@@ -64,10 +64,7 @@ impl Module for Conv2d {
             c.stride,
             c.dilation,
             c.groups,
-        )? {
-            Some(y) => Ok(y),
-            None => self.inner.forward(x),
-        }
+        )
     }
 }
 
@@ -80,17 +77,6 @@ pub fn conv2d(
     vb: VarBuilder,
 ) -> candle_core::Result<Conv2d> {
     candle_nn::conv2d(cin, cout, k, cfg, vb).map(Conv2d::from)
-}
-
-/// `candle_nn::conv2d_no_bias` returning our `Conv2d`.
-pub fn conv2d_no_bias(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    cfg: Conv2dConfig,
-    vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
-    candle_nn::conv2d_no_bias(cin, cout, k, cfg, vb).map(Conv2d::from)
 }
 
 /// `x.conv2d(w, ..)` (+ bias per output channel) through the fast path where it applies.
