@@ -122,7 +122,7 @@ pub fn conv2d_cpu(
     }
     let (n, ci, h, wd) = x.dims4()?;
     let (co, ci_w, kh, kw) = w.dims4()?;
-    if ci != ci_w || bias.is_some_and(|b| b.elem_count() != co) {
+    if ci != ci_w || kh == 0 || kw == 0 || bias.is_some_and(|b| b.elem_count() != co) {
         // Let candle report the mismatch in its own words.
         return Ok(None);
     }
