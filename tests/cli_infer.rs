@@ -195,61 +195,16 @@ fn infer_without_densepose_says_what_is_missing() {
     assert!(!out.exists());
 }
 
-/// SCRFD (PyPI sdist `scrfd` 0.3.0, with its test photos) and an ArcFace-style 112x112 -> 512
-/// recogniser (npm `faceplugin-face-recognition-js` 0.0.1), fetched once into the target
-/// folder's test cache (the same cache `tests/prepare_face.rs` uses); a failed fetch fails.
-fn face_models() -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    let cache = target.join("mcld-test-cache/face");
-    std::fs::create_dir_all(&cache).unwrap();
-    let sh = |cmd: &mut Command| {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let scrfd = cache.join("scrfd-0.3.0");
-    if !scrfd.join("models/scrfd.onnx").is_file() {
-        sh(Command::new("pip")
-            .args(["download", "--no-deps", "--no-binary", ":all:"])
-            .args(["scrfd==0.3.0", "-d"])
-            .arg(&cache));
-        sh(Command::new("tar")
-            .arg("xzf")
-            .arg(cache.join("scrfd-0.3.0.tar.gz"))
-            .arg("-C")
-            .arg(&cache));
-    }
-    let rec = cache.join("package/model/fr_feature.onnx");
-    if !rec.is_file() {
-        sh(Command::new("npm")
-            .args(["pack", "faceplugin-face-recognition-js@0.0.1"])
-            .arg("--pack-destination")
-            .arg(&cache)
-            .current_dir(&cache));
-        sh(Command::new("tar")
-            .arg("xzf")
-            .arg(cache.join("faceplugin-face-recognition-js-0.0.1.tgz"))
-            .arg("-C")
-            .arg(&cache)
-            .arg("package/model/fr_feature.onnx"));
-    }
-    (
-        scrfd.join("models/scrfd.onnx"),
-        rec,
-        scrfd.join("images/newton.png"),
-    )
-}
-
 #[test]
 fn infer_computes_the_face_embedding() {
     let d = tempfile::tempdir().unwrap();
     let tiny = write_tiny_layout(&d.path().join("w"), &d.path().join("data"), 1).unwrap();
-    let (det, rec, photo_path) = face_models();
+    let m = common::face_test_models();
+    let (det, rec, photo_path) = (
+        m.detector.clone(),
+        m.recogniser.clone(),
+        m.scrfd_dir.join("images/newton.png"),
+    );
     let pre = d.path().join("pretrained");
     std::fs::create_dir_all(pre.join("antelopev2")).unwrap();
     std::fs::copy(&det, pre.join("antelopev2/scrfd_10g_bnkps.onnx")).unwrap();

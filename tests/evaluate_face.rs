@@ -8,67 +8,15 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
+use common::face_test_models;
 use image::RgbImage;
 use mcld::cli::evaluate::{face_similarity, face_status, EvalOptions};
 use mcld::metrics::face::{FaceConfig, FaceModels, DETECTOR_ONNX, RECOGNISER_ONNX};
 
-fn cache_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("mcld-test-cache/face")
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// (detector, recogniser, folder of the package photos), fetched once.
-fn assets() -> &'static (PathBuf, PathBuf, PathBuf) {
-    static A: OnceLock<(PathBuf, PathBuf, PathBuf)> = OnceLock::new();
-    A.get_or_init(|| {
-        let cache = cache_dir();
-        std::fs::create_dir_all(&cache).unwrap();
-        let scrfd = cache.join("scrfd-0.3.0");
-        if !scrfd.join("models/scrfd.onnx").is_file() {
-            run(Command::new("pip")
-                .args(["download", "--no-deps", "--no-binary", ":all:"])
-                .args(["scrfd==0.3.0", "-d"])
-                .arg(&cache));
-            run(Command::new("tar")
-                .arg("xzf")
-                .arg(cache.join("scrfd-0.3.0.tar.gz"))
-                .arg("-C")
-                .arg(&cache));
-        }
-        let rec = cache.join("package/model/fr_feature.onnx");
-        if !rec.is_file() {
-            run(Command::new("npm")
-                .args(["pack", "faceplugin-face-recognition-js@0.0.1"])
-                .arg("--pack-destination")
-                .arg(&cache)
-                .current_dir(&cache));
-            run(Command::new("tar")
-                .arg("xzf")
-                .arg(cache.join("faceplugin-face-recognition-js-0.0.1.tgz"))
-                .arg("-C")
-                .arg(&cache)
-                .arg("package/model/fr_feature.onnx"));
-        }
-        (scrfd.join("models/scrfd.onnx"), rec, scrfd.join("images"))
-    })
-}
-
 /// A pretrained folder holding the stand-ins under buffalo_s's names.
 fn pretrained(root: &Path) -> PathBuf {
-    let (det, rec, _) = assets();
+    let (det, rec) = (&face_test_models().detector, &face_test_models().recogniser);
     let pre = root.join("pretrained");
     std::fs::create_dir_all(pre.join("buffalo_s")).unwrap();
     std::fs::copy(det, pre.join("buffalo_s").join(DETECTOR_ONNX)).unwrap();
@@ -78,7 +26,9 @@ fn pretrained(root: &Path) -> PathBuf {
 
 /// A package photo fitted into a 176x256 grey canvas, like a DeepFashion 256 image.
 fn photo(name: &str) -> RgbImage {
-    let img = image::open(assets().2.join(name)).unwrap().to_rgb8();
+    let img = image::open(face_test_models().scrfd_dir.join("images").join(name))
+        .unwrap()
+        .to_rgb8();
     let (w, h) = img.dimensions();
     let s = (176.0 / w as f64).min(256.0 / h as f64);
     let (nw, nh) = ((w as f64 * s) as u32, (h as f64 * s) as u32);

@@ -3,86 +3,15 @@
 //! `faceplugin-face-recognition-js` 0.0.1. They are fetched with pip/npm into a cache under the
 //! target folder, never committed; a failed fetch fails the tests.
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::OnceLock;
+mod common;
 
+use common::face_test_models;
 use mcld::prepare::face::{
     norm_crop, umeyama_similarity, warp_affine, ArcFace, ArcFaceConfig, Detection, ResizeMode,
     Scrfd, ScrfdConfig, ARCFACE_TEMPLATE, DETECTOR_ONNX, RECOGNISER_ONNX,
 };
 use mcld::prepare::stats::read_npy_f32;
 use mcld::prepare::{run_prepare, PrepareOptions, Stage, StageStatus};
-
-struct Assets {
-    scrfd_dir: PathBuf,
-    recogniser: PathBuf,
-}
-
-fn cache_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("mcld-test-cache/face")
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Fetches (once) and unpacks both packages; returns where the files are.
-fn assets() -> &'static Assets {
-    static A: OnceLock<Assets> = OnceLock::new();
-    A.get_or_init(|| {
-        let cache = cache_dir();
-        std::fs::create_dir_all(&cache).unwrap();
-        let scrfd_dir = cache.join("scrfd-0.3.0");
-        if !scrfd_dir.join("models/scrfd.onnx").is_file() {
-            run(Command::new("pip")
-                .args([
-                    "download",
-                    "--no-deps",
-                    "--no-binary",
-                    ":all:",
-                    "scrfd==0.3.0",
-                    "-d",
-                ])
-                .arg(&cache));
-            run(Command::new("tar")
-                .arg("xzf")
-                .arg(cache.join("scrfd-0.3.0.tar.gz"))
-                .arg("-C")
-                .arg(&cache));
-        }
-        let pkg = cache.join("package");
-        let recogniser = pkg.join("model/fr_feature.onnx");
-        if !recogniser.is_file() {
-            run(Command::new("npm")
-                .args([
-                    "pack",
-                    "faceplugin-face-recognition-js@0.0.1",
-                    "--pack-destination",
-                ])
-                .arg(&cache)
-                .current_dir(&cache));
-            run(Command::new("tar")
-                .arg("xzf")
-                .arg(cache.join("faceplugin-face-recognition-js-0.0.1.tgz"))
-                .arg("-C")
-                .arg(&cache)
-                .arg("package/model/fr_feature.onnx"));
-        }
-        Assets {
-            scrfd_dir,
-            recogniser,
-        }
-    })
-}
 
 /// The settings of the `scrfd` package's own tests (PIL nearest resize, its thresholds).
 fn package_cfg() -> ScrfdConfig {
@@ -95,11 +24,11 @@ fn package_cfg() -> ScrfdConfig {
 }
 
 fn detector(cfg: &ScrfdConfig) -> Scrfd {
-    Scrfd::load(&assets().scrfd_dir.join("models/scrfd.onnx"), cfg).unwrap()
+    Scrfd::load(&face_test_models().scrfd_dir.join("models/scrfd.onnx"), cfg).unwrap()
 }
 
 fn photo(name: &str) -> image::RgbImage {
-    image::open(assets().scrfd_dir.join("images").join(name))
+    image::open(face_test_models().scrfd_dir.join("images").join(name))
         .unwrap()
         .to_rgb8()
 }
@@ -107,7 +36,8 @@ fn photo(name: &str) -> image::RgbImage {
 /// Expected face of a photo from the package's `tests/truth_faces.py`: box corners, five key
 /// points (x, y, in its order) and the probability.
 fn truth(name: &str) -> (Vec<[f32; 2]>, f32) {
-    let text = std::fs::read_to_string(assets().scrfd_dir.join("tests/truth_faces.py")).unwrap();
+    let text =
+        std::fs::read_to_string(face_test_models().scrfd_dir.join("tests/truth_faces.py")).unwrap();
     let start = text
         .find(&format!("\"{name}\""))
         .expect("photo in truth file");
@@ -235,7 +165,7 @@ fn cosine(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn arcface_embeds_the_same_person_closer() {
     let det = detector(&ScrfdConfig::default());
-    let rec = ArcFace::load(&assets().recogniser, &ArcFaceConfig::default()).unwrap();
+    let rec = ArcFace::load(&face_test_models().recogniser, &ArcFaceConfig::default()).unwrap();
     let newton = photo("newton.png");
     let flipped = image::imageops::flip_horizontal(&newton);
     let e1 = rec.embed(&crop_of(&det, &newton)).unwrap();
@@ -251,7 +181,7 @@ fn arcface_embeds_the_same_person_closer() {
 
 #[test]
 fn face_stage_end_to_end() {
-    let a = assets();
+    let a = face_test_models();
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("fashion");
     let weights = dir.path().join("pretrained_weights");

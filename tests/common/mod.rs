@@ -194,3 +194,66 @@ pub fn check_output(case: &Case, output_key: &str, got: &Tensor) {
     let tol = case.tolerance(output_key);
     assert_close(output_key, got, expected, tol);
 }
+
+/// Small public face models the face tests run on: SCRFD (PyPI sdist `scrfd` 0.3.0, with its
+/// test photos and truth file) and an ArcFace-style 112x112 -> 512 recogniser (npm
+/// `faceplugin-face-recognition-js` 0.0.1). Fetched once into the target folder's test cache;
+/// a failed fetch fails the test.
+pub struct FaceTestModels {
+    /// The unpacked `scrfd-0.3.0` sdist (`models/`, `images/`, `tests/`).
+    pub scrfd_dir: PathBuf,
+    pub detector: PathBuf,
+    pub recogniser: PathBuf,
+}
+
+pub fn face_test_models() -> &'static FaceTestModels {
+    use std::process::Command;
+    static A: std::sync::OnceLock<FaceTestModels> = std::sync::OnceLock::new();
+    fn run(cmd: &mut Command) {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    A.get_or_init(|| {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+        let cache = target.join("mcld-test-cache/face");
+        std::fs::create_dir_all(&cache).unwrap();
+        let scrfd_dir = cache.join("scrfd-0.3.0");
+        let detector = scrfd_dir.join("models/scrfd.onnx");
+        if !detector.is_file() {
+            run(Command::new("pip")
+                .args(["download", "--no-deps", "--no-binary", ":all:"])
+                .args(["scrfd==0.3.0", "-d"])
+                .arg(&cache));
+            run(Command::new("tar")
+                .arg("xzf")
+                .arg(cache.join("scrfd-0.3.0.tar.gz"))
+                .arg("-C")
+                .arg(&cache));
+        }
+        let recogniser = cache.join("package/model/fr_feature.onnx");
+        if !recogniser.is_file() {
+            run(Command::new("npm")
+                .args(["pack", "faceplugin-face-recognition-js@0.0.1"])
+                .arg("--pack-destination")
+                .arg(&cache)
+                .current_dir(&cache));
+            run(Command::new("tar")
+                .arg("xzf")
+                .arg(cache.join("faceplugin-face-recognition-js-0.0.1.tgz"))
+                .arg("-C")
+                .arg(&cache)
+                .arg("package/model/fr_feature.onnx"));
+        }
+        FaceTestModels {
+            scrfd_dir,
+            detector,
+            recogniser,
+        }
+    })
+}
