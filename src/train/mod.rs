@@ -1,1 +1,3 @@
-//! Filled in by its issue.
+//! Training (SPEC §4): the step (networks, loss, backward, AdamW) and the loop around it.
+
+pub mod api;
