@@ -92,10 +92,41 @@ pub fn conv2d_forward(
     if let Some(y) = conv2d_cpu(x, w, bias, padding, stride, dilation, groups)? {
         return Ok(y);
     }
+    let x = if x.track_op() && stride > 1 {
+        even_out_remainders(x, w, padding, stride, dilation)?
+    } else {
+        x.clone()
+    };
     let y = x.conv2d(w, padding, stride, dilation, groups)?;
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
         None => Ok(y),
+    }
+}
+
+/// candle 0.11.1's conv2d backward derives the transposed convolution's output padding from the
+/// height alone and applies it to both axes, so a strided convolution whose height and width
+/// leave different remainders (rows no window reaches) fails in the backward pass with a shape
+/// error. Zero rows or columns appended where no window reaches leave the output unchanged and
+/// equalise the remainders; their gradient is dropped by the padding's own backward.
+fn even_out_remainders(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> candle_core::Result<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let rem = |size: usize, k: usize| {
+        (size + 2 * padding)
+            .checked_sub(dilation * (k.max(1) - 1) + 1)
+            .map(|span| span % stride)
+    };
+    match (rem(h, kh), rem(wd, kw)) {
+        (Some(rh), Some(rw)) if rh > rw => x.pad_with_zeros(3, 0, rh - rw),
+        (Some(rh), Some(rw)) if rw > rh => x.pad_with_zeros(2, 0, rw - rh),
+        _ => Ok(x.clone()),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The networks of MCLD (SPEC §3), each a `Config` + `new(vb, cfg)` + `forward`.
 
+pub mod checkpoint;
 pub mod clip;
 pub mod conv;
 pub mod cpu_attention;

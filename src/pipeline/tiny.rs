@@ -21,7 +21,7 @@ pub struct TinyLayout {
     pub config_path: PathBuf,
 }
 
-fn unet_json() -> serde_json::Value {
+pub(crate) fn unet_json() -> serde_json::Value {
     json!({
         "_class_name": "UNet2DConditionModel",
         "in_channels": 4, "out_channels": 4,
@@ -37,7 +37,7 @@ fn unet_json() -> serde_json::Value {
     })
 }
 
-fn vae_json() -> serde_json::Value {
+pub(crate) fn vae_json() -> serde_json::Value {
     json!({
         "_class_name": "AutoencoderKL",
         "in_channels": 3, "out_channels": 3,
@@ -50,7 +50,7 @@ fn vae_json() -> serde_json::Value {
     })
 }
 
-fn clip_json() -> serde_json::Value {
+pub(crate) fn clip_json() -> serde_json::Value {
     json!({
         "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_channels": 3,
@@ -58,13 +58,13 @@ fn clip_json() -> serde_json::Value {
     })
 }
 
-fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let s = serde_json::to_string_pretty(v).map_err(|e| Error::msg(e.to_string()))?;
     crate::fsutil::write_atomic(path, s.as_bytes())
 }
 
 /// Builds a model on seeded random weights (see [`RandomWeights`]) and saves what it fetched.
-fn save_random(
+pub(crate) fn save_random(
     path: &Path,
     weights: RandomWeights,
     build: impl FnOnce(VarBuilder) -> Result<()>,

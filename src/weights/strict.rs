@@ -140,6 +140,12 @@ impl StrictWeights {
         VarBuilder::from_backend(backend, dtype, device.clone())
     }
 
+    /// Names the model asked for so far (found or not), sorted.
+    pub fn requested(&self) -> Vec<String> {
+        let rec = self.inner.record.lock().unwrap_or_else(|e| e.into_inner());
+        rec.requested.iter().cloned().collect()
+    }
+
     /// What the model asked for so far compared with what the file holds.
     pub fn report(&self) -> KeyReport {
         let rec = self.inner.record.lock().unwrap_or_else(|e| e.into_inner());

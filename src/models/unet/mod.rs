@@ -6,6 +6,7 @@
 
 mod attention;
 mod blocks;
+mod ckpt;
 mod embeddings;
 mod resnet;
 
@@ -14,6 +15,7 @@ use std::path::Path;
 use candle_core::{Module, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
 
+use crate::models::checkpoint::Tape;
 use crate::models::conv::Conv2d;
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +25,7 @@ use blocks::{BlockCommon, DownBlock, MidBlock, UpBlock};
 pub use embeddings::timestep_features;
 use embeddings::TimestepEmbedding;
 use resnet::conv;
+pub use resnet::nearest_resize;
 
 use crate::{Error, Result};
 
@@ -609,7 +612,7 @@ impl UNet2DConditionModel {
             record: None,
             bank: None,
         };
-        self.run(sample, timesteps, &ctx, None, &mut run, None, true)?
+        self.run(sample, timesteps, &ctx, None, &mut run, None, true, None)?
             .ok_or_else(|| Error::msg("UNet built without conv_out cannot produce a sample"))
     }
 
@@ -636,6 +639,7 @@ impl UNet2DConditionModel {
                 &mut run,
                 Some(&mut dbg),
                 true,
+                None,
             )?
             .ok_or_else(|| Error::msg("UNet built without conv_out cannot produce a sample"))?;
         Ok((out, dbg))
@@ -654,28 +658,13 @@ impl UNet2DConditionModel {
             record: Some(&mut entries),
             bank: None,
         };
-        self.run(sample, timesteps, &ctx, None, &mut run, None, false)?;
+        self.run(sample, timesteps, &ctx, None, &mut run, None, false, None)?;
         Ok(ReferenceBank { entries })
     }
 
     /// Denoising role: stage contexts, optional pose features and reference bank.
     pub fn forward_denoise(&self, inp: &DenoiseInput) -> Result<Tensor> {
-        let b = inp.sample.dim(0)?;
-        let plain = match inp.guidance {
-            BankGuidance::AllSamples => 0,
-            BankGuidance::UncondFirstHalf => {
-                if b % 2 != 0 {
-                    return Err(Error::msg(format!(
-                        "classifier-free guidance batch must be even, got {b}"
-                    )));
-                }
-                b / 2
-            }
-        };
-        let mode = BankMode {
-            plain,
-            fp16_round: inp.bank_fp16_round,
-        };
+        let mode = self.bank_mode(inp)?;
         let mut run = RunCtx {
             record: None,
             bank: inp.bank.map(|bk| (bk, mode)),
@@ -688,6 +677,78 @@ impl UNet2DConditionModel {
             &mut run,
             None,
             true,
+            None,
+        )?
+        .ok_or_else(|| Error::msg("UNet built without conv_out cannot produce a sample"))
+    }
+
+    fn bank_mode(&self, inp: &DenoiseInput) -> Result<BankMode> {
+        let b = inp.sample.dim(0)?;
+        let plain = match inp.guidance {
+            BankGuidance::AllSamples => 0,
+            BankGuidance::UncondFirstHalf => {
+                if b % 2 != 0 {
+                    return Err(Error::msg(format!(
+                        "classifier-free guidance batch must be even, got {b}"
+                    )));
+                }
+                b / 2
+            }
+        };
+        Ok(BankMode {
+            plain,
+            fp16_round: inp.bank_fp16_round,
+        })
+    }
+
+    /// [`UNet2DConditionModel::forward_reference`] with every block a checkpointed segment of
+    /// `tape` (the bank entries it returns are the tape's output leaves).
+    pub fn forward_reference_checkpointed<'s>(
+        &'s self,
+        tape: &Tape<'s>,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> Result<ReferenceBank> {
+        let ctx = StageContexts::uniform(context);
+        let mut entries = Vec::new();
+        let mut run = RunCtx {
+            record: Some(&mut entries),
+            bank: None,
+        };
+        self.run(
+            sample,
+            timesteps,
+            &ctx,
+            None,
+            &mut run,
+            None,
+            false,
+            Some(tape),
+        )?;
+        Ok(ReferenceBank { entries })
+    }
+
+    /// [`UNet2DConditionModel::forward_denoise`] with every block a checkpointed segment.
+    pub fn forward_denoise_checkpointed<'s>(
+        &'s self,
+        tape: &Tape<'s>,
+        inp: &DenoiseInput,
+    ) -> Result<Tensor> {
+        let mode = self.bank_mode(inp)?;
+        let mut run = RunCtx {
+            record: None,
+            bank: inp.bank.map(|bk| (bk, mode)),
+        };
+        self.run(
+            inp.sample,
+            inp.timesteps,
+            inp.contexts,
+            inp.pose_features,
+            &mut run,
+            None,
+            true,
+            Some(tape),
         )?
         .ok_or_else(|| Error::msg("UNet built without conv_out cannot produce a sample"))
     }
@@ -730,8 +791,8 @@ impl UNet2DConditionModel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
+    fn run<'s>(
+        &'s self,
         sample: &Tensor,
         timesteps: &Tensor,
         ctx: &StageContexts,
@@ -739,6 +800,7 @@ impl UNet2DConditionModel {
         run: &mut RunCtx,
         mut debug: Option<&mut Vec<(String, Tensor)>>,
         head: bool,
+        tape: Option<&Tape<'s>>,
     ) -> Result<Option<Tensor>> {
         let t = self.check_inputs(sample, timesteps, ctx)?;
         let mut dbg = |name: String, x: &Tensor| {
@@ -772,12 +834,30 @@ impl UNet2DConditionModel {
 
         let mut skips = vec![h.clone()];
         for (i, blk) in self.down_blocks.iter().enumerate() {
-            let (o, s) = blk.forward(&h, &temb, &ctx.down, run)?;
+            let (o, s) = match tape {
+                None => blk.forward(&h, &temb, &ctx.down, run)?,
+                Some(tape) => {
+                    let inputs = vec![h.clone(), temb.clone(), ctx.down.clone()];
+                    ckpt::block(tape, run, &format!("down_blocks.{i}."), inputs, |x, r| {
+                        blk.forward(&x[0], &x[1], &x[2], r)
+                    })?
+                }
+            };
             h = o;
             skips.extend(s);
             dbg(format!("down_blocks.{i}"), &h);
         }
-        h = self.mid_block.forward(&h, &temb, &ctx.mid, run)?;
+        h = match tape {
+            None => self.mid_block.forward(&h, &temb, &ctx.mid, run)?,
+            Some(tape) => {
+                let mid = &self.mid_block;
+                let inputs = vec![h.clone(), temb.clone(), ctx.mid.clone()];
+                ckpt::block(tape, run, "mid_block.", inputs, |x, r| {
+                    Ok((mid.forward(&x[0], &x[1], &x[2], r)?, Vec::new()))
+                })?
+                .0
+            }
+        };
         dbg("mid_block".into(), &h);
 
         for (i, blk) in self.up_blocks.iter().enumerate() {
@@ -793,7 +873,27 @@ impl UNet2DConditionModel {
             } else {
                 None
             };
-            h = blk.forward(&h, &mut skips, &temb, &ctx.up, run, up_size)?;
+            h = match tape {
+                None => blk.forward(&h, &mut skips, &temb, &ctx.up, run, up_size)?,
+                Some(tape) => {
+                    let mut inputs = vec![h.clone(), temb.clone(), ctx.up.clone()];
+                    inputs.extend(skips.split_off(skips.len() - k));
+                    ckpt::block(
+                        tape,
+                        run,
+                        &format!("up_blocks.{i}."),
+                        inputs,
+                        move |x, r| {
+                            let mut sk = x[3..].to_vec();
+                            Ok((
+                                blk.forward(&x[0], &mut sk, &x[1], &x[2], r, up_size)?,
+                                Vec::new(),
+                            ))
+                        },
+                    )?
+                    .0
+                }
+            };
             dbg(format!("up_blocks.{i}"), &h);
         }
 

@@ -1,0 +1,176 @@
+//! MCLD's training objective on network inputs (SPEC §4, the reference's `train.py`):
+//! v-prediction target, min-SNR weights, and a second MSE term inside the face mask.
+//! Everything random is drawn by the caller, so this function is deterministic and is what the
+//! `train_step` fixture checks.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::imageops::interpolate_nearest;
+use crate::models::checkpoint::Tape;
+use crate::models::unet::{BankGuidance, DenoiseInput, StageContexts};
+use crate::pipeline::sampler::McldNets;
+use crate::scheduler::ddim::DdimScheduler;
+use crate::{Error, Result};
+
+/// DensePose part indices of the head, the face-mask parts.
+const FACE_PARTS: [u8; 2] = [23, 24];
+
+/// Inputs of one training forward pass, after the frozen encoders (VAE, CLIP).
+#[derive(Debug, Clone, Copy)]
+pub struct LossInputs<'a> {
+    /// Target latents x 0.18215, (B, 4, h, w), f32.
+    pub latents: &'a Tensor,
+    /// Noise including the offset noise, (B, 4, h, w), f32.
+    pub noise: &'a Tensor,
+    /// Training timesteps, (B,), integer.
+    pub timesteps: &'a Tensor,
+    /// Texture latents x 0.18215 for the reference UNet; `None` for an unconditional step
+    /// (the reference UNet is skipped and the denoising UNet attends to itself only).
+    pub ref_latents: Option<&'a Tensor>,
+    /// CLIP image embedding of the source, noise already added, (B, 1, D).
+    pub clip_src: &'a Tensor,
+    /// CLIP image embedding of the texture, (B, 1, D).
+    pub clip_tex: &'a Tensor,
+    /// Face embeddings (B, 1, 512).
+    pub face_emb: &'a Tensor,
+    /// Target IUV image / 255, (B, 3, H, W).
+    pub pose: &'a Tensor,
+}
+
+/// The loss and the intermediate values the fixture checks.
+#[derive(Debug, Clone)]
+pub struct LossOutputs {
+    /// Scalar f32 loss, tracked.
+    pub loss: Tensor,
+    pub loss_per_sample: Tensor,
+    pub model_pred: Tensor,
+    pub target: Tensor,
+    pub noisy_latents: Tensor,
+    pub weights: Tensor,
+    /// (B, 1, h, w) 0/1.
+    pub face_mask: Tensor,
+}
+
+/// Face mask at latent size from the pose images: part index (channel 2 x 255) 23 or 24,
+/// nearest-resized as `F.interpolate(mode="nearest")` does. Computed on the host (it carries no
+/// gradient and is a few kilobytes).
+pub fn face_mask_from_pose(pose: &Tensor, latent: (usize, usize)) -> Result<Tensor> {
+    let (b, c, h, w) = pose.dims4()?;
+    if c != 3 {
+        return Err(Error::msg(format!(
+            "pose images must be (B, 3, H, W), got {:?}",
+            pose.dims()
+        )));
+    }
+    let parts = (pose.narrow(1, 2, 1)?.to_dtype(DType::F32)? * 255.0)?
+        .round()?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let bytes: Vec<u8> = parts
+        .iter()
+        .map(|&p| u8::from(FACE_PARTS.iter().any(|&f| f as f32 == p)))
+        .collect();
+    let small = interpolate_nearest(&bytes, b, (h, w), latent)?;
+    let v: Vec<f32> = small.into_iter().map(f32::from).collect();
+    Ok(Tensor::from_vec(v, (b, 1, latent.0, latent.1), &Device::Cpu)?.to_device(pose.device())?)
+}
+
+/// Settings of the objective.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossOptions {
+    /// Min-SNR gamma (`snr_gamma`, 5).
+    pub snr_gamma: f64,
+    /// Round the bank through f16 as the reference does (its gradient is rounded too). Off
+    /// only for finite-difference checks, where rounding makes the loss piecewise constant.
+    pub bank_fp16_round: bool,
+}
+
+impl Default for LossOptions {
+    fn default() -> Self {
+        Self {
+            snr_gamma: 5.0,
+            bank_fp16_round: true,
+        }
+    }
+}
+
+/// Forward pass and loss. The networks run in `nets.dtype`; the loss in f32 (f64 when the
+/// networks run in f64, for finite-difference checks).
+///
+/// With a `tape`, both UNets run block by block as checkpointed segments (activation
+/// checkpointing): call `tape.backward(&out.loss)` instead of `out.loss.backward()`.
+pub fn mcld_loss<'a>(
+    nets: &'a McldNets,
+    scheduler: &DdimScheduler,
+    inp: &LossInputs,
+    opts: LossOptions,
+    tape: Option<&Tape<'a>>,
+) -> Result<LossOutputs> {
+    let dtype = nets.dtype;
+    let ldt = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let (b, _, h, w) = inp.latents.dims4()?;
+    let dev = inp.latents.device();
+    let latents = inp.latents.to_dtype(ldt)?;
+    let noise = inp.noise.to_dtype(ldt)?;
+    let noisy = scheduler.add_noise(&latents, &noise, inp.timesteps)?;
+    let target = scheduler.get_velocity(&latents, &noise, inp.timesteps)?;
+
+    let face_tokens = nets.image_proj.forward(&inp.face_emb.to_dtype(dtype)?)?;
+    let src = inp.clip_src.to_dtype(dtype)?;
+    let tex = inp.clip_tex.to_dtype(dtype)?;
+    let contexts = StageContexts {
+        down: Tensor::cat(&[&src, &face_tokens], 1)?,
+        mid: Tensor::cat(&[&src, &tex, &face_tokens], 1)?,
+        up: Tensor::cat(&[&tex, &face_tokens], 1)?,
+    };
+    let bank = match inp.ref_latents {
+        Some(r) => {
+            let t0 = Tensor::zeros(b, DType::I64, dev)?;
+            let r = r.to_dtype(dtype)?;
+            let unet = &nets.reference_unet;
+            Some(match tape {
+                Some(tp) => unet.forward_reference_checkpointed(tp, &r, &t0, &src)?,
+                None => unet.forward_reference(&r, &t0, &src)?,
+            })
+        }
+        None => None,
+    };
+    let pose = nets.pose_guider.forward(&inp.pose.to_dtype(dtype)?)?;
+    let sample = noisy.to_dtype(dtype)?;
+    let mut d = DenoiseInput::new(&sample, inp.timesteps, &contexts);
+    d.pose_features = Some(&pose);
+    d.bank = bank.as_ref();
+    d.guidance = BankGuidance::AllSamples;
+    d.bank_fp16_round = opts.bank_fp16_round;
+    let pred = match tape {
+        Some(tp) => nets.denoising_unet.forward_denoise_checkpointed(tp, &d)?,
+        None => nets.denoising_unet.forward_denoise(&d)?,
+    }
+    .to_dtype(ldt)?;
+
+    let mask = face_mask_from_pose(inp.pose, (h, w))?.to_dtype(ldt)?;
+    let diff = (&pred - &target)?;
+    let masked = (pred.broadcast_mul(&mask)? - target.broadcast_mul(&mask)?)?;
+    let per_elem = (diff.sqr()? + masked.sqr()?)?;
+    let per_sample = per_elem.flatten_from(1)?.mean(D::Minus1)?;
+    let weights = scheduler
+        .min_snr_weights(inp.timesteps, opts.snr_gamma)?
+        .to_device(dev)?
+        .to_dtype(ldt)?;
+    let weighted = (&per_sample * &weights)?;
+    let loss = weighted.mean_all()?;
+    Ok(LossOutputs {
+        loss,
+        loss_per_sample: per_sample,
+        model_pred: pred,
+        target,
+        noisy_latents: noisy,
+        weights,
+        face_mask: mask,
+    })
+}

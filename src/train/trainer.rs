@@ -1,0 +1,330 @@
+//! The MCLD training step (`TrainStep`): frozen VAE and CLIP, the trainable network set, the
+//! random draws of the reference's `train.py`, loss scaling for f16, AdamW.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rand::rngs::StdRng;
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use super::adamw::{AdamW, AdamWConfig};
+use super::api::{Grads, Net, StepStats, TrainBatch, TrainStep};
+use super::loss::{mcld_loss, LossInputs, LossOptions};
+use super::nets::{build_nets, NetsConfig};
+use super::params::Params;
+use super::scaler::LossScaler;
+use crate::models::checkpoint::Tape;
+use crate::models::clip::ClipVisionModelWithProjection;
+use crate::models::vae::AutoencoderKL;
+use crate::pipeline::mcld::Precision;
+use crate::pipeline::sampler::VAE_SCALE;
+use crate::scheduler::ddim::DdimScheduler;
+use crate::{Error, Result};
+
+/// The step's knobs (the reference's config keys where it has them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepConfig {
+    pub nets: NetsConfig,
+    pub adamw: AdamWConfig,
+    /// Probability that a step is unconditional (`uncond_ratio`).
+    pub uncond_ratio: f64,
+    /// Probability that the source CLIP input is zeroed, independently (train.py: 0.1).
+    pub src_drop_ratio: f64,
+    /// Per-sample-per-channel offset noise (`noise_offset`).
+    pub noise_offset: f64,
+    /// Min-SNR gamma (`snr_gamma`).
+    pub snr_gamma: f64,
+    /// Factor on the N(0, clip_std) noise added to the source CLIP embedding (train.py: 0.05).
+    pub clip_noise: f64,
+    /// Compute dtype of the trained networks (master weights and AdamW stay f32); bf16 on
+    /// the CPU means bf16-rounded weights with f32 arithmetic (see `Precision`).
+    pub dtype: DType,
+    /// Recompute each UNet block in the backward pass instead of keeping its activations
+    /// (`solver.gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
+}
+
+impl StepConfig {
+    pub fn mcld(nets: NetsConfig, dtype: DType) -> Self {
+        Self {
+            nets,
+            adamw: AdamWConfig::default(),
+            uncond_ratio: 0.1,
+            src_drop_ratio: 0.1,
+            noise_offset: 0.05,
+            snr_gamma: 5.0,
+            clip_noise: 0.05,
+            dtype,
+            gradient_checkpointing: false,
+        }
+    }
+}
+
+/// Frozen encoders whose outputs carry no graph.
+pub struct FrozenEncoders {
+    pub vae: AutoencoderKL,
+    pub image_encoder: ClipVisionModelWithProjection,
+    /// Their compute dtype.
+    pub dtype: DType,
+}
+
+pub struct McldTrainer {
+    pub cfg: StepConfig,
+    pub params: Params,
+    pub opt: AdamW,
+    pub encoders: FrozenEncoders,
+    pub scheduler: DdimScheduler,
+    /// Per-dimension std of CLIP image embeddings, (D,).
+    pub clip_std: Tensor,
+    pub scaler: Option<LossScaler>,
+}
+
+/// Standard normal values drawn on the host from `rng` (device-independent draws).
+pub fn randn(rng: &mut StdRng, dims: &[usize], device: &Device) -> Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Ok(Tensor::from_vec(v, dims, &Device::Cpu)?.to_device(device)?)
+}
+
+impl McldTrainer {
+    pub fn new(
+        cfg: StepConfig,
+        params: Params,
+        encoders: FrozenEncoders,
+        scheduler: DdimScheduler,
+        clip_std: Tensor,
+    ) -> Result<Self> {
+        let opt = AdamW::new(cfg.adamw, params.trainable())?;
+        let scaler = (cfg.dtype == DType::F16).then(LossScaler::default);
+        let clip_std = clip_std
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_device(params.device())?;
+        Ok(Self {
+            cfg,
+            params,
+            opt,
+            encoders,
+            scheduler,
+            clip_std,
+            scaler,
+        })
+    }
+
+    fn device(&self) -> &Device {
+        self.params.device()
+    }
+
+    /// VAE posterior sample x 0.18215 of images in [-1, 1], in f32.
+    fn latents(&self, images: &Tensor, rng: &mut StdRng) -> Result<Tensor> {
+        let e = &self.encoders;
+        let x = images.to_device(self.device())?.to_dtype(e.dtype)?;
+        let (mean, logvar) = e.vae.encode(&x)?;
+        let mean = mean.to_dtype(DType::F32)?;
+        let logvar = logvar.to_dtype(DType::F32)?;
+        let eps = randn(rng, mean.dims(), self.device())?;
+        Ok((AutoencoderKL::sample(&mean, &logvar, &eps)? * VAE_SCALE)?.detach())
+    }
+
+    /// CLIP image embeddings (B, 1, D) in f32; `zero` encodes an all-zero pixel tensor, as the
+    /// reference does for dropped conditions.
+    fn clip(&self, pixels: &Tensor, zero: bool) -> Result<Tensor> {
+        let e = &self.encoders;
+        let x = pixels.to_device(self.device())?.to_dtype(e.dtype)?;
+        let x = if zero { x.zeros_like()? } else { x };
+        let emb = e.image_encoder.forward(&x)?.image_embeds;
+        Ok(emb.to_dtype(DType::F32)?.unsqueeze(1)?.detach())
+    }
+
+    /// The random draws of one step, in a fixed order, then the loss inputs.
+    fn draw(&self, batch: &TrainBatch, rng: &mut StdRng) -> Result<Drawn> {
+        let dev = self.device().clone();
+        let latents = self.latents(&batch.target, rng)?;
+        let (b, c, h, w) = latents.dims4()?;
+        let noise = randn(rng, &[b, c, h, w], &dev)?;
+        let offset = randn(rng, &[b, c, 1, 1], &dev)?;
+        let noise = (noise + offset.broadcast_as((b, c, h, w))? * self.cfg.noise_offset)?;
+        let n_train = self.scheduler.config().num_train_timesteps as i64;
+        let t: Vec<i64> = (0..b).map(|_| rng.random_range(0..n_train)).collect();
+        let timesteps = Tensor::from_vec(t, b, &dev)?;
+        let uncond = rng.random::<f64>() < self.cfg.uncond_ratio;
+        let drop_src = rng.random::<f64>() < self.cfg.src_drop_ratio;
+        let ref_latents = if uncond {
+            None
+        } else {
+            Some(self.latents(&batch.texture, rng)?)
+        };
+        let clip_src = self.clip(&batch.clip_src, uncond || drop_src)?;
+        let clip_tex = self.clip(&batch.clip_tex, uncond)?;
+        let d = clip_src.dim(2)?;
+        if self.clip_std.elem_count() != d {
+            return Err(Error::msg(format!(
+                "clip_std has {} values, the image encoder gives {d}",
+                self.clip_std.elem_count()
+            )));
+        }
+        let jitter = randn(rng, &[b, 1, d], &dev)?.broadcast_mul(&self.clip_std)?;
+        let clip_src = (clip_src + (jitter * self.cfg.clip_noise)?)?;
+        Ok(Drawn {
+            latents,
+            noise,
+            timesteps,
+            ref_latents,
+            clip_src,
+            clip_tex,
+            face: batch.face.to_device(&dev)?.to_dtype(DType::F32)?,
+            pose: batch.pose.to_device(&dev)?.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// Loss and f32 gradients (unscaled) of every trainable tensor for fixed loss inputs; a
+    /// tensor the graph did not reach gets zeros.
+    pub fn loss_grads(&self, inp: &LossInputs) -> Result<(f64, Vec<Tensor>)> {
+        let prec = Precision::new(self.device(), self.cfg.dtype);
+        let vb = self
+            .params
+            .var_builder_rounded(prec.compute, prec.round_weights, true)?;
+        let nets = build_nets(&vb, &self.cfg.nets, prec.compute)?;
+        let opts = LossOptions {
+            snr_gamma: self.cfg.snr_gamma,
+            bank_fp16_round: true,
+        };
+        let tape = Tape::new();
+        let ckpt = self.cfg.gradient_checkpointing.then_some(&tape);
+        let out = mcld_loss(&nets, &self.scheduler, inp, opts, ckpt)?;
+        let loss = out.loss.to_scalar::<f32>()? as f64;
+        let scale = self.scaler.as_ref().map(|s| s.scale).unwrap_or(1.0);
+        let root = if scale != 1.0 {
+            (&out.loss * scale)?
+        } else {
+            out.loss
+        };
+        let store = match ckpt {
+            Some(t) => t.backward(&root)?,
+            None => root.backward()?,
+        };
+        let grads = self
+            .params
+            .trainable()
+            .iter()
+            .map(|(_, v)| {
+                let g = match store.get(v.as_tensor()) {
+                    // detached: candle's gradients can keep a graph (and its activations) alive
+                    Some(g) => g.detach().to_dtype(DType::F32)?,
+                    None => v.as_tensor().zeros_like()?,
+                };
+                Ok(if scale != 1.0 { (g / scale)? } else { g })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((loss, grads))
+    }
+}
+
+struct Drawn {
+    latents: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    ref_latents: Option<Tensor>,
+    clip_src: Tensor,
+    clip_tex: Tensor,
+    face: Tensor,
+    pose: Tensor,
+}
+
+impl TrainStep for McldTrainer {
+    fn grads(&mut self, batch: &TrainBatch, rng: &mut StdRng) -> Result<Grads> {
+        let d = self.draw(batch, rng)?;
+        let inp = LossInputs {
+            latents: &d.latents,
+            noise: &d.noise,
+            timesteps: &d.timesteps,
+            ref_latents: d.ref_latents.as_ref(),
+            clip_src: &d.clip_src,
+            clip_tex: &d.clip_tex,
+            face_emb: &d.face,
+            pose: &d.pose,
+        };
+        let (loss, tensors) = self.loss_grads(&inp)?;
+        Ok(Grads {
+            tensors,
+            loss,
+            samples: batch.len(),
+        })
+    }
+
+    fn apply(&mut self, grads: &Grads, lr: f64) -> Result<StepStats> {
+        let finite = all_finite(&grads.tensors)?;
+        if let Some(s) = self.scaler.as_mut() {
+            if !finite {
+                s.update(false);
+                self.opt.step += 1;
+                return Ok(StepStats {
+                    loss: grads.loss,
+                    grad_norm: f64::INFINITY,
+                    lr,
+                    skipped: true,
+                    loss_scale: Some(s.scale),
+                });
+            }
+            s.update(true);
+        } else if !finite {
+            return Err(Error::msg(format!(
+                "step {}: non-finite gradients (loss {})",
+                self.opt.step + 1,
+                grads.loss
+            )));
+        }
+        let norm = self.opt.step(self.params.trainable(), &grads.tensors, lr)?;
+        Ok(StepStats {
+            loss: grads.loss,
+            grad_norm: norm,
+            lr,
+            skipped: false,
+            loss_scale: self.scaler.as_ref().map(|s| s.scale),
+        })
+    }
+
+    fn step_count(&self) -> u64 {
+        self.opt.step
+    }
+
+    fn weights(&self, net: Net) -> Result<HashMap<String, Tensor>> {
+        Ok(self.params.with_prefix(net_prefix(net)))
+    }
+
+    fn save_state(&self, dir: &Path) -> Result<()> {
+        super::state::save(dir, &self.params, &self.opt, self.scaler.as_ref())
+    }
+
+    fn load_state(&mut self, dir: &Path) -> Result<()> {
+        super::state::load(dir, &self.params, &mut self.opt, self.scaler.as_mut())
+    }
+}
+
+/// The composite-name prefix of a network.
+pub fn net_prefix(net: Net) -> &'static str {
+    match net {
+        Net::ReferenceUnet => "reference_unet.",
+        Net::DenoisingUnet => "denoising_unet.",
+        Net::PoseGuider => "pose_guider.",
+        Net::ImageProj => "image_proj.",
+    }
+}
+
+/// Whether every gradient is finite (checked on the host, one scalar per tensor: candle's
+/// `max` skips NaNs).
+pub fn all_finite(grads: &[Tensor]) -> Result<bool> {
+    for g in grads {
+        let s = g
+            .to_dtype(DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        if !s.is_finite() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}

@@ -1,0 +1,9 @@
+//! Training: the step at fixture parity, gradient coverage, finite differences, precision,
+//! checkpointing, state round trips.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod grad;
+mod step;
+mod trainer;

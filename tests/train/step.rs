@@ -1,0 +1,151 @@
+//! The training step against the `train_step` fixture (MCLD's train.py on tiny weights).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use mcld::models::{pose_guider, resampler, unet};
+use mcld::scheduler::ddim::{DdimConfig, DdimScheduler};
+use mcld::train::adamw::{AdamW, AdamWConfig};
+use mcld::train::loss::{mcld_loss, LossInputs, LossOptions};
+use mcld::train::nets::{build_nets, NetsConfig};
+use mcld::train::params::{is_trainable, Params};
+
+use crate::common::{check_output, load_case, Case};
+
+fn json_at<T: serde::de::DeserializeOwned>(case: &Case, pointer: &str) -> T {
+    serde_json::from_value(case.json.pointer(pointer).unwrap().clone()).unwrap()
+}
+
+/// The fixture's networks and scheduler, read from its JSON (no shape assumed).
+pub fn fixture_setup(case: &Case, dtype: DType) -> (Params, NetsConfig, DdimScheduler) {
+    let m = &case.json["modules"];
+    let cfg = NetsConfig {
+        unet: json_at::<unet::Config>(case, "/modules/denoising_unet/config"),
+        pose_guider: json_at::<pose_guider::Config>(case, "/modules/pose_guider/config"),
+        image_proj: json_at::<resampler::Config>(case, "/modules/image_proj/config"),
+        ip_scale: m["denoising_unet"]["ip_adapter"]["scale"].as_f64().unwrap(),
+    };
+    assert_eq!(
+        m["denoising_unet"]["ip_adapter"]["num_tokens"].as_u64(),
+        Some(cfg.image_proj.num_queries as u64)
+    );
+    let weights: HashMap<String, Tensor> = case
+        .tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let params = Params::with_dtype(weights, is_trainable, &Device::Cpu, dtype).unwrap();
+    let sched: DdimConfig = json_at(case, "/scheduler_config");
+    (params, cfg, DdimScheduler::new(sched).unwrap())
+}
+
+#[test]
+fn train_step_matches_reference() {
+    let case = load_case("model", "train_step");
+    let p = &case.json["params"];
+    let (params, cfg, sched) = fixture_setup(&case, DType::F32);
+    assert_eq!(
+        params.frozen().len() as u64,
+        p["frozen_reference_params"].as_u64().unwrap(),
+        "frozen tensor count"
+    );
+    assert_eq!(
+        params.trainable().len() as u64,
+        p["params_with_grad"]["tensors"].as_u64().unwrap(),
+        "trainable tensor count"
+    );
+    assert_eq!(
+        params.trainable_elems() as u64,
+        p["params_with_grad"]["elements"].as_u64().unwrap()
+    );
+
+    let vb = params.var_builder(DType::F32, true).unwrap();
+    let nets = build_nets(&vb, &cfg, DType::F32).unwrap();
+    let pose = (case.f32("input.pose_image_u8") / 255.0).unwrap();
+    let latents = case.f32("input.latents");
+    let noise = case.f32("input.noise");
+    let ref_latents = case.f32("input.ref_latents");
+    let clip_src = case.f32("input.clip_src_embeds");
+    let clip_tex = case.f32("input.clip_tex_embeds");
+    let face = case.f32("input.face_emb");
+    let inp = LossInputs {
+        latents: &latents,
+        noise: &noise,
+        timesteps: case.get("input.timesteps"),
+        ref_latents: Some(&ref_latents),
+        clip_src: &clip_src,
+        clip_tex: &clip_tex,
+        face_emb: &face,
+        pose: &pose,
+    };
+    let opts = LossOptions {
+        snr_gamma: p["snr_gamma"].as_f64().unwrap(),
+        bank_fp16_round: true,
+    };
+    let out = mcld_loss(&nets, &sched, &inp, opts, None).unwrap();
+    check_output(&case, "output.noisy_latents", &out.noisy_latents);
+    check_output(&case, "output.target", &out.target);
+    check_output(&case, "output.face_mask", &out.face_mask);
+    check_output(&case, "output.mse_loss_weights", &out.weights);
+    check_output(&case, "output.model_pred", &out.model_pred);
+    check_output(&case, "output.loss_per_sample", &out.loss_per_sample);
+    check_output(&case, "output.loss", &out.loss.reshape(1).unwrap());
+
+    let store = out.loss.backward().unwrap();
+    let grads: Vec<Tensor> = params
+        .trainable()
+        .iter()
+        .map(|(n, v)| {
+            store
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{n}: no gradient"))
+                .clone()
+        })
+        .collect();
+    let grad_keys = case.keys_with_prefix("output.grad.");
+    assert!(!grad_keys.is_empty());
+    for key in &grad_keys {
+        let name = key.strip_prefix("output.grad.").unwrap();
+        let i = params.index_of(name).unwrap();
+        check_output(&case, key, &grads[i]);
+    }
+
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            beta1: p["betas"][0].as_f64().unwrap(),
+            beta2: p["betas"][1].as_f64().unwrap(),
+            weight_decay: p["weight_decay"].as_f64().unwrap(),
+            eps: p["eps"].as_f64().unwrap(),
+            max_grad_norm: p["max_grad_norm"].as_f64().unwrap(),
+        },
+        params.trainable(),
+    )
+    .unwrap();
+    let before: HashMap<String, Tensor> = case
+        .keys_with_prefix("output.param_after.")
+        .iter()
+        .map(|k| {
+            let n = k.strip_prefix("output.param_after.").unwrap();
+            (n.to_string(), params.get(n).unwrap().copy().unwrap())
+        })
+        .collect();
+    let norm = opt
+        .step(params.trainable(), &grads, p["lr"].as_f64().unwrap())
+        .unwrap();
+    check_output(
+        &case,
+        "output.grad_norm",
+        &Tensor::new(&[norm as f32], &Device::Cpu).unwrap(),
+    );
+    for key in case.keys_with_prefix("output.param_after.") {
+        let n = key.strip_prefix("output.param_after.").unwrap();
+        let after = params.get(n).unwrap();
+        check_output(&case, &key, &after);
+        let upd_key = format!("output.update.{n}");
+        if case.tensors.contains_key(&upd_key) {
+            check_output(&case, &upd_key, &(&before[n] - &after).unwrap());
+        }
+    }
+}
