@@ -155,7 +155,9 @@ fn conv_geglu_silu_gradients_match_finite_differences() {
             stride: 2,
             ..Default::default()
         };
-        let conv = candle_nn::Conv2d::new(t[1].clone(), Some(t[2].clone()), cfg);
+        // Our convolution (height 6 and width 7 leave different remainders at stride 2, the
+        // case candle's own backward gets wrong).
+        let conv = mcld::models::conv::Conv2d::new(t[1].clone(), Some(t[2].clone()), cfg);
         project(&conv.forward(&t[0]).unwrap().silu().unwrap(), 20)
     });
     let h = rand64(21, &[2, 3, 8]);
@@ -332,24 +334,34 @@ fn every_trainable_tensor_gets_a_gradient_and_no_frozen_one_does() {
     // A cross-attention whose non-face context is one token (the reference UNet's everywhere,
     // CLIP(source) in the denoising UNet's down blocks, CLIP(texture) in its up blocks) has a
     // softmax over one key, constantly 1: its keys get exactly zero gradient (the fixture notes
-    // say so), and where no IP branch shares the queries (the reference UNet) its queries too.
-    // The denoising mid block attends to two tokens and must have a gradient. Nothing else may
-    // be zero.
+    // say so). In the reference UNet no IP branch shares the queries, so the queries and the
+    // norm2 that only feeds them get none either. The denoising mid block attends to two
+    // tokens and must have a gradient. Nothing else may be zero.
     for name in &zero {
-        let one_token_keys = name.ends_with("attn2.to_k.weight")
-            && (name.starts_with("reference_unet.") || !name.contains("mid_block"));
-        let reference_queries =
-            name.starts_with("reference_unet.") && name.ends_with("attn2.to_q.weight");
+        let reference = name.starts_with("reference_unet.");
+        let one_token_keys =
+            name.ends_with("attn2.to_k.weight") && (reference || !name.contains("mid_block"));
+        let reference_queries = reference
+            && (name.ends_with("attn2.to_q.weight")
+                || name.ends_with(".norm2.weight")
+                || name.ends_with(".norm2.bias"));
         assert!(
             one_token_keys || reference_queries,
             "{name} has an all-zero gradient"
         );
     }
+    // Frozen tensors are plain tensors, not variables: candle's store may hold a by-product
+    // value for them (it fills in every op argument), but nothing reads or applies it; the
+    // trainer test checks they never change.
     for (name, t) in params.frozen() {
-        assert!(store.get(t).is_none(), "frozen {name} received a gradient");
+        assert!(!t.is_variable(), "frozen {name} is a variable");
+        assert!(
+            params.index_of(name).is_none(),
+            "frozen {name} is trainable"
+        );
     }
     println!(
-        "gradient coverage: {with_grad}/{} trainable tensors, {} structurally zero, {} frozen without",
+        "gradient coverage: {with_grad}/{} trainable tensors, {} structurally zero, {} frozen",
         params.trainable().len(),
         zero.len(),
         params.frozen().len()
