@@ -3,6 +3,7 @@
 
 pub mod densepose;
 pub mod pipeline;
+pub mod train;
 
 /// Peak resident set size of this process in bytes (Linux `VmHWM`), when the OS reports it.
 pub fn peak_rss_bytes() -> Option<u64> {

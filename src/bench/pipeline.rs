@@ -208,7 +208,7 @@ fn sample_batch(n: usize, seed: u64) -> Result<Vec<PairInputs>> {
 }
 
 /// This process's GPU memory in bytes according to `nvidia-smi`, when it answers.
-fn gpu_used_bytes() -> Option<u64> {
+pub(crate) fn gpu_used_bytes() -> Option<u64> {
     let out = std::process::Command::new("nvidia-smi")
         .args([
             "--query-compute-apps=pid,used_memory",

@@ -49,6 +49,8 @@ pub enum BenchCommand {
     Pipeline(crate::bench::pipeline::PipelineBenchArgs),
     /// DensePose R-CNN R-101 at DeepFashion size (750x1101): images per second.
     Densepose(crate::bench::densepose::DenseposeBenchArgs),
+    /// MCLD's training step on the full trainable set: seconds per phase and peak memory.
+    Train(crate::bench::train::TrainBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -317,5 +319,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Demo(a) => Ok(commands::demo(&a.out, None, a.steps)?),
         Command::Bench(BenchCommand::Pipeline(a)) => Ok(crate::bench::pipeline::run(&a)?),
         Command::Bench(BenchCommand::Densepose(a)) => Ok(crate::bench::densepose::run(&a)?),
+        Command::Bench(BenchCommand::Train(a)) => Ok(crate::bench::train::run(&a)?),
     }
 }

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::imageops::interpolate_nearest;
 use crate::models::checkpoint::Tape;
-use crate::models::unet::{BankGuidance, DenoiseInput, StageContexts};
+use crate::models::unet::{BankGuidance, DenoiseInput, ReferenceBank, StageContexts};
 use crate::pipeline::sampler::McldNets;
 use crate::scheduler::ddim::DdimScheduler;
 use crate::{Error, Result};
@@ -95,8 +95,29 @@ impl Default for LossOptions {
     }
 }
 
-/// Forward pass and loss. The networks run in `nets.dtype`; the loss in f32 (f64 when the
-/// networks run in f64, for finite-difference checks).
+/// The reference UNet's bank: `None` for an unconditional step, else the bank of the reference
+/// UNet at t = 0 on the texture latents with context CLIP(source). With a `tape`, every block is a checkpointed segment.
+pub fn reference_bank<'a>(
+    nets: &'a McldNets,
+    inp: &LossInputs,
+    tape: Option<&Tape<'a>>,
+) -> Result<Option<ReferenceBank>> {
+    let Some(r) = inp.ref_latents else {
+        return Ok(None);
+    };
+    let dtype = nets.dtype;
+    let b = r.dim(0)?;
+    let t0 = Tensor::zeros(b, DType::I64, r.device())?;
+    let r = r.to_dtype(dtype)?;
+    let src = inp.clip_src.to_dtype(dtype)?;
+    let unet = &nets.reference_unet;
+    Ok(Some(match tape {
+        Some(tp) => unet.forward_reference_checkpointed(tp, &r, &t0, &src)?,
+        None => unet.forward_reference(&r, &t0, &src)?,
+    }))
+}
+
+/// Forward pass and loss: [`reference_bank`], then [`denoise_loss`].
 ///
 /// With a `tape`, both UNets run block by block as checkpointed segments (activation
 /// checkpointing): call `tape.backward(&out.loss)` instead of `out.loss.backward()`.
@@ -107,13 +128,28 @@ pub fn mcld_loss<'a>(
     opts: LossOptions,
     tape: Option<&Tape<'a>>,
 ) -> Result<LossOutputs> {
+    let bank = reference_bank(nets, inp, tape)?;
+    denoise_loss(nets, scheduler, inp, bank.as_ref(), opts, tape)
+}
+
+/// The denoising half of the step: face tokens, stage contexts, pose features, the denoising
+/// UNet reading `bank`, and the loss. The networks run in `nets.dtype`; the loss in f32 (f64
+/// when the networks run in f64, for finite-difference checks).
+pub fn denoise_loss<'a>(
+    nets: &'a McldNets,
+    scheduler: &DdimScheduler,
+    inp: &LossInputs,
+    bank: Option<&ReferenceBank>,
+    opts: LossOptions,
+    tape: Option<&Tape<'a>>,
+) -> Result<LossOutputs> {
     let dtype = nets.dtype;
     let ldt = if dtype == DType::F64 {
         DType::F64
     } else {
         DType::F32
     };
-    let (b, _, h, w) = inp.latents.dims4()?;
+    let (_, _, h, w) = inp.latents.dims4()?;
     let dev = inp.latents.device();
     let latents = inp.latents.to_dtype(ldt)?;
     let noise = inp.noise.to_dtype(ldt)?;
@@ -128,23 +164,11 @@ pub fn mcld_loss<'a>(
         mid: Tensor::cat(&[&src, &tex, &face_tokens], 1)?,
         up: Tensor::cat(&[&tex, &face_tokens], 1)?,
     };
-    let bank = match inp.ref_latents {
-        Some(r) => {
-            let t0 = Tensor::zeros(b, DType::I64, dev)?;
-            let r = r.to_dtype(dtype)?;
-            let unet = &nets.reference_unet;
-            Some(match tape {
-                Some(tp) => unet.forward_reference_checkpointed(tp, &r, &t0, &src)?,
-                None => unet.forward_reference(&r, &t0, &src)?,
-            })
-        }
-        None => None,
-    };
     let pose = nets.pose_guider.forward(&inp.pose.to_dtype(dtype)?)?;
     let sample = noisy.to_dtype(dtype)?;
     let mut d = DenoiseInput::new(&sample, inp.timesteps, &contexts);
     d.pose_features = Some(&pose);
-    d.bank = bank.as_ref();
+    d.bank = bank;
     d.guidance = BankGuidance::AllSamples;
     d.bank_fp16_round = opts.bank_fp16_round;
     let pred = match tape {

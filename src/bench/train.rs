@@ -1,0 +1,263 @@
+//! `mcld bench train`: MCLD's training step on the full trainable set (two SD-1.5 UNets, pose
+//! guider, 1280-wide projector) with seeded random weights, timed phase by phase.
+//!
+//! The frozen encoders (VAE, CLIP) are not part of the step being measured: their outputs enter
+//! as random latents and embeddings of the right shapes, as they would from the data loader.
+//! `--width half` halves every UNet channel count (four times fewer UNet weights), for machines
+//! where the full set, its gradients and AdamW's moments (about 27 GB in f32) do not fit.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::peak_rss_bytes;
+use crate::cli::ComputeArgs;
+use crate::device::{parse_device, parse_dtype};
+use crate::models::checkpoint::Tape;
+use crate::models::unet;
+use crate::pipeline::mcld::Precision;
+use crate::scheduler::ddim::{DdimConfig, DdimScheduler, PredictionType, TimestepSpacing};
+use crate::train::adamw::{AdamW, AdamWConfig};
+use crate::train::loss::{denoise_loss, reference_bank, LossInputs, LossOptions};
+use crate::train::nets::{build_nets, NetsConfig};
+use crate::train::params::{is_trainable, Params};
+use crate::train::trainer::randn;
+use crate::weights::random::RandomWeights;
+use crate::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Width {
+    Full,
+    Half,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Optimizer {
+    Adamw,
+    None,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainBenchArgs {
+    /// Square image size (latents are size / 8; MCLD trains at 512).
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Samples per step.
+    #[arg(long = "batch-size", visible_alias = "batch_size", default_value_t = 1)]
+    pub batch_size: usize,
+    /// Timed steps (after one untimed warm-up step).
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// UNet channel widths: full (SD-1.5) or half.
+    #[arg(long, value_enum, default_value_t = Width::Full)]
+    pub width: Width,
+    /// Include the AdamW update (with grad-norm clipping) or stop after the backward pass.
+    #[arg(long, value_enum, default_value_t = Optimizer::Adamw)]
+    pub optimizer: Optimizer,
+    /// Recompute each UNet block in the backward pass instead of keeping its activations.
+    #[arg(long = "grad-checkpointing", visible_alias = "gradient_checkpointing")]
+    pub grad_checkpointing: bool,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// SD-1.5's UNet config, channels scaled for `width`.
+fn unet_config(width: Width) -> Result<unet::Config> {
+    let mut c = unet::Config::sd15();
+    if width == Width::Half {
+        c.block_out_channels = c.block_out_channels.iter().map(|x| x / 2).collect();
+    }
+    c.validate()?;
+    Ok(c)
+}
+
+fn sync(device: &Device) -> Result<()> {
+    Ok(device.synchronize()?)
+}
+
+#[derive(Default)]
+struct Times {
+    reference: f64,
+    denoise: f64,
+    backward: f64,
+    optimizer: f64,
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+pub fn run(args: &TrainBenchArgs) -> Result<()> {
+    let device = parse_device(&args.compute.device)?;
+    let dtype = parse_dtype(&args.compute.dtype)?;
+    if args.size == 0 || !args.size.is_multiple_of(8) || args.batch_size == 0 {
+        return Err(Error::msg(
+            "bench train: --size must be a positive multiple of 8 and --batch-size positive",
+        ));
+    }
+    let ucfg = unet_config(args.width)?;
+    let cfg = NetsConfig::mcld(ucfg.clone());
+    let rw = RandomWeights::new(args.seed).recording();
+    build_nets(
+        &rw.clone().var_builder(DType::F32, &Device::Cpu),
+        &cfg,
+        DType::F32,
+    )?;
+    let params = Params::new(rw.recorded(), is_trainable, &device)?;
+    drop(rw);
+    let mut opt = AdamW::new(AdamWConfig::default(), params.trainable())?;
+    let prec = Precision::new(&device, dtype);
+    println!(
+        "bench train: {} trainable tensors ({:.1} M values), {} frozen; {}x{} images, batch {}, \
+         width {:?}, {}, checkpointing {}, optimizer {:?}, device {:?}",
+        params.trainable().len(),
+        params.trainable_elems() as f64 / 1e6,
+        params.frozen().len(),
+        args.size,
+        args.size,
+        args.batch_size,
+        args.width,
+        prec.describe(),
+        args.grad_checkpointing,
+        args.optimizer,
+        device
+    );
+
+    let mut sc = DdimConfig::default();
+    sc.beta_schedule = crate::scheduler::ddim::BetaSchedule::ScaledLinear;
+    sc.rescale_betas_zero_snr = true;
+    sc.timestep_spacing = TimestepSpacing::Trailing;
+    sc.prediction_type = PredictionType::VPrediction;
+    let scheduler = DdimScheduler::new(sc)?;
+
+    let b = args.batch_size;
+    let h = args.size / 8;
+    let mut rng = StdRng::seed_from_u64(args.seed.wrapping_add(1));
+    let mut r = |d: &[usize]| randn(&mut rng, d, &device);
+    let latents = r(&[b, 4, h, h])?;
+    let noise = r(&[b, 4, h, h])?;
+    let ref_latents = r(&[b, 4, h, h])?;
+    let clip_src = r(&[b, 1, ucfg.cross_attention_dim])?;
+    let clip_tex = r(&[b, 1, ucfg.cross_attention_dim])?;
+    let face = r(&[b, 1, cfg.image_proj.embedding_dim])?;
+    let pose = (r(&[b, 3, args.size, args.size])?.abs()?.clamp(0f32, 1f32))?;
+    let t: Vec<i64> = (0..b as i64).map(|i| (137 + 311 * i) % 1000).collect();
+    let timesteps = Tensor::from_vec(t, b, &device)?;
+    let inp = LossInputs {
+        latents: &latents,
+        noise: &noise,
+        timesteps: &timesteps,
+        ref_latents: Some(&ref_latents),
+        clip_src: &clip_src,
+        clip_tex: &clip_tex,
+        face_emb: &face,
+        pose: &pose,
+    };
+
+    let mut total = Times::default();
+    let mut losses = Vec::new();
+    for step in 0..args.warmup + args.steps {
+        let mut times = Times::default();
+        let vb = params.var_builder_rounded(prec.compute, prec.round_weights, true)?;
+        let nets = build_nets(&vb, &cfg, prec.compute)?;
+        let tape = Tape::new();
+        let ckpt = args.grad_checkpointing.then_some(&tape);
+        let t0 = Instant::now();
+        let bank = reference_bank(&nets, &inp, ckpt)?;
+        sync(&device)?;
+        times.reference = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let out = denoise_loss(
+            &nets,
+            &scheduler,
+            &inp,
+            bank.as_ref(),
+            LossOptions::default(),
+            ckpt,
+        )?;
+        let loss = out.loss.to_scalar::<f32>()?;
+        times.denoise = t0.elapsed().as_secs_f64();
+        drop(bank);
+        let t0 = Instant::now();
+        let store = match ckpt {
+            Some(tp) => tp.backward(&out.loss)?,
+            None => out.loss.backward()?,
+        };
+        drop(out);
+        let grads = params
+            .trainable()
+            .iter()
+            .map(|(_, v)| match store.get(v.as_tensor()) {
+                Some(g) => Ok(g.detach().to_dtype(DType::F32)?),
+                None => Ok(v.as_tensor().zeros_like()?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        drop(store);
+        sync(&device)?;
+        times.backward = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        if args.optimizer == Optimizer::Adamw {
+            opt.step(params.trainable(), &grads, 1e-5)?;
+            sync(&device)?;
+        }
+        times.optimizer = t0.elapsed().as_secs_f64();
+        drop(grads);
+        if !loss.is_finite() {
+            return Err(Error::msg(format!(
+                "bench train: step {step} loss is {loss}"
+            )));
+        }
+        let timed = step >= args.warmup;
+        println!(
+            "{} step {step}: reference UNet {:.2} s, denoising UNet + loss {:.2} s, backward {:.2} s, \
+             optimizer {:.2} s, loss {loss:.4}",
+            if timed { "timed " } else { "warm-up" },
+            times.reference,
+            times.denoise,
+            times.backward,
+            times.optimizer
+        );
+        if timed {
+            total.reference += times.reference;
+            total.denoise += times.denoise;
+            total.backward += times.backward;
+            total.optimizer += times.optimizer;
+            losses.push(loss);
+        }
+    }
+    let n = args.steps.max(1) as f64;
+    let per_step = (total.reference + total.denoise + total.backward + total.optimizer) / n;
+    println!(
+        "per step (mean of {}): reference UNet {:.2} s | denoising UNet + loss {:.2} s | backward {:.2} s | optimizer {:.2} s | total {:.2} s = {:.3} steps/s, {:.3} samples/s",
+        args.steps,
+        total.reference / n,
+        total.denoise / n,
+        total.backward / n,
+        total.optimizer / n,
+        per_step,
+        1.0 / per_step,
+        b as f64 / per_step
+    );
+    match peak_rss_bytes() {
+        Some(p) => println!("peak RSS {:.2} GiB", gib(p)),
+        None => println!("peak RSS: not reported by this OS"),
+    }
+    if device.is_cuda() {
+        match super::pipeline::gpu_used_bytes() {
+            Some(p) => println!(
+                "GPU memory in use at the end {:.2} GiB (nvidia-smi)",
+                gib(p)
+            ),
+            None => println!("GPU memory: nvidia-smi did not report this process"),
+        }
+    }
+    Ok(())
+}
