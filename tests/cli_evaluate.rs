@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use image::{Rgb, RgbImage};
-use mcld::cli::evaluate::{evaluate, write_reports, EvalBackend, EvalOptions, PairScores};
+use mcld::evaluate::{evaluate, write_reports, EvalBackend, EvalOptions, PairScores};
 
 #[derive(Default)]
 struct Fake {

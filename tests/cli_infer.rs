@@ -73,7 +73,7 @@ fn check_iuv_against_fixture(got: &image::RgbImage) {
         .unwrap();
     let b = case.f32("output.instances.pred_boxes").get(0).unwrap();
     let b: Vec<f32> = b.to_vec1().unwrap();
-    let (bx, by, _, _) = mcld::prepare::densepose::iuv::box_xywh_int(&[b[0], b[1], b[2], b[3]]);
+    let (bx, by, _, _) = mcld::models::densepose::iuv::box_xywh_int(&[b[0], b[1], b[2], b[3]]);
     let (mut bad, mut allowed) = (0, 0);
     for y in 0..h {
         for x in 0..w {
@@ -220,16 +220,16 @@ fn infer_computes_the_face_embedding() {
         .unwrap();
 
     // The embedding infer would use, computed here and handed over as a file.
-    let emb = mcld::prepare::face::FaceEmbedder::load(&det, &rec)
+    let emb = mcld::models::face::FaceEmbedder::load(&det, &rec)
         .unwrap()
         .embed_largest(&photo)
         .unwrap()
         .expect("the test photo has a face");
     let npy = d.path().join("face.npy");
-    mcld::pipeline::inputs::npy::write_f32(&npy, &[emb.len()], &emb).unwrap();
+    mcld::data::npy::write_f32(&npy, &[emb.len()], &emb).unwrap();
 
     let zeros = d.path().join("zeros.npy");
-    mcld::pipeline::inputs::npy::write_f32(&zeros, &[512], &[0.0; 512]).unwrap();
+    mcld::data::npy::write_f32(&zeros, &[512], &[0.0; 512]).unwrap();
 
     let outs = [
         d.path().join("computed.png"),

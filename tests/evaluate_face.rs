@@ -11,7 +11,7 @@ use std::process::Command;
 
 use common::face_test_models;
 use image::RgbImage;
-use mcld::cli::evaluate::{face_similarity, face_status, EvalOptions};
+use mcld::evaluate::{face_similarity, face_status, EvalOptions};
 use mcld::metrics::face::{FaceConfig, FaceModels, DETECTOR_ONNX, RECOGNISER_ONNX};
 
 /// A pretrained folder holding the stand-ins under buffalo_s's names.

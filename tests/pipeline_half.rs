@@ -4,8 +4,8 @@
 //! sampler against the reference's numbers; this covers the conditioning networks too.)
 
 use candle_core::{DType, Device, Tensor};
+use mcld::data::{Pair, PairInputs};
 use mcld::pipeline::demo;
-use mcld::pipeline::inputs::{Pair, PairInputs};
 use mcld::pipeline::mcld::McldPipeline;
 use mcld::pipeline::tiny::write_tiny_layout;
 

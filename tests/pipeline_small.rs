@@ -6,10 +6,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use mcld::models::unet::{IpAdapter, UNet2DConditionModel};
-use mcld::models::{pose_guider, resampler, unet, vae};
+use mcld::models::mcld::{Mcld, McldConfig};
+use mcld::models::unet::IpAdapter;
+use mcld::models::vae;
 use mcld::pipeline::mcld::Precision;
-use mcld::pipeline::sampler::{decode, denoise, Conditioning, McldNets, StepRecord};
+use mcld::pipeline::sampler::{decode, denoise, Conditioning, StepRecord};
 use mcld::scheduler::ddim::{DdimConfig, DdimScheduler};
 
 fn module_vb(case: &common::Case, m: &str, prec: Precision) -> VarBuilder<'static> {
@@ -30,37 +31,30 @@ fn cfg<T: serde::de::DeserializeOwned>(case: &common::Case, m: &str) -> T {
 fn run_case(case: &common::Case, dtype: DType) -> (Vec<StepRecord>, Tensor, Tensor) {
     let prec = Precision::new(&Device::Cpu, dtype);
     let dtype = prec.compute;
-    let ucfg_r: unet::Config = cfg(case, "reference_unet");
-    let ucfg_d: unet::Config = cfg(case, "denoising_unet");
     let ipj = &case.json["modules"]["denoising_unet"]["ip_adapter"];
-    let ip = IpAdapter {
-        num_tokens: ipj["num_tokens"].as_u64().unwrap() as usize,
-        scale: ipj["scale"].as_f64().unwrap(),
+    let mcfg = McldConfig {
+        unet: cfg(case, "denoising_unet"),
+        pose_guider: cfg(case, "pose_guider"),
+        image_proj: cfg(case, "image_proj"),
+        ip: IpAdapter {
+            num_tokens: ipj["num_tokens"].as_u64().unwrap() as usize,
+            scale: ipj["scale"].as_f64().unwrap(),
+        },
     };
-    let nets = McldNets {
-        reference_unet: UNet2DConditionModel::new_reference(
-            module_vb(case, "reference_unet", prec),
-            &ucfg_r,
-        )
-        .unwrap(),
-        denoising_unet: UNet2DConditionModel::new_denoising(
-            module_vb(case, "denoising_unet", prec),
-            &ucfg_d,
-            ip,
-        )
-        .unwrap(),
-        pose_guider: pose_guider::PoseGuider::new(
-            module_vb(case, "pose_guider", prec),
-            &cfg(case, "pose_guider"),
-        )
-        .unwrap(),
-        image_proj: resampler::Resampler::new(
-            module_vb(case, "image_proj", prec),
-            &cfg(case, "image_proj"),
-        )
-        .unwrap(),
-        dtype,
-    };
+    let ucfg_r: mcld::models::unet::Config = cfg(case, "reference_unet");
+    assert_eq!(ucfg_r, mcfg.unet, "one UNet config for both roles");
+    // The composite case's weights under their module prefixes, as `Mcld::new` takes them.
+    let parts: std::collections::HashMap<String, Tensor> = case
+        .tensors
+        .iter()
+        .filter(|(k, _)| Mcld::PARTS.iter().any(|p| k.starts_with(&format!("{p}."))))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let nets = Mcld::new(
+        VarBuilder::from_tensors(prec.round(parts).unwrap(), dtype, &Device::Cpu),
+        &mcfg,
+    )
+    .unwrap();
     let vae = vae::AutoencoderKL::new(module_vb(case, "vae", prec), &cfg(case, "vae")).unwrap();
     let sc: DdimConfig = serde_json::from_value(case.json["scheduler_config"].clone()).unwrap();
     let mut sched = DdimScheduler::new(sc).unwrap();

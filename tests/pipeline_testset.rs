@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use image::{Rgb, RgbImage};
-use mcld::pipeline::inputs::{npy, read_pairs, DatasetLayout, PairInputs};
+use mcld::data::{npy, read_pairs, DatasetLayout, PairInputs};
 use mcld::pipeline::testset::{run_test_set, Generator, Postprocess, TestRunOptions};
 
 struct CountingGenerator {

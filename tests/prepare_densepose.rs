@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use common::{assert_close, fixture_path, load_case, max_errs, Case, Tolerance};
-use mcld::prepare::densepose::iuv::{self, Image3};
-use mcld::prepare::densepose::{Config, DensePose};
+use mcld::models::densepose::iuv::{self, Image3};
+use mcld::models::densepose::{Config, DensePose};
 
 const GROUP: &str = "densepose";
 const CASE: &str = "densepose_rcnn";
@@ -619,12 +619,12 @@ fn load_from_safetensors_file() {
     let case = load_case(GROUP, CASE);
     let cfg = Config::from_json_value(&case.json["config"]).unwrap();
     let model =
-        mcld::prepare::densepose::load_safetensors(&case.safetensors_path, &cfg, &Device::Cpu)
+        mcld::models::densepose::load_safetensors(&case.safetensors_path, &cfg, &Device::Cpu)
             .unwrap();
     let x = case.f32("output.image_tensor").unsqueeze(0).unwrap();
     let p5 = model.features(&x).unwrap().remove(3).squeeze(0).unwrap();
     check(&case, "output.fpn.p5", &p5);
-    let e = mcld::prepare::densepose::load_safetensors(
+    let e = mcld::models::densepose::load_safetensors(
         std::path::Path::new("/nonexistent/w.safetensors"),
         &cfg,
         &Device::Cpu,
@@ -639,7 +639,7 @@ fn load_from_safetensors_file() {
 /// interpolation on the CPU, for the factors and odd shapes used: equal to float rounding.
 #[test]
 fn device_bilinear_matches_host_bilinear() {
-    use mcld::prepare::densepose::predictor::upsample_bilinear_host;
+    use mcld::models::densepose::predictor::upsample_bilinear_host;
     let dev = Device::Cpu;
     for (factor, h, w) in [
         (2usize, 28usize, 28usize),

@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{fixture_path, load_case, Case};
-use mcld::prepare::densepose::iuv::{box_xywh_int, Image3};
-use mcld::prepare::densepose::stage::{self, DenseposeOptions, NO_PERSON_FILE, WEIGHTS_URL};
+use mcld::models::densepose::iuv::{box_xywh_int, Image3};
+use mcld::models::densepose::WEIGHTS_URL;
+use mcld::prepare::densepose::{self as stage, DenseposeOptions, NO_PERSON_FILE};
 use mcld::prepare::{PrepareReport, StageStatus};
 
 const GROUP: &str = "densepose";
@@ -321,12 +322,14 @@ fn batched_backbone_passes_match_single_ones() {
     println!("3 photos, batch 2: {:.2?}; {rep:?}", t0.elapsed());
     assert_eq!((rep.done, rep.failed.len()), (3, 0), "{rep:?}");
     // One photo alone, in process.
-    let (c, _) = stage::load_config(Some(&cfg)).unwrap();
-    let model = stage::load_model(&c, &case.safetensors_path, &candle_core::Device::Cpu).unwrap();
+    let (c, _) = mcld::models::densepose::load_config(Some(&cfg)).unwrap();
+    let model =
+        mcld::models::densepose::load_model(&c, &case.safetensors_path, &candle_core::Device::Cpu)
+            .unwrap();
     let img = Image3::read_bgr(&root.join("train").join(PHOTO)).unwrap();
     let single = model.iuv(&img).unwrap().unwrap();
     let tmp = root.join("single.png");
-    mcld::prepare::densepose::iuv::save_iuv_png(&single, img.h, img.w, &tmp).unwrap();
+    mcld::models::densepose::iuv::save_iuv_png(&single, img.h, img.w, &tmp).unwrap();
     let single_px = image::open(&tmp).unwrap().to_rgb8().into_raw();
     for name in [PHOTO, "b_copy.jpg", "c_copy.jpg"] {
         let px = image::open(iuv_path(root, name))
@@ -369,9 +372,10 @@ fn bad_config_is_named_and_builtin_config_matches_the_file() {
     let e = rep.error.unwrap();
     println!("{e}");
     assert!(e.contains(&bad.display().to_string()), "{e}");
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join(stage::DEFAULT_CONFIG);
-    let from_file = mcld::prepare::densepose::Config::from_yaml_file(&shipped).unwrap();
-    let builtin = mcld::prepare::densepose::Config::builtin_r101_dl().unwrap();
+    let shipped =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(mcld::models::densepose::DEFAULT_CONFIG);
+    let from_file = mcld::models::densepose::Config::from_yaml_file(&shipped).unwrap();
+    let builtin = mcld::models::densepose::Config::builtin_r101_dl().unwrap();
     assert_eq!(format!("{from_file:?}"), format!("{builtin:?}"));
     assert_eq!(builtin.model.resnets.depth, 101);
 }

@@ -6,11 +6,11 @@
 mod common;
 
 use common::face_test_models;
-use mcld::prepare::face::{
+use mcld::data::npy::read_f32 as read_npy_f32;
+use mcld::models::face::{
     norm_crop, umeyama_similarity, warp_affine, ArcFace, ArcFaceConfig, Detection, ResizeMode,
     Scrfd, ScrfdConfig, ARCFACE_TEMPLATE, DETECTOR_ONNX, RECOGNISER_ONNX,
 };
-use mcld::prepare::stats::read_npy_f32;
 use mcld::prepare::{run_prepare, PrepareOptions, Stage, StageStatus};
 
 /// The settings of the `scrfd` package's own tests (PIL nearest resize, its thresholds).

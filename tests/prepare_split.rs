@@ -3,11 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use mcld::data::npy::{read_f32 as read_npy_f32, write_f32 as write_npy_f32};
 use mcld::prepare::pairs::{outfit_key, parse_pairs, read_pairs, train_pairs};
 use mcld::prepare::report::StageStatus;
 use mcld::prepare::run::load_texture_inputs;
 use mcld::prepare::split::{flat_name, SplitLists};
-use mcld::prepare::stats::{per_dim_std, read_npy_f32, write_npy_f32};
+use mcld::prepare::stats::per_dim_std;
 use mcld::prepare::texture::TextureAssets;
 use mcld::prepare::{run_prepare, PrepareOptions, PrepareReport, Stage};
 
@@ -496,7 +497,7 @@ fn stats_stage_writes_clip_std_with_an_encoder() {
     let rep = run_prepare(&o).unwrap();
     let st = stage(&rep, "stats");
     assert_eq!((st.status, st.done), (StageStatus::Ok, 1), "{:?}", st.error);
-    let (shape, got) = mcld::prepare::stats::read_npy_f32(&root.join("clip_std.npy")).unwrap();
+    let (shape, got) = read_npy_f32(&root.join("clip_std.npy")).unwrap();
     // Same numbers as computing the embeddings directly and taking numpy's std (ddof 0).
     let emb = mcld::prepare::stats::clip_embeddings(root, &enc, &indicatif::ProgressBar::hidden())
         .unwrap();

@@ -10,27 +10,19 @@ use candle_core::{DType, Device};
 use indicatif::ProgressBar;
 use rayon::prelude::*;
 
-use super::iuv::{save_iuv_png, Image3};
-use super::{Config, DensePose};
+use crate::data::{derived_path, list_photos, Part};
+use crate::models::densepose::iuv::{save_iuv_png, Image3};
+use crate::models::densepose::{load_config, load_model, DensePose};
 use crate::prepare::report::{Failure, StageReport, StageStatus};
-use crate::prepare::run::{derived_path, list_photos};
-use crate::prepare::split::Part;
 use crate::{Error, Result};
 
-/// Config used when none is named (relative to the working directory; the same file is also
-/// compiled in for a binary run elsewhere).
-pub const DEFAULT_CONFIG: &str = "configs/densepose/densepose_rcnn_R_101_FPN_DL_s1x.yaml";
-/// The checkpoint MCLD uses, expected in the pretrained folder.
-pub const WEIGHTS_FILE: &str = "model_final_844d15.pkl";
-/// detectron2 DensePose model zoo entry of `densepose_rcnn_R_101_FPN_DL_s1x`.
-pub const WEIGHTS_URL: &str = "https://dl.fbaipublicfiles.com/densepose/densepose_rcnn_R_101_FPN_DL_s1x/165712116/model_final_844d15.pkl";
 /// Photos in which no person was found, one file name a line, kept in each `*_densepose/`
 /// folder so that a resumed run does not run them again (delete it to retry them).
 pub const NO_PERSON_FILE: &str = "no_person.txt";
 
 #[derive(Debug, Clone)]
 pub struct DenseposeOptions {
-    /// detectron2 YAML; `None`: [`DEFAULT_CONFIG`], else the compiled-in copy.
+    /// detectron2 YAML; `None`: [`crate::models::densepose::DEFAULT_CONFIG`], else the compiled-in copy.
     pub config: Option<PathBuf>,
     /// `.pkl` (detectron2), `.safetensors` or a PyTorch checkpoint with detectron2 names.
     pub weights: PathBuf,
@@ -54,37 +46,6 @@ pub enum Outcome {
     Written,
     NoPerson,
     Failed(String),
-}
-
-/// The config named by the user, else the shipped one; also says where it came from.
-pub fn load_config(path: Option<&Path>) -> Result<(Config, String)> {
-    match path {
-        Some(p) => Ok((Config::from_yaml_file(p)?, p.display().to_string())),
-        None if Path::new(DEFAULT_CONFIG).is_file() => Ok((
-            Config::from_yaml_file(Path::new(DEFAULT_CONFIG))?,
-            DEFAULT_CONFIG.to_owned(),
-        )),
-        None => Ok((
-            Config::builtin_r101_dl()?,
-            "built-in densepose_rcnn_R_101_FPN_DL_s1x.yaml".to_owned(),
-        )),
-    }
-}
-
-/// Builds the model, or says where to get the checkpoint when it is absent.
-pub fn load_model(cfg: &Config, weights: &Path, device: &Device) -> Result<DensePose> {
-    if !weights.is_file() {
-        return Err(Error::weights(
-            weights,
-            format!(
-                "DensePose weights not found. Download {WEIGHTS_FILE} (DensePose R-CNN \
-                 R-101-FPN DL s1x from the detectron2 DensePose model zoo) from {WEIGHTS_URL} \
-                 and put it at {} (or name another file with --densepose-weights)",
-                weights.display()
-            ),
-        ));
-    }
-    super::load_weights(weights, cfg, device)
 }
 
 fn read_no_person(path: &Path) -> Result<BTreeSet<String>> {

@@ -4,6 +4,7 @@
 //! resize, ResNet+FPN, RPN, Fast R-CNN box head, then the DensePose decoder, head and chart
 //! predictor; `iuv` turns the first instance into MCLD's IUV image.
 
+pub mod boxes;
 pub mod config;
 pub mod head;
 pub mod iuv;
@@ -11,7 +12,8 @@ pub mod predictor;
 pub mod resnet;
 pub mod roi;
 pub mod rpn;
-pub mod stage;
+
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -295,7 +297,7 @@ impl DensePose {
         let mut classes = Vec::new();
         let mut kept = Vec::new();
         for (i, b) in detections.boxes.iter().enumerate() {
-            let s = rpn::clip_box(&[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], oh, ow);
+            let s = boxes::clip_box(&[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy], oh, ow);
             if s[2] - s[0] > 0.0 && s[3] - s[1] > 0.0 {
                 boxes_orig.push(s);
                 scores.push(detections.scores[i]);
@@ -438,4 +440,43 @@ pub fn load_weights(path: &std::path::Path, cfg: &Config, device: &Device) -> Re
         .collect::<Result<std::collections::HashMap<_, _>>>()?;
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     DensePose::new(vb, cfg).map_err(|e| Error::weights(path, e.to_string()))
+}
+
+/// Config used when none is named (relative to the working directory; the same file is also
+/// compiled in for a binary run elsewhere).
+pub const DEFAULT_CONFIG: &str = "configs/densepose/densepose_rcnn_R_101_FPN_DL_s1x.yaml";
+/// The checkpoint MCLD uses, expected in the pretrained folder.
+pub const WEIGHTS_FILE: &str = "model_final_844d15.pkl";
+/// detectron2 DensePose model zoo entry of `densepose_rcnn_R_101_FPN_DL_s1x`.
+pub const WEIGHTS_URL: &str = "https://dl.fbaipublicfiles.com/densepose/densepose_rcnn_R_101_FPN_DL_s1x/165712116/model_final_844d15.pkl";
+
+/// The config named by the user, else the shipped one; also says where it came from.
+pub fn load_config(path: Option<&Path>) -> Result<(Config, String)> {
+    match path {
+        Some(p) => Ok((Config::from_yaml_file(p)?, p.display().to_string())),
+        None if Path::new(DEFAULT_CONFIG).is_file() => Ok((
+            Config::from_yaml_file(Path::new(DEFAULT_CONFIG))?,
+            DEFAULT_CONFIG.to_owned(),
+        )),
+        None => Ok((
+            Config::builtin_r101_dl()?,
+            "built-in densepose_rcnn_R_101_FPN_DL_s1x.yaml".to_owned(),
+        )),
+    }
+}
+
+/// Builds the model, or says where to get the checkpoint when it is absent.
+pub fn load_model(cfg: &Config, weights: &Path, device: &Device) -> Result<DensePose> {
+    if !weights.is_file() {
+        return Err(Error::weights(
+            weights,
+            format!(
+                "DensePose weights not found. Download {WEIGHTS_FILE} (DensePose R-CNN \
+                 R-101-FPN DL s1x from the detectron2 DensePose model zoo) from {WEIGHTS_URL} \
+                 and put it at {} (or name another file with --densepose-weights)",
+                weights.display()
+            ),
+        ));
+    }
+    load_weights(weights, cfg, device)
 }

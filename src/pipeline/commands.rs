@@ -1,4 +1,4 @@
-//! The bodies of `mcld test`, `mcld infer` and `mcld demo`.
+//! `mcld test`, `mcld infer` and `mcld demo`: their arguments and bodies.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -6,23 +6,89 @@ use std::time::Instant;
 use candle_core::Tensor;
 use image::{Rgb, RgbImage};
 
-use super::{InferArgs, TestArgs};
+use clap::Args;
+
+use crate::args::{CheckpointArgs, ComputeArgs, PretrainedArgs};
 use crate::config::TrainConfig;
-use crate::device::{parse_device, parse_dtype};
+use crate::data::{read_face_embedding, read_pairs, read_rgb, DatasetLayout, Pair, PairInputs};
 use crate::pipeline::demo;
-use crate::pipeline::inputs::{
-    read_face_embedding, read_pairs, read_rgb, DatasetLayout, Pair, PairInputs,
-};
 use crate::pipeline::mcld::{McldPipeline, SeededGenerator};
 use crate::pipeline::preprocess::{self, FaceOutcome};
 use crate::pipeline::testset::{run_test_set, Postprocess, TestRunOptions};
 use crate::{Error, Result};
 
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Output root: images go to SAVE_PATH/<exp_name>/{256,512}/, ground truth to SAVE_PATH/gt/.
+    #[arg(
+        long = "save_path",
+        visible_alias = "save-path",
+        default_value = "./results/"
+    )]
+    pub save_path: PathBuf,
+    #[command(flatten)]
+    pub checkpoints: CheckpointArgs,
+    /// Generate at most N pairs (in test.csv order); useful for a quick look.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Pairs per forward pass.
+    #[arg(long = "batch-size", visible_alias = "batch_size", default_value_t = 1)]
+    pub batch_size: usize,
+    /// Seed of the initial noise; the same seed gives the same images.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// Photo of the person to re-pose.
+    #[arg(long)]
+    pub source: PathBuf,
+    /// Target pose as a DensePose IUV image (R = V, G = U, B = part index).
+    #[arg(long)]
+    pub pose: PathBuf,
+    /// UV texture map of the source (computed when absent and the models are available).
+    #[arg(long)]
+    pub texture: Option<PathBuf>,
+    /// ArcFace embedding of the source face, a (512,) float32 .npy (zeros when absent).
+    #[arg(long)]
+    pub face: Option<PathBuf>,
+    /// Output image.
+    #[arg(long, default_value = "out.png")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub checkpoints: CheckpointArgs,
+    /// Used when --texture / --face are not given.
+    #[command(flatten)]
+    pub pretrained: PretrainedArgs,
+    /// Where to write the texture map computed from the source (default: beside --out, as
+    /// OUT_texture.png; the source's IUV goes beside it as OUT_source_iuv.png).
+    #[arg(long = "save-texture", visible_alias = "save_texture")]
+    pub save_texture: Option<PathBuf>,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Side-by-side result (source | pose | texture | output).
+    #[arg(long, default_value = "mcld_demo_untrained.png")]
+    pub out: PathBuf,
+    /// DDIM steps (the real pipeline uses 20; fewer keep the demo quick on a CPU).
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+}
+
 /// `mcld test`: the whole test set, resumable.
 pub fn test(a: &TestArgs) -> Result<()> {
-    let device = parse_device(&a.compute.device)?;
-    let dtype = parse_dtype(&a.compute.dtype)?;
-    let cfg = TrainConfig::load(&a.config_path)?;
+    let device = a.compute.device()?;
+    let dtype = a.compute.dtype()?;
+    let cfg = TrainConfig::load(&a.checkpoints.config_path)?;
     let root = &cfg.data.root_dir;
     let csv = if cfg.data.test_pairs.is_absolute() {
         cfg.data.test_pairs.clone()
@@ -31,7 +97,12 @@ pub fn test(a: &TestArgs) -> Result<()> {
     };
     let pairs = read_pairs(&csv)?;
     let t0 = Instant::now();
-    let pipeline = McldPipeline::from_config(&a.ckpt_dir, &a.config_path, &device, dtype)?;
+    let pipeline = McldPipeline::from_config(
+        &a.checkpoints.ckpt_dir,
+        &a.checkpoints.config_path,
+        &device,
+        dtype,
+    )?;
     eprintln!(
         "loaded the pipeline in {:.1}s (precision {})",
         t0.elapsed().as_secs_f64(),
@@ -101,8 +172,8 @@ fn panel(img: &RgbImage, size: u32) -> Result<RgbImage> {
 
 /// `mcld infer`: one pair without a dataset.
 pub fn infer(a: &InferArgs) -> Result<()> {
-    let device = parse_device(&a.compute.device)?;
-    let dtype = parse_dtype(&a.compute.dtype)?;
+    let device = a.compute.device()?;
+    let dtype = a.compute.dtype()?;
     let source = read_rgb(&a.source)?;
     let pose = read_rgb(&a.pose)?;
     let texture = match &a.texture {
@@ -111,7 +182,7 @@ pub fn infer(a: &InferArgs) -> Result<()> {
     };
     let (face, face_missing) = match &a.face {
         Some(p) => (read_face_embedding(p)?, false),
-        None => match preprocess::face_of_photo(&a.pretrained_dir, &source)? {
+        None => match preprocess::face_of_photo(&a.pretrained.pretrained_dir, &source)? {
             FaceOutcome::Found(v) => {
                 eprintln!("computed the source's face embedding (antelopev2)");
                 (v, false)
@@ -130,7 +201,12 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         },
     };
     let t0 = Instant::now();
-    let pipeline = McldPipeline::from_config(&a.ckpt_dir, &a.config_path, &device, dtype)?;
+    let pipeline = McldPipeline::from_config(
+        &a.checkpoints.ckpt_dir,
+        &a.checkpoints.config_path,
+        &device,
+        dtype,
+    )?;
     let load_s = t0.elapsed().as_secs_f64();
     let input = PairInputs {
         pair: Pair {
@@ -163,7 +239,7 @@ fn computed_texture(
     source: &RgbImage,
     device: &candle_core::Device,
 ) -> Result<RgbImage> {
-    let dp = preprocess::load_densepose(&a.pretrained_dir, device).map_err(|e| {
+    let dp = preprocess::load_densepose(&a.pretrained.pretrained_dir, device).map_err(|e| {
         Error::msg(format!(
             "no --texture given for {}, so its texture map must be computed, which needs \
              DensePose: {e}\n(alternatively pass --texture TEXTURE.png, e.g. one made by \

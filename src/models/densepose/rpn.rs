@@ -3,9 +3,9 @@
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
+use super::boxes::{apply_deltas, batched_nms, clip_box};
 use super::config::Config;
 use super::resnet::ConvBn;
-use super::roi::{apply_deltas, nms};
 use crate::{Error, Result};
 
 /// Per-level cell anchors, `(x0, y0, x1, y1)` around the origin; sizes outer, ratios inner.
@@ -233,30 +233,4 @@ impl Rpn {
             logits: keep.iter().map(|&i| ks[i]).collect(),
         })
     }
-}
-
-/// Clamps a box into `[0, w] x [0, h]`.
-pub fn clip_box(b: &[f32; 4], h: f32, w: f32) -> [f32; 4] {
-    [
-        b[0].clamp(0.0, w),
-        b[1].clamp(0.0, h),
-        b[2].clamp(0.0, w),
-        b[3].clamp(0.0, h),
-    ]
-}
-
-/// NMS within each category, then all survivors sorted by score (torchvision's batched_nms).
-pub fn batched_nms(boxes: &[[f32; 4]], scores: &[f32], cats: &[usize], thresh: f64) -> Vec<usize> {
-    let mut ids: Vec<usize> = cats.to_vec();
-    ids.sort_unstable();
-    ids.dedup();
-    let mut keep = Vec::new();
-    for c in ids {
-        let idx: Vec<usize> = (0..boxes.len()).filter(|&i| cats[i] == c).collect();
-        let sb: Vec<[f32; 4]> = idx.iter().map(|&i| boxes[i]).collect();
-        let ss: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
-        keep.extend(nms(&sb, &ss, thresh).into_iter().map(|k| idx[k]));
-    }
-    keep.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    keep
 }
