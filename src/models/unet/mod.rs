@@ -79,7 +79,7 @@ impl BankGuidance {
         match self {
             BankGuidance::AllSamples => Ok(vec![false; b]),
             BankGuidance::UncondFirstHalf => {
-                if b % 2 != 0 {
+                if !b.is_multiple_of(2) {
                     return Err(Error::msg(format!(
                         "classifier-free guidance batch must be even, got {b}"
                     )));
