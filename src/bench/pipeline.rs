@@ -130,6 +130,7 @@ pub fn random_pipeline(
     let dt = prec.compute;
     let rw = |s: u64| RandomWeights::new(seed.wrapping_mul(31).wrapping_add(s));
     let ucfg: unet::Config = parse("SD-1.5 UNet", SD15_UNET)?;
+    // Seeds 1-4 in PARTS order (reference UNet, denoising UNet, pose guider, projector).
     let parts = Mcld::PARTS
         .iter()
         .zip(1u64..)

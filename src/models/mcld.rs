@@ -29,8 +29,10 @@ impl McldConfig {
     /// MCLD's set around a UNet and a projector: the pose guider ends at the UNet's first width,
     /// the IP-adapter reads one token per projector query at MCLD's scale.
     pub fn new(unet: unet::Config, image_proj: resampler::Config) -> Self {
+        // An empty channel list gives 0 here and is refused by `validate`.
+        let c0 = unet.block_out_channels.first().copied().unwrap_or(0);
         Self {
-            pose_guider: pose_guider::Config::mcld(unet.block_out_channels[0]),
+            pose_guider: pose_guider::Config::mcld(c0),
             ip: IpAdapter::mcld(image_proj.num_queries),
             unet,
             image_proj,
@@ -58,7 +60,7 @@ impl McldConfig {
                 self.image_proj.output_dim, self.unet.cross_attention_dim
             ));
         }
-        let c0 = self.unet.block_out_channels[0];
+        let c0 = self.unet.block_out_channels[0]; // non-empty: checked by unet.validate()
         if self.pose_guider.conditioning_embedding_channels != c0 {
             return bad(format!(
                 "pose guider conditioning_embedding_channels = {} but the UNet's \
