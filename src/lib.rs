@@ -1,12 +1,14 @@
 //! mcld: Multi-focal Conditioned Latent Diffusion for pose-guided person image synthesis,
 //! on candle. The binary in `main.rs` is a thin CLI over these modules.
 
+pub mod args;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod evaluate;
 pub mod fsutil;
 pub mod imageops;
 pub mod metrics;

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use crate::cli::ComputeArgs;
-use crate::prepare::densepose::iuv::{self, Image3};
-use crate::prepare::densepose::{stage, DensePose};
+use crate::args::ComputeArgs;
+use crate::models::densepose::iuv::{self, Image3};
+use crate::models::densepose::{self, DensePose};
 use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
@@ -139,7 +139,7 @@ pub fn run(args: &DenseposeBenchArgs) -> Result<()> {
     if dtype != candle_core::DType::F32 {
         println!("note: DensePose runs in float32 (as `prepare` does); --dtype {dtype:?} ignored");
     }
-    let (cfg, src) = stage::load_config(args.config.as_deref())?;
+    let (cfg, src) = densepose::load_config(args.config.as_deref())?;
     let t = Instant::now();
     // Residual branches damped so 101 random layers stay finite; small box/anchor deltas keep
     // the random proposals inside the image.

@@ -16,16 +16,18 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
-use crate::cli::ComputeArgs;
+use crate::args::ComputeArgs;
+use crate::data::{Pair, PairInputs};
 use crate::device::{parse_device, parse_dtype};
 use crate::models::clip::{self, ClipVisionModelWithProjection};
-use crate::models::unet::{self, IpAdapter, UNet2DConditionModel};
+use crate::models::mcld::{Mcld, McldConfig};
+use crate::models::resampler;
+use crate::models::unet;
 use crate::models::vae::{self, AutoencoderKL};
-use crate::models::{pose_guider, resampler};
-use crate::pipeline::inputs::{Pair, PairInputs};
 use crate::pipeline::mcld::{McldPipeline, Precision};
-use crate::pipeline::sampler::{self, McldNets};
+use crate::pipeline::sampler;
 use crate::scheduler::ddim::DdimScheduler;
+use crate::weights::prefixed_var_builder;
 use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
@@ -128,21 +130,15 @@ pub fn random_pipeline(
     let dt = prec.compute;
     let rw = |s: u64| RandomWeights::new(seed.wrapping_mul(31).wrapping_add(s));
     let ucfg: unet::Config = parse("SD-1.5 UNet", SD15_UNET)?;
-    let reference_unet = UNet2DConditionModel::new_reference(rw(1).var_builder(dt, device), &ucfg)?;
-    let denoising_unet = UNet2DConditionModel::new_denoising(
-        rw(2).var_builder(dt, device),
-        &ucfg,
-        IpAdapter {
-            num_tokens: 16,
-            scale: 0.5,
-        },
+    // Seeds 1-4 in PARTS order (reference UNet, denoising UNet, pose guider, projector).
+    let parts = Mcld::PARTS
+        .iter()
+        .zip(1u64..)
+        .map(|(p, s)| (*p, rw(s).var_builder(dt, device)));
+    let nets = Mcld::new(
+        prefixed_var_builder(parts, dt, device),
+        &McldConfig::new(ucfg, resampler::Config::mcld()),
     )?;
-    let pose_guider = pose_guider::PoseGuider::new(
-        rw(3).var_builder(dt, device),
-        &pose_guider::Config::mcld(ucfg.block_out_channels[0]),
-    )?;
-    let image_proj =
-        resampler::Resampler::new(rw(4).var_builder(dt, device), &resampler::Config::mcld())?;
     let vcfg: vae::Config = parse("sd-vae-ft-mse", SD_VAE_FT_MSE)?;
     let bottleneck = *vcfg.block_out_channels.last().unwrap_or(&512);
     let vae = AutoencoderKL::new(
@@ -161,13 +157,7 @@ pub fn random_pipeline(
     let mut scheduler = DdimScheduler::from_config_kwargs(&infer.noise_scheduler_kwargs)?;
     scheduler.set_timesteps(steps)?;
     Ok(McldPipeline {
-        nets: McldNets {
-            reference_unet,
-            denoising_unet,
-            pose_guider,
-            image_proj,
-            dtype: dt,
-        },
+        nets,
         vae,
         image_encoder,
         scheduler,

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::peak_rss_bytes;
-use crate::cli::ComputeArgs;
+use crate::args::ComputeArgs;
 use crate::device::{parse_device, parse_dtype};
 use crate::models::checkpoint::Tape;
 use crate::models::unet;
@@ -22,7 +22,7 @@ use crate::pipeline::mcld::Precision;
 use crate::scheduler::ddim::{DdimConfig, DdimScheduler, PredictionType, TimestepSpacing};
 use crate::train::adamw::{AdamW, AdamWConfig};
 use crate::train::loss::{denoise_loss, reference_bank, LossInputs, LossOptions};
-use crate::train::nets::{build_nets, NetsConfig};
+use crate::models::mcld::{Mcld, McldConfig};
 use crate::train::params::{is_trainable, Params};
 use crate::train::trainer::randn;
 use crate::weights::random::RandomWeights;
@@ -104,13 +104,9 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         ));
     }
     let ucfg = unet_config(args.width)?;
-    let cfg = NetsConfig::mcld(ucfg.clone());
+    let cfg = McldConfig::new(ucfg.clone(), crate::models::resampler::Config::mcld());
     let rw = RandomWeights::new(args.seed).recording();
-    build_nets(
-        &rw.clone().var_builder(DType::F32, &Device::Cpu),
-        &cfg,
-        DType::F32,
-    )?;
+    Mcld::new(rw.clone().var_builder(DType::F32, &Device::Cpu), &cfg)?;
     let params = Params::new(rw.recorded(), is_trainable, &device)?;
     drop(rw);
     let mut opt = AdamW::new(AdamWConfig::default(), params.trainable())?;
@@ -167,7 +163,7 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
     for step in 0..args.warmup + args.steps {
         let mut times = Times::default();
         let vb = params.var_builder_rounded(prec.compute, prec.round_weights, true)?;
-        let nets = build_nets(&vb, &cfg, prec.compute)?;
+        let nets = Mcld::new(vb, &cfg)?;
         let tape = Tape::new();
         let ckpt = args.grad_checkpointing.then_some(&tape);
         let t0 = Instant::now();

@@ -1,3 +1,10 @@
-//! Dataset reading (pairs, images, IUV, textures, face embeddings) and training-time masks.
+//! The dataset: its layout (folders, file naming, listing), pairs, `.npy` I/O, and training-time
+//! masks. Read by `prepare`, the pipeline, `test` and training alike.
 
 pub mod face_mask;
+pub mod layout;
+pub mod npy;
+pub mod pairs;
+
+pub use layout::{derived_path, list_photos, read_face_embedding, read_rgb, DatasetLayout, Part};
+pub use pairs::{load_pair, read_pairs, Pair, PairInputs};

@@ -6,7 +6,7 @@
 //! `face.embedding`, not `normed_embedding`), and pairs where either side has no face are left
 //! out of the means.
 //!
-//! The detector, alignment and recogniser pieces are those of `crate::prepare::face`.
+//! The detector, alignment and recogniser pieces are those of `crate::models::face`.
 
 use std::path::{Path, PathBuf};
 
@@ -14,8 +14,8 @@ use image::RgbImage;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
-pub use crate::prepare::face::plan_for_input;
-use crate::prepare::face::{
+pub use crate::models::face::plan_for_input;
+use crate::models::face::{
     decode_scrfd, norm_crop, resize, to_tensor, ArcFace, ArcFaceConfig, Detection, Plan,
     ScrfdConfig,
 };

@@ -4,6 +4,9 @@
 //! LayerNorm and softmax come from `models::nn` (built from primitives) because the projector is
 //! trained and candle's fused versions drop gradients.
 
+use std::collections::HashMap;
+use std::path::Path;
+
 use candle_core::{Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 use serde::{Deserialize, Serialize};
@@ -52,6 +55,48 @@ impl Config {
             apply_pos_emb: false,
             num_latents_mean_pooled: 0,
         }
+    }
+
+    /// The projector's shape read off its weights (the released file has no config): width and
+    /// queries from `latents`, depth from the layer count, heads of 64 as IP-Adapter uses.
+    /// `prefix` is prepended to every key; errors name `source`.
+    pub fn from_weights(t: &HashMap<String, Tensor>, prefix: &str, source: &Path) -> Result<Self> {
+        let dims = |k: &str| -> Result<Vec<usize>> {
+            t.get(&format!("{prefix}{k}"))
+                .map(|x| x.dims().to_vec())
+                .ok_or_else(|| {
+                    Error::weights(source, format!("face projector: tensor {k} missing"))
+                })
+        };
+        let lat = dims("latents")?;
+        let proj_in = dims("proj_in.weight")?;
+        let proj_out = dims("proj_out.weight")?;
+        let to_q = dims("layers.0.0.to_q.weight")?;
+        let ff = dims("layers.0.1.1.weight")?;
+        if lat.len() != 3 || proj_in.len() != 2 || proj_out.len() != 2 || to_q.len() != 2 {
+            return Err(Error::weights(
+                source,
+                "face projector: unexpected tensor ranks",
+            ));
+        }
+        if to_q[0] == 0 || lat[2] == 0 {
+            return Err(Error::weights(source, "face projector: zero-width tensors"));
+        }
+        let depth = (0..)
+            .take_while(|i| t.contains_key(&format!("{prefix}layers.{i}.0.to_q.weight")))
+            .count();
+        let dim_head = 64.min(to_q[0]);
+        Ok(Self {
+            dim: lat[2],
+            depth,
+            dim_head,
+            heads: to_q[0] / dim_head,
+            num_queries: lat[1],
+            embedding_dim: proj_in[1],
+            output_dim: proj_out[0],
+            ff_mult: ff[0] / lat[2],
+            ..Self::mcld()
+        })
     }
 }
 

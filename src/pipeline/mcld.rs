@@ -8,23 +8,23 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use super::checkpoints::PipelineFiles;
-use super::inputs::PairInputs;
-use super::sampler::{decode, denoise, Conditioning, McldNets, VAE_SCALE};
+use super::sampler::{decode, denoise, Conditioning, VAE_SCALE};
 use crate::config::{InferenceConfig, TrainConfig};
+use crate::data::PairInputs;
 use crate::imageops::{pil_resize_rgb, Filter, U8Image};
 use crate::models::clip::{self, ClipVisionModelWithProjection};
-use crate::models::unet::{IpAdapter, UNet2DConditionModel};
+use crate::models::mcld::{Mcld, McldConfig};
 use crate::models::vae::AutoencoderKL;
-use crate::models::{pose_guider, resampler, unet, vae};
+use crate::models::{resampler, unet, vae};
 use crate::scheduler::ddim::DdimScheduler;
-use crate::weights::StrictWeights;
+use crate::weights::{prefixed_var_builder, StrictWeights};
 use crate::{Error, Result};
 
 /// The image size the networks run at (the reference squashes every input to it).
 pub const IMAGE_SIZE: usize = 512;
 
 pub struct McldPipeline {
-    pub nets: McldNets,
+    pub nets: Mcld,
     pub vae: AutoencoderKL,
     pub image_encoder: ClipVisionModelWithProjection,
     pub scheduler: DdimScheduler,
@@ -114,24 +114,6 @@ impl Precision {
     }
 }
 
-/// Loads one checkpoint strictly: a missing tensor, a wrong shape or an unexpected key is an
-/// error naming the file (unexpected keys listed in `allow` are tolerated).
-fn strict<T>(
-    path: &Path,
-    prec: Precision,
-    device: &Device,
-    allow: &[&str],
-    build: impl FnOnce(candle_nn::VarBuilder) -> Result<T>,
-) -> Result<T> {
-    let w = prec
-        .weights(StrictWeights::from_file(path)?)?
-        .allow_unused(allow.iter().map(|s| s.to_string()));
-    let m = build(w.var_builder(prec.compute, device))
-        .map_err(|e| Error::weights(path, e.to_string()))?;
-    w.finish()?;
-    Ok(m)
-}
-
 impl McldPipeline {
     /// Loads the released (or our own) checkpoints plus the base models named by the config.
     /// `dtype` is the requested precision; see [`Precision`] for what runs on each device.
@@ -144,25 +126,33 @@ impl McldPipeline {
         let prec = Precision::new(device, dtype);
         let dtype = prec.compute;
         let ucfg = unet::Config::from_json_file(&files.unet_config)?;
-        let reference_unet = strict(&files.reference_unet, prec, device, &[], |vb| {
-            UNet2DConditionModel::new_reference(vb, &ucfg)
-        })?;
-        let ip = IpAdapter {
-            num_tokens: 16,
-            scale: 0.5,
-        };
-        let denoising_unet = strict(&files.denoising_unet, prec, device, &[], |vb| {
-            UNet2DConditionModel::new_denoising(vb, &ucfg, ip)
-        })?;
-        let pg_cfg = pose_guider::Config::mcld(ucfg.block_out_channels[0]);
-        let pose_guider = strict(&files.pose_guider, prec, device, &[], |vb| {
-            pose_guider::PoseGuider::new(vb, &pg_cfg)
-        })?;
-        let rs_w = prec.weights(StrictWeights::from_file(&files.image_proj)?)?;
-        let rs_cfg = resampler_config_from_weights(&rs_w, &files.image_proj)?;
-        let image_proj = resampler::Resampler::new(rs_w.var_builder(dtype, device), &rs_cfg)
-            .map_err(|e| Error::weights(&files.image_proj, e.to_string()))?;
-        rs_w.finish()?;
+        // One file per part, each checked strictly against its own file: a missing tensor, a
+        // wrong shape or an unexpected key is an error naming that file.
+        let parts = [
+            (Mcld::REFERENCE_UNET, &files.reference_unet),
+            (Mcld::DENOISING_UNET, &files.denoising_unet),
+            (Mcld::POSE_GUIDER, &files.pose_guider),
+            (Mcld::IMAGE_PROJ, &files.image_proj),
+        ]
+        .into_iter()
+        .map(|(p, path)| Ok((p, prec.weights(StrictWeights::from_file(path)?)?)))
+        .collect::<Result<Vec<_>>>()?;
+        let (_, proj) = &parts[3];
+        let rs_cfg = resampler::Config::from_weights(proj.tensors(), "", &files.image_proj)?;
+        let nets = Mcld::new(
+            prefixed_var_builder(
+                parts
+                    .iter()
+                    .map(|(p, w)| (*p, w.var_builder(dtype, device))),
+                dtype,
+                device,
+            ),
+            &McldConfig::new(ucfg, rs_cfg),
+        )?;
+        for (_, w) in &parts {
+            w.finish()?;
+        }
+        drop(parts);
         let vdir = crate::weights::ModelDir::open(&files.vae_dir)?;
         let vcfg: vae::Config = vdir.config()?;
         let vae = {
@@ -187,13 +177,7 @@ impl McldPipeline {
         let mut scheduler = DdimScheduler::from_config_kwargs(&infer.noise_scheduler_kwargs)?;
         scheduler.set_timesteps(infer.num_inference_steps)?;
         Ok(Self {
-            nets: McldNets {
-                reference_unet,
-                denoising_unet,
-                pose_guider,
-                image_proj,
-                dtype,
-            },
+            nets,
             vae,
             image_encoder,
             scheduler,
@@ -319,43 +303,6 @@ impl McldPipeline {
         let img = decode(&self.vae, &latents, self.dtype)?.to_device(&Device::Cpu)?;
         (0..batch.len()).map(|i| Ok(img.get(i)?)).collect()
     }
-}
-
-/// The projector's shape read off its weights (the released file has no config): width and
-/// queries from `latents`, depth from the layer count, heads of 64 as IP-Adapter uses.
-fn resampler_config_from_weights(w: &StrictWeights, path: &Path) -> Result<resampler::Config> {
-    let t = w.tensors();
-    let dims = |k: &str| -> Result<Vec<usize>> {
-        t.get(k)
-            .map(|x| x.dims().to_vec())
-            .ok_or_else(|| Error::weights(path, format!("face projector: tensor {k} missing")))
-    };
-    let lat = dims("latents")?;
-    let proj_in = dims("proj_in.weight")?;
-    let proj_out = dims("proj_out.weight")?;
-    let to_q = dims("layers.0.0.to_q.weight")?;
-    let ff = dims("layers.0.1.1.weight")?;
-    if lat.len() != 3 || proj_in.len() != 2 || proj_out.len() != 2 || to_q.len() != 2 {
-        return Err(Error::weights(
-            path,
-            "face projector: unexpected tensor ranks",
-        ));
-    }
-    let depth = (0..)
-        .take_while(|i| t.contains_key(&format!("layers.{i}.0.to_q.weight")))
-        .count();
-    let dim_head = 64.min(to_q[0]);
-    Ok(resampler::Config {
-        dim: lat[2],
-        depth,
-        dim_head,
-        heads: to_q[0] / dim_head,
-        num_queries: lat[1],
-        embedding_dim: proj_in[1],
-        output_dim: proj_out[0],
-        ff_mult: ff[0] / lat[2],
-        ..resampler::Config::mcld()
-    })
 }
 
 /// `mcld test`'s generator: one seed per run, advanced per batch so batches differ.

@@ -1,8 +1,8 @@
 //! The MCLD inference pipeline (SPEC §5) and the commands built on it (`test`, `infer`).
 
 pub mod checkpoints;
+pub mod commands;
 pub mod demo;
-pub mod inputs;
 pub mod mcld;
 pub mod preprocess;
 pub mod sampler;

@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use image::RgbImage;
 
-use crate::prepare::densepose::iuv::Image3;
-use crate::prepare::densepose::{Config as DensePoseConfig, DensePose};
-use crate::prepare::face::{self, FaceEmbedder};
+use crate::models::densepose::iuv::Image3;
+use crate::models::densepose::{Config as DensePoseConfig, DensePose};
+use crate::models::face::{self, FaceEmbedder};
 use crate::prepare::texture::{self, TextureAssets};
 use crate::{Error, Result};
 
-pub use crate::prepare::densepose::stage::{
+pub use crate::models::densepose::{
     load_config, WEIGHTS_FILE as DENSEPOSE_WEIGHTS, WEIGHTS_URL as DENSEPOSE_URL,
 };
 /// The detectron2 config of those weights, as shipped in `configs/densepose/`.
@@ -61,7 +61,7 @@ pub fn load_densepose(pretrained: &Path, device: &Device) -> Result<DensePose> {
         ))
     })?;
     let cfg = densepose_config(pretrained)?;
-    crate::prepare::densepose::load_weights(&weights, &cfg, device)
+    crate::models::densepose::load_weights(&weights, &cfg, device)
 }
 
 /// IUV image of the highest-scoring person as MCLD stores it (R = V, G = U, B = I), or `None`

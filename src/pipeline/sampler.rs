@@ -5,34 +5,21 @@
 //! doubled batch, but the unconditional half of the denoising UNet never reads the bank, so that
 //! half of the work is wasted; the results are identical (the `pipeline_small` fixture checks).
 //!
-//! Precision: the networks run in `McldNets::dtype` (f32, f16 or bf16), but the latents, the
+//! Precision: the networks run in `Mcld::dtype` (f32, f16 or bf16), but the latents, the
 //! guidance combination and the DDIM update stay in f32. The reference's fp16 run keeps latents
 //! in fp16; keeping them in f32 costs nothing measurable (a few 64x64x4 tensors per step) and
 //! stops 20 steps of half-precision rounding from accumulating in the one state that persists.
 
 use candle_core::{DType, Tensor};
 
-use crate::models::pose_guider::PoseGuider;
-use crate::models::resampler::Resampler;
-use crate::models::unet::{
-    BankGuidance, DenoiseInput, ReferenceBank, StageContexts, UNet2DConditionModel,
-};
+use crate::models::mcld::{FaceCond, Mcld, McldInput, PoseCond};
+use crate::models::unet::{BankGuidance, ReferenceBank};
 use crate::models::vae::AutoencoderKL;
 use crate::scheduler::ddim::DdimScheduler;
 use crate::Result;
 
 /// The VAE's latent scale (SD-1.x).
 pub const VAE_SCALE: f64 = 0.18215;
-
-/// The networks the denoising loop uses.
-pub struct McldNets {
-    pub reference_unet: UNet2DConditionModel,
-    pub denoising_unet: UNet2DConditionModel,
-    pub pose_guider: PoseGuider,
-    pub image_proj: Resampler,
-    /// The dtype the networks' weights were loaded in; their inputs are cast to it.
-    pub dtype: DType,
-}
 
 /// Network-ready conditioning of a batch of B pairs.
 pub struct Conditioning {
@@ -57,8 +44,11 @@ pub struct StepRecord {
 
 /// What the loop reuses at every step: computed once per batch.
 pub struct Prepared {
-    /// Stage contexts of the doubled batch (or the batch itself without guidance).
-    pub contexts: StageContexts,
+    /// CLIP embeddings and face tokens of the doubled batch (or the batch itself without
+    /// guidance); the unconditional half is zeros.
+    pub clip_src: Tensor,
+    pub clip_tex: Tensor,
+    pub face_tokens: Tensor,
     /// The reference UNet's bank (conditional half only).
     pub bank: ReferenceBank,
     /// Pose-guider features, doubled like the batch.
@@ -67,12 +57,12 @@ pub struct Prepared {
     pub batch: usize,
 }
 
-/// Face tokens, stage contexts, the reference UNet (once, t = 0, context = CLIP(source)) and the
-/// pose features: everything the loop needs besides the latents.
-pub fn prepare(nets: &McldNets, cond: &Conditioning, guidance_scale: f64) -> Result<Prepared> {
+/// Face tokens, the reference UNet (once, t = 0, context = CLIP(source)) and the pose
+/// features: everything the loop needs besides the latents.
+pub fn prepare(nets: &Mcld, cond: &Conditioning, guidance_scale: f64) -> Result<Prepared> {
     let b = cond.ref_latents.dim(0)?;
-    let dtype = nets.dtype;
-    let face_tokens = nets.image_proj.forward(&cond.face.to_dtype(dtype)?)?;
+    let dtype = nets.dtype();
+    let face_tokens = nets.face_tokens(&cond.face)?;
     let cfg = guidance_scale > 1.0;
     let double = |cond_half: &Tensor| -> Result<Tensor> {
         if cfg {
@@ -81,28 +71,17 @@ pub fn prepare(nets: &McldNets, cond: &Conditioning, guidance_scale: f64) -> Res
             Ok(cond_half.clone())
         }
     };
-    let clip_src = double(&cond.clip_src.to_dtype(dtype)?)?;
-    let clip_tex = double(&cond.clip_tex.to_dtype(dtype)?)?;
-    let face = double(&face_tokens)?;
-    let contexts = StageContexts {
-        down: Tensor::cat(&[&clip_src, &face], 1)?,
-        mid: Tensor::cat(&[&clip_src, &clip_tex, &face], 1)?,
-        up: Tensor::cat(&[&clip_tex, &face], 1)?,
-    };
-    let t0 = Tensor::zeros(b, DType::I64, cond.ref_latents.device())?;
-    let bank = nets.reference_unet.forward_reference(
-        &cond.ref_latents.to_dtype(dtype)?,
-        &t0,
-        &cond.clip_src.to_dtype(dtype)?,
-    )?;
-    let pose = nets.pose_guider.forward(&cond.pose.to_dtype(dtype)?)?;
+    let bank = nets.reference_bank(&cond.ref_latents, &cond.clip_src)?;
+    let pose = nets.pose_features(&cond.pose)?;
     let pose = if cfg {
         Tensor::cat(&[&pose, &pose], 0)?
     } else {
         pose
     };
     Ok(Prepared {
-        contexts,
+        clip_src: double(&cond.clip_src.to_dtype(dtype)?)?,
+        clip_tex: double(&cond.clip_tex.to_dtype(dtype)?)?,
+        face_tokens: double(&face_tokens)?,
         bank,
         pose,
         batch: b,
@@ -111,7 +90,7 @@ pub fn prepare(nets: &McldNets, cond: &Conditioning, guidance_scale: f64) -> Res
 
 /// Runs the guided DDIM loop from `init_noise`; returns the final latents and every step.
 pub fn denoise(
-    nets: &McldNets,
+    nets: &Mcld,
     scheduler: &DdimScheduler,
     cond: &Conditioning,
     init_noise: &Tensor,
@@ -124,7 +103,7 @@ pub fn denoise(
 
 /// The DDIM loop alone, on prepared conditioning.
 pub fn sample(
-    nets: &McldNets,
+    nets: &Mcld,
     scheduler: &DdimScheduler,
     prep: &Prepared,
     init_noise: &Tensor,
@@ -138,9 +117,8 @@ pub fn sample(
             init_noise.dim(0)?
         )));
     }
-    let dtype = nets.dtype;
+    let dtype = nets.dtype();
     let cfg = guidance_scale > 1.0;
-    let (contexts, bank, pose) = (&prep.contexts, &prep.bank, &prep.pose);
 
     let timesteps = scheduler.timesteps().to_vec();
     let mut latents = init_noise.to_dtype(DType::F32)?;
@@ -153,18 +131,21 @@ pub fn sample(
         };
         let input = input.to_dtype(dtype)?;
         let tt = Tensor::full(t as i64, input.dim(0)?, input.device())?;
-        let mut inp = DenoiseInput::new(&input, &tt, contexts);
-        inp.pose_features = Some(pose);
-        inp.bank = Some(bank);
-        inp.guidance = if cfg {
+        let mut inp = McldInput::new(
+            &input,
+            &tt,
+            &prep.clip_src,
+            &prep.clip_tex,
+            FaceCond::Tokens(&prep.face_tokens),
+            PoseCond::Features(&prep.pose),
+        );
+        inp.bank = Some(&prep.bank);
+        inp.bank_guidance = if cfg {
             BankGuidance::UncondFirstHalf
         } else {
             BankGuidance::AllSamples
         };
-        let out = nets
-            .denoising_unet
-            .forward_denoise(&inp)?
-            .to_dtype(DType::F32)?;
+        let out = nets.forward(&inp)?.to_dtype(DType::F32)?;
         let noise_pred = if cfg {
             let uncond = out.narrow(0, 0, b)?;
             let cond_p = out.narrow(0, b, b)?;

@@ -13,7 +13,7 @@ use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
-use super::inputs::{load_pair, DatasetLayout, Pair, PairInputs};
+use crate::data::{load_pair, DatasetLayout, Pair, PairInputs};
 use crate::Result;
 
 /// The output sizes of the reference, (height, width), and their folder names.

@@ -8,8 +8,9 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use serde_json::json;
 
-use crate::models::unet::{IpAdapter, UNet2DConditionModel};
-use crate::models::{clip, pose_guider, resampler, unet, vae};
+use crate::models::mcld::{Mcld, McldConfig};
+use crate::models::{clip, resampler, unet, vae};
+use crate::weights::prefixed_var_builder;
 use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
@@ -63,6 +64,15 @@ pub(crate) fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     crate::fsutil::write_atomic(path, s.as_bytes())
 }
 
+/// Saves what a recording [`RandomWeights`] handed out.
+fn save_recorded(path: &Path, weights: &RandomWeights) -> Result<()> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+    }
+    candle_core::safetensors::save(&weights.recorded(), path)
+        .map_err(|e| Error::weights(path, e.to_string()))
+}
+
 /// Builds a model on seeded random weights (see [`RandomWeights`]) and saves what it fetched.
 pub(crate) fn save_random(
     path: &Path,
@@ -71,11 +81,7 @@ pub(crate) fn save_random(
 ) -> Result<()> {
     let weights = weights.recording();
     build(weights.clone().var_builder(DType::F32, &Device::Cpu))?;
-    if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
-    }
-    candle_core::safetensors::save(&weights.recorded(), path)
-        .map_err(|e| Error::weights(path, e.to_string()))
+    save_recorded(path, &weights)
 }
 
 /// Writes tiny checkpoints (`ckpt/`), base models (`pretrained/`) and configs under `root`.
@@ -88,34 +94,6 @@ pub fn write_tiny_layout(root: &Path, dataset_root: &Path, steps: usize) -> Resu
     let ucfg: unet::Config =
         serde_json::from_value(unet_json()).map_err(|e| Error::msg(e.to_string()))?;
     write_json(&pre.join("sd15/unet/config.json"), &unet_json())?;
-    save_random(
-        &ckpt.join("reference_unet.safetensors"),
-        RandomWeights::new(1),
-        |vb| UNet2DConditionModel::new_reference(vb, &ucfg).map(|_| ()),
-    )?;
-    save_random(
-        &ckpt.join("denoising_unet.safetensors"),
-        RandomWeights::new(2),
-        |vb| {
-            UNet2DConditionModel::new_denoising(
-                vb,
-                &ucfg,
-                IpAdapter {
-                    num_tokens: 16,
-                    scale: 0.5,
-                },
-            )
-            .map(|_| ())
-        },
-    )?;
-    save_random(
-        &ckpt.join("pose_guider.safetensors"),
-        RandomWeights::new(3),
-        |vb| {
-            pose_guider::PoseGuider::new(vb, &pose_guider::Config::mcld(ucfg.block_out_channels[0]))
-                .map(|_| ())
-        },
-    )?;
     let rcfg = resampler::Config {
         dim: 64,
         depth: 1,
@@ -127,11 +105,25 @@ pub fn write_tiny_layout(root: &Path, dataset_root: &Path, steps: usize) -> Resu
         ff_mult: 4,
         ..resampler::Config::mcld()
     };
-    save_random(
-        &ckpt.join("image_projector.safetensors"),
-        RandomWeights::new(4),
-        |vb| resampler::Resampler::new(vb, &rcfg).map(|_| ()),
-    )?;
+    // One seeded source per part, saved as one checkpoint file per part.
+    let parts = [
+        (Mcld::REFERENCE_UNET, 1, "reference_unet.safetensors"),
+        (Mcld::DENOISING_UNET, 2, "denoising_unet.safetensors"),
+        (Mcld::POSE_GUIDER, 3, "pose_guider.safetensors"),
+        (Mcld::IMAGE_PROJ, 4, "image_projector.safetensors"),
+    ]
+    .map(|(prefix, seed, file)| (prefix, RandomWeights::new(seed).recording(), file));
+    let vb = prefixed_var_builder(
+        parts
+            .iter()
+            .map(|(p, w, _)| (*p, w.clone().var_builder(DType::F32, &Device::Cpu))),
+        DType::F32,
+        &Device::Cpu,
+    );
+    Mcld::new(vb, &McldConfig::new(ucfg, rcfg))?;
+    for (_, w, file) in &parts {
+        save_recorded(&ckpt.join(file), w)?;
+    }
     let vcfg: vae::Config =
         serde_json::from_value(vae_json()).map_err(|e| Error::msg(e.to_string()))?;
     write_json(&pre.join("vae/config.json"), &vae_json())?;

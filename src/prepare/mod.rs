@@ -1,5 +1,6 @@
 //! `mcld prepare` (SPEC §2): split, pairs, DensePose IUV, texture maps, face embeddings, stats.
 
+pub mod command;
 pub mod densepose;
 pub mod face;
 pub mod pairs;

@@ -11,8 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::report::{Failure, PrepareReport, StageReport, StageStatus};
-use super::split::{Part, SplitLists};
+use super::split::SplitLists;
 use super::{densepose, face, pairs, split, stats, texture};
+use crate::data::{derived_path, list_photos, Part};
 use crate::{Error, Result};
 
 /// A step of `prepare`, in the order they run.
@@ -184,46 +185,19 @@ pub fn run_prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     Ok(report)
 }
 
-/// Flat names of the photos in `root/part/`, sorted; none when the folder is absent.
-pub fn list_photos(root: &Path, part: Part) -> Result<Vec<String>> {
-    let dir = root.join(part.dir());
-    let rd = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(&dir, e)),
-    };
-    let mut names = Vec::new();
-    for e in rd {
-        let e = e.map_err(|e| Error::io(&dir, e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(".jpg") && !name.starts_with('.') {
-            names.push(name);
-        }
-    }
-    names.sort();
-    Ok(names)
-}
-
-/// `root/{part}_{kind}/{stem}.{ext}`: where a photo's IUV, texture or face file lives.
-pub fn derived_path(root: &Path, part: Part, kind: &str, photo: &str, ext: &str) -> PathBuf {
-    let stem = photo.strip_suffix(".jpg").unwrap_or(photo);
-    root.join(format!("{}_{kind}", part.dir()))
-        .join(format!("{stem}.{ext}"))
-}
-
-/// DensePose stage: IUV PNGs for the photos that have none (see `densepose::stage`).
+/// DensePose stage: IUV PNGs for the photos that have none (see `prepare::densepose`).
 fn run_densepose(opts: &PrepareOptions, bar: &ProgressBar) -> Result<StageReport> {
-    let dp = densepose::stage::DenseposeOptions {
+    let dp = densepose::DenseposeOptions {
         config: opts.densepose_config.clone(),
-        weights: opts
-            .densepose_weights
-            .clone()
-            .unwrap_or_else(|| opts.pretrained_dir.join(densepose::stage::WEIGHTS_FILE)),
+        weights: opts.densepose_weights.clone().unwrap_or_else(|| {
+            opts.pretrained_dir
+                .join(crate::models::densepose::WEIGHTS_FILE)
+        }),
         device: opts.device.clone(),
         dtype: opts.dtype,
         batch: opts.densepose_batch,
     };
-    densepose::stage::run_stage(&opts.dataset_root, &dp, bar)
+    densepose::run_stage(&opts.dataset_root, &dp, bar)
 }
 
 /// Reads an image as RGB, naming the file on failure.

@@ -7,31 +7,13 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use super::report::{Failure, StageReport};
+use crate::data::Part;
 use crate::{Error, Result};
 
 const TRAIN_LST: &str = include_str!("../../assets/deepfashion/train.lst");
 const TEST_LST: &str = include_str!("../../assets/deepfashion/test.lst");
 /// The 8,570 standard test pairs, written as `test.csv` when the dataset has none.
 pub const TEST_CSV: &str = include_str!("../../assets/deepfashion/test.csv");
-
-/// Which half of the dataset an image belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Part {
-    Train,
-    Test,
-}
-
-impl Part {
-    pub const ALL: [Part; 2] = [Part::Train, Part::Test];
-
-    /// Folder name under the dataset root, also the prefix of `*_densepose` etc.
-    pub fn dir(self) -> &'static str {
-        match self {
-            Part::Train => "train",
-            Part::Test => "test",
-        }
-    }
-}
 
 /// The split lists (flat names). Embedded copies of the standard lists by default, so that
 /// `prepare` works without the shared data folder.

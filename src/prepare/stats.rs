@@ -3,11 +3,10 @@
 use std::path::Path;
 
 use super::report::StageReport;
-use super::split::Part;
 use crate::{Error, Result};
 
-/// One `.npy` implementation serves the whole crate (float32/float64 in, float32 out).
-pub use crate::pipeline::inputs::npy::{read_f32 as read_npy_f32, write_f32 as write_npy_f32};
+use crate::data::npy::{read_f32 as read_npy_f32, write_f32 as write_npy_f32};
+use crate::data::{list_photos, Part};
 
 /// Per-dimension standard deviation (population, as `torch.std(unbiased=False)`) of equal-length
 /// rows; computed in f64 so 50k rows do not lose precision.
@@ -79,7 +78,7 @@ pub fn clip_embeddings(
         &cfg,
     )?;
     w.finish()?;
-    let names = super::run::list_photos(root, Part::Train)?;
+    let names = list_photos(root, Part::Train)?;
     if names.is_empty() {
         return Err(Error::input(
             root.join("train"),
@@ -94,7 +93,7 @@ pub fn clip_embeddings(
             .iter()
             .map(|n| {
                 let path = root.join("train").join(n);
-                let img = crate::pipeline::inputs::read_rgb(&path)?;
+                let img = crate::data::read_rgb(&path)?;
                 let sq = pil_resize_rgb(&img, (512, 512), Filter::Bicubic)?;
                 pre.apply(&U8Image::from_rgb(&sq), &dev)
             })

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 
-use super::nets::NetsConfig;
+use crate::models::mcld::McldConfig;
 use crate::models::unet::{self, UNet2DConditionModel};
 use crate::models::{pose_guider, resampler};
 use crate::weights::random::RandomWeights;
@@ -34,7 +34,7 @@ pub struct InitSources {
 
 /// Starting weights under composite names, and the network shapes they imply.
 pub struct InitialWeights {
-    pub cfg: NetsConfig,
+    pub cfg: McldConfig,
     pub tensors: HashMap<String, Tensor>,
     /// Names of tensors that were freshly initialised (not read from a file).
     pub fresh: Vec<String>,
@@ -168,8 +168,11 @@ pub fn initial_weights(src: &InitSources) -> Result<InitialWeights> {
         _ => dir.dir.clone(),
     };
     let mut rng = StdRng::seed_from_u64(src.seed);
-    let mut cfg = NetsConfig::mcld(ucfg.clone());
-    cfg.image_proj.output_dim = ucfg.cross_attention_dim;
+    let proj = resampler::Config {
+        output_dim: ucfg.cross_attention_dim,
+        ..resampler::Config::mcld()
+    };
+    let mut cfg = McldConfig::new(ucfg.clone(), proj);
     let mut out = HashMap::new();
     let mut fresh = Vec::new();
 
@@ -199,7 +202,7 @@ pub fn initial_weights(src: &InitSources) -> Result<InitialWeights> {
             den.insert(name, t);
         }
     }
-    let ip = cfg.ip();
+    let ip = cfg.ip;
     let den = strict_subset(den, &base_src, &[], |vb| {
         UNet2DConditionModel::new_denoising(vb, &ucfg, ip).map(|_| ())
     })?;

@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::imageops::interpolate_nearest;
 use crate::models::checkpoint::Tape;
-use crate::models::unet::{BankGuidance, DenoiseInput, ReferenceBank, StageContexts};
-use crate::pipeline::sampler::McldNets;
+use crate::models::unet::{BankGuidance, DenoiseInput, ReferenceBank};
+use crate::models::mcld::Mcld;
 use crate::scheduler::ddim::DdimScheduler;
 use crate::{Error, Result};
 
@@ -98,14 +98,14 @@ impl Default for LossOptions {
 /// The reference UNet's bank: `None` for an unconditional step, else the bank of the reference
 /// UNet at t = 0 on the texture latents with context CLIP(source). With a `tape`, every block is a checkpointed segment.
 pub fn reference_bank<'a>(
-    nets: &'a McldNets,
+    nets: &'a Mcld,
     inp: &LossInputs,
     tape: Option<&Tape<'a>>,
 ) -> Result<Option<ReferenceBank>> {
     let Some(r) = inp.ref_latents else {
         return Ok(None);
     };
-    let dtype = nets.dtype;
+    let dtype = nets.dtype();
     let b = r.dim(0)?;
     let t0 = Tensor::zeros(b, DType::I64, r.device())?;
     let r = r.to_dtype(dtype)?;
@@ -122,7 +122,7 @@ pub fn reference_bank<'a>(
 /// With a `tape`, both UNets run block by block as checkpointed segments (activation
 /// checkpointing): call `tape.backward(&out.loss)` instead of `out.loss.backward()`.
 pub fn mcld_loss<'a>(
-    nets: &'a McldNets,
+    nets: &'a Mcld,
     scheduler: &DdimScheduler,
     inp: &LossInputs,
     opts: LossOptions,
@@ -136,14 +136,14 @@ pub fn mcld_loss<'a>(
 /// UNet reading `bank`, and the loss. The networks run in `nets.dtype`; the loss in f32 (f64
 /// when the networks run in f64, for finite-difference checks).
 pub fn denoise_loss<'a>(
-    nets: &'a McldNets,
+    nets: &'a Mcld,
     scheduler: &DdimScheduler,
     inp: &LossInputs,
     bank: Option<&ReferenceBank>,
     opts: LossOptions,
     tape: Option<&Tape<'a>>,
 ) -> Result<LossOutputs> {
-    let dtype = nets.dtype;
+    let dtype = nets.dtype();
     let ldt = if dtype == DType::F64 {
         DType::F64
     } else {
@@ -156,15 +156,9 @@ pub fn denoise_loss<'a>(
     let noisy = scheduler.add_noise(&latents, &noise, inp.timesteps)?;
     let target = scheduler.get_velocity(&latents, &noise, inp.timesteps)?;
 
-    let face_tokens = nets.image_proj.forward(&inp.face_emb.to_dtype(dtype)?)?;
-    let src = inp.clip_src.to_dtype(dtype)?;
-    let tex = inp.clip_tex.to_dtype(dtype)?;
-    let contexts = StageContexts {
-        down: Tensor::cat(&[&src, &face_tokens], 1)?,
-        mid: Tensor::cat(&[&src, &tex, &face_tokens], 1)?,
-        up: Tensor::cat(&[&tex, &face_tokens], 1)?,
-    };
-    let pose = nets.pose_guider.forward(&inp.pose.to_dtype(dtype)?)?;
+    let face_tokens = nets.face_tokens(inp.face_emb)?;
+    let contexts = nets.contexts(inp.clip_src, inp.clip_tex, &face_tokens)?;
+    let pose = nets.pose_features(inp.pose)?;
     let sample = noisy.to_dtype(dtype)?;
     let mut d = DenoiseInput::new(&sample, inp.timesteps, &contexts);
     d.pose_features = Some(&pose);

@@ -4,7 +4,6 @@ pub mod adamw;
 pub mod api;
 pub mod init;
 pub mod loss;
-pub mod nets;
 pub mod params;
 pub mod scaler;
 pub mod setup;

@@ -53,7 +53,7 @@ pub fn frozen_encoders(cfg: &TrainConfig, device: &Device, dtype: DType) -> Resu
 
 /// Reads `clip_std.npy` (D values).
 pub fn read_clip_std(path: &Path) -> Result<Tensor> {
-    let (shape, data) = crate::pipeline::inputs::npy::read_f32(path).map_err(|e| {
+    let (shape, data) = crate::data::npy::read_f32(path).map_err(|e| {
         Error::input(
             path,
             format!("{e} (write it with `mcld prepare --only stats`, or use the reference's file)"),

@@ -49,7 +49,7 @@ pub fn write_tiny_train_base(root: &Path, dataset_root: &Path) -> Result<PathBuf
     let d = ccfg.projection_dim;
     let std: Vec<f32> = (0..d).map(|i| 0.2 + 0.4 * (i as f32 / d as f32)).collect();
     let clip_std = root.join("clip_std.npy");
-    crate::pipeline::inputs::npy::write_f32(&clip_std, &[d], &std)?;
+    crate::data::npy::write_f32(&clip_std, &[d], &std)?;
 
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut cfg: crate::config::TrainConfig = crate::config::parse_yaml(

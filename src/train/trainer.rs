@@ -12,11 +12,11 @@ use rand_distr::{Distribution, StandardNormal};
 use super::adamw::{AdamW, AdamWConfig};
 use super::api::{Grads, Net, StepStats, TrainBatch, TrainStep};
 use super::loss::{mcld_loss, LossInputs, LossOptions};
-use super::nets::{build_nets, NetsConfig};
 use super::params::Params;
 use super::scaler::LossScaler;
 use crate::models::checkpoint::Tape;
 use crate::models::clip::ClipVisionModelWithProjection;
+use crate::models::mcld::{Mcld, McldConfig};
 use crate::models::vae::AutoencoderKL;
 use crate::pipeline::mcld::Precision;
 use crate::pipeline::sampler::VAE_SCALE;
@@ -26,7 +26,7 @@ use crate::{Error, Result};
 /// The step's knobs (the reference's config keys where it has them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepConfig {
-    pub nets: NetsConfig,
+    pub nets: McldConfig,
     pub adamw: AdamWConfig,
     /// Probability that a step is unconditional (`uncond_ratio`).
     pub uncond_ratio: f64,
@@ -47,7 +47,7 @@ pub struct StepConfig {
 }
 
 impl StepConfig {
-    pub fn mcld(nets: NetsConfig, dtype: DType) -> Self {
+    pub fn mcld(nets: McldConfig, dtype: DType) -> Self {
         Self {
             nets,
             adamw: AdamWConfig::default(),
@@ -186,7 +186,7 @@ impl McldTrainer {
         let vb = self
             .params
             .var_builder_rounded(prec.compute, prec.round_weights, true)?;
-        let nets = build_nets(&vb, &self.cfg.nets, prec.compute)?;
+        let nets = Mcld::new(vb, &self.cfg.nets)?;
         let opts = LossOptions {
             snr_gamma: self.cfg.snr_gamma,
             bank_fp16_round: true,

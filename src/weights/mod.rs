@@ -3,6 +3,7 @@
 //! restricted reader that only rebuilds tensors; any other callable is refused by name.
 
 pub mod pickle;
+pub mod prefixed;
 pub mod random;
 pub mod strict;
 pub mod torch;
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
+pub use prefixed::prefixed_var_builder;
 pub use strict::{KeyReport, ShapeMismatch, StrictWeights};
 pub use torch::Loaded;
 

@@ -10,6 +10,72 @@ use std::rc::Rc;
 
 use crate::error::{Error, Result};
 
+/// Pickle opcodes by their names in CPython's `pickletools` (protocols 0-5); ranges in the
+/// machine name only their ends, so a few middle ones go unused.
+#[allow(dead_code)]
+mod opcode {
+    pub const PROTO: u8 = 0x80;
+    pub const FRAME: u8 = 0x95;
+    pub const STOP: u8 = b'.';
+    pub const MARK: u8 = b'(';
+    pub const POP: u8 = b'0';
+    pub const POP_MARK: u8 = b'1';
+    pub const DUP: u8 = b'2';
+    pub const NONE: u8 = b'N';
+    pub const NEWTRUE: u8 = 0x88;
+    pub const NEWFALSE: u8 = 0x89;
+    pub const BININT: u8 = b'J';
+    pub const BININT1: u8 = b'K';
+    pub const BININT2: u8 = b'M';
+    pub const LONG1: u8 = 0x8a;
+    pub const LONG4: u8 = 0x8b;
+    pub const BINFLOAT: u8 = b'G';
+    pub const BINUNICODE: u8 = b'X';
+    pub const SHORT_BINUNICODE: u8 = 0x8c;
+    pub const BINUNICODE8: u8 = 0x8d;
+    pub const BINSTRING: u8 = b'T';
+    pub const SHORT_BINSTRING: u8 = b'U';
+    pub const SHORT_BINBYTES: u8 = b'C';
+    pub const BINBYTES: u8 = b'B';
+    pub const BINBYTES8: u8 = 0x8e;
+    pub const BYTEARRAY8: u8 = 0x96;
+    pub const READONLY_BUFFER: u8 = 0x98;
+    pub const NEXT_BUFFER: u8 = 0x97;
+    pub const EMPTY_TUPLE: u8 = b')';
+    pub const TUPLE1: u8 = 0x85;
+    pub const TUPLE2: u8 = 0x86;
+    pub const TUPLE3: u8 = 0x87;
+    pub const TUPLE: u8 = b't';
+    pub const EMPTY_LIST: u8 = b']';
+    pub const LIST: u8 = b'l';
+    pub const EMPTY_DICT: u8 = b'}';
+    pub const DICT: u8 = b'd';
+    pub const EMPTY_SET: u8 = 0x8f;
+    pub const FROZENSET: u8 = 0x91;
+    pub const APPEND: u8 = b'a';
+    pub const APPENDS: u8 = b'e';
+    pub const ADDITEMS: u8 = 0x90;
+    pub const SETITEM: u8 = b's';
+    pub const SETITEMS: u8 = b'u';
+    pub const BINPUT: u8 = b'q';
+    pub const LONG_BINPUT: u8 = b'r';
+    pub const MEMOIZE: u8 = 0x94;
+    pub const BINGET: u8 = b'h';
+    pub const LONG_BINGET: u8 = b'j';
+    pub const GLOBAL: u8 = b'c';
+    pub const STACK_GLOBAL: u8 = 0x93;
+    pub const REDUCE: u8 = b'R';
+    pub const NEWOBJ: u8 = 0x81;
+    pub const NEWOBJ_EX: u8 = 0x92;
+    pub const BUILD: u8 = b'b';
+    pub const BINPERSID: u8 = b'Q';
+    pub const INST: u8 = b'i';
+    pub const OBJ: u8 = b'o';
+    pub const EXT1: u8 = 0x82;
+    pub const EXT2: u8 = 0x83;
+    pub const EXT4: u8 = 0x84;
+}
+
 /// Element types of torch storages (`torch.FloatStorage`, ...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TorchDType {
@@ -350,47 +416,47 @@ impl Machine<'_, '_> {
         loop {
             let op = self.u8()?;
             match op {
-                0x80 => {
+                opcode::PROTO => {
                     let p = self.u8()?;
                     if p > 5 {
                         return bad(format!("unsupported pickle protocol {p}"));
                     }
                 }
-                0x95 => {
+                opcode::FRAME => {
                     self.le::<8>()?;
                 }
-                b'.' => {
+                opcode::STOP => {
                     let v = self.pop()?;
                     return Ok(v);
                 }
-                b'(' => self.marks.push(self.stack.len()),
-                b'0' => {
+                opcode::MARK => self.marks.push(self.stack.len()),
+                opcode::POP => {
                     self.pop()?;
                 }
-                b'1' => {
+                opcode::POP_MARK => {
                     self.pop_mark()?;
                 }
-                b'2' => {
+                opcode::DUP => {
                     let v = self.top()?.clone();
                     self.stack.push(v);
                 }
-                b'N' => self.stack.push(Value::None),
-                0x88 => self.stack.push(Value::Bool(true)),
-                0x89 => self.stack.push(Value::Bool(false)),
-                b'J' => {
+                opcode::NONE => self.stack.push(Value::None),
+                opcode::NEWTRUE => self.stack.push(Value::Bool(true)),
+                opcode::NEWFALSE => self.stack.push(Value::Bool(false)),
+                opcode::BININT => {
                     let v = i32::from_le_bytes(self.le::<4>()?);
                     self.stack.push(Value::Int(v as i64));
                 }
-                b'K' => {
+                opcode::BININT1 => {
                     let v = self.u8()?;
                     self.stack.push(Value::Int(v as i64));
                 }
-                b'M' => {
+                opcode::BININT2 => {
                     let v = u16::from_le_bytes(self.le::<2>()?);
                     self.stack.push(Value::Int(v as i64));
                 }
-                0x8a | 0x8b => {
-                    let n = if op == 0x8a {
+                opcode::LONG1 | opcode::LONG4 => {
+                    let n = if op == opcode::LONG1 {
                         self.u8()? as usize
                     } else {
                         self.len_u32()?
@@ -398,51 +464,53 @@ impl Machine<'_, '_> {
                     let b = self.take(n)?.to_vec();
                     self.stack.push(long_value(b));
                 }
-                b'G' => {
+                opcode::BINFLOAT => {
                     let v = f64::from_be_bytes(self.le::<8>()?);
                     self.stack.push(Value::Float(v));
                 }
-                b'X' => {
+                opcode::BINUNICODE => {
                     let n = self.len_u32()?;
                     let v = self.string(n)?;
                     self.stack.push(v);
                 }
-                0x8c => {
+                opcode::SHORT_BINUNICODE => {
                     let n = self.u8()? as usize;
                     let v = self.string(n)?;
                     self.stack.push(v);
                 }
-                0x8d => {
+                opcode::BINUNICODE8 => {
                     let n = self.len_u64()?;
                     let v = self.string(n)?;
                     self.stack.push(v);
                 }
                 // Python 2 byte strings: kept as bytes.
-                b'T' => {
+                opcode::BINSTRING => {
                     let n = self.len_u32()?;
                     let v = self.bytes(n)?;
                     self.stack.push(v);
                 }
-                b'U' | b'C' => {
+                opcode::SHORT_BINSTRING | opcode::SHORT_BINBYTES => {
                     let n = self.u8()? as usize;
                     let v = self.bytes(n)?;
                     self.stack.push(v);
                 }
-                b'B' => {
+                opcode::BINBYTES => {
                     let n = self.len_u32()?;
                     let v = self.bytes(n)?;
                     self.stack.push(v);
                 }
-                0x8e | 0x96 => {
+                opcode::BINBYTES8 | opcode::BYTEARRAY8 => {
                     let n = self.len_u64()?;
                     let v = self.bytes(n)?;
                     self.stack.push(v);
                 }
-                0x98 => {}
-                0x97 => return bad("out-of-band buffers (NEXT_BUFFER) are not supported"),
-                b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
+                opcode::READONLY_BUFFER => {}
+                opcode::NEXT_BUFFER => {
+                    return bad("out-of-band buffers (NEXT_BUFFER) are not supported")
+                }
+                opcode::EMPTY_TUPLE => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
+                opcode::TUPLE1..=opcode::TUPLE3 => {
+                    let n = (op - opcode::TUPLE1 + 1) as usize;
                     if self.stack.len() < n {
                         return bad("stack underflow");
                     }
@@ -453,68 +521,68 @@ impl Machine<'_, '_> {
                     items.reverse();
                     self.stack.push(Value::Tuple(Rc::new(items)));
                 }
-                b't' => {
+                opcode::TUPLE => {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::Tuple(Rc::new(items)));
                 }
-                b']' => self
+                opcode::EMPTY_LIST => self
                     .stack
                     .push(Value::List(Rc::new(RefCell::new(Vec::new())))),
-                b'l' => {
+                opcode::LIST => {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::List(Rc::new(RefCell::new(items))));
                 }
-                b'}' => self
+                opcode::EMPTY_DICT => self
                     .stack
                     .push(Value::Dict(Rc::new(RefCell::new(Vec::new())))),
-                b'd' => {
+                opcode::DICT => {
                     let items = self.pop_mark()?;
                     let pairs = pairs(items)?;
                     self.stack.push(Value::Dict(Rc::new(RefCell::new(pairs))));
                 }
                 // Sets only matter as containers here; they become lists.
-                0x8f => self
+                opcode::EMPTY_SET => self
                     .stack
                     .push(Value::List(Rc::new(RefCell::new(Vec::new())))),
-                0x91 => {
+                opcode::FROZENSET => {
                     let items = self.pop_mark()?;
                     self.stack.push(Value::List(Rc::new(RefCell::new(items))));
                 }
-                b'a' => {
+                opcode::APPEND => {
                     let v = self.pop()?;
                     self.append(vec![v])?;
                 }
-                b'e' | 0x90 => {
+                opcode::APPENDS | opcode::ADDITEMS => {
                     let items = self.pop_mark()?;
                     self.append(items)?;
                 }
-                b's' => {
+                opcode::SETITEM => {
                     let v = self.pop()?;
                     let k = self.pop()?;
                     self.set_items(vec![(k, v)])?;
                 }
-                b'u' => {
+                opcode::SETITEMS => {
                     let items = self.pop_mark()?;
                     let p = pairs(items)?;
                     self.set_items(p)?;
                 }
-                b'q' => {
+                opcode::BINPUT => {
                     let i = self.u8()? as u32;
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
-                b'r' => {
+                opcode::LONG_BINPUT => {
                     let i = u32::from_le_bytes(self.le::<4>()?);
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
-                0x94 => {
+                opcode::MEMOIZE => {
                     let i = self.memo.len() as u32;
                     let v = self.top()?.clone();
                     self.memo.insert(i, v);
                 }
-                b'h' | b'j' => {
-                    let i = if op == b'h' {
+                opcode::BINGET | opcode::LONG_BINGET => {
+                    let i = if op == opcode::BINGET {
                         self.u8()? as u32
                     } else {
                         u32::from_le_bytes(self.le::<4>()?)
@@ -524,13 +592,13 @@ impl Machine<'_, '_> {
                         None => return bad(format!("memo slot {i} is empty")),
                     }
                 }
-                b'c' => {
+                opcode::GLOBAL => {
                     let module = self.line()?;
                     let name = self.line()?;
                     let g = self.global(&module, &name)?;
                     self.stack.push(g);
                 }
-                0x93 => {
+                opcode::STACK_GLOBAL => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     let (Value::Str(module), Value::Str(name)) = (&module, &name) else {
@@ -539,7 +607,7 @@ impl Machine<'_, '_> {
                     let g = self.global(module, name)?;
                     self.stack.push(g);
                 }
-                b'R' | 0x81 => {
+                opcode::REDUCE | opcode::NEWOBJ => {
                     let args = self.pop()?;
                     let f = self.pop()?;
                     let Value::Global(g) = f else {
@@ -551,7 +619,7 @@ impl Machine<'_, '_> {
                     let v = call(g, args)?;
                     self.stack.push(v);
                 }
-                0x92 => {
+                opcode::NEWOBJ_EX => {
                     let kwargs = self.pop()?;
                     let args = self.pop()?;
                     let f = self.pop()?;
@@ -562,12 +630,12 @@ impl Machine<'_, '_> {
                     let v = call(g, args)?;
                     self.stack.push(v);
                 }
-                b'b' => {
+                opcode::BUILD => {
                     let state = self.pop()?;
                     let obj = self.top()?.clone();
                     build(&obj, state)?;
                 }
-                b'Q' => {
+                opcode::BINPERSID => {
                     let pid = self.pop()?;
                     let Some(load) = self.persistent.as_mut() else {
                         return bad("persistent id in a pickle that is not a torch checkpoint");
@@ -575,12 +643,12 @@ impl Machine<'_, '_> {
                     let v = load(pid).map_err(Fail::Bad)?;
                     self.stack.push(v);
                 }
-                b'i' | b'o' => {
+                opcode::INST | opcode::OBJ => {
                     return Err(Fail::Unsafe(
                         "INST/OBJ opcodes (arbitrary class instantiation) are refused".into(),
                     ))
                 }
-                0x82..=0x84 => {
+                opcode::EXT1..=opcode::EXT4 => {
                     return Err(Fail::Unsafe(
                         "extension-registry globals (EXT1/2/4) are refused".into(),
                     ))

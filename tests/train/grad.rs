@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use mcld::models::nn::{attention, attention_chunked, LayerNorm};
 use mcld::models::unet::nearest_resize;
 use mcld::train::loss::{mcld_loss, LossInputs, LossOptions};
-use mcld::train::nets::build_nets;
+use mcld::models::mcld::Mcld;
 use mcld::train::trainer::randn;
 
 use crate::common::load_case;
@@ -237,7 +237,7 @@ fn mcld_loss_gradients_match_finite_differences() {
             params.set(k, v).unwrap();
         }
         let vb = params.var_builder(DType::F64, tracked).unwrap();
-        let nets = build_nets(&vb, &cfg, DType::F64).unwrap();
+        let nets = Mcld::new(vb, &cfg).unwrap();
         let inp = LossInputs {
             latents: &latents,
             noise: &noise,
@@ -289,7 +289,7 @@ fn every_trainable_tensor_gets_a_gradient_and_no_frozen_one_does() {
     let case = load_case("model", "train_step");
     let (params, cfg, sched) = fixture_setup(&case, DType::F32);
     let vb = params.var_builder(DType::F32, true).unwrap();
-    let nets = build_nets(&vb, &cfg, DType::F32).unwrap();
+    let nets = Mcld::new(vb, &cfg).unwrap();
     let pose = (case.f32("input.pose_image_u8") / 255.0).unwrap();
     let refl = case.f32("input.ref_latents");
     let (latents, noise) = (case.f32("input.latents"), case.f32("input.noise"));
@@ -378,7 +378,7 @@ fn checkpointed_gradients_equal_plain_ones() {
     let case = load_case("model", "train_step");
     let (params, cfg, sched) = fixture_setup(&case, DType::F32);
     let vb = params.var_builder(DType::F32, true).unwrap();
-    let nets = build_nets(&vb, &cfg, DType::F32).unwrap();
+    let nets = Mcld::new(vb, &cfg).unwrap();
     let pose = (case.f32("input.pose_image_u8") / 255.0).unwrap();
     let refl = case.f32("input.ref_latents");
     let (latents, noise) = (case.f32("input.latents"), case.f32("input.noise"));

@@ -8,7 +8,8 @@ use mcld::models::{pose_guider, resampler, unet};
 use mcld::scheduler::ddim::{DdimConfig, DdimScheduler};
 use mcld::train::adamw::{AdamW, AdamWConfig};
 use mcld::train::loss::{mcld_loss, LossInputs, LossOptions};
-use mcld::train::nets::{build_nets, NetsConfig};
+use mcld::models::mcld::{Mcld, McldConfig};
+use mcld::models::unet::IpAdapter;
 use mcld::train::params::{is_trainable, Params};
 
 use crate::common::{check_output, load_case, Case};
@@ -18,18 +19,18 @@ fn json_at<T: serde::de::DeserializeOwned>(case: &Case, pointer: &str) -> T {
 }
 
 /// The fixture's networks and scheduler, read from its JSON (no shape assumed).
-pub fn fixture_setup(case: &Case, dtype: DType) -> (Params, NetsConfig, DdimScheduler) {
+pub fn fixture_setup(case: &Case, dtype: DType) -> (Params, McldConfig, DdimScheduler) {
     let m = &case.json["modules"];
-    let cfg = NetsConfig {
+    let ip = &m["denoising_unet"]["ip_adapter"];
+    let cfg = McldConfig {
         unet: json_at::<unet::Config>(case, "/modules/denoising_unet/config"),
         pose_guider: json_at::<pose_guider::Config>(case, "/modules/pose_guider/config"),
         image_proj: json_at::<resampler::Config>(case, "/modules/image_proj/config"),
-        ip_scale: m["denoising_unet"]["ip_adapter"]["scale"].as_f64().unwrap(),
+        ip: IpAdapter {
+            num_tokens: ip["num_tokens"].as_u64().unwrap() as usize,
+            scale: ip["scale"].as_f64().unwrap(),
+        },
     };
-    assert_eq!(
-        m["denoising_unet"]["ip_adapter"]["num_tokens"].as_u64(),
-        Some(cfg.image_proj.num_queries as u64)
-    );
     let weights: HashMap<String, Tensor> = case
         .tensors
         .iter()
@@ -62,7 +63,7 @@ fn train_step_matches_reference() {
     );
 
     let vb = params.var_builder(DType::F32, true).unwrap();
-    let nets = build_nets(&vb, &cfg, DType::F32).unwrap();
+    let nets = Mcld::new(vb, &cfg).unwrap();
     let pose = (case.f32("input.pose_image_u8") / 255.0).unwrap();
     let latents = case.f32("input.latents");
     let noise = case.f32("input.noise");

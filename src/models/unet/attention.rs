@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{GroupNorm, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
 
 use crate::models::conv::Conv2d;
 
@@ -13,12 +14,30 @@ use crate::models::nn::{attention, merge_heads, split_heads, LayerNorm};
 use crate::{Error, Result};
 
 /// IP-adapter settings of a denoising UNet's cross-attentions.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct IpAdapter {
     /// How many trailing context tokens are face tokens.
     pub num_tokens: usize,
     /// Weight of the face attention in the sum.
+    #[serde(default = "IpAdapter::default_scale")]
     pub scale: f64,
+}
+
+impl IpAdapter {
+    /// The face-attention weight MCLD trains and samples with.
+    pub const MCLD_SCALE: f64 = 0.5;
+
+    fn default_scale() -> f64 {
+        Self::MCLD_SCALE
+    }
+
+    /// MCLD's adapter for a projector producing `num_tokens` face tokens.
+    pub fn mcld(num_tokens: usize) -> Self {
+        Self {
+            num_tokens,
+            scale: Self::MCLD_SCALE,
+        }
+    }
 }
 
 /// What a forward pass does with the self-attention inputs; threaded through explicitly so the
@@ -27,7 +46,7 @@ pub(crate) struct RunCtx<'a> {
     /// Reference role: collects the norm1 output of each transformer block.
     pub record: Option<&'a mut Vec<(String, Tensor)>>,
     /// Denoising role: the bank to read, and how.
-    pub bank: Option<(&'a ReferenceBank, BankMode)>,
+    pub bank: Option<(&'a ReferenceBank, BankMode<'a>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -191,8 +210,8 @@ impl BasicTransformerBlock {
         Ok((&x + self.ff.forward(&self.norm3.forward(&x)?)?)?)
     }
 
-    /// Reference attention: samples `mode.plain..` attend to [own, bank]; the leading
-    /// `mode.plain` samples (the unconditional CFG half) use plain self-attention.
+    /// Reference attention: samples whose `mode.ignore` flag is false attend to [own, bank];
+    /// the others (the unconditional CFG half, dropped references) use plain self-attention.
     fn read_bank(&self, n: &Tensor, bank: &ReferenceBank, mode: BankMode) -> Result<Tensor> {
         let b = n.dim(0)?;
         let entry = bank.get(&self.name).ok_or_else(|| {
@@ -201,13 +220,13 @@ impl BasicTransformerBlock {
                 self.name
             ))
         })?;
+        if mode.ignore.len() != b {
+            return Err(Error::msg(format!(
+                "reference attention: {} bank flags for a batch of {b}",
+                mode.ignore.len()
+            )));
+        }
         let (bb, bt, bc) = entry.dims3()?;
-        let reading = b.checked_sub(mode.plain).ok_or_else(|| {
-            Error::msg(format!(
-                "reference attention: {} plain samples requested but the batch is {b}",
-                mode.plain
-            ))
-        })?;
         if bc != n.dim(2)? {
             return Err(Error::msg(format!(
                 "reference bank entry {} has {bc} channels, the block has {}",
@@ -215,8 +234,27 @@ impl BasicTransformerBlock {
                 n.dim(2)?
             )));
         }
+        let reads: Vec<u32> = (0..b as u32)
+            .filter(|&i| !mode.ignore[i as usize])
+            .collect();
+        let reading = reads.len();
+        if reading == 0 {
+            return self.attn1.self_attn(n, None);
+        }
+        // A leading run of ignoring samples (CFG's [uncond, cond]) is a slice; any other mask
+        // gathers the reading samples and scatters the results back.
+        let plain = mode.ignore.iter().take_while(|&&x| x).count();
+        let leading = plain + reading == b;
+        let gather = |t: &Tensor, idx: &[u32]| -> Result<Tensor> {
+            let i = Tensor::from_vec(idx.to_vec(), idx.len(), t.device())?;
+            Ok(t.index_select(&i, 0)?)
+        };
         let entry = if bb == b {
-            entry.narrow(0, mode.plain, reading)?
+            if leading {
+                entry.narrow(0, plain, reading)?
+            } else {
+                gather(entry, &reads)?
+            }
         } else if bb == reading {
             entry.clone()
         } else if bb == 1 {
@@ -232,13 +270,24 @@ impl BasicTransformerBlock {
         } else {
             entry.to_dtype(n.dtype())?
         };
-        let own = n.narrow(0, mode.plain, reading)?;
-        let read = self.attn1.self_attn(&own, Some(&entry))?;
-        if mode.plain == 0 {
-            return Ok(read);
+        if leading {
+            let own = n.narrow(0, plain, reading)?;
+            let read = self.attn1.self_attn(&own, Some(&entry))?;
+            if plain == 0 {
+                return Ok(read);
+            }
+            let plain = self.attn1.self_attn(&n.narrow(0, 0, plain)?, None)?;
+            return Ok(Tensor::cat(&[plain, read], 0)?);
         }
-        let plain = self.attn1.self_attn(&n.narrow(0, 0, mode.plain)?, None)?;
-        Ok(Tensor::cat(&[plain, read], 0)?)
+        let ignores: Vec<u32> = (0..b as u32).filter(|&i| mode.ignore[i as usize]).collect();
+        let read = self.attn1.self_attn(&gather(n, &reads)?, Some(&entry))?;
+        let plain = self.attn1.self_attn(&gather(n, &ignores)?, None)?;
+        // Row i of [plain, read] is sample order[i]; invert that to restore the batch order.
+        let mut back = vec![0u32; b];
+        for (row, &s) in ignores.iter().chain(&reads).enumerate() {
+            back[s as usize] = row as u32;
+        }
+        gather(&Tensor::cat(&[plain, read], 0)?, &back)
     }
 }
 

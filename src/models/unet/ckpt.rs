@@ -8,7 +8,7 @@ use std::rc::Rc;
 use candle_core::Tensor;
 
 use super::attention::RunCtx;
-use super::ReferenceBank;
+use super::{BankMode, ReferenceBank};
 use crate::models::checkpoint::Tape;
 use crate::Result;
 
@@ -31,7 +31,11 @@ pub(crate) fn block<'s>(
     let n_in = inputs.len();
     let mut all = inputs;
     let mut names = Vec::new();
-    let mode = run.bank.as_ref().map(|(_, m)| m.clone());
+    // The closure outlives this call, so it owns the mask rather than borrowing it.
+    let mode = run
+        .bank
+        .as_ref()
+        .map(|(_, m)| (m.ignore.to_vec(), m.fp16_round));
     if let Some((bank, _)) = &run.bank {
         for (n, t) in &bank.entries {
             if n.starts_with(prefix) {
@@ -55,7 +59,15 @@ pub(crate) fn block<'s>(
         let (o, extra) = {
             let mut r = RunCtx {
                 record: if recording { Some(&mut rec) } else { None },
-                bank: mode.clone().map(|m| (&bank, m)),
+                bank: mode.as_ref().map(|(ignore, fp16_round)| {
+                    (
+                        &bank,
+                        BankMode {
+                            ignore,
+                            fp16_round: *fp16_round,
+                        },
+                    )
+                }),
             };
             call(&ins[..n_in], &mut r)?
         };

@@ -1,0 +1,267 @@
+//! `mcld infer` without `--texture` / `--face`: the texture map is computed from the source with
+//! DensePose (the fixture's detectron2 pickle and config placed as a pretrained folder) and
+//! written beside the output; without the DensePose weights the error names the missing file,
+//! where to get it and the flag that takes a precomputed texture instead.
+
+use crate::common;
+
+use std::path::Path;
+use std::process::Command;
+
+use mcld::pipeline::tiny::write_tiny_layout;
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn infer_args<'a>(
+    source: &'a str,
+    pose: &'a str,
+    out: &'a str,
+    pretrained: &'a str,
+    ckpt: &'a str,
+    cfg: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "infer",
+        "--source",
+        source,
+        "--pose",
+        pose,
+        "--out",
+        out,
+        "--pretrained_dir",
+        pretrained,
+        "--ckpt_dir",
+        ckpt,
+        "--config_path",
+        cfg,
+    ]
+}
+
+fn rgb(p: &Path) -> image::RgbImage {
+    image::open(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .to_rgb8()
+}
+
+/// The on-disk IUV (R = V, G = U, B = I) against the DensePose fixture's `output.iuv`
+/// ([I, U, V]), allowing differences only where the fixture flags them as possible flips.
+fn check_iuv_against_fixture(got: &image::RgbImage) {
+    let case = common::load_case("densepose", "densepose_rcnn");
+    let want = case.get("output.iuv");
+    let (h, w, _) = want.dims3().unwrap();
+    assert_eq!((got.width() as usize, got.height() as usize), (w, h));
+    let want = want.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let lf = case.get("output.chart.label_may_flip");
+    let (ch, cw) = lf.dims2().unwrap();
+    let lf = lf.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let uvf = case
+        .get("output.chart.uv255_may_flip")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let b = case.f32("output.instances.pred_boxes").get(0).unwrap();
+    let b: Vec<f32> = b.to_vec1().unwrap();
+    let (bx, by, _, _) = mcld::models::densepose::iuv::box_xywh_int(&[b[0], b[1], b[2], b[3]]);
+    let (mut bad, mut allowed) = (0, 0);
+    for y in 0..h {
+        for x in 0..w {
+            let px = got.get_pixel(x as u32, y as u32);
+            let ours = [px[2], px[1], px[0]];
+            let (r, c) = (y as i64 - by, x as i64 - bx);
+            let inside = r >= 0 && c >= 0 && (r as usize) < ch && (c as usize) < cw;
+            for (k, &v) in ours.iter().enumerate() {
+                let d = (v as i32 - want[(y * w + x) * 3 + k] as i32).abs();
+                if d == 0 {
+                    continue;
+                }
+                let ok = inside && {
+                    let p = r as usize * cw + c as usize;
+                    lf[p] == 1 || (k > 0 && uvf[(k - 1) * ch * cw + p] == 1 && d <= 1)
+                };
+                if ok {
+                    allowed += 1;
+                } else {
+                    bad += 1;
+                }
+            }
+        }
+    }
+    println!("source IUV: {bad} disallowed differences, {allowed} allowed (may-flip)");
+    assert_eq!(bad, 0, "the IUV infer computed differs from the fixture's");
+}
+
+#[test]
+fn infer_computes_the_texture_with_densepose() {
+    let d = tempfile::tempdir().unwrap();
+    let tiny = write_tiny_layout(&d.path().join("w"), &d.path().join("data"), 1).unwrap();
+    let pre = d.path().join("pretrained");
+    std::fs::create_dir_all(&pre).unwrap();
+    std::fs::copy(
+        common::fixture_path("densepose/densepose_weights.pkl"),
+        pre.join("model_final_844d15.pkl"),
+    )
+    .unwrap();
+    std::fs::copy(
+        common::fixture_path("densepose/densepose_rcnn.json"),
+        pre.join("densepose_rcnn.json"),
+    )
+    .unwrap();
+    let source = common::fixture_path("densepose/input.png");
+    let photo = rgb(&source);
+    let pose = d.path().join("pose.png");
+    mcld::pipeline::demo::synthetic_pose(photo.width(), photo.height(), true)
+        .save(&pose)
+        .unwrap();
+    let out = d.path().join("out.png");
+    let (ok, text) = run(&infer_args(
+        source.to_str().unwrap(),
+        pose.to_str().unwrap(),
+        out.to_str().unwrap(),
+        pre.to_str().unwrap(),
+        tiny.ckpt_dir.to_str().unwrap(),
+        tiny.config_path.to_str().unwrap(),
+    ));
+    assert!(ok, "{text}");
+    println!("{text}");
+    assert_eq!(rgb(&out).dimensions(), (512, 512));
+    // No face models in the folder: a zero embedding, saying which files are missing.
+    assert!(
+        text.contains("glintr100.onnx") && text.contains("--face"),
+        "{text}"
+    );
+
+    // The IUV it computed is the reference's (exact except where the fixture marks a label or
+    // a U/V truncation as within rounding of a tie), and the texture is the one built from it.
+    let iuv = rgb(&d.path().join("out_source_iuv.png"));
+    check_iuv_against_fixture(&iuv);
+    let assets = mcld::prepare::texture::TextureAssets::builtin().unwrap();
+    let want_tex = mcld::prepare::texture::texture_map(&photo, &iuv, &assets).unwrap();
+    assert_eq!(rgb(&d.path().join("out_texture.png")), want_tex);
+
+    // --save-texture puts it elsewhere.
+    let tex2 = d.path().join("elsewhere/tex.png");
+    std::fs::create_dir_all(tex2.parent().unwrap()).unwrap();
+    let mut args = infer_args(
+        source.to_str().unwrap(),
+        pose.to_str().unwrap(),
+        out.to_str().unwrap(),
+        pre.to_str().unwrap(),
+        tiny.ckpt_dir.to_str().unwrap(),
+        tiny.config_path.to_str().unwrap(),
+    );
+    args.extend(["--save-texture", tex2.to_str().unwrap()]);
+    let (ok, text) = run(&args);
+    assert!(ok, "{text}");
+    assert_eq!(rgb(&tex2), want_tex);
+}
+
+#[test]
+fn infer_without_densepose_says_what_is_missing() {
+    let d = tempfile::tempdir().unwrap();
+    let tiny = write_tiny_layout(&d.path().join("w"), &d.path().join("data"), 1).unwrap();
+    let pre = d.path().join("empty");
+    std::fs::create_dir_all(&pre).unwrap();
+    let source = common::fixture_path("densepose/input.png");
+    let out = d.path().join("out.png");
+    let (ok, text) = run(&infer_args(
+        source.to_str().unwrap(),
+        source.to_str().unwrap(),
+        out.to_str().unwrap(),
+        pre.to_str().unwrap(),
+        tiny.ckpt_dir.to_str().unwrap(),
+        tiny.config_path.to_str().unwrap(),
+    ));
+    assert!(!ok, "{text}");
+    for want in [
+        "model_final_844d15.pkl",
+        "dl.fbaipublicfiles.com",
+        "--texture",
+        "--pretrained_dir",
+    ] {
+        assert!(text.contains(want), "{want:?} not in: {text}");
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn infer_computes_the_face_embedding() {
+    let d = tempfile::tempdir().unwrap();
+    let tiny = write_tiny_layout(&d.path().join("w"), &d.path().join("data"), 1).unwrap();
+    let m = common::face_test_models();
+    let (det, rec, photo_path) = (
+        m.detector.clone(),
+        m.recogniser.clone(),
+        m.scrfd_dir.join("images/newton.png"),
+    );
+    let pre = d.path().join("pretrained");
+    std::fs::create_dir_all(pre.join("antelopev2")).unwrap();
+    std::fs::copy(&det, pre.join("antelopev2/scrfd_10g_bnkps.onnx")).unwrap();
+    std::fs::copy(&rec, pre.join("antelopev2/glintr100.onnx")).unwrap();
+    let photo = rgb(&photo_path);
+    let pose = d.path().join("pose.png");
+    mcld::pipeline::demo::synthetic_pose(photo.width(), photo.height(), true)
+        .save(&pose)
+        .unwrap();
+    let texture = d.path().join("texture.png");
+    image::RgbImage::from_pixel(64, 64, image::Rgb([120, 80, 40]))
+        .save(&texture)
+        .unwrap();
+
+    // The embedding infer would use, computed here and handed over as a file.
+    let emb = mcld::models::face::FaceEmbedder::load(&det, &rec)
+        .unwrap()
+        .embed_largest(&photo)
+        .unwrap()
+        .expect("the test photo has a face");
+    let npy = d.path().join("face.npy");
+    mcld::data::npy::write_f32(&npy, &[emb.len()], &emb).unwrap();
+
+    let zeros = d.path().join("zeros.npy");
+    mcld::data::npy::write_f32(&zeros, &[512], &[0.0; 512]).unwrap();
+
+    let outs = [
+        d.path().join("computed.png"),
+        d.path().join("given.png"),
+        d.path().join("zeros.png"),
+    ];
+    for (i, out) in outs.iter().enumerate() {
+        let mut args = infer_args(
+            photo_path.to_str().unwrap(),
+            pose.to_str().unwrap(),
+            out.to_str().unwrap(),
+            pre.to_str().unwrap(),
+            tiny.ckpt_dir.to_str().unwrap(),
+            tiny.config_path.to_str().unwrap(),
+        );
+        args.extend(["--texture", texture.to_str().unwrap()]);
+        match i {
+            1 => args.extend(["--face", npy.to_str().unwrap()]),
+            2 => args.extend(["--face", zeros.to_str().unwrap()]),
+            _ => {}
+        }
+        let (ok, text) = run(&args);
+        assert!(ok, "{text}");
+        if i == 0 {
+            assert!(
+                text.contains("computed the source's face embedding"),
+                "{text}"
+            );
+        }
+    }
+    // Same seed, same weights: the computed embedding is the one given explicitly.
+    assert_eq!(rgb(&outs[0]), rgb(&outs[1]));
+    // ... and the face does reach the output (a zero embedding gives another image).
+    assert_ne!(rgb(&outs[0]), rgb(&outs[2]));
+}

@@ -1,0 +1,10 @@
+//! The `mcld` binary and its commands end to end (evaluate, infer, test on tiny weights).
+//! One test crate per area (each links the library once); one module per former test file.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod binary;
+mod evaluate;
+mod infer;
+mod pipeline;

@@ -1,0 +1,129 @@
+//! The fast CPU convolution against candle's own, over the geometries the networks use and
+//! the awkward ones (padding wider than the kernel reach, strides that skip the last column,
+//! dilation, non-square kernels, views, many tiles).
+
+use crate::common;
+
+use candle_core::{DType, Device, Module, Tensor, Var};
+use candle_nn::Conv2dConfig;
+use common::max_errs;
+use mcld::models::conv::{conv2d_cpu, conv2d_forward, Conv2d};
+
+/// Relative to the reference's largest magnitude.
+fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
+    let (e, m) = max_errs(got, want);
+    e / m.max(1e-12)
+}
+
+fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, pad: usize, s: usize, d: usize) -> Tensor {
+    let y = x.conv2d(w, pad, s, d, 1).unwrap();
+    match b {
+        Some(b) => y
+            .broadcast_add(&b.reshape((1, b.elem_count(), 1, 1)).unwrap())
+            .unwrap(),
+        None => y,
+    }
+}
+
+#[test]
+fn matches_candle_over_geometries() {
+    let dev = Device::Cpu;
+    // (n, ci, h, w, co, kh, kw, pad, stride, dilation)
+    let cases = [
+        (1, 4, 8, 8, 5, 3, 3, 1, 1, 1),
+        (2, 3, 9, 7, 4, 3, 3, 1, 2, 1),
+        (1, 6, 10, 11, 3, 1, 1, 0, 1, 1),
+        (3, 6, 10, 11, 3, 1, 1, 0, 2, 1),
+        (1, 5, 6, 6, 2, 1, 1, 1, 1, 1),
+        (1, 3, 13, 9, 4, 5, 5, 2, 1, 1),
+        (1, 3, 12, 12, 4, 3, 3, 3, 1, 2),
+        (1, 2, 14, 10, 3, 3, 3, 4, 2, 3),
+        (1, 3, 7, 17, 2, 1, 7, 0, 1, 1),
+        (1, 3, 17, 7, 2, 7, 1, 0, 1, 1),
+        (1, 2, 3, 3, 2, 3, 3, 5, 1, 1),
+        (2, 4, 5, 5, 3, 3, 3, 0, 3, 1),
+        (1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
+        (1, 3, 4, 4, 2, 4, 4, 0, 1, 1),
+    ];
+    for (i, &(n, ci, h, w, co, kh, kw, pad, s, d)) in cases.iter().enumerate() {
+        let x = Tensor::randn(0f32, 1.0, (n, ci, h, w), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (co, ci, kh, kw), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+        for bias in [None, Some(&b)] {
+            let got = conv2d_cpu(&x, &k, bias, pad, s, d, 1)
+                .unwrap()
+                .unwrap_or_else(|| panic!("case {i}: fast path did not apply"));
+            let want = reference(&x, &k, bias, pad, s, d);
+            let e = rel_err(&got, &want);
+            assert!(e < 1e-5, "case {i} bias {}: error {e}", bias.is_some());
+        }
+    }
+}
+
+/// Enough output rows for several tiles per image (and a batch), so tiles run in parallel
+/// and each writes its own slice of every output channel.
+#[test]
+fn many_tiles_and_views() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 64, 200, 256), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (8, 64, 3, 3), &dev).unwrap();
+    let b = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
+    let got = conv2d_cpu(&x, &k, Some(&b), 1, 1, 1, 1).unwrap().unwrap();
+    let e = rel_err(&got, &reference(&x, &k, Some(&b), 1, 1, 1));
+    assert!(e < 1e-5, "error {e}");
+    // A transposed view (non-contiguous input) and a narrowed batch.
+    let xt = x
+        .narrow(2, 0, 64)
+        .unwrap()
+        .narrow(3, 0, 64)
+        .unwrap()
+        .t()
+        .unwrap();
+    let got = conv2d_cpu(&xt, &k, None, 1, 2, 1, 1).unwrap().unwrap();
+    let e = rel_err(&got, &reference(&xt, &k, None, 1, 2, 1));
+    assert!(e < 1e-5, "view: error {e}");
+    let x1 = x.narrow(0, 1, 1).unwrap();
+    let got = conv2d_cpu(&x1, &k, None, 0, 1, 1, 1).unwrap().unwrap();
+    let e = rel_err(&got, &reference(&x1, &k, None, 0, 1, 1));
+    assert!(e < 1e-5, "narrowed batch: error {e}");
+}
+
+/// Where the fast path does not apply, the module still gives candle's answer.
+#[test]
+fn falls_back_where_it_does_not_apply() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1, 4, 6, 6), &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (4, 2, 3, 3), &dev).unwrap();
+    // Grouped.
+    assert!(conv2d_cpu(&x, &k, None, 1, 1, 1, 2).unwrap().is_none());
+    let got = conv2d_forward(&x, &k, None, 1, 1, 1, 2).unwrap();
+    let want = x.conv2d(&k, 1, 1, 1, 2).unwrap();
+    assert!(rel_err(&got, &want) == 0.0);
+    // Half precision.
+    let k1 = Tensor::randn(0f32, 1.0, (3, 4, 3, 3), &dev).unwrap();
+    let xh = x.to_dtype(DType::F16).unwrap();
+    let kh = k1.to_dtype(DType::F16).unwrap();
+    assert!(conv2d_cpu(&xh, &kh, None, 1, 1, 1, 1).unwrap().is_none());
+    // Tracked for gradients: candle's op, so backward works.
+    let v = Var::from_tensor(&k1).unwrap();
+    assert!(conv2d_cpu(&x, v.as_tensor(), None, 1, 1, 1, 1)
+        .unwrap()
+        .is_none());
+    let conv = Conv2d::new(
+        v.as_tensor().clone(),
+        None,
+        Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        },
+    );
+    let y = conv.forward(&x).unwrap();
+    let grads = y.sum_all().unwrap().backward().unwrap();
+    assert!(
+        grads.get(v.as_tensor()).is_some(),
+        "no gradient reached the weight"
+    );
+    // Mismatched channels: candle's error, not a panic.
+    let bad = Tensor::randn(0f32, 1.0, (3, 5, 3, 3), &dev).unwrap();
+    assert!(conv2d_forward(&x, &bad, None, 1, 1, 1, 1).is_err());
+}

@@ -1,0 +1,88 @@
+//! The fused CPU attention and its vectorised exp, against f64 arithmetic.
+
+use crate::common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::{max_errs, naive_attention as naive};
+use mcld::models::cpu_attention::{attention, exp_approx, exp_shifted, softmax_in_place};
+
+#[test]
+fn exp_is_within_two_ulp_on_its_domain() {
+    let mut worst = 0f64;
+    let n = 2_000_000;
+    let xs: Vec<f32> = (0..=n).map(|i| -87.0 * i as f32 / n as f32).collect();
+    for &x in &xs {
+        let want = (x as f64).exp();
+        let got = exp_approx(x) as f64;
+        let ulp = (want as f32).abs() as f64 * f32::EPSILON as f64;
+        worst = worst.max((got - want).abs() / ulp);
+    }
+    println!("exp_approx: worst error {worst:.2} ulp over [-87, 0]");
+    assert!(worst <= 2.0, "exp_approx off by {worst} ulp");
+    assert_eq!(exp_approx(0.0), 1.0);
+    assert_eq!(exp_approx(-100.0), 0.0);
+    assert_eq!(exp_approx(f32::NEG_INFINITY), 0.0);
+    assert!(exp_approx(f32::NAN).is_nan());
+    // The slice form (the vectorised build on AVX2 machines) agrees with the scalar one.
+    let mut v = xs.clone();
+    exp_shifted(&mut v, 1.5);
+    for (x, y) in xs.iter().zip(&v) {
+        assert_eq!(*y, exp_approx(x - 1.5));
+    }
+}
+
+#[test]
+fn softmax_handles_masked_and_empty_rows() {
+    let mut row = vec![1.0f32, f32::NEG_INFINITY, 3.0, 2.0];
+    softmax_in_place(&mut row);
+    assert_eq!(row[1], 0.0);
+    let s: f32 = row.iter().sum();
+    assert!((s - 1.0).abs() < 1e-6);
+    let e = (1f64.exp() + 3f64.exp() + 2f64.exp()) as f32;
+    assert!((row[2] - 3f32.exp() / e).abs() < 1e-6);
+    // Every key masked: NaN, as torch's softmax gives.
+    let mut all = vec![f32::NEG_INFINITY; 3];
+    softmax_in_place(&mut all);
+    assert!(all.iter().all(|x| x.is_nan()));
+}
+
+#[test]
+fn matches_f64_attention_over_shapes() {
+    let dev = Device::Cpu;
+    // (b, h, tq, tk, d, dv): one key, few keys (cross-attention), more keys than a block holds
+    // rows for (several blocks, a ragged last one), a single query.
+    for (b, h, tq, tk, d, dv) in [
+        (1, 1, 5, 1, 8, 8),
+        (2, 3, 37, 17, 40, 40),
+        (1, 2, 300, 1500, 16, 24),
+        (2, 1, 1, 77, 64, 64),
+    ] {
+        let q = Tensor::randn(0f32, 1.0, (b, h, tq, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, h, tk, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, h, tk, dv), &dev).unwrap();
+        let got = attention(&q, &k, &v).unwrap().expect("fused path applies");
+        let e = max_errs(&got, &naive(&q, &k, &v)).0;
+        println!("{b}x{h}x{tq}x{tk} d {d}: max_abs_err vs f64 {e:.3e}");
+        assert!(e < 1e-5, "fused attention off by {e}");
+    }
+}
+
+#[test]
+fn views_and_fallbacks() {
+    let dev = Device::Cpu;
+    // Heads split from (B, T, H*d) are transposed views.
+    let x = Tensor::randn(0f32, 1.0, (2, 50, 4 * 8), &dev).unwrap();
+    let heads = x.reshape((2, 50, 4, 8)).unwrap().transpose(1, 2).unwrap();
+    let got = attention(&heads, &heads, &heads).unwrap().unwrap();
+    assert!(max_errs(&got, &naive(&heads, &heads, &heads)).0 < 1e-5);
+    // Half precision and tracked inputs are left to the generic path.
+    let h16 = heads.to_dtype(DType::F16).unwrap();
+    assert!(attention(&h16, &h16, &h16).unwrap().is_none());
+    let var = Var::from_tensor(&heads.contiguous().unwrap()).unwrap();
+    assert!(attention(var.as_tensor(), &heads, &heads)
+        .unwrap()
+        .is_none());
+    // Mismatched key/value lengths are not taken.
+    let v = Tensor::randn(0f32, 1.0, (2, 4, 49, 8), &dev).unwrap();
+    assert!(attention(&heads, &heads, &v).unwrap().is_none());
+}

@@ -1,0 +1,10 @@
+//! The inference pipeline: the sampler against `pipeline_small`, half precision, the resumable test run, the bench.
+//! One test crate per area (each links the library once); one module per former test file.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod bench;
+mod half;
+mod small;
+mod testset;
