@@ -154,7 +154,8 @@ class CrossAttn:
         self.stage, self.ip = stage, ip
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
-        ctx = State.ctx.get(self.stage, encoder_hidden_states)
+        # The reference UNet (stage None) sees its own context, CLIP(source).
+        ctx = State.ctx[self.stage] if self.stage else encoder_hidden_states
         q = attn.to_q(hidden_states)
         if self.ip is None:
             o = attend(attn, q, attn.to_k(ctx), attn.to_v(ctx))
@@ -186,7 +187,7 @@ def install(unet, role):
                 attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
                 ip = IpWeights(768, attn.to_q.out_features)
                 ips.append(ip)
-            procs[name] = CrossAttn(stage, ip)
+            procs[name] = CrossAttn(stage if role == "denoising" else None, ip)
     unet.set_attn_processor(procs)
     return ips
 
