@@ -113,8 +113,33 @@ pub struct TrainArgs {
     /// Training config (the reference's keys).
     #[arg(long, default_value = "configs/train/train.yaml")]
     pub config: PathBuf,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    /// Optimizer steps to train to (overrides `solver.max_train_steps`).
+    #[arg(long = "max_train_steps", visible_alias = "max-train-steps")]
+    pub max_train_steps: Option<usize>,
+    /// Experiments folder (overrides `output_dir`); the run writes OUTPUT_DIR/<exp_name>/.
+    #[arg(long = "output_dir", visible_alias = "output-dir")]
+    pub output_dir: Option<PathBuf>,
+    /// Checkpoint every N steps (overrides `checkpointing_steps`).
+    #[arg(long = "checkpointing_steps", visible_alias = "checkpointing-steps")]
+    pub checkpointing_steps: Option<usize>,
+    /// Validation and loss curve every N steps (overrides `val.validation_steps`).
+    #[arg(long = "validation_steps", visible_alias = "validation-steps")]
+    pub validation_steps: Option<usize>,
+    /// `latest` (from scratch when there is none yet) or a checkpoint folder.
+    #[arg(
+        long = "resume_from_checkpoint",
+        visible_alias = "resume-from-checkpoint"
+    )]
+    pub resume_from_checkpoint: Option<String>,
+    /// Batch size per process (overrides `data.train_bs`).
+    #[arg(long = "train_bs", visible_alias = "train-bs")]
+    pub train_bs: Option<usize>,
+    /// cpu, cuda or cuda:N; default the config's `device`.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// f32, f16 or bf16; default the config's `weight_dtype`.
+    #[arg(long)]
+    pub dtype: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -280,8 +305,21 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
             }
         }
         Command::Train(a) => {
-            crate::config::TrainConfig::load(&a.config)?;
-            Err(CliError::NotBuilt("train"))
+            let cmd = crate::train::cmd::TrainCommand {
+                config: a.config,
+                max_train_steps: a.max_train_steps,
+                output_dir: a.output_dir,
+                checkpointing_steps: a.checkpointing_steps,
+                validation_steps: a.validation_steps,
+                resume_from_checkpoint: a.resume_from_checkpoint,
+                train_bs: a.train_bs,
+                device: a.device,
+                dtype: a.dtype,
+            };
+            match crate::train::cmd::run(&cmd) {
+                Err(e) if crate::train::build::is_not_built(&e) => Err(CliError::NotBuilt("train")),
+                r => Ok(r.map(|_| ())?),
+            }
         }
         Command::Test(a) => Ok(commands::test(&a)?),
         Command::Evaluate(a) => {
