@@ -1087,3 +1087,81 @@ fn prepare_texture_reports_a_truncated_photo_as_failed() {
     );
     println!("texture stage: {}", tx.failed[0].reason);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The command.
+
+fn train_yaml(dir: &Path, root: &Path) -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(here.join("configs/train/train.yaml")).unwrap();
+    let text = text.replace(
+        "root_dir: \"./dataset/fashion/\"",
+        &format!("root_dir: {:?}", root.display().to_string()),
+    );
+    let p = dir.join("train.yaml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn command_line_overrides_the_config_and_checks_the_data_first() {
+    use mcld::train::cmd::{loop_config, TrainCommand};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    let cfg_path = train_yaml(dir.path(), &root);
+    let cmd = TrainCommand {
+        config: cfg_path.clone(),
+        max_train_steps: Some(5),
+        output_dir: Some(dir.path().join("out")),
+        checkpointing_steps: Some(2),
+        validation_steps: Some(3),
+        resume_from_checkpoint: Some("latest".into()),
+        train_bs: Some(4),
+        ..Default::default()
+    };
+    let cfg = cmd.load_config().unwrap();
+    assert_eq!(cfg.checkpoints_total_limit, 3);
+    let lc = loop_config(&cfg, candle_core::DType::F32, false);
+    assert_eq!(
+        (
+            lc.max_train_steps,
+            lc.checkpointing_steps,
+            lc.validation_steps,
+            lc.train_bs
+        ),
+        (5, 2, 3, 4)
+    );
+    assert_eq!(lc.resume, Resume::Latest);
+    assert_eq!(lc.exp_dir, dir.path().join("out").join("mcld"));
+    let none = TrainCommand {
+        config: cfg_path.clone(),
+        ..Default::default()
+    };
+    let base = none.load_config().unwrap();
+    assert_eq!(
+        loop_config(&base, candle_core::DType::F32, false).resume,
+        Resume::No
+    );
+    assert_eq!(base.data.train_bs, 12);
+
+    // The binary, kebab-case spellings: no train.csv under the root yet, named in the error.
+    let out = assert_cmd::Command::cargo_bin("mcld")
+        .unwrap()
+        .args(["train", "--config"])
+        .arg(&cfg_path)
+        .args([
+            "--max-train-steps",
+            "2",
+            "--train-bs",
+            "1",
+            "--device",
+            "cpu",
+        ])
+        .arg("--output-dir")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("train.csv"), "{err}");
+}
