@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use mcld::data::train_set::{DataPos, Loader, LoaderOptions, TrainSet, Walk};
 use mcld::train::api::{Grads, Net, StepStats, TrainBatch, TrainStep};
 use mcld::train::checkpoint::{self, CheckpointState};
-use mcld::train::collective::{LocalGroup, RankInfo, SingleProcess};
+use mcld::train::collective::{LocalGroup, RankInfo, SingleProcess, TcpCollective};
 use mcld::train::run::{train_loop, LoopConfig, NoHooks, Resume, StopReason, TrainOutcome};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -666,7 +666,7 @@ fn resume_after_sigkill_at_random_points_is_bit_exact() {
     let mut kills = Vec::new();
     for _ in 0..8 {
         let mut child = spawn_child(&exp, root, false);
-        let delay = rng.random_range(150..900u64);
+        let delay = rng.random_range(120..500u64);
         std::thread::sleep(Duration::from_millis(delay));
         let finished = child.try_wait().unwrap().is_some();
         if !finished {
@@ -844,6 +844,119 @@ fn two_ranks_of_batch_b_equal_one_rank_of_batch_2b() {
         .collect();
     assert!(errs[0].contains("rank 1 stopped"), "{}", errs[0]);
     assert!(errs[1].contains("stand-in step failure"), "{}", errs[1]);
+}
+
+const TCP_EXP: &str = "MCLD_TRAIN_LOOP_TCP_EXP";
+const TCP_FAIL: &str = "MCLD_TRAIN_LOOP_TCP_FAIL";
+const TCP_STEPS: u64 = 7;
+
+/// Not a test on its own: one rank of the multi-process tests (returns at once unless their
+/// variables are set).
+#[test]
+fn zz_child_tcp_rank() {
+    let (Some(exp), Some(data)) = (std::env::var_os(TCP_EXP), std::env::var_os(CHILD_DATA)) else {
+        return;
+    };
+    let info = RankInfo::from_env().unwrap();
+    let coll = TcpCollective::connect(&info, Duration::from_secs(60)).unwrap();
+    let mut m = Lin::new(0.0);
+    if std::env::var_os(TCP_FAIL).is_some() && info.rank == 1 {
+        m.fail_grads_at = Some(3);
+    }
+    let mut cfg = loop_cfg(Path::new(&exp), TCP_STEPS, 2);
+    cfg.checkpointing_steps = 0;
+    let set = open_set(Path::new(&data));
+    let r = train_loop(
+        &mut m,
+        set,
+        &cfg,
+        &coll,
+        &AtomicBool::new(false),
+        &mut NoHooks,
+    );
+    if let Err(e) = r {
+        eprintln!("rank {} error: {e}", info.rank);
+        std::process::exit(3);
+    }
+}
+
+fn spawn_ranks(exp: &Path, data: &Path, fail: bool) -> Vec<std::process::Child> {
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    (0..2)
+        .map(|r| {
+            let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+            c.args([
+                "--exact",
+                "zz_child_tcp_rank",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(TCP_EXP, exp)
+            .env(CHILD_DATA, data)
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+            if fail {
+                c.env(TCP_FAIL, "1");
+            }
+            c.spawn().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn two_rank_processes_over_tcp_equal_one_rank_and_a_dead_rank_stops_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    dataset(root, 8);
+    let set = open_set(root);
+    let one = root.join("one");
+    let mut cfg1 = loop_cfg(&one, TCP_STEPS, 4);
+    cfg1.checkpointing_steps = 0;
+    run_single(&mut Lin::new(0.0), set, &cfg1).unwrap();
+
+    let two = root.join("two");
+    for c in spawn_ranks(&two, root, false) {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let a = checkpoint_bits(&checkpoint::checkpoint_dir(&one, TCP_STEPS));
+    let b = checkpoint_bits(&checkpoint::checkpoint_dir(&two, TCP_STEPS));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .flat_map(|((_, va), (_, vb))| va.iter().zip(vb))
+        .map(|(x, y)| {
+            let (x, y) = (f32::from_bits(*x), f32::from_bits(*y));
+            (x - y).abs() / x.abs().max(1e-3)
+        })
+        .fold(0f32, f32::max);
+    println!("2 processes x 2 vs 1 rank x 4: worst relative difference {worst:e}");
+    assert!(worst < 1e-5, "{worst}");
+
+    // Rank 1 fails at its fourth step: rank 0 ends with an error, no hang.
+    let t0 = std::time::Instant::now();
+    let outs: Vec<_> = spawn_ranks(&root.join("dies"), root, true)
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    assert!(t0.elapsed() < Duration::from_secs(120));
+    let err0 = String::from_utf8_lossy(&outs[0].stderr);
+    assert_eq!(outs[0].status.code(), Some(3), "{err0}");
+    assert!(err0.contains("lost rank 1"), "{err0}");
+    let err1 = String::from_utf8_lossy(&outs[1].stderr);
+    assert!(err1.contains("stand-in step failure"), "{err1}");
 }
 
 #[test]

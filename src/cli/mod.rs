@@ -140,6 +140,9 @@ pub struct TrainArgs {
     /// f32, f16 or bf16; default the config's `weight_dtype`.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Start N local ranks (one process each, torchrun's variables); not needed under torchrun.
+    #[arg(long = "nproc-per-node", visible_alias = "nproc_per_node")]
+    pub nproc_per_node: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -315,7 +318,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 train_bs: a.train_bs,
                 device: a.device,
                 dtype: a.dtype,
+                nproc_per_node: a.nproc_per_node,
             };
+            if let Some(n) = cmd.nproc_per_node.filter(|n| *n > 1) {
+                if std::env::var_os("WORLD_SIZE").is_none() {
+                    return Ok(crate::train::cmd::launch_local(n)?);
+                }
+            }
             match crate::train::cmd::run(&cmd) {
                 Err(e) if crate::train::build::is_not_built(&e) => Err(CliError::NotBuilt("train")),
                 r => Ok(r.map(|_| ())?),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 
-use super::collective::{RankInfo, SingleProcess};
+use super::collective::{Collective, RankInfo, SingleProcess, TcpCollective};
 use super::run::{train_loop, LoopConfig, NoHooks, Resume, StopReason, TrainOutcome};
 use crate::config::TrainConfig;
 use crate::data::train_set::TrainSet;
@@ -28,6 +28,9 @@ pub struct TrainCommand {
     pub device: Option<String>,
     /// f32, f16, bf16; default the config's `weight_dtype`.
     pub dtype: Option<String>,
+    /// Start this many local ranks (processes) and wait for them; ignored inside a launched
+    /// rank (WORLD_SIZE set).
+    pub nproc_per_node: Option<usize>,
 }
 
 impl TrainCommand {
@@ -98,14 +101,6 @@ fn config_dtype(cfg: &TrainConfig) -> &'static str {
 pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
     let cfg = cmd.load_config()?;
     let rank = RankInfo::from_env()?;
-    if rank.world > 1 {
-        // TODO(nccl): an NCCL `Collective` for one process per GPU.
-        return Err(Error::msg(format!(
-            "WORLD_SIZE={}: multi-process training needs the NCCL collective, which is not \
-             built yet; run one process (unset WORLD_SIZE/RANK)",
-            rank.world
-        )));
-    }
     let device_name = cmd.device.clone().unwrap_or_else(|| cfg.device.clone());
     let device_name = if device_name == "cuda" && rank.world > 1 {
         format!("cuda:{}", rank.local_rank)
@@ -118,6 +113,21 @@ pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
         .clone()
         .unwrap_or_else(|| config_dtype(&cfg).to_string());
     let dtype = crate::device::parse_dtype(&dtype_name)?;
+    let coll: Box<dyn Collective> = if rank.world == 1 {
+        Box::new(SingleProcess)
+    } else if device.is_cpu() {
+        Box::new(TcpCollective::connect(
+            &rank,
+            std::time::Duration::from_secs(600),
+        )?)
+    } else {
+        // TODO(nccl): an NCCL `Collective` (candle's `nccl` feature) for one process per GPU.
+        return Err(Error::msg(format!(
+            "WORLD_SIZE={} on {device_name}: multi-GPU training needs the NCCL collective, \
+             which is not built yet; run one process, or ranks on the CPU",
+            rank.world
+        )));
+    };
 
     let set = TrainSet::from_config(&cfg.data)?;
     let progress = rank.is_main();
@@ -140,7 +150,7 @@ pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
         step.as_mut(),
         Arc::new(set),
         &lc,
-        &SingleProcess,
+        coll.as_ref(),
         &stop,
         &mut NoHooks,
     )?;
@@ -183,4 +193,73 @@ pub fn install_stop_signals() -> Result<Arc<AtomicBool>> {
             .map_err(|e| Error::msg(format!("cannot install the signal handler: {e}")))?;
     }
     Ok(stop)
+}
+
+/// `--nproc-per-node N`: starts N copies of this command line as ranks 0..N of one node
+/// (torchrun's variables, a free local port), waits for all of them, and fails if any failed.
+/// SIGTERM is passed on to the ranks; SIGINT from a terminal reaches them directly.
+pub fn launch_local(n: usize) -> Result<()> {
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|e| Error::msg(format!("no free local port for the ranks: {e}")))?
+        .port();
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::msg(format!("cannot find the mcld binary: {e}")))?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let int = Arc::new(AtomicBool::new(false));
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, int)
+        .and_then(|_| signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone()))
+        .map_err(|e| Error::msg(format!("cannot install the signal handler: {e}")))?;
+    let mut children = Vec::new();
+    for r in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(&args)
+            .env("RANK", r.to_string())
+            .env("LOCAL_RANK", r.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .map_err(|e| Error::msg(format!("cannot start rank {r}: {e}")))?;
+        children.push(Some(child));
+    }
+    let mut failed = Vec::new();
+    let mut forwarded = false;
+    while children.iter().any(|c| c.is_some()) {
+        if !forwarded && term.load(std::sync::atomic::Ordering::SeqCst) {
+            forwarded = true;
+            for c in children.iter().flatten() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status();
+            }
+        }
+        for (r, slot) in children.iter_mut().enumerate() {
+            if let Some(c) = slot {
+                match c.try_wait() {
+                    Ok(Some(st)) => {
+                        if !st.success() {
+                            failed.push(format!("rank {r}: {st}"));
+                        }
+                        *slot = None;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        failed.push(format!("rank {r}: {e}"));
+                        *slot = None;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "training ranks failed: {}",
+            failed.join(", ")
+        )))
+    }
 }
