@@ -487,6 +487,18 @@ fn no_usable_pair_is_an_error_that_says_why() {
     );
     assert!(checkpoint::latest(&exp).unwrap().is_none());
 
+    // Fewer usable pairs than one batch.
+    let dir2 = tempfile::tempdir().unwrap();
+    dataset(dir2.path(), 2); // 4 pairs
+    let e = run_single(
+        &mut Lin::new(0.0),
+        open_set(dir2.path()),
+        &loop_cfg(&dir2.path().join("exp"), 2, 5),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("fewer than one batch of train_bs 5"), "{e}");
+
     // An empty CSV.
     write_csv(root, &[]);
     let e = TrainSet::open(root, &root.join("train.csv"), SIZE)

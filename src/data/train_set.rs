@@ -462,6 +462,20 @@ impl<'a> Walk<'a> {
     }
 
     fn nothing_readable(&self, failures: &[SkippedPair]) -> Error {
+        if failures.is_empty() {
+            return Error::input(
+                self.set.csv(),
+                format!(
+                    "rank {} of {} gets {} of the {} usable pairs per epoch, fewer than one \
+                     batch of train_bs {}",
+                    self.opts.rank,
+                    self.opts.world,
+                    self.shard.len(),
+                    self.set.len(),
+                    self.opts.batch_size
+                ),
+            );
+        }
         let first = failures
             .first()
             .map(|s| format!("; first: {}: {}", s.path.display(), s.reason))
