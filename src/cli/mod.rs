@@ -320,14 +320,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 dtype: a.dtype,
                 nproc_per_node: a.nproc_per_node,
             };
-            if let Some(n) = cmd.nproc_per_node.filter(|n| *n > 1) {
-                if std::env::var_os("WORLD_SIZE").is_none() {
-                    return Ok(crate::train::cmd::launch_local(n)?);
-                }
-            }
-            match crate::train::cmd::run(&cmd) {
+            match crate::train::cmd::run_or_launch(&cmd) {
                 Err(e) if crate::train::build::is_not_built(&e) => Err(CliError::NotBuilt("train")),
-                r => Ok(r.map(|_| ())?),
+                r => Ok(r?),
             }
         }
         Command::Test(a) => Ok(commands::test(&a)?),

@@ -97,7 +97,16 @@ fn config_dtype(cfg: &TrainConfig) -> &'static str {
     }
 }
 
-/// Runs `mcld train`.
+/// `mcld train`: starts the local ranks with `--nproc-per-node N` (outside a launcher), else
+/// runs this process's rank.
+pub fn run_or_launch(cmd: &TrainCommand) -> Result<()> {
+    match cmd.nproc_per_node.filter(|n| *n > 1) {
+        Some(n) if std::env::var_os("WORLD_SIZE").is_none() => launch_local(n),
+        _ => run(cmd).map(|_| ()),
+    }
+}
+
+/// Runs this process's rank of `mcld train`.
 pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
     let cfg = cmd.load_config()?;
     let rank = RankInfo::from_env()?;
@@ -251,6 +260,15 @@ pub fn launch_local(n: usize) -> Result<()> {
                     }
                 }
             }
+        }
+        if !failed.is_empty() {
+            // A dead rank would leave the others waiting for it: end them (checkpoints are
+            // atomic, so nothing half-written stays).
+            for c in children.iter_mut().flatten() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
