@@ -156,6 +156,13 @@ pub struct TrainConfig {
     /// mcld: per-dimension std of the CLIP embeddings of the training sources (`mcld prepare`).
     #[serde(default = "default_clip_std")]
     pub clip_std_path: PathBuf,
+    /// mcld: `mcld train` keeps this many newest `checkpoint-N/` folders.
+    #[serde(default = "default_checkpoints_total_limit")]
+    pub checkpoints_total_limit: usize,
+}
+
+fn default_checkpoints_total_limit() -> usize {
+    3
 }
 
 fn default_clip_std() -> PathBuf {

@@ -7,13 +7,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::args::ComputeArgs;
 use crate::evaluate::EvaluateArgs;
 use crate::pipeline::commands::{DemoArgs, InferArgs, TestArgs};
 use crate::prepare::command::PrepareArgs;
 
-/// Exit code for a command whose work is not built yet (distinct from a failure, 1).
-pub const EXIT_NOT_BUILT: i32 = 2;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -62,15 +59,41 @@ pub struct TrainArgs {
     /// Training config (the reference's keys).
     #[arg(long, default_value = "configs/train/train.yaml")]
     pub config: PathBuf,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    /// Optimizer steps to train to (overrides `solver.max_train_steps`).
+    #[arg(long = "max_train_steps", visible_alias = "max-train-steps")]
+    pub max_train_steps: Option<usize>,
+    /// Experiments folder (overrides `output_dir`); the run writes OUTPUT_DIR/<exp_name>/.
+    #[arg(long = "output_dir", visible_alias = "output-dir")]
+    pub output_dir: Option<PathBuf>,
+    /// Checkpoint every N steps (overrides `checkpointing_steps`).
+    #[arg(long = "checkpointing_steps", visible_alias = "checkpointing-steps")]
+    pub checkpointing_steps: Option<usize>,
+    /// Validation and loss curve every N steps (overrides `val.validation_steps`).
+    #[arg(long = "validation_steps", visible_alias = "validation-steps")]
+    pub validation_steps: Option<usize>,
+    /// `latest` (from scratch when there is none yet) or a checkpoint folder.
+    #[arg(
+        long = "resume_from_checkpoint",
+        visible_alias = "resume-from-checkpoint"
+    )]
+    pub resume_from_checkpoint: Option<String>,
+    /// Batch size per process (overrides `data.train_bs`).
+    #[arg(long = "train_bs", visible_alias = "train-bs")]
+    pub train_bs: Option<usize>,
+    /// cpu, cuda or cuda:N; default the config's `device`.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// f32, f16 or bf16; default the config's `weight_dtype`.
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Start N local ranks (one process each, torchrun's variables); not needed under torchrun.
+    #[arg(long = "nproc-per-node", visible_alias = "nproc_per_node")]
+    pub nproc_per_node: Option<usize>,
 }
 
 /// Outcome of a command that could not do its work.
 #[derive(Debug)]
 pub enum CliError {
-    /// The command exists but its implementation has not landed yet.
-    NotBuilt(&'static str),
     Failed(anyhow::Error),
 }
 
@@ -85,8 +108,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Prepare(a) => Ok(crate::prepare::command::run(&a)?),
         Command::Train(a) => {
-            crate::config::TrainConfig::load(&a.config)?;
-            Err(CliError::NotBuilt("train"))
+            let cmd = crate::train::cmd::TrainCommand {
+                config: a.config,
+                max_train_steps: a.max_train_steps,
+                output_dir: a.output_dir,
+                checkpointing_steps: a.checkpointing_steps,
+                validation_steps: a.validation_steps,
+                resume_from_checkpoint: a.resume_from_checkpoint,
+                train_bs: a.train_bs,
+                device: a.device,
+                dtype: a.dtype,
+                nproc_per_node: a.nproc_per_node,
+            };
+            Ok(crate::train::cmd::run_or_launch(&cmd)?)
         }
         Command::Test(a) => Ok(crate::pipeline::commands::test(&a)?),
         Command::Evaluate(a) => Ok(crate::evaluate::run(&a)?),

@@ -127,8 +127,19 @@ pub fn open_rgb(path: &Path) -> Result<RgbImage> {
 pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        if let Some(img) = decode_jpeg_libjpeg(&bytes) {
-            return Ok(img);
+        match decode_jpeg_libjpeg(&bytes) {
+            Ok(Some(img)) => return Ok(img),
+            Ok(None) => {}
+            Err(JpegTruncated) => {
+                return Err(Error::input(
+                    path,
+                    format!(
+                        "cannot decode image: truncated JPEG, the data ends before the image \
+                         does ({} bytes); the file is incomplete",
+                        bytes.len()
+                    ),
+                ))
+            }
         }
     }
     image::load_from_memory(&bytes)
@@ -150,17 +161,63 @@ pub fn open_image_oriented(path: &Path) -> Result<image::DynamicImage> {
     Ok(img)
 }
 
-/// libjpeg reports fatal errors by unwinding; any failure here falls back to `image`, whose
-/// error message then names the problem.
-fn decode_jpeg_libjpeg(bytes: &[u8]) -> Option<image::DynamicImage> {
+/// libjpeg ran out of data before the last scanline: Pillow refuses such a file ("image file is
+/// truncated"), libjpeg alone would fill the rest with gray and only warn.
+struct JpegTruncated;
+
+/// Any other fatal libjpeg error; `image` then decodes (or names the problem).
+struct JpegFatal;
+
+/// libjpeg's `error_exit` must not return: unwind to the `catch_unwind` in
+/// [`decode_jpeg_libjpeg`] (`resume_unwind` skips the panic hook, so nothing is printed).
+extern "C-unwind" fn jpeg_error_exit(_cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
+    std::panic::resume_unwind(Box::new(JpegFatal));
+}
+
+/// Warnings are ignored as Pillow ignores them (corrupt-data warnings still give an image),
+/// except the end of the data, which Pillow treats as an error.
+extern "C-unwind" fn jpeg_emit_message(
+    cinfo: &mut mozjpeg_sys::jpeg_common_struct,
+    level: std::os::raw::c_int,
+) {
+    // SAFETY: libjpeg calls this with `err` pointing at the error manager set up below, which
+    // outlives the decompressor.
+    let code = unsafe { cinfo.err.as_ref() }.map(|e| e.msg_code);
+    if level < 0 && code == Some(mozjpeg_sys::JWRN_JPEG_EOF) {
+        std::panic::resume_unwind(Box::new(JpegTruncated));
+    }
+}
+
+fn jpeg_error_mgr() -> mozjpeg_sys::jpeg_error_mgr {
+    // SAFETY: jpeg_std_error fills every field of a zeroed manager (a plain C struct of
+    // function pointers and integers, for which all-zero is a valid value).
+    let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
+    err.error_exit = Some(jpeg_error_exit);
+    err.emit_message = Some(jpeg_emit_message);
+    err
+}
+
+/// libjpeg decode to RGB. `Ok(None)`: libjpeg could not (CMYK, a fatal error): let `image`
+/// try, whose error message then names the problem. `Err`: the data is cut short.
+fn decode_jpeg_libjpeg(
+    bytes: &[u8],
+) -> std::result::Result<Option<image::DynamicImage>, JpegTruncated> {
     let run = || -> std::io::Result<Option<image::DynamicImage>> {
-        let mut dec = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
+        let mut dec = mozjpeg::Decompress::builder()
+            .with_err(jpeg_error_mgr())
+            .from_mem(bytes)?
+            .rgb()?;
         let (w, h) = (dec.width() as u32, dec.height() as u32);
         let px: Vec<[u8; 3]> = dec.read_scanlines()?;
         dec.finish()?;
         Ok(RgbImage::from_raw(w, h, px.into_flattened()).map(image::DynamicImage::ImageRgb8))
     };
-    std::panic::catch_unwind(run).ok()?.ok()?
+    match std::panic::catch_unwind(run) {
+        Ok(r) => Ok(r.ok().flatten()),
+        Err(payload) if payload.is::<JpegTruncated>() => Err(JpegTruncated),
+        Err(_) => Ok(None),
+    }
 }
 
 /// Pillow bicubic resize of an RGB image to (height, width): torchvision's

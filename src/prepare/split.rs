@@ -171,12 +171,11 @@ pub fn link_or_copy(src: &Path, dst: &Path) -> Result<Placed> {
 
 /// Fully decodes a JPEG so that a corrupt or truncated photo never enters the dataset.
 pub fn check_jpeg(path: &Path) -> Result<(u32, u32)> {
-    let img = image::ImageReader::open(path)
-        .map_err(|e| Error::io(path, e))?
-        .with_guessed_format()
-        .map_err(|e| Error::io(path, e))?
-        .decode()
-        .map_err(|e| Error::input(path, format!("not a readable JPEG: {e}")))?;
+    // The same decoder the later stages use, so what passes here is what they can read.
+    let img = crate::imageops::open_image(path).map_err(|e| match e {
+        Error::Input { path, msg } => Error::input(path, format!("not a readable JPEG: {msg}")),
+        e => e,
+    })?;
     Ok((img.width(), img.height()))
 }
 

@@ -1,12 +1,20 @@
-//! Training (SPEC §4): the step (networks, loss, backward, AdamW) and the loop around it.
+//! Training (SPEC §4): the step (networks, loss, backward, AdamW) and the loop around it
+//! (data, checkpoints, resume, ranks, logs).
 
 pub mod adamw;
 pub mod api;
+pub mod checkpoint;
+pub mod cmd;
+pub mod collective;
 pub mod init;
 pub mod loss;
 pub mod params;
+pub mod plot;
+pub mod run;
 pub mod scaler;
 pub mod setup;
 pub mod state;
 pub mod tiny;
 pub mod trainer;
+
+pub use setup::build_step;

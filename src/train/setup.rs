@@ -6,6 +6,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::adamw::AdamWConfig;
+use super::api::TrainStep;
 use super::init::{initial_weights, InitSources};
 use super::params::{is_trainable, Params};
 use super::trainer::{FrozenEncoders, McldTrainer, StepConfig};
@@ -75,6 +76,11 @@ pub fn config_dtype(cfg: &TrainConfig) -> DType {
         "bf16" => DType::BF16,
         _ => DType::F32,
     }
+}
+
+/// The training step `mcld train` drives.
+pub fn build_step(cfg: &TrainConfig, device: &Device, dtype: DType) -> Result<Box<dyn TrainStep>> {
+    Ok(Box::new(build_trainer(cfg, device, dtype)?))
 }
 
 /// The whole training step for `cfg`, computing in `dtype` on `device`.

@@ -1,4 +1,4 @@
-//! The `mcld` binary: help text, flag spellings, and honest "not built yet" exits.
+//! The `mcld` binary: help text, flag spellings, bad input.
 
 use std::process::Command;
 

@@ -1,0 +1,587 @@
+//! Data-parallel plumbing: the rank contract of torchrun (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+//! `MASTER_ADDR`, `MASTER_PORT`) and the few collective operations the training loop needs.
+//!
+//! The loop only talks to [`Collective`]. [`LocalGroup`] runs ranks as threads of one process
+//! (the CPU tests' "2 ranks x batch B" = "1 rank x batch 2B"); a rank that stops early makes the
+//! others' next collective call fail instead of hang.
+//! TODO(nccl): a `NcclCollective` behind the `nccl` feature (candle's cudarc NCCL communicator,
+//! id shared through MASTER_ADDR:MASTER_PORT) is not written yet; [`RankInfo::from_env`] refuses
+//! WORLD_SIZE > 1 until it is.
+
+use std::sync::{Arc, Condvar, Mutex};
+
+use candle_core::{Device, Tensor};
+
+use crate::{Error, Result};
+
+/// Where this process stands among the training processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RankInfo {
+    pub rank: usize,
+    pub world: usize,
+    /// Index of this process on its node: which GPU it drives (`cuda:LOCAL_RANK`).
+    pub local_rank: usize,
+    pub master_addr: Option<String>,
+    pub master_port: Option<u16>,
+}
+
+impl RankInfo {
+    /// One process, no launcher.
+    pub fn single() -> Self {
+        Self {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            master_addr: None,
+            master_port: None,
+        }
+    }
+
+    /// The torchrun variables of this process's environment (absent = one process).
+    pub fn from_env() -> Result<Self> {
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// Like [`RankInfo::from_env`] with the variables supplied by `get`; errors name the
+    /// variable and its value.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let num = |k: &str| -> Result<Option<usize>> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) if v.trim().is_empty() => Ok(None),
+                Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| {
+                    Error::msg(format!("environment {k}={v:?}: expected a whole number"))
+                }),
+            }
+        };
+        let world = num("WORLD_SIZE")?.unwrap_or(1);
+        let rank = num("RANK")?.unwrap_or(0);
+        let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
+        if world == 0 {
+            return Err(Error::msg("environment WORLD_SIZE=0: expected at least 1"));
+        }
+        if rank >= world {
+            return Err(Error::msg(format!(
+                "environment RANK={rank} is not below WORLD_SIZE={world}"
+            )));
+        }
+        let master_port = match get("MASTER_PORT") {
+            None => None,
+            Some(v) => Some(v.trim().parse::<u16>().map_err(|_| {
+                Error::msg(format!(
+                    "environment MASTER_PORT={v:?}: expected a port number"
+                ))
+            })?),
+        };
+        let info = Self {
+            rank,
+            world,
+            local_rank,
+            master_addr: get("MASTER_ADDR"),
+            master_port,
+        };
+        if world > 1 && (info.master_addr.is_none() || info.master_port.is_none()) {
+            return Err(Error::msg(format!(
+                "WORLD_SIZE={world} needs MASTER_ADDR and MASTER_PORT (as torchrun sets them)"
+            )));
+        }
+        Ok(info)
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+}
+
+/// The collective operations of data-parallel training. Every rank calls the same operations
+/// in the same order; each returns the same values on every rank.
+pub trait Collective {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Element-wise sum over ranks of each tensor (same shapes on every rank), in rank order,
+    /// so that every rank gets bit-identical sums. Results are on the inputs' device.
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>>;
+    /// Every rank's `values`, indexed by rank.
+    fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<Vec<f64>>>;
+}
+
+/// One process alone: the operations are identities.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+        Ok(tensors.to_vec())
+    }
+    fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
+        Ok(vec![values.to_vec()])
+    }
+}
+
+#[derive(Clone)]
+enum Payload {
+    Tensors(Vec<(Vec<usize>, Vec<f32>)>),
+    Scalars(Vec<f64>),
+}
+
+struct Round {
+    generation: u64,
+    arrived: usize,
+    slots: Vec<Option<Payload>>,
+    /// The deposits of the last completed round, by rank.
+    result: Arc<Vec<Payload>>,
+    /// A rank that left (returned early, failed, or was dropped) while others may still wait.
+    left: Option<usize>,
+}
+
+struct Shared {
+    world: usize,
+    round: Mutex<Round>,
+    cv: Condvar,
+}
+
+/// Ranks as threads of one process, exchanging through shared memory.
+pub struct LocalGroup;
+
+impl LocalGroup {
+    /// One handle per rank; move each into its rank's thread.
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(world: usize) -> Vec<LocalRank> {
+        let shared = Arc::new(Shared {
+            world,
+            round: Mutex::new(Round {
+                generation: 0,
+                arrived: 0,
+                slots: vec![None; world],
+                result: Arc::new(Vec::new()),
+                left: None,
+            }),
+            cv: Condvar::new(),
+        });
+        (0..world)
+            .map(|rank| LocalRank {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+}
+
+/// One rank of a [`LocalGroup`]. Dropping it (the rank's thread returned, or unwound) tells the
+/// other ranks, so a dead rank stops them with an error instead of a hang.
+pub struct LocalRank {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+impl LocalRank {
+    /// Deposits `payload`, waits for every rank's, returns them all in rank order.
+    fn exchange(&self, payload: Payload) -> Result<Arc<Vec<Payload>>> {
+        let sh = &self.shared;
+        let mut r = sh
+            .round
+            .lock()
+            .map_err(|_| Error::msg("collective: a rank panicked"))?;
+        if let Some(dead) = r.left {
+            return Err(self.dead(dead));
+        }
+        let gen = r.generation;
+        r.slots[self.rank] = Some(payload);
+        r.arrived += 1;
+        if r.arrived == sh.world {
+            let all: Vec<Payload> = r.slots.iter_mut().filter_map(|s| s.take()).collect();
+            r.result = Arc::new(all);
+            r.arrived = 0;
+            r.generation += 1;
+            sh.cv.notify_all();
+            return Ok(r.result.clone());
+        }
+        loop {
+            r = sh
+                .cv
+                .wait(r)
+                .map_err(|_| Error::msg("collective: a rank panicked"))?;
+            // A completed round wins over a later departure: this rank's data is in it.
+            if r.generation != gen {
+                return Ok(r.result.clone());
+            }
+            if let Some(dead) = r.left {
+                return Err(self.dead(dead));
+            }
+        }
+    }
+
+    fn dead(&self, dead: usize) -> Error {
+        Error::msg(format!(
+            "rank {dead} stopped while rank {} waited for it in a collective operation",
+            self.rank
+        ))
+    }
+}
+
+impl Drop for LocalRank {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.shared.round.lock() {
+            r.left.get_or_insert(self.rank);
+            self.shared.cv.notify_all();
+        }
+    }
+}
+
+impl Collective for LocalRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.shared.world
+    }
+
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+        let host = tensors
+            .iter()
+            .map(|t| {
+                Ok((
+                    t.dims().to_vec(),
+                    t.to_device(&Device::Cpu)?
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let all = self.exchange(Payload::Tensors(host))?;
+        let mut out = Vec::with_capacity(tensors.len());
+        for (i, t) in tensors.iter().enumerate() {
+            let mut sum: Option<Vec<f32>> = None;
+            for (rank, p) in all.iter().enumerate() {
+                let Payload::Tensors(v) = p else {
+                    return Err(Error::msg(format!(
+                        "collective: rank {rank} sent scalars where tensors were expected"
+                    )));
+                };
+                let (dims, data) = v.get(i).ok_or_else(|| {
+                    Error::msg(format!("collective: rank {rank} sent {} tensors", v.len()))
+                })?;
+                if dims.as_slice() != t.dims() {
+                    return Err(Error::msg(format!(
+                        "collective: tensor {i} is {:?} on rank {} but {dims:?} on rank {rank}",
+                        t.dims(),
+                        self.rank
+                    )));
+                }
+                match &mut sum {
+                    None => sum = Some(data.clone()),
+                    Some(s) => s.iter_mut().zip(data).for_each(|(a, b)| *a += b),
+                }
+            }
+            let s = sum.unwrap_or_default();
+            out.push(
+                Tensor::from_vec(s, t.dims(), &Device::Cpu)?
+                    .to_dtype(t.dtype())?
+                    .to_device(t.device())?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
+        let all = self.exchange(Payload::Scalars(values.to_vec()))?;
+        all.iter()
+            .enumerate()
+            .map(|(rank, p)| match p {
+                Payload::Scalars(v) => Ok(v.clone()),
+                Payload::Tensors(_) => Err(Error::msg(format!(
+                    "collective: rank {rank} sent tensors where scalars were expected"
+                ))),
+            })
+            .collect()
+    }
+}
+
+/// Ranks as processes (one per device, started by torchrun, SLURM or `--nproc-per-node`)
+/// exchanging through TCP with rank 0 at `MASTER_ADDR:MASTER_PORT`: every rank sends its part to
+/// rank 0, which combines the parts in rank order and sends the result back, so every rank gets
+/// the same bits. Host memory and sockets: meant for CPU runs and small models; GPUs want NCCL.
+/// A rank that dies closes its socket, and the others' next operation fails.
+pub struct TcpCollective {
+    rank: usize,
+    world: usize,
+    /// Rank 0: the streams of ranks 1.., in rank order. Others: the stream to rank 0.
+    peers: Vec<std::net::TcpStream>,
+}
+
+const HELLO: &[u8; 8] = b"mcldrank";
+
+impl TcpCollective {
+    /// Rendezvous at `MASTER_ADDR:MASTER_PORT`: rank 0 listens, the others connect (retrying
+    /// until `timeout`, as rank 0 may start later).
+    pub fn connect(info: &RankInfo, timeout: std::time::Duration) -> Result<Self> {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+        let (addr, port) = match (&info.master_addr, info.master_port) {
+            (Some(a), Some(p)) => (a.clone(), p),
+            _ => return Err(Error::msg("rendezvous needs MASTER_ADDR and MASTER_PORT")),
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let ctx = |what: &str, e: std::io::Error| {
+            Error::msg(format!(
+                "rank {} of {}: {what} {addr}:{port}: {e}",
+                info.rank, info.world
+            ))
+        };
+        let mut peers = Vec::new();
+        if info.rank == 0 {
+            let listener =
+                TcpListener::bind(("0.0.0.0", port)).map_err(|e| ctx("cannot listen on", e))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| ctx("cannot listen on", e))?;
+            let mut slots: Vec<Option<TcpStream>> = (1..info.world).map(|_| None).collect();
+            while slots.iter().any(|s| s.is_none()) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).map_err(|e| ctx("accept on", e))?;
+                        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+                            .map_err(|e| ctx("accept on", e))?;
+                        let mut hello = [0u8; 24];
+                        s.read_exact(&mut hello)
+                            .map_err(|e| ctx("no greeting from a rank at", e))?;
+                        let r = u64::from_le_bytes(hello[8..16].try_into().unwrap_or_default());
+                        let w = u64::from_le_bytes(hello[16..24].try_into().unwrap_or_default());
+                        if &hello[..8] != HELLO || w as usize != info.world {
+                            return Err(Error::msg(format!(
+                                "rank 0: a process at {addr}:{port} is not a rank of this run \
+                                 (world {w}, expected {})",
+                                info.world
+                            )));
+                        }
+                        let r = r as usize;
+                        if r == 0 || r >= info.world || slots[r - 1].is_some() {
+                            return Err(Error::msg(format!(
+                                "rank 0: rank {r} joined twice or is out of range (world {})",
+                                info.world
+                            )));
+                        }
+                        s.set_read_timeout(None).map_err(|e| ctx("accept on", e))?;
+                        s.set_nodelay(true).map_err(|e| ctx("accept on", e))?;
+                        slots[r - 1] = Some(s);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if std::time::Instant::now() > deadline {
+                            let missing: Vec<usize> = slots
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, s)| s.is_none())
+                                .map(|(i, _)| i + 1)
+                                .collect();
+                            return Err(Error::msg(format!(
+                                "rank 0: ranks {missing:?} did not join at {addr}:{port} within \
+                                 {} s",
+                                timeout.as_secs()
+                            )));
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(ctx("accept on", e)),
+                }
+            }
+            peers = slots.into_iter().flatten().collect();
+        } else {
+            let target = (addr.as_str(), port)
+                .to_socket_addrs()
+                .map_err(|e| ctx("cannot resolve", e))?
+                .next()
+                .ok_or_else(|| Error::msg(format!("MASTER_ADDR {addr}: no address")))?;
+            let mut s = loop {
+                match TcpStream::connect_timeout(&target, std::time::Duration::from_secs(2)) {
+                    Ok(s) => break s,
+                    Err(e) if std::time::Instant::now() > deadline => {
+                        return Err(ctx("cannot reach rank 0 at", e))
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                }
+            };
+            s.set_nodelay(true).map_err(|e| ctx("connect to", e))?;
+            let mut hello = HELLO.to_vec();
+            hello.extend_from_slice(&(info.rank as u64).to_le_bytes());
+            hello.extend_from_slice(&(info.world as u64).to_le_bytes());
+            s.write_all(&hello).map_err(|e| ctx("connect to", e))?;
+            peers.push(s);
+        }
+        Ok(Self {
+            rank: info.rank,
+            world: info.world,
+            peers,
+        })
+    }
+
+    fn lost(&self, peer: usize, e: std::io::Error) -> Error {
+        Error::msg(format!(
+            "rank {}: lost rank {peer} during a collective operation ({e}); it stopped or died",
+            self.rank
+        ))
+    }
+
+    fn send(&self, i: usize, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let mut s = &self.peers[i];
+        s.write_all(&(bytes.len() as u64).to_le_bytes())
+            .and_then(|()| s.write_all(bytes))
+            .map_err(|e| self.lost(self.peer_rank(i), e))
+    }
+
+    fn recv(&self, i: usize) -> Result<Vec<u8>> {
+        use std::io::Read;
+        let mut s = &self.peers[i];
+        let mut n = [0u8; 8];
+        s.read_exact(&mut n)
+            .map_err(|e| self.lost(self.peer_rank(i), e))?;
+        let mut buf = vec![0u8; u64::from_le_bytes(n) as usize];
+        s.read_exact(&mut buf)
+            .map_err(|e| self.lost(self.peer_rank(i), e))?;
+        Ok(buf)
+    }
+
+    fn peer_rank(&self, i: usize) -> usize {
+        if self.rank == 0 {
+            i + 1
+        } else {
+            0
+        }
+    }
+
+    /// Rank 0 gets every rank's bytes (rank order) and sends `combine`'s result to all; the
+    /// others send theirs and get the result.
+    fn gather_combine(
+        &self,
+        mine: Vec<u8>,
+        combine: impl FnOnce(Vec<Vec<u8>>) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
+        if self.rank != 0 {
+            self.send(0, &mine)?;
+            return self.recv(0);
+        }
+        let mut parts = vec![mine];
+        for i in 0..self.peers.len() {
+            parts.push(self.recv(i)?);
+        }
+        let out = combine(parts)?;
+        for i in 0..self.peers.len() {
+            self.send(i, &out)?;
+        }
+        Ok(out)
+    }
+}
+
+fn f32s_to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_to_f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+impl Collective for TcpCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>> {
+        let mut flat = Vec::new();
+        for t in tensors {
+            flat.extend(
+                t.to_device(&Device::Cpu)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
+        }
+        let n = flat.len();
+        let out = self.gather_combine(f32s_to_bytes(&flat), |parts| {
+            let mut sum: Vec<f32> = Vec::new();
+            for (rank, p) in parts.iter().enumerate() {
+                let v = bytes_to_f32s(p);
+                if v.len() != n {
+                    return Err(Error::msg(format!(
+                        "collective: rank {rank} sent {} gradient values, rank 0 has {n}",
+                        v.len()
+                    )));
+                }
+                if rank == 0 {
+                    sum = v;
+                } else {
+                    sum.iter_mut().zip(&v).for_each(|(a, b)| *a += b);
+                }
+            }
+            Ok(f32s_to_bytes(&sum))
+        })?;
+        let sum = bytes_to_f32s(&out);
+        if sum.len() != n {
+            return Err(Error::msg(format!(
+                "collective: rank 0 returned {} values, expected {n}",
+                sum.len()
+            )));
+        }
+        let mut at = 0;
+        tensors
+            .iter()
+            .map(|t| {
+                let k = t.elem_count();
+                let v = sum[at..at + k].to_vec();
+                at += k;
+                Ok(Tensor::from_vec(v, t.dims(), &Device::Cpu)?
+                    .to_dtype(t.dtype())?
+                    .to_device(t.device())?)
+            })
+            .collect()
+    }
+
+    fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
+        let mine: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let world = self.world;
+        let out = self.gather_combine(mine, |parts| {
+            // Each part prefixed by its byte length.
+            let mut b = Vec::new();
+            for p in parts {
+                b.extend_from_slice(&(p.len() as u64).to_le_bytes());
+                b.extend_from_slice(&p);
+            }
+            Ok(b)
+        })?;
+        let mut all = Vec::with_capacity(world);
+        let mut at = 0usize;
+        while at + 8 <= out.len() {
+            let len = u64::from_le_bytes(out[at..at + 8].try_into().unwrap_or_default()) as usize;
+            at += 8;
+            let part = out
+                .get(at..at + len)
+                .ok_or_else(|| Error::msg("collective: truncated gather from rank 0"))?;
+            all.push(
+                part.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()))
+                    .collect(),
+            );
+            at += len;
+        }
+        if all.len() != world {
+            return Err(Error::msg(format!(
+                "collective: gather returned {} parts for {world} ranks",
+                all.len()
+            )));
+        }
+        Ok(all)
+    }
+}

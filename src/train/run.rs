@@ -1,0 +1,523 @@
+//! The training loop of `mcld train` (SPEC §4), around any [`TrainStep`]: seeded epochs sharded
+//! over ranks, gradient accumulation, warm-up then constant learning rate, gradients averaged
+//! over ranks, a JSON line per optimizer step, atomic checkpoints kept to the last N, exact
+//! resume, a non-finite loss stop and a clean stop on a signal.
+//!
+//! Resume is exact because nothing the loop does depends on history it does not store: the
+//! data order is a function of (seed, epoch, rank), the position in it is in `state.json`, and
+//! every random draw of a step comes from `step_rng(seed, step, rank, micro)`.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::api::{step_rng, Grads, TrainStep};
+use super::checkpoint::{self, CheckpointState};
+use super::collective::Collective;
+use crate::data::train_set::{DataPos, Loader, LoaderOptions, SkippedPair, TrainSet};
+use crate::{Error, Result};
+
+/// Where a run starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// From scratch; refused when the experiment folder already holds checkpoints.
+    No,
+    /// From the newest checkpoint of the experiment folder, from scratch when there is none.
+    Latest,
+    /// From this checkpoint folder.
+    Path(PathBuf),
+}
+
+impl Resume {
+    /// The config's `resume_from_checkpoint`: empty, `latest`, or a folder.
+    pub fn parse(s: &str) -> Self {
+        match s.trim() {
+            "" => Resume::No,
+            "latest" => Resume::Latest,
+            p => Resume::Path(PathBuf::from(p)),
+        }
+    }
+}
+
+/// Everything the loop needs besides the step and the data.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    pub seed: u64,
+    /// Samples per micro-batch on each rank.
+    pub train_bs: usize,
+    pub grad_accum: usize,
+    pub max_train_steps: u64,
+    pub learning_rate: f64,
+    pub lr_warmup_steps: u64,
+    /// Checkpoint every this many steps (0: only at the end and on a stop).
+    pub checkpointing_steps: u64,
+    pub checkpoints_total_limit: usize,
+    /// Validation hook and loss curve every this many steps, at steps 1, 1 + n, ... (0: never).
+    pub validation_steps: u64,
+    /// `{output_dir}/{exp_name}`.
+    pub exp_dir: PathBuf,
+    pub resume: Resume,
+    /// Batches decoded ahead of the step.
+    pub prefetch: usize,
+    /// Progress bar and messages on stderr (rank 0).
+    pub progress: bool,
+    /// f16 with loss scaling: a non-finite loss is the scaler's business (the step skips).
+    pub loss_scaling: bool,
+}
+
+impl LoopConfig {
+    /// Learning rate of the step after `done` steps: diffusers' `constant_with_warmup`
+    /// (`base * done / warmup` while `done < warmup`, so the very first step has lr 0 as in the
+    /// reference; `base` after).
+    pub fn lr_at(&self, done: u64) -> f64 {
+        if done < self.lr_warmup_steps {
+            // torch's LambdaLR: base * lambda, lambda = done / warmup.
+            self.learning_rate * (done as f64 / self.lr_warmup_steps as f64)
+        } else {
+            self.learning_rate
+        }
+    }
+}
+
+/// Called by rank 0 at each validation step (the validation grid); failures are reported, not
+/// fatal.
+pub trait TrainHooks {
+    fn validate(&mut self, _step: u64, _model: &dyn TrainStep, _exp_dir: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// No validation.
+#[derive(Debug, Default)]
+pub struct NoHooks;
+impl TrainHooks for NoHooks {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum StopReason {
+    /// `max_train_steps` reached.
+    Finished,
+    /// A stop was asked for (SIGINT/SIGTERM); a checkpoint of the last step was written.
+    Interrupted,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainOutcome {
+    pub step: u64,
+    pub reason: StopReason,
+    pub resumed_from: Option<PathBuf>,
+    pub last_checkpoint: Option<PathBuf>,
+    /// Pairs skipped: missing files when the set was opened, plus those this rank failed to
+    /// decode (each pair once).
+    pub skipped: Vec<SkippedPair>,
+    /// Checkpoint or validation problems that did not stop the run.
+    pub warnings: Vec<String>,
+}
+
+/// One line of `train_log.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+struct LogLine {
+    step: u64,
+    epoch: u64,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    samples_per_s: f64,
+    steps_per_s: f64,
+    samples: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss_scale: Option<f64>,
+    skipped_step: bool,
+}
+
+pub const LOG_FILE: &str = "train_log.jsonl";
+pub const LOSS_CURVE: &str = "loss_curve.png";
+pub const REPORT_FILE: &str = "train_report.json";
+
+/// Runs the loop until `max_train_steps`, an error, or `stop` (checked between steps, agreed by
+/// all ranks). Only rank 0 writes into `exp_dir`.
+pub fn train_loop(
+    model: &mut dyn TrainStep,
+    set: Arc<TrainSet>,
+    cfg: &LoopConfig,
+    coll: &dyn Collective,
+    stop: &AtomicBool,
+    hooks: &mut dyn TrainHooks,
+) -> Result<TrainOutcome> {
+    let rank = coll.rank();
+    let world = coll.world();
+    let main = rank == 0;
+    if cfg.train_bs == 0 || cfg.grad_accum == 0 {
+        return Err(Error::msg(format!(
+            "train_bs ({}) and gradient_accumulation_steps ({}) must be at least 1",
+            cfg.train_bs, cfg.grad_accum
+        )));
+    }
+    let mut outcome = TrainOutcome {
+        step: 0,
+        reason: StopReason::Finished,
+        resumed_from: None,
+        last_checkpoint: None,
+        skipped: set.skipped.clone(),
+        warnings: Vec::new(),
+    };
+    let say = |msg: &str| {
+        if main && cfg.progress {
+            eprintln!("{msg}");
+        }
+    };
+
+    // Where to start.
+    let from = match &cfg.resume {
+        Resume::No => {
+            if let Some(p) = checkpoint::latest(&cfg.exp_dir)? {
+                return Err(Error::msg(format!(
+                    "{} already holds checkpoints (newest {}); continue it with \
+                     --resume_from_checkpoint latest, or choose another output_dir/exp_name",
+                    cfg.exp_dir.display(),
+                    p.display()
+                )));
+            }
+            None
+        }
+        Resume::Latest => checkpoint::latest(&cfg.exp_dir)?,
+        Resume::Path(p) => {
+            if !p.join(checkpoint::STATE_FILE).is_file() {
+                return Err(Error::input(
+                    p,
+                    format!("not a checkpoint folder (no {})", checkpoint::STATE_FILE),
+                ));
+            }
+            Some(p.clone())
+        }
+    };
+    let mut pos = DataPos::default();
+    let mut samples_seen = 0u64;
+    let mut loss_scale = None;
+    if let Some(dir) = &from {
+        let st = checkpoint::read_state(dir)?;
+        let bad = |what: String| Error::input(dir.join(checkpoint::STATE_FILE), what);
+        if st.world_size != world {
+            return Err(bad(format!(
+                "written by {} ranks, this run has {world}; resume with the same number of \
+                 processes",
+                st.world_size
+            )));
+        }
+        if st.seed != cfg.seed {
+            return Err(bad(format!(
+                "written with seed {}, the config says {}; the data order would change",
+                st.seed, cfg.seed
+            )));
+        }
+        if st.train_bs != cfg.train_bs || st.gradient_accumulation_steps != cfg.grad_accum {
+            say(&format!(
+                "note: the checkpoint trained with train_bs {} x {} accumulation, this run uses \
+                 {} x {}",
+                st.train_bs, st.gradient_accumulation_steps, cfg.train_bs, cfg.grad_accum
+            ));
+        }
+        model.load_state(&dir.join(checkpoint::TRAIN_STATE_DIR))?;
+        if model.step_count() != st.step {
+            return Err(bad(format!(
+                "state.json says step {}, the saved training state is at step {}",
+                st.step,
+                model.step_count()
+            )));
+        }
+        pos = *st
+            .data
+            .get(rank)
+            .ok_or_else(|| bad(format!("no data position for rank {rank}")))?;
+        samples_seen = st.samples_seen;
+        loss_scale = st.loss_scale;
+        outcome.resumed_from = Some(dir.clone());
+        outcome.last_checkpoint = Some(dir.clone());
+        say(&format!(
+            "resuming from {} (step {}, epoch {})",
+            dir.display(),
+            st.step,
+            st.epoch
+        ));
+    } else if model.step_count() != 0 {
+        return Err(Error::msg(format!(
+            "the training step starts at step {} but no checkpoint is being resumed",
+            model.step_count()
+        )));
+    }
+
+    let log_path = cfg.exp_dir.join(LOG_FILE);
+    if main {
+        std::fs::create_dir_all(&cfg.exp_dir).map_err(|e| Error::io(&cfg.exp_dir, e))?;
+        for p in checkpoint::clean_stale(&cfg.exp_dir)? {
+            say(&format!("removed the unfinished {}", p.display()));
+        }
+        // The log continues from the checkpoint: later lines belong to steps to be redone.
+        trim_log(&log_path, model.step_count())?;
+    }
+
+    let mut loader = Loader::start(
+        set.clone(),
+        LoaderOptions {
+            seed: cfg.seed,
+            rank,
+            world,
+            batch_size: cfg.train_bs,
+            prefetch: cfg.prefetch,
+        },
+        pos,
+    )?;
+    let mut seen_skips: BTreeSet<(String, String)> = outcome
+        .skipped
+        .iter()
+        .map(|s| (s.from.clone(), s.to.clone()))
+        .collect();
+
+    let bar = if main && cfg.progress {
+        let b = indicatif::ProgressBar::new(cfg.max_train_steps);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "train [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} ETA {eta} {msg}",
+        ) {
+            b.set_style(style);
+        }
+        b.set_position(model.step_count());
+        b.reset_eta();
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+
+    let mut steps_run = 0u64;
+    let per_step_samples = (world * cfg.train_bs * cfg.grad_accum) as u64;
+    let mut log = if main {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| Error::io(&log_path, e))?,
+        )
+    } else {
+        None
+    };
+
+    while model.step_count() < cfg.max_train_steps {
+        let t0 = Instant::now();
+        let done = model.step_count();
+        let mut acc: Option<Grads> = None;
+        for micro in 0..cfg.grad_accum {
+            let lb = loader.next_batch()?;
+            for s in lb.skipped {
+                if seen_skips.insert((s.from.clone(), s.to.clone())) {
+                    if main && cfg.progress {
+                        bar.suspend(|| {
+                            eprintln!("skipped pair {} -> {}: {}", s.from, s.to, s.reason)
+                        });
+                    }
+                    outcome.skipped.push(s);
+                }
+            }
+            pos = lb.after;
+            let mut rng = step_rng(cfg.seed, done, rank, micro);
+            let g = model.grads(&lb.batch, &mut rng)?;
+            acc = Some(match acc {
+                None => g,
+                Some(a) => a.add(&g)?,
+            });
+        }
+        let acc = acc.ok_or_else(|| Error::msg("no micro-batch"))?;
+        let local = acc.scale(1.0 / cfg.grad_accum as f64)?;
+        // One exchange carries the loss and whether any rank was asked to stop.
+        let flags = coll.all_gather_f64(&[local.loss, f64::from(stop.load(Ordering::SeqCst))])?;
+        let loss = flags.iter().map(|v| v[0]).sum::<f64>() / world as f64;
+        let stop_now = flags.iter().any(|v| v[1] != 0.0);
+        if !loss.is_finite() && !cfg.loss_scaling {
+            bar.abandon();
+            return Err(Error::msg(format!(
+                "non-finite loss ({loss}) at step {}; the run stopped without applying it. {}",
+                done + 1,
+                match &outcome.last_checkpoint {
+                    Some(p) => format!("The last good checkpoint is {}", p.display()),
+                    None => "No checkpoint was written yet".into(),
+                }
+            )));
+        }
+        let grads = if world > 1 {
+            let summed = coll.all_reduce_sum(&local.tensors)?;
+            Grads {
+                tensors: summed,
+                loss,
+                samples: local.samples * world,
+            }
+            .scale(1.0 / world as f64)
+            .map(|mut g| {
+                g.loss = loss;
+                g
+            })?
+        } else {
+            local
+        };
+        let lr = cfg.lr_at(done);
+        let stats = model.apply(&grads, lr)?;
+        if !stats.grad_norm.is_finite() && !cfg.loss_scaling {
+            bar.abandon();
+            return Err(Error::msg(format!(
+                "non-finite gradient norm ({}) at step {}; the weights are no longer usable. {}",
+                stats.grad_norm,
+                done + 1,
+                match &outcome.last_checkpoint {
+                    Some(p) => format!("The last good checkpoint is {}", p.display()),
+                    None => "No checkpoint was written yet".into(),
+                }
+            )));
+        }
+        loss_scale = stats.loss_scale.or(loss_scale);
+        samples_seen += per_step_samples;
+        let step = model.step_count();
+        let dt = t0.elapsed().as_secs_f64().max(1e-9);
+        // Positions of every rank, for rank 0's state.json.
+        let all_pos = coll.all_gather_f64(&[pos.epoch as f64, pos.pos as f64])?;
+        if let Some(f) = log.as_mut() {
+            let line = LogLine {
+                step,
+                epoch: pos.epoch,
+                loss,
+                lr,
+                grad_norm: stats.grad_norm,
+                samples_per_s: per_step_samples as f64 / dt,
+                steps_per_s: 1.0 / dt,
+                samples: samples_seen,
+                loss_scale: stats.loss_scale,
+                skipped_step: stats.skipped,
+            };
+            let mut s = serde_json::to_string(&line)
+                .map_err(|e| Error::msg(format!("train log line: {e}")))?;
+            s.push('\n');
+            f.write_all(s.as_bytes())
+                .and_then(|()| f.flush())
+                .map_err(|e| Error::io(&log_path, e))?;
+        }
+        bar.set_position(step);
+        bar.set_message(format!(
+            "loss {loss:.4} lr {lr:.2e} {:.1} samples/s",
+            per_step_samples as f64 / dt
+        ));
+
+        let last = step >= cfg.max_train_steps;
+        let periodic = cfg.checkpointing_steps > 0 && step.is_multiple_of(cfg.checkpointing_steps);
+        if main && (periodic || last || stop_now) {
+            let state = CheckpointState {
+                step,
+                epoch: pos.epoch,
+                data: all_pos
+                    .iter()
+                    .map(|v| DataPos {
+                        epoch: v[0] as u64,
+                        pos: v[1] as u64,
+                    })
+                    .collect(),
+                loss_scale,
+                seed: cfg.seed,
+                world_size: world,
+                train_bs: cfg.train_bs,
+                gradient_accumulation_steps: cfg.grad_accum,
+                samples_seen,
+            };
+            match save(model, cfg, &state) {
+                Ok(p) => {
+                    outcome.last_checkpoint = Some(p);
+                }
+                Err(e) => {
+                    let kept = match &outcome.last_checkpoint {
+                        Some(p) => format!("the previous checkpoint {} is kept", p.display()),
+                        None => "there is no earlier checkpoint".into(),
+                    };
+                    let msg =
+                        format!("checkpoint at step {step} could not be written: {e}; {kept}");
+                    if last || stop_now {
+                        bar.abandon();
+                        return Err(Error::msg(msg));
+                    }
+                    bar.suspend(|| eprintln!("warning: {msg}"));
+                    outcome.warnings.push(msg);
+                }
+            }
+        }
+        let validate = cfg.validation_steps > 0 && (step - 1).is_multiple_of(cfg.validation_steps);
+        if main && validate {
+            if let Err(e) = hooks.validate(step, &*model, &cfg.exp_dir) {
+                let msg = format!("validation at step {step} failed: {e}");
+                bar.suspend(|| eprintln!("warning: {msg}"));
+                outcome.warnings.push(msg);
+            }
+            refresh_curve(cfg, &log_path, &mut outcome.warnings);
+        }
+        outcome.step = step;
+        steps_run += 1;
+        if stop_now && !last {
+            outcome.reason = StopReason::Interrupted;
+            break;
+        }
+    }
+    outcome.step = model.step_count();
+    bar.finish_and_clear();
+    drop(loader);
+    if main {
+        if steps_run == 0 {
+            // Resumed at or past max_train_steps: nothing ran, the checkpoint is the result.
+            say(&format!(
+                "nothing to do: the run is at step {} of {}",
+                outcome.step, cfg.max_train_steps
+            ));
+        }
+        refresh_curve(cfg, &log_path, &mut outcome.warnings);
+        let json = serde_json::to_vec_pretty(&outcome)
+            .map_err(|e| Error::msg(format!("train report: {e}")))?;
+        crate::fsutil::write_atomic(&cfg.exp_dir.join(REPORT_FILE), &json)?;
+    }
+    Ok(outcome)
+}
+
+fn save(model: &dyn TrainStep, cfg: &LoopConfig, state: &CheckpointState) -> Result<PathBuf> {
+    let p = checkpoint::write_checkpoint(&cfg.exp_dir, model, state)?;
+    checkpoint::prune(&cfg.exp_dir, cfg.checkpoints_total_limit)?;
+    Ok(p)
+}
+
+fn refresh_curve(cfg: &LoopConfig, log: &Path, warnings: &mut Vec<String>) {
+    if let Err(e) = super::plot::write_loss_curve(log, &cfg.exp_dir.join(LOSS_CURVE)) {
+        warnings.push(format!("loss curve: {e}"));
+    }
+}
+
+/// Keeps the log lines of steps up to `step` (and drops a line cut by a kill).
+fn trim_log(path: &Path, step: u64) -> Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut kept = String::new();
+    let mut changed = false;
+    for line in text.lines() {
+        let s = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(|s| s.as_u64()));
+        match s {
+            Some(s) if s <= step => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+            _ => changed = true,
+        }
+    }
+    if changed || !text.ends_with('\n') && !text.is_empty() {
+        crate::fsutil::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
+}
