@@ -11,7 +11,6 @@ use crate::evaluate::EvaluateArgs;
 use crate::pipeline::commands::{DemoArgs, InferArgs, TestArgs};
 use crate::prepare::command::PrepareArgs;
 
-
 #[derive(Debug, Parser)]
 #[command(
     name = "mcld",

@@ -5,5 +5,6 @@
 mod common;
 
 mod grad;
+mod run_loop;
 mod step;
 mod trainer;
