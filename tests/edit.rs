@@ -198,9 +198,11 @@ impl Setup {
         let d = dir.path();
         let tiny = write_tiny_layout(&d.join("w"), &d.join("data"), 1).unwrap();
         let source = d.join("source.png");
-        RgbImage::from_fn(176, 256, |x, y| Rgb([(x + y) as u8, 200 - (y / 2) as u8, 90]))
-            .save(&source)
-            .unwrap();
+        RgbImage::from_fn(176, 256, |x, y| {
+            Rgb([(x + y) as u8, 200 - (y / 2) as u8, 90])
+        })
+        .save(&source)
+        .unwrap();
         let pose = d.join("pose.png");
         mcld::pipeline::demo::synthetic_pose(176, 256, true)
             .save(&pose)
@@ -257,7 +259,9 @@ fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
 fn edit_without_changes_equals_infer_and_garment_swaps_compose() {
     let t = Setup::new();
     let face = t.path("face.npy");
-    let emb: Vec<f32> = (0..512).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+    let emb: Vec<f32> = (0..512)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
     mcld::pipeline::inputs::npy::write_f32(&face, &[512], &emb).unwrap();
 
     let infer_out = t.path("infer.png");
@@ -276,7 +280,9 @@ fn edit_without_changes_equals_infer_and_garment_swaps_compose() {
     assert!(!t.path("plain_texture.png").exists());
 
     // Identity from an embedding: infer given that embedding, bit for bit.
-    let donor_emb: Vec<f32> = (0..512).map(|i| ((i * 13) % 29) as f32 / 7.0 - 2.0).collect();
+    let donor_emb: Vec<f32> = (0..512)
+        .map(|i| ((i * 13) % 29) as f32 / 7.0 - 2.0)
+        .collect();
     let donor_face = t.path("donor_face.npy");
     mcld::pipeline::inputs::npy::write_f32(&donor_face, &[512], &donor_emb).unwrap();
     let infer_donor = t.path("infer_donor.png");
@@ -290,7 +296,11 @@ fn edit_without_changes_equals_infer_and_garment_swaps_compose() {
     let (ok, text) = run(&a);
     assert!(ok, "{text}");
     assert_eq!(rgb(&swapped), rgb(&infer_donor));
-    assert_ne!(rgb(&swapped), rgb(&infer_out), "the identity reaches the image");
+    assert_ne!(
+        rgb(&swapped),
+        rgb(&infer_out),
+        "the identity reaches the image"
+    );
 
     // Garments from two donor textures, narrower region winning over outfit.
     let d1 = t.path("d1.png");
@@ -374,7 +384,7 @@ fn outfit_swap_from_a_photo_and_what_clip_sees() {
     let g = format!("outfit={}", s(&donor));
     let mut outs = Vec::new();
     for clip in ["auto", "source"] {
-        let out = t.path(&format!("{clip}.png"));
+        let out = t.path(&format!("clip_{clip}.png"));
         let mut a = t.args("edit", &out, &pre);
         a.extend([
             "--texture",
@@ -394,14 +404,14 @@ fn outfit_swap_from_a_photo_and_what_clip_sees() {
         };
         assert!(text.contains(want), "{text}");
         // The donor's texture is written beside the output and is what was composed.
-        let dt = rgb(&t.path(&format!("{clip}_donor1_texture.png")));
+        let dt = rgb(&t.path(&format!("clip_{clip}_donor1_texture.png")));
         let (want_tex, _, _) = expected_composition(
             &rgb(&t.texture),
             &dt,
             &table_parts(),
             &expected_parts(Region::Outfit),
         );
-        assert_eq!(rgb(&t.path(&format!("{clip}_texture.png"))), want_tex);
+        assert_eq!(rgb(&t.path(&format!("clip_{clip}_texture.png"))), want_tex);
         outs.push(rgb(&out));
     }
     let d = mean_abs_diff(&outs[0], &outs[1]);
@@ -445,7 +455,10 @@ fn bad_inputs_say_what_is_wrong() {
         assert!(!ok, "{extra:?} succeeded: {text}");
         assert!(!text.contains("panicked"), "{text}");
         for w in wants {
-            assert!(text.contains(w), "{w:?} not in the message for {extra:?}: {text}");
+            assert!(
+                text.contains(w),
+                "{w:?} not in the message for {extra:?}: {text}"
+            );
         }
         assert!(!out.exists());
         println!("{extra:?} -> {}", text.trim());
@@ -508,7 +521,12 @@ fn bad_inputs_say_what_is_wrong() {
     check(
         &["--texture", tex, "--face-from", s(&small)],
         &t.empty,
-        &["--face-from", "small.png", "glintr100.onnx"],
+        &[
+            "--face-from",
+            "small.png",
+            "glintr100.onnx",
+            "--face-emb EMB.npy",
+        ],
     );
 }
 

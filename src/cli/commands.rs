@@ -232,10 +232,7 @@ pub(crate) fn computed_texture(
 ) -> Result<RgbImage> {
     let t = Instant::now();
     let c = preprocess::texture_of_photo(dp, source, &a.source)?;
-    crate::fsutil::save_image_atomic(
-        &image::DynamicImage::ImageRgb8(c.texture.clone()),
-        tex_path,
-    )?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(c.texture.clone()), tex_path)?;
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(c.iuv), iuv_path)?;
     eprintln!(
         "computed the texture map with DensePose in {:.1}s: {} (source IUV: {})",

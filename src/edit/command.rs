@@ -19,12 +19,14 @@ use crate::prepare::texture::TextureAssets;
 use crate::{Error, Result};
 
 #[derive(Debug, Args)]
-#[command(after_help = "Files: OUT (the image), OUT_edit.json (what came from whom, and how \
+#[command(
+    after_help = "Files: OUT (the image), OUT_edit.json (what came from whom, and how \
 much of each region the donor's photo covered), the texture the networks saw (--save-texture, \
 default OUT_texture.png when garments are swapped), OUT_donorN_texture.png per donor photo, \
 OUT_source_texture.png and OUT_source_iuv.png when the source's texture is computed. Where \
 regions overlap (outfit and upper) the narrower one wins. A texel the donor's photo never \
-showed keeps the source's.")]
+showed keeps the source's."
+)]
 pub struct EditArgs {
     #[command(flatten)]
     pub infer: InferArgs,
@@ -186,72 +188,75 @@ fn donor_face(pretrained: &Path, path: &Path) -> Result<Vec<f32>> {
              identity to take from it; use a photo with a visible face or pass --face-emb EMB.npy",
         )),
         FaceOutcome::ModelsMissing(msg) => Err(Error::msg(format!(
-            "--face-from {} needs the face models to compute its embedding: {msg}",
-            path.display()
+            "--face-from {} needs the face models to compute its embedding: {}",
+            path.display(),
+            // The shared message points at infer's flag; the donor's is --face-emb.
+            msg.replace("pass --face EMB.npy", "pass --face-emb EMB.npy")
         ))),
     }
 }
 
-/// A donor's texture map and what the panel shows for it.
+/// A donor file as read, and (once known) its texture map.
 struct Donor {
-    texture: RgbImage,
+    file: DonorFile,
+    /// What the panel shows: the photo, or the texture map itself.
     shown: RgbImage,
+    texture: Option<RgbImage>,
 }
 
-fn donor_of(
-    spec: &GarmentSpec,
+/// Reads a donor file; a texture map of the wrong size is refused here, before any model runs.
+fn read_donor(spec: &GarmentSpec) -> Result<Donor> {
+    let img = read_rgb(spec.donor.path())?;
+    let texture = match &spec.donor {
+        DonorFile::Texture(p) => {
+            check_texture(&img, p, &format!("--garment-texture {}=...", spec.region))?;
+            Some(img.clone())
+        }
+        DonorFile::Photo(_) => None,
+    };
+    Ok(Donor {
+        file: spec.donor.clone(),
+        shown: img,
+        texture,
+    })
+}
+
+/// The texture map of a donor photo (DensePose, then the UV atlas, as for the source), written
+/// beside the output so it can be reused with `--garment-texture`.
+fn donor_texture(
+    region: Region,
+    path: &Path,
+    photo: &RgbImage,
     dp: &mut LazyDensePose,
     assets: &TextureAssets,
-    out: &Path,
-    k: usize,
-) -> Result<Donor> {
-    let region = spec.region;
-    match &spec.donor {
-        DonorFile::Texture(p) => {
-            let t = read_rgb(p)?;
-            check_texture(&t, p, &format!("--garment-texture {region}=..."))?;
-            Ok(Donor {
-                shown: t.clone(),
-                texture: t,
-            })
-        }
-        DonorFile::Photo(p) => {
-            let photo = read_rgb(p)?;
-            let dp = dp.get(|| {
-                format!(
-                    "--garment {region}={} needs the donor's texture map, computed with \
-                     DensePose (or pass --garment-texture {region}=TEXTURE.png, e.g. one \
-                     written by `mcld infer --save-texture`)",
-                    p.display()
-                )
-            })?;
-            let iuv = preprocess::source_iuv(dp, &photo)?.ok_or_else(|| {
-                Error::input(
-                    p,
-                    format!(
-                        "donor photo for --garment {region}: DensePose found no person in it, \
-                         so it has no texture map to take the {region} from"
-                    ),
-                )
-            })?;
-            let texture = crate::prepare::texture::texture_map(&photo, &iuv, assets)
-                .map_err(|e| Error::input(p, format!("donor texture map: {e}")))?;
-            let path = beside(out, &format!("donor{k}_texture"));
-            crate::fsutil::save_image_atomic(
-                &image::DynamicImage::ImageRgb8(texture.clone()),
-                &path,
-            )?;
-            eprintln!(
-                "computed the texture map of donor {} with DensePose: {}",
-                p.display(),
-                path.display()
-            );
-            Ok(Donor {
-                texture,
-                shown: photo,
-            })
-        }
-    }
+    saved: &Path,
+) -> Result<RgbImage> {
+    let dp = dp.get(|| {
+        format!(
+            "--garment {region}={} needs the donor's texture map, computed with DensePose (or \
+             pass --garment-texture {region}=TEXTURE.png, e.g. one written by `mcld infer \
+             --save-texture`)",
+            path.display()
+        )
+    })?;
+    let iuv = preprocess::source_iuv(dp, photo)?.ok_or_else(|| {
+        Error::input(
+            path,
+            format!(
+                "donor photo for --garment {region}: DensePose found no person in it, so it \
+                 has no texture map to take the {region} from"
+            ),
+        )
+    })?;
+    let texture = crate::prepare::texture::texture_map(photo, &iuv, assets)
+        .map_err(|e| Error::input(path, format!("donor texture map: {e}")))?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(texture.clone()), saved)?;
+    eprintln!(
+        "computed the texture map of donor {} with DensePose: {}",
+        path.display(),
+        saved.display()
+    );
+    Ok(texture)
 }
 
 /// Parts as "1, 2, 15-22" for the report.
@@ -294,6 +299,14 @@ pub fn run(a: &EditArgs) -> Result<()> {
     let dtype = parse_dtype(&i.compute.dtype)?;
     let source = read_rgb(&i.source)?;
     let pose = read_rgb(&i.pose)?;
+    // Every donor file is read first, so that a missing or wrong-sized one fails before any
+    // model runs. Donors are numbered in the order their regions are applied.
+    let mut donors: Vec<Donor> = Vec::new();
+    for s in &specs {
+        if !donors.iter().any(|d| d.file == s.donor) {
+            donors.push(read_donor(s)?);
+        }
+    }
     let mut dp = LazyDensePose {
         pretrained: &i.pretrained_dir,
         device: &device,
@@ -323,7 +336,10 @@ pub fn run(a: &EditArgs) -> Result<()> {
         ),
         (None, Some(p)) => {
             let v = donor_face(&i.pretrained_dir, p)?;
-            eprintln!("computed the face embedding of {} (antelopev2)", p.display());
+            eprintln!(
+                "computed the face embedding of {} (antelopev2)",
+                p.display()
+            );
             (Some(v), json!({"from": "photo", "file": p}))
         }
         (None, None) => (None, json!({"from": "source"})),
@@ -337,18 +353,20 @@ pub fn run(a: &EditArgs) -> Result<()> {
 
     let assets = TextureAssets::builtin()?;
     let parts = TexelParts::from_assets(&assets);
-    let mut donors: Vec<(DonorFile, Donor)> = Vec::new();
     let mut garments = Vec::new();
     for s in &specs {
-        let k = match donors.iter().position(|(f, _)| *f == s.donor) {
-            Some(k) => k,
-            None => {
-                let d = donor_of(s, &mut dp, &assets, &i.out, donors.len() + 1)?;
-                donors.push((s.donor.clone(), d));
-                donors.len() - 1
-            }
-        };
-        garments.push((s.region, donors[k].1.texture.clone()));
+        let k = donors
+            .iter()
+            .position(|d| d.file == s.donor)
+            .expect("every donor was read above");
+        if donors[k].texture.is_none() {
+            let saved = beside(&i.out, &format!("donor{}_texture", k + 1));
+            let d = &donors[k];
+            let t = donor_texture(s.region, s.donor.path(), &d.shown, &mut dp, &assets, &saved)?;
+            donors[k].texture = Some(t);
+        }
+        let t = donors[k].texture.clone().expect("computed above");
+        garments.push((s.region, t));
     }
     // DensePose's memory goes back before the diffusion networks load.
     drop(dp);
@@ -359,7 +377,7 @@ pub fn run(a: &EditArgs) -> Result<()> {
         "donor" => {
             let photos: Vec<&Path> = donors
                 .iter()
-                .filter_map(|(f, _)| match f {
+                .filter_map(|d| match &d.file {
                     DonorFile::Photo(p) => Some(p.as_path()),
                     DonorFile::Texture(_) => None,
                 })
@@ -382,8 +400,8 @@ pub fn run(a: &EditArgs) -> Result<()> {
         Some(p) => Some(
             donors
                 .iter()
-                .find(|(f, _)| matches!(f, DonorFile::Photo(q) if q == p))
-                .map(|(_, d)| d.shown.clone())
+                .find(|d| matches!(&d.file, DonorFile::Photo(q) if q == p))
+                .map(|d| d.shown.clone())
                 .expect("a donor photo named by the specs"),
         ),
         None => None,
@@ -450,7 +468,7 @@ pub fn run(a: &EditArgs) -> Result<()> {
         if let Some(p) = &a.face_from {
             cols.push(fit_height(&read_rgb(p)?, h)?);
         }
-        for (_, d) in &donors {
+        for d in &donors {
             cols.push(fit_height(&d.shown, h)?);
         }
         cols.push(fit_height(&edited.texture, h)?);
