@@ -396,16 +396,13 @@ pub fn run(a: &EditArgs) -> Result<()> {
         }
         _ => outfit_donor,
     };
-    let clip_source = match clip_from {
-        Some(p) => Some(
-            donors
-                .iter()
-                .find(|d| matches!(&d.file, DonorFile::Photo(q) if q == p))
-                .map(|d| d.shown.clone())
-                .expect("a donor photo named by the specs"),
-        ),
-        None => None,
-    };
+    let clip_source = clip_from.map(|p| {
+        donors
+            .iter()
+            .find(|d| matches!(&d.file, DonorFile::Photo(q) if q == p))
+            .map(|d| d.shown.clone())
+            .expect("a donor photo named by the specs")
+    });
 
     let plan = EditPlan {
         face,
