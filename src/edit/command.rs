@@ -27,6 +27,10 @@ OUT_source_texture.png and OUT_source_iuv.png when the source's texture is compu
 regions overlap (outfit and upper) the narrower one wins. A texel the donor's photo never \
 showed keeps the source's."
 )]
+#[command(mut_arg("save_texture", |a| a.help(
+    "Where to write the texture map the networks see (the composed one; default \
+     OUT_texture.png when garments are swapped, none otherwise)"
+)))]
 pub struct EditArgs {
     #[command(flatten)]
     pub infer: InferArgs,
