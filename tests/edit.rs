@@ -417,6 +417,40 @@ fn outfit_swap_from_a_photo_and_what_clip_sees() {
     let d = mean_abs_diff(&outs[0], &outs[1]);
     println!("outfit swap, CLIP photo input donor vs source: mean |diff| {d:.2} levels of 255");
     assert!(d > 0.0);
+
+    // Without --texture the source's map is computed as infer does, kept beside the output,
+    // and is the base the donor's region is composed onto.
+    let out = t.path("computed.png");
+    let holey = t.path("holey.png");
+    holey_texture(10).save(&holey).unwrap();
+    let g = format!("upper={}", s(&holey));
+    let (ok, text) = run(&[
+        "edit",
+        "--source",
+        s(&donor),
+        "--pose",
+        s(&t.pose),
+        "--out",
+        s(&out),
+        "--ckpt_dir",
+        s(&t.tiny.ckpt_dir),
+        "--config_path",
+        s(&t.tiny.config_path),
+        "--pretrained_dir",
+        s(&pre),
+        "--garment-texture",
+        &g,
+    ]);
+    assert!(ok, "{text}");
+    let src_tex = rgb(&t.path("computed_source_texture.png"));
+    assert!(t.path("computed_source_iuv.png").is_file());
+    let (want, _, _) = expected_composition(
+        &src_tex,
+        &rgb(&holey),
+        &table_parts(),
+        &expected_parts(Region::Upper),
+    );
+    assert_eq!(rgb(&t.path("computed_texture.png")), want);
 }
 
 /// A DensePose folder whose detector keeps no box (score threshold above 1): "no person".
