@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod download;
 pub mod error;
 pub mod fsutil;
 pub mod imageops;
