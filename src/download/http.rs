@@ -182,7 +182,9 @@ impl Http {
                 got += n as u64;
                 bar.inc(n as u64);
             }
-            let f = w.into_inner().map_err(|e| format!("{}: {e}", part.display()))?;
+            let f = w
+                .into_inner()
+                .map_err(|e| format!("{}: {e}", part.display()))?;
             f.sync_all()
                 .map_err(|e| format!("{}: {e}", part.display()))?;
             if let Some(t) = total {

@@ -73,7 +73,10 @@ impl Hub {
             if let Some(p) = cached.get(c) {
                 let dest = dest_dir.join(c);
                 place(&p, &dest).map_err(|e| {
-                    fail(c, format!("cannot place {} from the cache: {e}", dest.display()))
+                    fail(
+                        c,
+                        format!("cannot place {} from the cache: {e}", dest.display()),
+                    )
                 })?;
                 return Ok(dest);
             }
@@ -93,9 +96,8 @@ impl Hub {
                 Ok(pointer) => {
                     verify_lfs(&pointer).map_err(|r| fail(c, r))?;
                     let dest = dest_dir.join(c);
-                    place(&pointer, &dest).map_err(|e| {
-                        fail(c, format!("cannot place {}: {e}", dest.display()))
-                    })?;
+                    place(&pointer, &dest)
+                        .map_err(|e| fail(c, format!("cannot place {}: {e}", dest.display())))?;
                     return Ok(dest);
                 }
                 Err(ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => {

@@ -158,9 +158,7 @@ pub fn select(only: &[String]) -> Result<Vec<Source>> {
     }
     Ok(SOURCES
         .iter()
-        .filter(|s| {
-            words.contains(&s.id) || (!s.optional && words.contains(&s.group.name()))
-        })
+        .filter(|s| words.contains(&s.id) || (!s.optional && words.contains(&s.group.name())))
         .copied()
         .collect())
 }
@@ -353,8 +351,8 @@ pub fn run(sources: &[Source], opts: &Options) -> Outcome {
         let mut bar = bars.file(label, s.size.estimate());
         let res = match s.origin {
             Origin::Hub { repo, choices } => {
-                let client =
-                    hub_client.get_or_insert_with(|| hub::Hub::new(&opts.hub).map_err(|e| e.to_string()));
+                let client = hub_client
+                    .get_or_insert_with(|| hub::Hub::new(&opts.hub).map_err(|e| e.to_string()));
                 match client {
                     Ok(h) => h
                         .fetch(repo, choices, &opts.root(s.root).join(s.dest), &mut bar)
@@ -406,6 +404,15 @@ fn human(bytes: u64) -> String {
     indicatif::HumanBytes(bytes).to_string()
 }
 
+/// A rough size in the units sites state them (decimal).
+fn rough(bytes: u64) -> String {
+    if bytes >= 1_000_000_000 {
+        format!("about {:.1} GB", bytes as f64 / 1e9)
+    } else {
+        format!("about {} MB", (bytes as f64 / 1e6).round())
+    }
+}
+
 /// The table as `--list` prints it, with the destinations under the given folders.
 pub fn list_table(sources: &[Source], opts_dir: &Path, ckpt_dir: &Path, endpoint: &str) -> String {
     use std::fmt::Write;
@@ -422,8 +429,8 @@ pub fn list_table(sources: &[Source], opts_dir: &Path, ckpt_dir: &Path, endpoint
         };
         let size = match s.size {
             Size::Unknown => "size unknown".to_string(),
-            Size::About(n) => format!("about {}", human(n)),
-            Size::Exact(n) => human(n),
+            Size::About(n) => rough(n),
+            Size::Exact(n) => format!("{n} bytes"),
         };
         let optional = if s.optional {
             format!(" (optional: only with --only {})", s.id)
@@ -449,9 +456,14 @@ pub fn list_table(sources: &[Source], opts_dir: &Path, ckpt_dir: &Path, endpoint
             Origin::Hub { repo, choices } => {
                 let _ = writeln!(t, "    from   {endpoint}/{repo}");
                 let _ = writeln!(t, "    file   {}", choices.join(", else "));
+                let fallback = if choices.len() > 1 {
+                    " (or the fallback's name)"
+                } else {
+                    ""
+                };
                 let _ = writeln!(
                     t,
-                    "    to     {}",
+                    "    to     {}{fallback}",
                     root.join(s.dest).join(choices[0]).display()
                 );
                 let _ = writeln!(t, "    check  sha256 = the Hub's ETag (LFS files)");
@@ -498,10 +510,7 @@ pub fn run_cli(a: &DownloadArgs) -> Result<()> {
             .unwrap_or_else(|| "https://huggingface.co".into())
             .trim_end_matches('/')
             .to_string();
-        print!(
-            "{}",
-            list_table(&sources, &a.dir, &a.ckpt_dir, &endpoint)
-        );
+        print!("{}", list_table(&sources, &a.dir, &a.ckpt_dir, &endpoint));
         return Ok(());
     }
     let opts = Options {
