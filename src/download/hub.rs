@@ -19,16 +19,34 @@ pub(super) struct Hub {
     api: Option<Api>,
 }
 
-/// hf-hub calls `init` before each transfer attempt (then `update` with the resumed offset).
-struct HubProgress<'a>(&'a mut FileBar);
+/// hf-hub calls `init` before each transfer attempt, then `update` once with the length of the
+/// part already on disk (resumed, not transferred), then with each chunk received.
+struct HubProgress<'a> {
+    bar: &'a mut FileBar,
+    resumed_next: bool,
+}
+
+impl<'a> HubProgress<'a> {
+    fn new(bar: &'a mut FileBar) -> Self {
+        Self {
+            bar,
+            resumed_next: false,
+        }
+    }
+}
 
 impl hf_hub::api::Progress for HubProgress<'_> {
     fn init(&mut self, size: usize, _filename: &str) {
-        self.0.set_total(size as u64);
-        self.0.restart_at(0);
+        self.bar.set_total(size as u64);
+        self.bar.restart_at(0);
+        self.resumed_next = true;
     }
     fn update(&mut self, size: usize) {
-        self.0.inc(size as u64);
+        if std::mem::take(&mut self.resumed_next) {
+            self.bar.restart_at(size as u64);
+        } else {
+            self.bar.inc(size as u64);
+        }
     }
     fn finish(&mut self) {}
 }
@@ -92,7 +110,7 @@ impl Hub {
         };
         let remote = api.repo(Repo::model(repo.to_string()));
         for c in choices {
-            match remote.download_with_progress(c, HubProgress(bar)) {
+            match remote.download_with_progress(c, HubProgress::new(bar)) {
                 Ok(pointer) => {
                     verify_lfs(&pointer).map_err(|r| fail(c, r))?;
                     let dest = dest_dir.join(c);
