@@ -47,6 +47,7 @@ struct Route {
 struct Req {
     path: String,
     range: Option<String>,
+    auth: Option<String>,
 }
 
 #[derive(Default)]
@@ -147,7 +148,7 @@ fn handle(conn: TcpStream, st: &State, base: &str) -> std::io::Result<()> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    let mut range = None;
+    let (mut range, mut auth) = (None, None);
     loop {
         let mut h = String::new();
         if r.read_line(&mut h)? == 0 || h.trim().is_empty() {
@@ -157,11 +158,15 @@ fn handle(conn: TcpStream, st: &State, base: &str) -> std::io::Result<()> {
             if k.trim().eq_ignore_ascii_case("range") {
                 range = Some(v.trim().to_string());
             }
+            if k.trim().eq_ignore_ascii_case("authorization") {
+                auth = Some(v.trim().to_string());
+            }
         }
     }
     st.log.lock().unwrap().push(Req {
         path: path.clone(),
         range: range.clone(),
+        auth,
     });
     let mut w = conn;
     let route = {
@@ -815,4 +820,42 @@ fn hub_file_that_does_not_match_its_etag_is_refused() {
     assert!(server.requests()[n..]
         .iter()
         .any(|r| r.path.ends_with(weights)));
+}
+
+#[test]
+fn hf_token_goes_to_the_hub_and_nowhere_else() {
+    let server = Server::start();
+    let env = Env::new();
+    let sources = download::select(&["sd15".into(), "densepose".into()]).unwrap();
+    serve_hub(&server, &sources);
+    for s in &sources {
+        if let Origin::Url { url, .. } = s.origin {
+            server.mirror_file(url, content(url, 1000));
+        }
+    }
+    let o = env.mcld(
+        &server,
+        &["--only", "sd15,densepose"],
+        &[("HF_TOKEN", "hf_secret")],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let reqs = server.requests();
+    let hub: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.path.contains("/resolve/"))
+        .collect();
+    assert!(!hub.is_empty());
+    assert!(
+        hub.iter()
+            .all(|r| r.auth.as_deref() == Some("Bearer hf_secret")),
+        "{hub:?}"
+    );
+    let zoo: Vec<_> = reqs
+        .iter()
+        .filter(|r| r.path.contains("fbaipublicfiles"))
+        .collect();
+    assert!(
+        !zoo.is_empty() && zoo.iter().all(|r| r.auth.is_none()),
+        "{zoo:?}"
+    );
 }
