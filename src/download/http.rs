@@ -115,7 +115,8 @@ impl Http {
         }
         for attempt in 0..2 {
             let have = part.metadata().map(|m| m.len()).unwrap_or(0);
-            let mut req = self.agent.get(url);
+            // Byte counts and resume offsets are of the file itself, never of a compressed body.
+            let mut req = self.agent.get(url).set("Accept-Encoding", "identity");
             if have > 0 {
                 req = req.set("Range", &format!("bytes={have}-"));
             }
