@@ -43,6 +43,8 @@ pub enum Command {
     /// Time full-size networks with random weights (no downloads); prints the figures.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Fetch, check and place the models the other commands read (Hugging Face Hub, model zoos).
+    Download(crate::download::DownloadArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,5 +133,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bench(BenchCommand::Pipeline(a)) => Ok(crate::bench::pipeline::run(&a)?),
         Command::Bench(BenchCommand::Densepose(a)) => Ok(crate::bench::densepose::run(&a)?),
         Command::Bench(BenchCommand::Train(a)) => Ok(crate::bench::train::run(&a)?),
+        Command::Download(a) => Ok(crate::download::run_cli(&a)?),
     }
 }

@@ -490,7 +490,9 @@ impl MetricsBackend {
             (Some(a), Some(b), Some(c)) => (a, b, c),
             _ => {
                 return Err(Error::msg(format!(
-                    "metric weights missing under {} for --fid-backbone {backbone}; expected:\n{}",
+                    "metric weights missing under {} for --fid-backbone {backbone}; expected:\n{}\n\
+                     `mcld download --only evaluate` fetches them (add pt_inception for \
+                     --fid-backbone pt_inception)",
                     pretrained.display(),
                     METRIC_WEIGHTS.replace("PRETRAINED", &pretrained.display().to_string())
                 )))
@@ -602,7 +604,8 @@ pub fn face_status(
     let mut m = BTreeMap::new();
     let Some((det, rec)) = find_models(pretrained) else {
         let msg = format!(
-            "skipped: no {}/{BUFFALO_DIR}/{{{},{}}} (InsightFace buffalo_s ONNX models)",
+            "skipped: no {}/{BUFFALO_DIR}/{{{},{}}} (InsightFace buffalo_s ONNX models; \
+             `mcld download --only buffalo_s` fetches them)",
             pretrained.display(),
             crate::metrics::face::DETECTOR_ONNX,
             crate::metrics::face::RECOGNISER_ONNX

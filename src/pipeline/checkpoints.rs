@@ -111,7 +111,8 @@ impl PipelineFiles {
         }
         if !missing.is_empty() {
             return Err(Error::msg(format!(
-                "missing weight files:\n  {}\n\nexpected layout:\n{}",
+                "missing weight files:\n  {}\n\nexpected layout:\n{}\n\
+                 `mcld download --only inference` fetches them into this layout",
                 missing.join("\n  "),
                 EXPECTED_LAYOUT
             )));

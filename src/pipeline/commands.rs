@@ -392,8 +392,9 @@ pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     println!(
-        "with real weights: put the checkpoints in ./checkpoints and the base models in \
-         ./pretrained_weights (see their README.md), then\n  mcld infer --source PHOTO \
+        "with real weights: `mcld download --only inference,prepare` fetches the checkpoints \
+         into ./checkpoints and the base models into ./pretrained_weights, then\n  mcld \
+         infer --source PHOTO \
          --pose TARGET_IUV.png --out out.png\n(the texture map and face embedding are computed \
          from the photo with model_final_844d15.pkl and antelopev2/ in ./pretrained_weights, \
          or given with --texture TEXTURE.png --face EMB.npy)"

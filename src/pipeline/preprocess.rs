@@ -55,8 +55,8 @@ pub fn load_densepose(pretrained: &Path, device: &Device) -> Result<DensePose> {
     ])
     .ok_or_else(|| {
         Error::msg(format!(
-            "DensePose weights not found: expected {} (download {DENSEPOSE_URL}), or pass \
-             --pretrained_dir with the folder holding them",
+            "DensePose weights not found: expected {} (`mcld download --only densepose` \
+             fetches {DENSEPOSE_URL}), or pass --pretrained_dir with the folder holding them",
             pretrained.join(DENSEPOSE_WEIGHTS).display()
         ))
     })?;
@@ -127,9 +127,8 @@ pub fn face_of_photo(pretrained: &Path, photo: &RgbImage) -> Result<FaceOutcome>
             .map(|n| pretrained.join("antelopev2").join(n).display().to_string())
             .collect();
         return Ok(FaceOutcome::ModelsMissing(format!(
-            "face models not found: {} (InsightFace's antelopev2 pack, \
-             https://github.com/deepinsight/insightface/tree/master/python-package); \
-             pass --face EMB.npy for a precomputed embedding",
+            "face models not found: {} (InsightFace's antelopev2 pack; `mcld download --only \
+             antelopev2` fetches it); pass --face EMB.npy for a precomputed embedding",
             missing.join(", ")
         )));
     };

@@ -44,7 +44,8 @@ pub fn run_face(
         }
         rep.status = StageStatus::Failed;
         rep.error = Some(format!(
-            "face models not found (InsightFace antelopev2 ONNX files); {} photos left",
+            "face models not found (InsightFace antelopev2 ONNX files; `mcld download --only \
+             antelopev2` fetches them); {} photos left",
             jobs.len()
         ));
         return Ok(rep);

@@ -147,7 +147,8 @@ pub fn run_stats(
         rep.status = super::report::StageStatus::Failed;
         rep.missing.push(std_path.display().to_string());
         rep.error = Some(format!(
-            "clip_std.npy needs the CLIP image encoder in {} (config.json + weights)",
+            "clip_std.npy needs the CLIP image encoder in {} (config.json + weights; `mcld \
+             download --only image_encoder` fetches them)",
             enc.display()
         ));
     }

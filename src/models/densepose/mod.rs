@@ -471,9 +471,10 @@ pub fn load_model(cfg: &Config, weights: &Path, device: &Device) -> Result<Dense
         return Err(Error::weights(
             weights,
             format!(
-                "DensePose weights not found. Download {WEIGHTS_FILE} (DensePose R-CNN \
-                 R-101-FPN DL s1x from the detectron2 DensePose model zoo) from {WEIGHTS_URL} \
-                 and put it at {} (or name another file with --densepose-weights)",
+                "DensePose weights not found. `mcld download --only densepose` fetches \
+                 {WEIGHTS_FILE} (DensePose R-CNN R-101-FPN DL s1x from the detectron2 \
+                 DensePose model zoo, {WEIGHTS_URL}) to {} (or name another file with \
+                 --densepose-weights)",
                 weights.display()
             ),
         ));
