@@ -158,9 +158,34 @@ fn insert_prefixed(
     }
 }
 
+/// The ControlNet weight file: the configured one, else its folder's other usual name (the
+/// reference's config names the `.bin`, `mcld download` fetches the `.safetensors`).
+fn controlnet_file(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::weights(
+                path,
+                "ControlNet weights not found (nor diffusion_pytorch_model.safetensors/.bin \
+                 beside it); `mcld download --only train` fetches control_v11p_sd15_seg",
+            )
+        })
+}
+
 /// Loads and assembles the starting weights.
 pub fn initial_weights(src: &InitSources) -> Result<InitialWeights> {
-    let dir = ModelDir::open(&src.unet_dir)?;
+    let dir = ModelDir::open(&src.unet_dir).map_err(|e| {
+        Error::msg(format!(
+            "{e} (the training base UNet; `mcld download --only train` fetches \
+             sd-image-variations-diffusers)"
+        ))
+    })?;
     let ucfg = unet::Config::from_json_file(&dir.config)?;
     let base = dir.load(&Device::Cpu)?;
     let base_src = match dir.weights.as_slice() {
@@ -211,6 +236,7 @@ pub fn initial_weights(src: &InitSources) -> Result<InitialWeights> {
     // Pose guider.
     let pg = match &src.controlnet {
         Some(path) => {
+            let path = &controlnet_file(path)?;
             let all = crate::weights::load(path, &Device::Cpu)?;
             let mut pg: HashMap<String, Tensor> = all
                 .into_iter()

@@ -31,13 +31,18 @@ pub fn train_scheduler(cfg: &TrainConfig) -> Result<DdimScheduler> {
 
 /// The frozen VAE and image encoder, in `dtype`.
 pub fn frozen_encoders(cfg: &TrainConfig, device: &Device, dtype: DType) -> Result<FrozenEncoders> {
-    let vdir = ModelDir::open(&cfg.vae_model_path)?;
+    let hint = |e: Error| {
+        Error::msg(format!(
+            "{e} (`mcld download --only inference,train` fetches the VAE and image encoder)"
+        ))
+    };
+    let vdir = ModelDir::open(&cfg.vae_model_path).map_err(hint)?;
     let vcfg: vae::Config = vdir.config()?;
     let w = vdir.strict()?;
     let vae = AutoencoderKL::new(w.var_builder(dtype, device), &vcfg)
         .map_err(|e| Error::weights(w.source(), e.to_string()))?;
     w.finish()?;
-    let edir = ModelDir::open(&cfg.image_encoder_path)?;
+    let edir = ModelDir::open(&cfg.image_encoder_path).map_err(hint)?;
     let ecfg = clip::Config::from_file(&edir.config)?;
     let w = edir
         .strict()?
