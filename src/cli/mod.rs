@@ -11,7 +11,6 @@ use crate::evaluate::EvaluateArgs;
 use crate::pipeline::commands::{DemoArgs, InferArgs, TestArgs};
 use crate::prepare::command::PrepareArgs;
 
-
 #[derive(Debug, Parser)]
 #[command(
     name = "mcld",
@@ -37,7 +36,8 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// One source photo + one target pose -> one image, no dataset needed.
     Infer(InferArgs),
-    /// Run the whole pipeline on a built-in sample with tiny untrained weights (no downloads).
+    /// Run the whole pipeline on a built-in sample with tiny untrained weights (no downloads);
+    /// with --train, train tiny weights on the CPU on a dataset made from the sample.
     Demo(DemoArgs),
     /// Time full-size networks with random weights (no downloads); prints the figures.
     #[command(subcommand)]
@@ -125,7 +125,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Test(a) => Ok(crate::pipeline::commands::test(&a)?),
         Command::Evaluate(a) => Ok(crate::evaluate::run(&a)?),
         Command::Infer(a) => Ok(crate::pipeline::commands::infer(&a)?),
-        Command::Demo(a) => Ok(crate::pipeline::commands::demo(&a.out, None, a.steps)?),
+        Command::Demo(a) => Ok(crate::pipeline::commands::demo_command(&a)?),
         Command::Bench(BenchCommand::Pipeline(a)) => Ok(crate::bench::pipeline::run(&a)?),
         Command::Bench(BenchCommand::Densepose(a)) => Ok(crate::bench::densepose::run(&a)?),
         Command::Bench(BenchCommand::Train(a)) => Ok(crate::bench::train::run(&a)?),

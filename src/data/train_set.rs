@@ -23,9 +23,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::DataConfig;
+use crate::data::{load_pair, read_pairs, DatasetLayout, Pair};
 use crate::imageops::{pil_resize_rgb, Filter, U8Image};
 use crate::models::clip;
-use crate::data::{load_pair, read_pairs, DatasetLayout, Pair};
 use crate::train::api::TrainBatch;
 use crate::{Error, Result};
 
