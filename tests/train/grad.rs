@@ -10,10 +10,10 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use mcld::models::mcld::Mcld;
 use mcld::models::nn::{attention, attention_chunked, LayerNorm};
 use mcld::models::unet::nearest_resize;
 use mcld::train::loss::{mcld_loss, LossInputs, LossOptions};
-use mcld::models::mcld::Mcld;
 use mcld::train::trainer::randn;
 
 use crate::common::load_case;

@@ -4,12 +4,12 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
+use mcld::models::mcld::{Mcld, McldConfig};
+use mcld::models::unet::IpAdapter;
 use mcld::models::{pose_guider, resampler, unet};
 use mcld::scheduler::ddim::{DdimConfig, DdimScheduler};
 use mcld::train::adamw::{AdamW, AdamWConfig};
 use mcld::train::loss::{mcld_loss, LossInputs, LossOptions};
-use mcld::models::mcld::{Mcld, McldConfig};
-use mcld::models::unet::IpAdapter;
 use mcld::train::params::{is_trainable, Params};
 
 use crate::common::{check_output, load_case, Case};
