@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod edit;
 pub mod error;
 pub mod evaluate;
 pub mod fsutil;

@@ -36,6 +36,8 @@ pub enum Command {
     Evaluate(EvaluateArgs),
     /// One source photo + one target pose -> one image, no dataset needed.
     Infer(InferArgs),
+    /// `infer` with another person's identity and/or garments swapped in (no new network).
+    Edit(crate::edit::EditArgs),
     /// Run the whole pipeline on a built-in sample with tiny untrained weights (no downloads);
     /// with --train, train tiny weights on the CPU on a dataset made from the sample.
     Demo(DemoArgs),
@@ -125,6 +127,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Test(a) => Ok(crate::pipeline::commands::test(&a)?),
         Command::Evaluate(a) => Ok(crate::evaluate::run(&a)?),
         Command::Infer(a) => Ok(crate::pipeline::commands::infer(&a)?),
+        Command::Edit(a) => Ok(crate::edit::run(&a)?),
         Command::Demo(a) => Ok(crate::pipeline::commands::demo_command(&a)?),
         Command::Bench(BenchCommand::Pipeline(a)) => Ok(crate::bench::pipeline::run(&a)?),
         Command::Bench(BenchCommand::Densepose(a)) => Ok(crate::bench::densepose::run(&a)?),

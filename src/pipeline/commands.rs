@@ -161,7 +161,7 @@ pub fn test(a: &TestArgs) -> Result<()> {
 }
 
 /// Side-by-side strip of equally sized panels.
-fn strip(panels: &[RgbImage]) -> RgbImage {
+pub(crate) fn strip(panels: &[RgbImage]) -> RgbImage {
     let h = panels.iter().map(|p| p.height()).max().unwrap_or(0);
     let w: u32 = panels.iter().map(|p| p.width()).sum();
     let mut out = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
@@ -173,7 +173,7 @@ fn strip(panels: &[RgbImage]) -> RgbImage {
     out
 }
 
-fn to_rgb(t: &Tensor) -> Result<RgbImage> {
+pub(crate) fn to_rgb(t: &Tensor) -> Result<RgbImage> {
     let (_, h, w) = t.dims3()?;
     crate::imageops::generated_to_rgb(t, (h, w))
 }
@@ -206,11 +206,24 @@ pub fn infer(a: &InferArgs) -> Result<()> {
     let pose = read_rgb(&a.pose)?;
     let texture = match &a.texture {
         Some(p) => read_rgb(p)?,
-        None => computed_texture(a, &source, &device)?,
+        None => {
+            let dp = source_densepose(a, &device)?;
+            let (tex_path, iuv_path) = texture_paths(a);
+            computed_texture(a, &dp, &source, &tex_path, &iuv_path)?
+        }
     };
-    let (face, face_missing) = match &a.face {
+    let (face, face_missing) = source_face(a, &source)?;
+    let input = infer_pair(a, source, pose, texture, face, face_missing);
+    generate_to_out(a, &device, dtype, &input)?;
+    Ok(())
+}
+
+/// The source's face embedding as `infer` takes it: `--face`, else computed from the photo,
+/// else zeros (saying why). Returns the embedding and whether zeros stand in.
+pub(crate) fn source_face(a: &InferArgs, source: &RgbImage) -> Result<(Vec<f32>, bool)> {
+    Ok(match &a.face {
         Some(p) => (read_face_embedding(p)?, false),
-        None => match preprocess::face_of_photo(&a.pretrained.pretrained_dir, &source)? {
+        None => match preprocess::face_of_photo(&a.pretrained.pretrained_dir, source)? {
             FaceOutcome::Found(v) => {
                 eprintln!("computed the source's face embedding (antelopev2)");
                 (v, false)
@@ -227,16 +240,19 @@ pub fn infer(a: &InferArgs) -> Result<()> {
                 (vec![0f32; 512], true)
             }
         },
-    };
-    let t0 = Instant::now();
-    let pipeline = McldPipeline::from_config(
-        &a.checkpoints.ckpt_dir,
-        &a.checkpoints.config_path,
-        &device,
-        dtype,
-    )?;
-    let load_s = t0.elapsed().as_secs_f64();
-    let input = PairInputs {
+    })
+}
+
+/// The pair `infer` hands the pipeline (the source photo is also CLIP's first input).
+pub(crate) fn infer_pair(
+    a: &InferArgs,
+    source: RgbImage,
+    pose: RgbImage,
+    texture: RgbImage,
+    face: Vec<f32>,
+    face_missing: bool,
+) -> PairInputs {
+    PairInputs {
         pair: Pair {
             from: file_name(&a.source),
             to: file_name(&a.pose),
@@ -247,36 +263,55 @@ pub fn infer(a: &InferArgs) -> Result<()> {
         texture,
         face,
         face_missing,
-    };
+    }
+}
+
+/// Loads the pipeline, generates `input` with `--seed` and writes `--out`; returns the image.
+pub(crate) fn generate_to_out(
+    a: &InferArgs,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    input: &PairInputs,
+) -> Result<RgbImage> {
+    let t0 = Instant::now();
+    let pipeline = McldPipeline::from_config(
+        &a.checkpoints.ckpt_dir,
+        &a.checkpoints.config_path,
+        device,
+        dtype,
+    )?;
+    let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let out = pipeline.generate(std::slice::from_ref(&input), a.seed)?;
+    let out = pipeline.generate(std::slice::from_ref(input), a.seed)?;
     let gen_s = t1.elapsed().as_secs_f64();
     let img = to_rgb(&out[0])?;
-    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img), &a.out)?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img.clone()), &a.out)?;
     println!(
         "wrote {} (load {load_s:.1}s, generate {gen_s:.1}s, precision {})",
         a.out.display(),
         pipeline.precision.describe()
     );
-    Ok(())
+    Ok(img)
 }
 
-/// Texture map of the source through DensePose, saved where the user can look at it.
-fn computed_texture(
+/// DensePose for the source's texture map, with the advice to pass `--texture` when missing.
+pub(crate) fn source_densepose(
     a: &InferArgs,
-    source: &RgbImage,
     device: &candle_core::Device,
-) -> Result<RgbImage> {
-    let dp = preprocess::load_densepose(&a.pretrained.pretrained_dir, device).map_err(|e| {
+) -> Result<crate::models::densepose::DensePose> {
+    preprocess::load_densepose(&a.pretrained.pretrained_dir, device).map_err(|e| {
         Error::msg(format!(
             "no --texture given for {}, so its texture map must be computed, which needs \
              DensePose: {e}\n(alternatively pass --texture TEXTURE.png, e.g. one made by \
              `mcld prepare --only densepose,texture`)",
             a.source.display()
         ))
-    })?;
-    let t = Instant::now();
-    let c = preprocess::texture_of_photo(&dp, source, &a.source)?;
+    })
+}
+
+/// Where `infer` writes the texture it computes (`--save-texture`, else beside `--out`) and
+/// the source's IUV (beside the texture).
+fn texture_paths(a: &InferArgs) -> (PathBuf, PathBuf) {
     let tex_path = a
         .save_texture
         .clone()
@@ -288,11 +323,21 @@ fn computed_texture(
             .map(|s| s.to_string_lossy().trim_end_matches("_texture").to_string())
             .unwrap_or_else(|| "out".into())
     ));
-    crate::fsutil::save_image_atomic(
-        &image::DynamicImage::ImageRgb8(c.texture.clone()),
-        &tex_path,
-    )?;
-    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(c.iuv), &iuv_path)?;
+    (tex_path, iuv_path)
+}
+
+/// Texture map of the source through DensePose, saved where the user can look at it.
+pub(crate) fn computed_texture(
+    a: &InferArgs,
+    dp: &crate::models::densepose::DensePose,
+    source: &RgbImage,
+    tex_path: &Path,
+    iuv_path: &Path,
+) -> Result<RgbImage> {
+    let t = Instant::now();
+    let c = preprocess::texture_of_photo(dp, source, &a.source)?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(c.texture.clone()), tex_path)?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(c.iuv), iuv_path)?;
     eprintln!(
         "computed the texture map with DensePose in {:.1}s: {} (source IUV: {})",
         t.elapsed().as_secs_f64(),
@@ -303,7 +348,7 @@ fn computed_texture(
 }
 
 /// `DIR/STEM_SUFFIX.png` for an output `DIR/STEM.EXT`.
-fn beside(out: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn beside(out: &Path, suffix: &str) -> PathBuf {
     let stem = out
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())

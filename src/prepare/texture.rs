@@ -112,6 +112,12 @@ impl TextureAssets {
     pub fn template(&self, part: usize) -> &[u8] {
         &self.templates[part - 1]
     }
+
+    /// Per texel of the 512x512 texture (row-major), the DensePose part it shows minus one
+    /// (0..23), or -1 where no part maps: what region edits compose by.
+    pub fn texel_parts(&self) -> &[i8] {
+        &self.src_part
+    }
 }
 
 /// Splits the template atlas into its 24 tiles. The reference reads it with

@@ -1,10 +1,12 @@
-//! The inference pipeline: the sampler against `pipeline_small`, half precision, the resumable test run, the bench.
+//! The inference pipeline: the sampler against `pipeline_small`, half precision, the resumable
+//! test run, the bench, `mcld edit`.
 //! One test crate per area (each links the library once); one module per former test file.
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod bench;
+mod edit;
 mod half;
 mod small;
 mod testset;

@@ -6,5 +6,6 @@ mod common;
 
 mod demo;
 mod grad;
+mod run_loop;
 mod step;
 mod trainer;

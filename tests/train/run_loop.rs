@@ -228,7 +228,7 @@ fn dataset(root: &Path, n: usize) -> Vec<(String, String)> {
             .unwrap();
         if i != 1 {
             let v: Vec<f32> = (0..512).map(|k| ((k + i) as f32 * 0.01).cos()).collect();
-            mcld::pipeline::inputs::npy::write_f32(
+            mcld::data::npy::write_f32(
                 &root.join("train_face").join(format!("{}.npy", stem(&name))),
                 &[512],
                 &v,
@@ -634,7 +634,7 @@ fn spawn_child(exp: &Path, data: &Path, signals: bool) -> std::process::Child {
     let mut c = std::process::Command::new(std::env::current_exe().unwrap());
     c.args([
         "--exact",
-        "zz_child_training_run",
+        "run_loop::zz_child_training_run",
         "--nocapture",
         "--test-threads=1",
     ])
@@ -903,7 +903,7 @@ fn spawn_ranks(exp: &Path, data: &Path, fail: bool) -> Vec<std::process::Child> 
             let mut c = std::process::Command::new(std::env::current_exe().unwrap());
             c.args([
                 "--exact",
-                "zz_child_tcp_rank",
+                "run_loop::zz_child_tcp_rank",
                 "--nocapture",
                 "--test-threads=1",
             ])
@@ -1289,4 +1289,152 @@ fn command_line_overrides_the_config_and_checks_the_data_first() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("train.csv"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real MCLD step (tiny random base models in the real layout) through the loop.
+
+const REAL_CHILD: &str = "MCLD_TEST_REAL_STEP_ROOT";
+const REAL_STEPS: u64 = 6;
+
+fn real_cfg(exp: &Path) -> LoopConfig {
+    let mut c = loop_cfg(exp, REAL_STEPS, 2);
+    c.grad_accum = 1;
+    c.learning_rate = 1e-3;
+    c.lr_warmup_steps = 1;
+    c
+}
+
+/// The tiny base under `root` (written once) and the training step built from it.
+fn real_step(root: &Path) -> (Box<dyn TrainStep>, Arc<TrainSet>) {
+    let cfg_path = root.join("train.yaml");
+    if !cfg_path.exists() {
+        mcld::train::tiny::write_tiny_train_base(root, &root.join("data")).unwrap();
+    }
+    let cfg = mcld::config::TrainConfig::load(&cfg_path).unwrap();
+    let step = mcld::train::build_step(&cfg, &Device::Cpu, candle_core::DType::F32).unwrap();
+    let data = root.join("data");
+    let size = (cfg.data.train_height, cfg.data.train_width);
+    let set = Arc::new(TrainSet::open(&data, &data.join("train.csv"), size).unwrap());
+    (step, set)
+}
+
+fn run_real(root: &Path, exp: &Path) -> TrainOutcome {
+    let (mut step, set) = real_step(root);
+    train_loop(
+        step.as_mut(),
+        set,
+        &real_cfg(exp),
+        &SingleProcess,
+        &AtomicBool::new(false),
+        &mut NoHooks,
+    )
+    .unwrap()
+}
+
+/// Not a test on its own: the real-step run of the child processes below.
+#[test]
+fn zz_child_real_step_run() {
+    let (Some(root), Some(exp)) = (std::env::var_os(REAL_CHILD), std::env::var_os(CHILD_EXP))
+    else {
+        return;
+    };
+    run_real(Path::new(&root), Path::new(&exp));
+}
+
+/// The network files and the step's own state (weights, AdamW moments, step) as raw bits.
+fn real_checkpoint_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
+    let mut files: Vec<PathBuf> = Net::ALL.iter().map(|n| dir.join(n.file_name())).collect();
+    files.push(
+        dir.join(checkpoint::TRAIN_STATE_DIR)
+            .join(mcld::train::state::STATE_FILE),
+    );
+    let mut out = Vec::new();
+    for f in files {
+        let t = candle_core::safetensors::load(&f, &Device::Cpu).unwrap();
+        let mut keys: Vec<_> = t.keys().cloned().collect();
+        keys.sort();
+        for k in keys {
+            let v = t[&k].flatten_all().unwrap();
+            let bits: Vec<u32> = match v.dtype() {
+                candle_core::DType::F32 => v
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect(),
+                _ => v
+                    .to_dtype(candle_core::DType::F64)
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+                    .iter()
+                    .flat_map(|x| [x.to_bits() as u32, (x.to_bits() >> 32) as u32])
+                    .collect(),
+            };
+            out.push((format!("{}:{k}", f.display()), bits));
+        }
+    }
+    out
+}
+
+/// SIGKILL at random moments of a real (tiny) MCLD training run, resumed each time with
+/// `resume: latest`: the final weights, AdamW state and per-step losses equal an uninterrupted
+/// run's bit for bit.
+#[test]
+fn real_step_resumes_bit_exactly_after_sigkill() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    dataset(&root.join("data"), 6);
+    let reference = root.join("reference");
+    assert_eq!(run_real(root, &reference).step, REAL_STEPS);
+
+    let seed: u64 = rand::random();
+    println!("kill-delay seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let exp = root.join("killed");
+    let spawn = || {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "run_loop::zz_child_real_step_run",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(REAL_CHILD, root)
+            .env(CHILD_EXP, &exp)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut kills = Vec::new();
+    for _ in 0..4 {
+        let mut child = spawn();
+        let delay = rng.random_range(500..4000u64);
+        std::thread::sleep(Duration::from_millis(delay));
+        let finished = child.try_wait().unwrap().is_some();
+        if !finished {
+            child.kill().unwrap();
+        }
+        let status = child.wait().unwrap();
+        if finished {
+            assert!(status.success(), "child failed: {status}");
+            break;
+        }
+        kills.push((delay, latest_step(&exp)));
+    }
+    println!("SIGKILLs (delay ms, newest checkpoint after): {kills:?}");
+    assert!(spawn().wait().unwrap().success());
+    assert!(
+        kills.iter().any(|(_, s)| *s < REAL_STEPS),
+        "no kill landed before the end of the run: {kills:?}"
+    );
+    let a = real_checkpoint_bits(&checkpoint::checkpoint_dir(&reference, REAL_STEPS));
+    let b = real_checkpoint_bits(&checkpoint::checkpoint_dir(&exp, REAL_STEPS));
+    assert_eq!(a.len(), b.len());
+    for ((ka, va), (_, vb)) in a.iter().zip(&b) {
+        assert!(va == vb, "{ka} differs from the uninterrupted run");
+    }
+    assert_eq!(log_losses(&exp), log_losses(&reference));
 }
