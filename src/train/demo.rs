@@ -133,7 +133,7 @@ pub struct DemoTrainLayout {
 }
 
 /// Writes the dataset, the tiny base and `dir/train.yaml` for `steps` steps (a checkpoint at
-/// the end, validation grids at steps 1 and `steps / 2 + 1`).
+/// the end, validation grids at steps 1 and `steps`).
 pub fn prepare(dir: &Path, steps: usize) -> Result<DemoTrainLayout> {
     let dataset = dir.join("dataset");
     let train_pairs = write_demo_dataset(&dataset)?;
@@ -142,7 +142,8 @@ pub fn prepare(dir: &Path, steps: usize) -> Result<DemoTrainLayout> {
     cfg.solver.learning_rate = DEMO_LEARNING_RATE;
     cfg.solver.max_train_steps = steps;
     cfg.checkpointing_steps = steps;
-    cfg.val.validation_steps = (steps / 2).max(1);
+    // Grids at the first and the last step: the untrained and the trained weights.
+    cfg.val.validation_steps = (steps - 1).max(1);
     cfg.exp_name = DEMO_EXP.into();
     cfg.resume_from_checkpoint = String::new();
     // The inference config next to it, so `mcld infer --config_path DIR/train.yaml` works from

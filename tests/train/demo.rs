@@ -121,7 +121,7 @@ fn demo_train_loss_falls_and_its_checkpoint_infers() {
         "last quarter {last} vs first {first}: {losses:?}"
     );
     assert!(exp.join("loss_curve.png").is_file());
-    assert!(grid_path(&exp, 1).is_file());
+    assert!(grid_path(&exp, 1).is_file() && grid_path(&exp, 40).is_file());
 
     // The checkpoint folder as it is, with `mcld infer`.
     let ckpt = exp.join("checkpoint-40");
