@@ -127,11 +127,13 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
         device
     );
 
-    let mut sc = DdimConfig::default();
-    sc.beta_schedule = crate::scheduler::ddim::BetaSchedule::ScaledLinear;
-    sc.rescale_betas_zero_snr = true;
-    sc.timestep_spacing = TimestepSpacing::Trailing;
-    sc.prediction_type = PredictionType::VPrediction;
+    let sc = DdimConfig {
+        beta_schedule: crate::scheduler::ddim::BetaSchedule::ScaledLinear,
+        rescale_betas_zero_snr: true,
+        timestep_spacing: TimestepSpacing::Trailing,
+        prediction_type: PredictionType::VPrediction,
+        ..Default::default()
+    };
     let scheduler = DdimScheduler::new(sc)?;
 
     let b = args.batch_size;

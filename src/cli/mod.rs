@@ -38,7 +38,8 @@ pub enum Command {
     Infer(InferArgs),
     /// `infer` with another person's identity and/or garments swapped in (no new network).
     Edit(crate::edit::EditArgs),
-    /// Run the whole pipeline on a built-in sample with tiny untrained weights (no downloads).
+    /// Run the whole pipeline on a built-in sample with tiny untrained weights (no downloads);
+    /// with --train, train tiny weights on the CPU on a dataset made from the sample.
     Demo(DemoArgs),
     /// Time full-size networks with random weights (no downloads); prints the figures.
     #[command(subcommand)]
@@ -129,7 +130,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Evaluate(a) => Ok(crate::evaluate::run(&a)?),
         Command::Infer(a) => Ok(crate::pipeline::commands::infer(&a)?),
         Command::Edit(a) => Ok(crate::edit::run(&a)?),
-        Command::Demo(a) => Ok(crate::pipeline::commands::demo(&a.out, None, a.steps)?),
+        Command::Demo(a) => Ok(crate::pipeline::commands::demo_command(&a)?),
         Command::Bench(BenchCommand::Pipeline(a)) => Ok(crate::bench::pipeline::run(&a)?),
         Command::Bench(BenchCommand::Densepose(a)) => Ok(crate::bench::densepose::run(&a)?),
         Command::Bench(BenchCommand::Train(a)) => Ok(crate::bench::train::run(&a)?),

@@ -82,6 +82,34 @@ pub struct DemoArgs {
     /// DDIM steps (the real pipeline uses 20; fewer keep the demo quick on a CPU).
     #[arg(long, default_value_t = 8)]
     pub steps: usize,
+    /// Keep the tiny weights, configs and sample inputs here (DIR/checkpoints/,
+    /// DIR/pretrained_weights/, DIR/train.yaml, DIR/inputs/) so `mcld infer` can be re-run on
+    /// them; with --train, where the training demo writes (default ./mcld_demo_train).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Train instead: a tiny dataset from the sample, tiny base models, a few CPU steps.
+    #[arg(long)]
+    pub train: bool,
+    /// Optimizer steps of the training demo.
+    #[arg(
+        long = "train-steps",
+        visible_alias = "train_steps",
+        default_value_t = 40
+    )]
+    pub train_steps: usize,
+}
+
+/// `mcld demo [--train]`.
+pub fn demo_command(a: &DemoArgs) -> Result<()> {
+    if a.train {
+        let dir = a
+            .workdir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./mcld_demo_train"));
+        crate::train::demo::run(&dir, a.train_steps).map(|_| ())
+    } else {
+        demo(&a.out, a.workdir.clone(), a.steps)
+    }
 }
 
 /// `mcld test`: the whole test set, resumable.
@@ -338,6 +366,7 @@ fn file_name(p: &Path) -> String {
 /// the fly; shows what runs, not what a trained model produces.
 pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
     let t0 = Instant::now();
+    let keep = work.is_some();
     let dir = match work {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("mcld-demo-{}", std::process::id())),
@@ -381,7 +410,36 @@ pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
         panel(&to_rgb(&img[0])?, s)?,
     ]);
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(sheet), out)?;
-    let _ = std::fs::remove_dir_all(&dir);
+    if keep {
+        // The sample inputs beside the weights, so `infer` can be re-run on them.
+        let inputs = dir.join("inputs");
+        let face = inputs.join("face.npy");
+        for (img, name) in [
+            (&photo, "source.png"),
+            (&tgt_pose, "pose.png"),
+            (&texture, "texture.png"),
+        ] {
+            crate::fsutil::save_image_atomic(
+                &image::DynamicImage::ImageRgb8(img.clone()),
+                &inputs.join(name),
+            )?;
+        }
+        crate::data::npy::write_f32(&face, &[512], &input.face)?;
+        println!(
+            "kept the tiny weights and sample inputs in {}; re-run the pipeline on them with\n  \
+             mcld infer --ckpt_dir {} --config_path {} --source {} --pose {} --texture {} \
+             --face {} --out out.png",
+            dir.display(),
+            layout.ckpt_dir.display(),
+            layout.config_path.display(),
+            inputs.join("source.png").display(),
+            inputs.join("pose.png").display(),
+            inputs.join("texture.png").display(),
+            face.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     println!(
         "wrote {}: source | target pose | texture map | output (512x512, {steps} DDIM steps)",
         out.display()

@@ -114,6 +114,41 @@ impl Precision {
     }
 }
 
+/// The four networks from one set of tensors per part (`Mcld::PARTS` prefixes), each set
+/// checked strictly against its own source: from checkpoint files for inference, from the
+/// trainer's current weights for validation. `ucfg` is the UNet config both UNets share.
+pub fn build_nets(
+    parts: Vec<(&'static str, StrictWeights)>,
+    ucfg: unet::Config,
+    prec: &Precision,
+    device: &Device,
+) -> Result<Mcld> {
+    let parts = parts
+        .into_iter()
+        .map(|(p, w)| Ok((p, prec.weights(w)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let (_, proj) = parts
+        .iter()
+        .find(|(p, _)| *p == Mcld::IMAGE_PROJ)
+        .ok_or_else(|| Error::msg("no image projector weights"))?;
+    let rs_cfg = resampler::Config::from_weights(proj.tensors(), "", proj.source())?;
+    let dtype = prec.compute;
+    let nets = Mcld::new(
+        prefixed_var_builder(
+            parts
+                .iter()
+                .map(|(p, w)| (*p, w.var_builder(dtype, device))),
+            dtype,
+            device,
+        ),
+        &McldConfig::new(ucfg, rs_cfg),
+    )?;
+    for (_, w) in &parts {
+        w.finish()?;
+    }
+    Ok(nets)
+}
+
 impl McldPipeline {
     /// Loads the released (or our own) checkpoints plus the base models named by the config.
     /// `dtype` is the requested precision; see [`Precision`] for what runs on each device.
@@ -135,24 +170,9 @@ impl McldPipeline {
             (Mcld::IMAGE_PROJ, &files.image_proj),
         ]
         .into_iter()
-        .map(|(p, path)| Ok((p, prec.weights(StrictWeights::from_file(path)?)?)))
+        .map(|(p, path)| Ok((p, StrictWeights::from_file(path)?)))
         .collect::<Result<Vec<_>>>()?;
-        let (_, proj) = &parts[3];
-        let rs_cfg = resampler::Config::from_weights(proj.tensors(), "", &files.image_proj)?;
-        let nets = Mcld::new(
-            prefixed_var_builder(
-                parts
-                    .iter()
-                    .map(|(p, w)| (*p, w.var_builder(dtype, device))),
-                dtype,
-                device,
-            ),
-            &McldConfig::new(ucfg, rs_cfg),
-        )?;
-        for (_, w) in &parts {
-            w.finish()?;
-        }
-        drop(parts);
+        let nets = build_nets(parts, ucfg, &prec, device)?;
         let vdir = crate::weights::ModelDir::open(&files.vae_dir)?;
         let vcfg: vae::Config = vdir.config()?;
         let vae = {

@@ -84,13 +84,14 @@ pub(crate) fn save_random(
     save_recorded(path, &weights)
 }
 
-/// Writes tiny checkpoints (`ckpt/`), base models (`pretrained/`) and configs under `root`.
+/// Writes tiny checkpoints (`checkpoints/`), base models (`pretrained_weights/`) and configs
+/// under `root`.
 /// `dataset_root` goes into the training config's `data.root_dir`; `steps` into the inference
 /// config. The weights are seeded random values (the same every time): only their shapes and
 /// names matter here.
 pub fn write_tiny_layout(root: &Path, dataset_root: &Path, steps: usize) -> Result<TinyLayout> {
-    let ckpt = root.join("ckpt");
-    let pre = root.join("pretrained");
+    let ckpt = root.join("checkpoints");
+    let pre = root.join("pretrained_weights");
     let ucfg: unet::Config =
         serde_json::from_value(unet_json()).map_err(|e| Error::msg(e.to_string()))?;
     write_json(&pre.join("sd15/unet/config.json"), &unet_json())?;

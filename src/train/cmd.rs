@@ -9,7 +9,8 @@ use std::sync::Arc;
 use candle_core::DType;
 
 use super::collective::{Collective, RankInfo, SingleProcess, TcpCollective};
-use super::run::{train_loop, LoopConfig, NoHooks, Resume, StopReason, TrainOutcome};
+use super::run::{train_loop, LoopConfig, Resume, StopReason, TrainOutcome};
+use super::validate::ValidationHook;
 use crate::config::TrainConfig;
 use crate::data::train_set::TrainSet;
 use crate::{Error, Result};
@@ -161,7 +162,7 @@ pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
         &lc,
         coll.as_ref(),
         &stop,
-        &mut NoHooks,
+        &mut ValidationHook::new(&cfg, &device, dtype, progress),
     )?;
     if progress {
         let ck = outcome

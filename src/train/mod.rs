@@ -6,6 +6,7 @@ pub mod api;
 pub mod checkpoint;
 pub mod cmd;
 pub mod collective;
+pub mod demo;
 pub mod init;
 pub mod loss;
 pub mod params;
@@ -16,5 +17,6 @@ pub mod setup;
 pub mod state;
 pub mod tiny;
 pub mod trainer;
+pub mod validate;
 
 pub use setup::build_step;

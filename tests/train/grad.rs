@@ -134,7 +134,7 @@ fn nearest_resize_accumulates_gradients() {
     // The input is used twice (as the UNet's skip and upsample paths do); candle's own
     // upsample_nearest2d would overwrite one of the two contributions.
     let x = rand64(13, &[1, 2, 3, 5]);
-    check_op("nearest_resize_2x", &[x.clone()], 30, &|t| {
+    check_op("nearest_resize_2x", std::slice::from_ref(&x), 30, &|t| {
         let up = nearest_resize(&t[0], 6, 10).unwrap();
         (project(&up, 14) + project(&t[0], 15)).unwrap()
     });

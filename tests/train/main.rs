@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod demo;
 mod grad;
 mod run_loop;
 mod step;
