@@ -165,17 +165,20 @@ fn controlnet_file(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
-        .iter()
-        .map(|n| dir.join(n))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            Error::weights(
-                path,
-                "ControlNet weights not found (nor diffusion_pytorch_model.safetensors/.bin \
+    [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.bin",
+    ]
+    .iter()
+    .map(|n| dir.join(n))
+    .find(|p| p.is_file())
+    .ok_or_else(|| {
+        Error::weights(
+            path,
+            "ControlNet weights not found (nor diffusion_pytorch_model.safetensors/.bin \
                  beside it); `mcld download --only train` fetches control_v11p_sd15_seg",
-            )
-        })
+        )
+    })
 }
 
 /// Loads and assembles the starting weights.

@@ -363,38 +363,12 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         context: &Tensor,
     ) -> Result<ReferenceBank> {
-        let ctx = StageContexts::uniform(context);
-        let mut entries = Vec::new();
-        let mut run = RunCtx {
-            record: Some(&mut entries),
-            bank: None,
-        };
-        self.run(sample, timesteps, &ctx, None, &mut run, None, false, None)?;
-        Ok(ReferenceBank { entries })
+        self.reference_pass(sample, timesteps, context, None)
     }
 
     /// Denoising role: stage contexts, optional pose features and reference bank.
     pub fn forward_denoise(&self, inp: &DenoiseInput) -> Result<Tensor> {
-        let ignore = inp.guidance.mask(inp.sample.dim(0)?)?;
-        let mode = BankMode {
-            ignore: &ignore,
-            fp16_round: inp.bank_fp16_round,
-        };
-        let mut run = RunCtx {
-            record: None,
-            bank: inp.bank.map(|bk| (bk, mode)),
-        };
-        self.run(
-            inp.sample,
-            inp.timesteps,
-            inp.contexts,
-            inp.pose_features,
-            &mut run,
-            None,
-            true,
-            None,
-        )?
-        .ok_or_else(|| Error::msg("UNet built without conv_out cannot produce a sample"))
+        self.denoise_pass(inp, None)
     }
 
     /// [`UNet2DConditionModel::forward_reference`] with every block a checkpointed segment of
@@ -406,23 +380,7 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         context: &Tensor,
     ) -> Result<ReferenceBank> {
-        let ctx = StageContexts::uniform(context);
-        let mut entries = Vec::new();
-        let mut run = RunCtx {
-            record: Some(&mut entries),
-            bank: None,
-        };
-        self.run(
-            sample,
-            timesteps,
-            &ctx,
-            None,
-            &mut run,
-            None,
-            false,
-            Some(tape),
-        )?;
-        Ok(ReferenceBank { entries })
+        self.reference_pass(sample, timesteps, context, Some(tape))
     }
 
     /// [`UNet2DConditionModel::forward_denoise`] with every block a checkpointed segment.
@@ -431,6 +389,27 @@ impl UNet2DConditionModel {
         tape: &Tape<'s>,
         inp: &DenoiseInput,
     ) -> Result<Tensor> {
+        self.denoise_pass(inp, Some(tape))
+    }
+
+    fn reference_pass<'s>(
+        &'s self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        tape: Option<&Tape<'s>>,
+    ) -> Result<ReferenceBank> {
+        let ctx = StageContexts::uniform(context);
+        let mut entries = Vec::new();
+        let mut run = RunCtx {
+            record: Some(&mut entries),
+            bank: None,
+        };
+        self.run(sample, timesteps, &ctx, None, &mut run, None, false, tape)?;
+        Ok(ReferenceBank { entries })
+    }
+
+    fn denoise_pass<'s>(&'s self, inp: &DenoiseInput, tape: Option<&Tape<'s>>) -> Result<Tensor> {
         let ignore = inp.guidance.mask(inp.sample.dim(0)?)?;
         let mode = BankMode {
             ignore: &ignore,
@@ -448,7 +427,7 @@ impl UNet2DConditionModel {
             &mut run,
             None,
             true,
-            Some(tape),
+            tape,
         )?
         .ok_or_else(|| Error::msg("UNet built without conv_out cannot produce a sample"))
     }
