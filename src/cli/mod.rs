@@ -130,6 +130,13 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Evaluate(a) => Ok(crate::evaluate::run(&a)?),
         Command::Infer(a) => Ok(crate::pipeline::commands::infer(&a)?),
         Command::Edit(a) => Ok(crate::edit::run(&a)?),
+        Command::Demo(a) if a.train => {
+            let dir = a
+                .workdir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("./mcld_demo_train"));
+            Ok(crate::train::demo::run(&dir, a.train_steps).map(|_| ())?)
+        }
         Command::Demo(a) => Ok(crate::pipeline::commands::demo_command(&a)?),
         Command::Bench(BenchCommand::Pipeline(a)) => Ok(crate::bench::pipeline::run(&a)?),
         Command::Bench(BenchCommand::Densepose(a)) => Ok(crate::bench::densepose::run(&a)?),

@@ -26,8 +26,34 @@ use crate::config::DataConfig;
 use crate::data::{load_pair, read_pairs, DatasetLayout, Pair};
 use crate::imageops::{pil_resize_rgb, Filter, U8Image};
 use crate::models::clip;
-use crate::train::api::TrainBatch;
 use crate::{Error, Result};
+
+/// One micro-batch as the data loader delivers it: host tensors, f32.
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    /// Target photos in [-1, 1], (B, 3, H, W).
+    pub target: Tensor,
+    /// Source texture maps in [-1, 1], (B, 3, H, W): the reference UNet's input through the VAE.
+    pub texture: Tensor,
+    /// CLIP-preprocessed source photos (B, 3, 224, 224).
+    pub clip_src: Tensor,
+    /// CLIP-preprocessed source texture maps (B, 3, 224, 224).
+    pub clip_tex: Tensor,
+    /// Target IUV images / 255, (B, 3, H, W); channel 2 x 255 is the DensePose part index.
+    pub pose: Tensor,
+    /// Source face embeddings (B, 1, 512); zeros where the pair has no face file.
+    pub face: Tensor,
+}
+
+impl TrainBatch {
+    pub fn len(&self) -> usize {
+        self.target.dims().first().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// A pair left out of training, with the file at fault and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -99,17 +99,9 @@ pub struct DemoArgs {
     pub train_steps: usize,
 }
 
-/// `mcld demo [--train]`.
+/// `mcld demo` (the `--train` variant is `train::demo`'s, dispatched by the CLI).
 pub fn demo_command(a: &DemoArgs) -> Result<()> {
-    if a.train {
-        let dir = a
-            .workdir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("./mcld_demo_train"));
-        crate::train::demo::run(&dir, a.train_steps).map(|_| ())
-    } else {
-        demo(&a.out, a.workdir.clone(), a.steps)
-    }
+    demo(&a.out, a.workdir.clone(), a.steps)
 }
 
 /// `mcld test`: the whole test set, resumable.

@@ -11,32 +11,7 @@ use rand::SeedableRng;
 
 use crate::Result;
 
-/// One micro-batch as the data loader delivers it: host tensors, f32.
-#[derive(Debug, Clone)]
-pub struct TrainBatch {
-    /// Target photos in [-1, 1], (B, 3, H, W).
-    pub target: Tensor,
-    /// Source texture maps in [-1, 1], (B, 3, H, W): the reference UNet's input through the VAE.
-    pub texture: Tensor,
-    /// CLIP-preprocessed source photos (B, 3, 224, 224).
-    pub clip_src: Tensor,
-    /// CLIP-preprocessed source texture maps (B, 3, 224, 224).
-    pub clip_tex: Tensor,
-    /// Target IUV images / 255, (B, 3, H, W); channel 2 x 255 is the DensePose part index.
-    pub pose: Tensor,
-    /// Source face embeddings (B, 1, 512); zeros where the pair has no face file.
-    pub face: Tensor,
-}
-
-impl TrainBatch {
-    pub fn len(&self) -> usize {
-        self.target.dims().first().copied().unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+pub use crate::data::train_set::TrainBatch;
 
 /// Gradients of the trainable tensors, in the step's fixed order, plus the loss they came from.
 /// Micro-batches and ranks are combined with [`Grads::add`] and [`Grads::scale`] (mean).
