@@ -487,7 +487,7 @@ fn stats_stage_writes_clip_std_with_an_encoder() {
     std::fs::create_dir_all(&enc).unwrap();
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(
-            w.path().join("pretrained/image_encoder").join(f),
+            w.path().join("pretrained_weights/image_encoder").join(f),
             enc.join(f),
         )
         .unwrap();
