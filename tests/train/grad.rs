@@ -13,11 +13,11 @@ use rand::SeedableRng;
 use mcld::models::mcld::Mcld;
 use mcld::models::nn::{attention, attention_chunked, LayerNorm};
 use mcld::models::unet::nearest_resize;
-use mcld::train::loss::{mcld_loss, LossInputs, LossOptions};
+use mcld::train::loss::{mcld_loss, LossOptions};
 use mcld::train::trainer::randn;
 
 use crate::common::load_case;
-use crate::step::fixture_setup;
+use crate::step::{fixture_setup, FixtureInputs};
 
 fn rand64(seed: u64, dims: &[usize]) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -216,18 +216,7 @@ fn bank_round_trip_rounds_the_gradient_to_f16() {
 fn mcld_loss_gradients_match_finite_differences() {
     let case = load_case("model", "train_step");
     let (params, cfg, sched) = fixture_setup(&case, DType::F64);
-    let f64in = |k: &str| case.f32(k).to_dtype(DType::F64).unwrap();
-    let pose = (case.f32("input.pose_image_u8") / 255.0).unwrap();
-    let (latents, noise, refl) = (
-        f64in("input.latents"),
-        f64in("input.noise"),
-        f64in("input.ref_latents"),
-    );
-    let (src, tex, face) = (
-        f64in("input.clip_src_embeds"),
-        f64in("input.clip_tex_embeds"),
-        f64in("input.face_emb"),
-    );
+    let fx = FixtureInputs::load(&case, DType::F64);
     let opts = LossOptions {
         snr_gamma: 5.0,
         bank_fp16_round: false,
@@ -238,16 +227,7 @@ fn mcld_loss_gradients_match_finite_differences() {
         }
         let vb = params.var_builder(DType::F64, tracked).unwrap();
         let nets = Mcld::new(vb, &cfg).unwrap();
-        let inp = LossInputs {
-            latents: &latents,
-            noise: &noise,
-            timesteps: case.get("input.timesteps"),
-            ref_latents: Some(&refl),
-            clip_src: &src,
-            clip_tex: &tex,
-            face_emb: &face,
-            pose: &pose,
-        };
+        let inp = fx.inputs(true);
         mcld_loss(&nets, &sched, &inp, opts, None).unwrap().loss
     };
     let watched = [
@@ -290,24 +270,8 @@ fn every_trainable_tensor_gets_a_gradient_and_no_frozen_one_does() {
     let (params, cfg, sched) = fixture_setup(&case, DType::F32);
     let vb = params.var_builder(DType::F32, true).unwrap();
     let nets = Mcld::new(vb, &cfg).unwrap();
-    let pose = (case.f32("input.pose_image_u8") / 255.0).unwrap();
-    let refl = case.f32("input.ref_latents");
-    let (latents, noise) = (case.f32("input.latents"), case.f32("input.noise"));
-    let (src, tex, face) = (
-        case.f32("input.clip_src_embeds"),
-        case.f32("input.clip_tex_embeds"),
-        case.f32("input.face_emb"),
-    );
-    let inp = LossInputs {
-        latents: &latents,
-        noise: &noise,
-        timesteps: case.get("input.timesteps"),
-        ref_latents: Some(&refl),
-        clip_src: &src,
-        clip_tex: &tex,
-        face_emb: &face,
-        pose: &pose,
-    };
+    let fx = FixtureInputs::load(&case, DType::F32);
+    let inp = fx.inputs(true);
     let store = mcld_loss(&nets, &sched, &inp, LossOptions::default(), None)
         .unwrap()
         .loss
@@ -379,25 +343,9 @@ fn checkpointed_gradients_equal_plain_ones() {
     let (params, cfg, sched) = fixture_setup(&case, DType::F32);
     let vb = params.var_builder(DType::F32, true).unwrap();
     let nets = Mcld::new(vb, &cfg).unwrap();
-    let pose = (case.f32("input.pose_image_u8") / 255.0).unwrap();
-    let refl = case.f32("input.ref_latents");
-    let (latents, noise) = (case.f32("input.latents"), case.f32("input.noise"));
-    let (src, tex, face) = (
-        case.f32("input.clip_src_embeds"),
-        case.f32("input.clip_tex_embeds"),
-        case.f32("input.face_emb"),
-    );
+    let fx = FixtureInputs::load(&case, DType::F32);
     for with_bank in [true, false] {
-        let inp = LossInputs {
-            latents: &latents,
-            noise: &noise,
-            timesteps: case.get("input.timesteps"),
-            ref_latents: with_bank.then_some(&refl),
-            clip_src: &src,
-            clip_tex: &tex,
-            face_emb: &face,
-            pose: &pose,
-        };
+        let inp = fx.inputs(with_bank);
         // f16 rounding of the bank gradient would turn float noise into visible steps.
         let opts = LossOptions {
             snr_gamma: 5.0,

@@ -42,6 +42,48 @@ pub fn fixture_setup(case: &Case, dtype: DType) -> (Params, McldConfig, DdimSche
     (params, cfg, DdimScheduler::new(sched).unwrap())
 }
 
+/// The fixture's loss inputs, owned (pose as the guider sees it, u8 / 255).
+pub struct FixtureInputs {
+    pub latents: Tensor,
+    pub noise: Tensor,
+    pub timesteps: Tensor,
+    pub ref_latents: Tensor,
+    pub clip_src: Tensor,
+    pub clip_tex: Tensor,
+    pub face: Tensor,
+    pub pose: Tensor,
+}
+
+impl FixtureInputs {
+    pub fn load(case: &Case, dtype: DType) -> Self {
+        let t = |k: &str| case.f32(k).to_dtype(dtype).unwrap();
+        Self {
+            latents: t("input.latents"),
+            noise: t("input.noise"),
+            timesteps: case.get("input.timesteps").clone(),
+            ref_latents: t("input.ref_latents"),
+            clip_src: t("input.clip_src_embeds"),
+            clip_tex: t("input.clip_tex_embeds"),
+            face: t("input.face_emb"),
+            pose: (case.f32("input.pose_image_u8") / 255.0).unwrap(),
+        }
+    }
+
+    /// Borrowed inputs; without the bank for an unconditional step.
+    pub fn inputs(&self, with_bank: bool) -> LossInputs<'_> {
+        LossInputs {
+            latents: &self.latents,
+            noise: &self.noise,
+            timesteps: &self.timesteps,
+            ref_latents: with_bank.then_some(&self.ref_latents),
+            clip_src: &self.clip_src,
+            clip_tex: &self.clip_tex,
+            face_emb: &self.face,
+            pose: &self.pose,
+        }
+    }
+}
+
 #[test]
 fn train_step_matches_reference() {
     let case = load_case("model", "train_step");
@@ -64,23 +106,8 @@ fn train_step_matches_reference() {
 
     let vb = params.var_builder(DType::F32, true).unwrap();
     let nets = Mcld::new(vb, &cfg).unwrap();
-    let pose = (case.f32("input.pose_image_u8") / 255.0).unwrap();
-    let latents = case.f32("input.latents");
-    let noise = case.f32("input.noise");
-    let ref_latents = case.f32("input.ref_latents");
-    let clip_src = case.f32("input.clip_src_embeds");
-    let clip_tex = case.f32("input.clip_tex_embeds");
-    let face = case.f32("input.face_emb");
-    let inp = LossInputs {
-        latents: &latents,
-        noise: &noise,
-        timesteps: case.get("input.timesteps"),
-        ref_latents: Some(&ref_latents),
-        clip_src: &clip_src,
-        clip_tex: &clip_tex,
-        face_emb: &face,
-        pose: &pose,
-    };
+    let fx = FixtureInputs::load(&case, DType::F32);
+    let inp = fx.inputs(true);
     let opts = LossOptions {
         snr_gamma: p["snr_gamma"].as_f64().unwrap(),
         bank_fp16_round: true,
