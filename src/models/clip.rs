@@ -6,13 +6,14 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::models::conv::Conv2d;
 use serde::Deserialize;
 
 use super::nn::{attention, merge_heads, split_heads, LayerNorm};
 use crate::imageops::{Filter, U8Image};
+use crate::models::linear::{linear, linear_no_bias, Linear};
 use crate::{Error, Result};
 
 fn default_act() -> String {
@@ -130,13 +131,13 @@ impl EncoderLayer {
         let a = vb.pp("self_attn");
         Ok(Self {
             ln1: LayerNorm::new(vb.pp("layer_norm1"), d, c.layer_norm_eps)?,
-            q: candle_nn::linear(d, d, a.pp("q_proj"))?,
-            k: candle_nn::linear(d, d, a.pp("k_proj"))?,
-            v: candle_nn::linear(d, d, a.pp("v_proj"))?,
-            out: candle_nn::linear(d, d, a.pp("out_proj"))?,
+            q: linear(d, d, a.pp("q_proj"))?,
+            k: linear(d, d, a.pp("k_proj"))?,
+            v: linear(d, d, a.pp("v_proj"))?,
+            out: linear(d, d, a.pp("out_proj"))?,
             ln2: LayerNorm::new(vb.pp("layer_norm2"), d, c.layer_norm_eps)?,
-            fc1: candle_nn::linear(d, i, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(i, d, vb.pp("mlp.fc2"))?,
+            fc1: linear(d, i, vb.pp("mlp.fc1"))?,
+            fc2: linear(i, d, vb.pp("mlp.fc2"))?,
             heads: c.num_attention_heads,
             quick_gelu: c.hidden_act == "quick_gelu",
         })
@@ -207,11 +208,7 @@ impl ClipVisionModelWithProjection {
                 .map(|i| EncoderLayer::new(vm.pp(format!("encoder.layers.{i}")), cfg))
                 .collect::<Result<Vec<_>>>()?,
             post_ln: LayerNorm::new(vm.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
-            projection: candle_nn::linear_no_bias(
-                d,
-                cfg.projection_dim,
-                vb.pp("visual_projection"),
-            )?,
+            projection: linear_no_bias(d, cfg.projection_dim, vb.pp("visual_projection"))?,
             config: cfg.clone(),
         })
     }

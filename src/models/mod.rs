@@ -1,6 +1,7 @@
 //! The networks of MCLD (SPEC §3), each a `Config` + `new(vb, cfg)` + `forward`, and those of
 //! data preparation (DensePose R-CNN, the InsightFace face models).
 
+pub mod bf16_gemm;
 pub mod checkpoint;
 pub mod clip;
 pub mod conv;
@@ -8,6 +9,7 @@ pub mod cpu_attention;
 pub mod densepose;
 pub mod face;
 mod host;
+pub mod linear;
 pub mod mcld;
 pub mod nn;
 pub mod pose_guider;

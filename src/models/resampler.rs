@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::models::linear::{linear, linear_no_bias, Linear};
 use crate::models::nn::{attention, merge_heads, split_heads, LayerNorm};
 use crate::{Error, Result};
 
@@ -117,9 +118,9 @@ impl PerceiverAttention {
         Ok(Self {
             norm1: LayerNorm::new(vb.pp("norm1"), cfg.dim, LN_EPS)?,
             norm2: LayerNorm::new(vb.pp("norm2"), cfg.dim, LN_EPS)?,
-            to_q: candle_nn::linear_no_bias(cfg.dim, inner, vb.pp("to_q"))?,
-            to_kv: candle_nn::linear_no_bias(cfg.dim, 2 * inner, vb.pp("to_kv"))?,
-            to_out: candle_nn::linear_no_bias(inner, cfg.dim, vb.pp("to_out"))?,
+            to_q: linear_no_bias(cfg.dim, inner, vb.pp("to_q"))?,
+            to_kv: linear_no_bias(cfg.dim, 2 * inner, vb.pp("to_kv"))?,
+            to_out: linear_no_bias(inner, cfg.dim, vb.pp("to_out"))?,
             heads: cfg.heads,
             inner,
         })
@@ -157,8 +158,8 @@ impl FeedForward {
         let hidden = cfg.dim * cfg.ff_mult;
         Ok(Self {
             norm: LayerNorm::new(vb.pp("0"), cfg.dim, LN_EPS)?,
-            fc1: candle_nn::linear_no_bias(cfg.dim, hidden, vb.pp("1"))?,
-            fc2: candle_nn::linear_no_bias(hidden, cfg.dim, vb.pp("3"))?,
+            fc1: linear_no_bias(cfg.dim, hidden, vb.pp("1"))?,
+            fc2: linear_no_bias(hidden, cfg.dim, vb.pp("3"))?,
         })
     }
 
@@ -187,8 +188,8 @@ impl Resampler {
         }
         let build = || -> candle_core::Result<Self> {
             let latents = vb.get((1, cfg.num_queries, cfg.dim), "latents")?;
-            let proj_in = candle_nn::linear(cfg.embedding_dim, cfg.dim, vb.pp("proj_in"))?;
-            let proj_out = candle_nn::linear(cfg.dim, cfg.output_dim, vb.pp("proj_out"))?;
+            let proj_in = linear(cfg.embedding_dim, cfg.dim, vb.pp("proj_in"))?;
+            let proj_out = linear(cfg.dim, cfg.output_dim, vb.pp("proj_out"))?;
             let norm_out = LayerNorm::new(vb.pp("norm_out"), cfg.output_dim, LN_EPS)?;
             let vbl = vb.pp("layers");
             let layers = (0..cfg.depth)

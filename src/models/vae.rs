@@ -7,12 +7,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
 
 use crate::models::conv::{conv2d, Conv2d};
 use serde::Deserialize;
 
 use super::nn::{attention, merge_heads, split_heads};
+use crate::models::linear::Linear;
 use crate::{Error, Result};
 
 fn default_true() -> bool {

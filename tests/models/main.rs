@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod bf16_gemm;
 mod clip;
 mod conv;
 mod cpu_attention;

@@ -3,13 +3,14 @@
 //! states) and IP-adapter cross-attention on the trailing face tokens.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{GroupNorm, Linear, VarBuilder};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use crate::models::conv::Conv2d;
 
 use super::resnet::conv;
 use super::{BankMode, ReferenceBank};
+use crate::models::linear::{linear, linear_no_bias, Linear};
 use crate::models::nn::{attention, merge_heads, split_heads, LayerNorm};
 use crate::{Error, Result};
 
@@ -71,18 +72,18 @@ impl Attention {
             Some(cfg) => {
                 let p = vb.pp("processor");
                 Some((
-                    candle_nn::linear_no_bias(ctx_dim, dim, p.pp("to_k_ip"))?,
-                    candle_nn::linear_no_bias(ctx_dim, dim, p.pp("to_v_ip"))?,
+                    linear_no_bias(ctx_dim, dim, p.pp("to_k_ip"))?,
+                    linear_no_bias(ctx_dim, dim, p.pp("to_v_ip"))?,
                     cfg,
                 ))
             }
             None => None,
         };
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(ctx_dim, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(ctx_dim, dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out").pp("0"))?,
+            to_q: linear_no_bias(dim, dim, vb.pp("to_q"))?,
+            to_k: linear_no_bias(ctx_dim, dim, vb.pp("to_k"))?,
+            to_v: linear_no_bias(ctx_dim, dim, vb.pp("to_v"))?,
+            to_out: linear(dim, dim, vb.pp("to_out").pp("0"))?,
             ip,
             heads,
         })
@@ -150,8 +151,8 @@ impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj: candle_nn::linear(dim, inner * 2, vb.pp("net.0.proj"))?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj: linear(dim, inner * 2, vb.pp("net.0.proj"))?,
+            out: linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
@@ -322,7 +323,7 @@ impl Transformer2D {
         let c = s.channels;
         let proj = |vb: VarBuilder| -> Result<Proj> {
             Ok(if s.linear_proj {
-                Proj::Linear(candle_nn::linear(c, c, vb)?)
+                Proj::Linear(linear(c, c, vb)?)
             } else {
                 Proj::Conv(conv(vb, c, c, 1, 1)?)
             })

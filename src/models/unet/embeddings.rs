@@ -1,8 +1,9 @@
 //! Timestep embedding, written to match diffusers' `get_timestep_embedding` + `TimestepEmbedding`.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
+use crate::models::linear::{linear, Linear};
 use crate::Result;
 
 /// Sinusoidal timestep features, computed in f32 as diffusers does (its fixtures depend on the
@@ -43,8 +44,8 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, out_dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(out_dim, out_dim, vb.pp("linear_2"))?,
+            linear_1: linear(in_dim, out_dim, vb.pp("linear_1"))?,
+            linear_2: linear(out_dim, out_dim, vb.pp("linear_2"))?,
         })
     }
 

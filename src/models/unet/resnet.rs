@@ -1,10 +1,11 @@
 //! ResnetBlock2D and the resampling convolutions of the SD UNet.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
 
 use crate::models::conv::{conv2d, Conv2d};
 
+use crate::models::linear::{linear, Linear};
 use crate::Result;
 
 /// 3x3 (or `k`x`k`) convolution with "same" padding, the UNet's default.
@@ -48,7 +49,7 @@ impl ResnetBlock2D {
         Ok(Self {
             norm1: candle_nn::group_norm(groups, cin, eps, vb.pp("norm1"))?,
             conv1: conv(vb.pp("conv1"), cin, cout, 3, 1)?,
-            time_emb_proj: candle_nn::linear(temb, cout, vb.pp("time_emb_proj"))?,
+            time_emb_proj: linear(temb, cout, vb.pp("time_emb_proj"))?,
             norm2: candle_nn::group_norm(groups, cout, eps, vb.pp("norm2"))?,
             conv2: conv(vb.pp("conv2"), cout, cout, 3, 1)?,
             conv_shortcut,

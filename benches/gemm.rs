@@ -1,0 +1,95 @@
+//! The matmul kernels side by side on the shapes that dominate the MCLD pipeline at 512x512:
+//! f32 through the `gemm` crate (what `--dtype f32` uses) and bf16 through
+//! `models::bf16_gemm` (what `--dtype bf16` uses on CPUs with AVX-512 BF16), packing included.
+//! `cargo bench --bench gemm`; figures are printed, never asserted.
+
+use std::time::Instant;
+
+use mcld::models::bf16_gemm::{self, PackedA, PackedB};
+
+fn values(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect()
+}
+
+/// GFLOP/s of `f` for a product of 2 m n k flops, best of a few repeats.
+fn rate(m: usize, n: usize, k: usize, mut f: impl FnMut()) -> f64 {
+    let flops = 2.0 * (m * n * k) as f64;
+    let reps = ((4e9 / flops) as usize).clamp(1, 50);
+    f();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    flops / best / 1e9
+}
+
+fn main() {
+    let threads = rayon::current_num_threads();
+    println!(
+        "{threads} threads; AVX-512 BF16: {}",
+        bf16_gemm::available()
+    );
+    let shapes = [
+        ("conv 3x3 320ch 64x64", 320, 4096, 2880),
+        ("conv 3x3 640ch 32x32", 640, 1024, 5760),
+        ("conv 3x3 1280ch 16x16", 1280, 256, 11520),
+        ("vae conv 3x3 128ch 512^2 tile", 128, 8192, 1152),
+        ("linear 4096 tok 320->320", 4096, 320, 320),
+        ("geglu 4096 tok 320->2560", 4096, 2560, 320),
+        ("ff out 4096 tok 1280->320", 4096, 320, 1280),
+        ("attn q k^T 256 rows x 8192 d40", 256, 8192, 40),
+        ("attn p v 256 rows x 8192 d40", 256, 40, 8192),
+        ("clip mlp 257 tok 1024->4096", 257, 4096, 1024),
+    ];
+    println!(
+        "{:34} {:>9} {:>9} {:>7}",
+        "shape (m x n x k)", "f32", "bf16", "ratio"
+    );
+    for (name, m, n, k) in shapes {
+        let a = values(m * k);
+        let b = values(k * n);
+        let mut c = vec![0f32; m * n];
+        let f32_rate = rate(m, n, k, || unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                a.as_ptr(),
+                1,
+                k as isize,
+                b.as_ptr(),
+                1,
+                n as isize,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::Rayon(threads),
+            )
+        });
+        let bf16_rate = if bf16_gemm::available() {
+            rate(m, n, k, || {
+                let pa = PackedA::from_f32_rows(&a, m, k, k);
+                let pb = PackedB::from_f32_rows(&b, k, n, n);
+                bf16_gemm::matmul_parallel(&pa, &pb, &mut c, n, false).expect("bf16 matmul");
+            })
+        } else {
+            f64::NAN
+        };
+        println!(
+            "{name:34} {f32_rate:7.1} G {bf16_rate:7.1} G {:6.2}x",
+            bf16_rate / f32_rate
+        );
+    }
+}

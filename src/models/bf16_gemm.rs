@@ -1,0 +1,441 @@
+//! Matrix products of bf16 operands with f32 accumulation and an f32 result, for CPUs with
+//! AVX-512 BF16 (`vdpbf16ps`): what `--dtype bf16` computes its matmuls, convolutions and
+//! attention with on the CPU.
+//!
+//! Why our own: `gemm` 0.19 has no bf16 path, and `gemmkit` (the one crate with a `vdpbf16ps`
+//! kernel) returns its product in bf16, which would round attention scores before the softmax
+//! and every convolution's output before its bias and residual. PyTorch's CPU bf16 kernels
+//! accumulate in f32 too.
+//!
+//! Operands are packed once per product (weights can be packed once per model): the left one in
+//! panels of [`MR`] rows, the right one in panels of [`NR`] columns, both as k-pairs (two bf16
+//! in one u32, the lower k in the low half) because `vdpbf16ps` multiplies pairs and adds both
+//! products into one f32 lane. f32 inputs are rounded to bf16 to nearest-even while packing
+//! (the vector path treats f32 subnormals as zero, as `vcvtneps2bf16` does).
+
+use half::bf16;
+
+/// Rows per left panel (12 x 2 accumulators of 16 lanes + 2 right vectors + 1 broadcast fit
+/// the 32 vector registers).
+pub const MR: usize = 12;
+/// Columns per right panel (two 16-lane vectors).
+pub const NR: usize = 32;
+/// k-pairs per block: a right micro-panel of 128 x 32 pairs is 16 KiB, half of L1.
+const KC_PAIRS: usize = 128;
+/// Left rows per block: 384 rows x 128 pairs is 192 KiB, well inside L2.
+const MC: usize = 32 * MR;
+
+/// Whether this CPU runs the kernels (checked at run time; other CPUs keep the f32 path).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[inline]
+fn pair(lo: u16, hi: u16) -> u32 {
+    lo as u32 | (hi as u32) << 16
+}
+
+#[inline]
+fn bits(v: f32) -> u16 {
+    bf16::from_f32(v).to_bits()
+}
+
+/// The left operand (m x k) in panels of `MR` rows: `data[(panel * pairs + p) * MR + r]`.
+#[derive(Debug, Clone)]
+pub struct PackedA {
+    m: usize,
+    k: usize,
+    pairs: usize,
+    data: Vec<u32>,
+}
+
+/// The right operand (k x n) in panels of `NR` columns: `data[(panel * pairs + p) * NR + j]`.
+#[derive(Debug, Clone)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    pairs: usize,
+    data: Vec<u32>,
+}
+
+impl PackedA {
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+
+    fn panels(&self) -> usize {
+        self.m.div_ceil(MR)
+    }
+
+    /// From f32 rows: element (i, kk) at `src[i * ld + kk]`.
+    pub fn from_f32_rows(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
+        check_span(src.len(), m, k, ld);
+        let pairs = k.div_ceil(2);
+        let mut data = vec![0u32; m.div_ceil(MR) * pairs * MR];
+        let mut row = vec![0u32; pairs];
+        for i in 0..m {
+            convert_pairs(&src[i * ld..i * ld + k], &mut row);
+            let (panel, r) = (i / MR, i % MR);
+            let base = panel * pairs * MR + r;
+            for (p, &v) in row.iter().enumerate() {
+                data[base + p * MR] = v;
+            }
+        }
+        Self { m, k, pairs, data }
+    }
+
+    /// From bf16 rows (weights stored in bf16): element (i, kk) at `src[i * ld + kk]`.
+    pub fn from_bf16_rows(src: &[bf16], m: usize, k: usize, ld: usize) -> Self {
+        check_span(src.len(), m, k, ld);
+        let pairs = k.div_ceil(2);
+        let mut data = vec![0u32; m.div_ceil(MR) * pairs * MR];
+        for i in 0..m {
+            let s = &src[i * ld..i * ld + k];
+            let base = (i / MR) * pairs * MR + i % MR;
+            for p in 0..pairs {
+                let hi = s.get(2 * p + 1).map_or(0, |v| v.to_bits());
+                data[base + p * MR] = pair(s[2 * p].to_bits(), hi);
+            }
+        }
+        Self { m, k, pairs, data }
+    }
+}
+
+impl PackedB {
+    pub fn cols(&self) -> usize {
+        self.n
+    }
+
+    pub fn depth(&self) -> usize {
+        self.k
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(NR)
+    }
+
+    /// From f32 rows: element (kk, j) at `src[kk * ld + j]` (a row-major k x n matrix).
+    pub fn from_f32_rows(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
+        check_span(src.len(), k, n, ld);
+        let pairs = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * pairs * NR];
+        for panel in 0..panels {
+            let j0 = panel * NR;
+            let w = NR.min(n - j0);
+            for p in 0..pairs {
+                let r0 = &src[2 * p * ld + j0..2 * p * ld + j0 + w];
+                let r1 = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * ld + j0..][..w]);
+                let dst = &mut data[(panel * pairs + p) * NR..][..NR];
+                interleave_rows(r0, r1, dst);
+            }
+        }
+        Self { k, n, pairs, data }
+    }
+
+    /// From f32 columns: element (kk, j) at `src[j * ld + kk]` (the transpose of a row-major
+    /// n x k matrix, e.g. attention keys or a linear layer's `[out, in]` weight).
+    pub fn from_f32_cols(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
+        check_span(src.len(), n, k, ld);
+        let pairs = k.div_ceil(2);
+        let mut data = vec![0u32; n.div_ceil(NR) * pairs * NR];
+        let mut col = vec![0u32; pairs];
+        for j in 0..n {
+            convert_pairs(&src[j * ld..j * ld + k], &mut col);
+            let base = (j / NR) * pairs * NR + j % NR;
+            for (p, &v) in col.iter().enumerate() {
+                data[base + p * NR] = v;
+            }
+        }
+        Self { k, n, pairs, data }
+    }
+
+    /// From bf16 columns: element (kk, j) at `src[j * ld + kk]` (a linear layer's bf16 weight).
+    pub fn from_bf16_cols(src: &[bf16], k: usize, n: usize, ld: usize) -> Self {
+        check_span(src.len(), n, k, ld);
+        let pairs = k.div_ceil(2);
+        let mut data = vec![0u32; n.div_ceil(NR) * pairs * NR];
+        for j in 0..n {
+            let s = &src[j * ld..j * ld + k];
+            let base = (j / NR) * pairs * NR + j % NR;
+            for p in 0..pairs {
+                let hi = s.get(2 * p + 1).map_or(0, |v| v.to_bits());
+                data[base + p * NR] = pair(s[2 * p].to_bits(), hi);
+            }
+        }
+        Self { k, n, pairs, data }
+    }
+}
+
+/// Panics on a slice too short for `rows` rows of `cols` at stride `ld` (a caller bug).
+fn check_span(len: usize, rows: usize, cols: usize, ld: usize) {
+    let need = if rows == 0 || cols == 0 {
+        0
+    } else {
+        (rows - 1) * ld + cols
+    };
+    assert!(
+        len >= need && (rows <= 1 || ld >= cols),
+        "bf16 pack: {rows} x {cols} at stride {ld} needs {need} values, have {len}"
+    );
+}
+
+/// `dst[p] = pair(src[2p], src[2p + 1])` rounded to bf16 (a missing last element is zero).
+fn convert_pairs(src: &[f32], dst: &mut [u32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were just checked; the function reads and writes in bounds.
+        done = unsafe { x86::convert_pairs(src, dst) };
+    }
+    for p in done..dst.len() {
+        let hi = src.get(2 * p + 1).map_or(0, |&v| bits(v));
+        dst[p] = pair(bits(src[2 * p]), hi);
+    }
+}
+
+/// `dst[j] = pair(r0[j], r1[j])` for the `r0.len()` valid columns; the rest of `dst` stays 0.
+fn interleave_rows(r0: &[f32], r1: Option<&[f32]>, dst: &mut [u32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were just checked; the function reads and writes in bounds.
+        done = unsafe { x86::interleave_rows(r0, r1, dst) };
+    }
+    for j in done..r0.len() {
+        let hi = r1.map_or(0, |r| bits(r[j]));
+        dst[j] = pair(bits(r0[j]), hi);
+    }
+}
+
+/// `c = a b` (or `c += a b` when `accumulate`) for the row-major f32 block `c` with row stride
+/// `ldc` (at least `b.cols()`), on this thread. Errors if the CPU lacks the kernels.
+pub fn matmul(
+    a: &PackedA,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> crate::Result<()> {
+    if a.k != b.k {
+        return Err(crate::Error::msg(format!(
+            "bf16 matmul: inner sizes differ ({} vs {})",
+            a.k, b.k
+        )));
+    }
+    if !available() {
+        return Err(crate::Error::msg(
+            "bf16 matmul: this CPU lacks AVX-512 BF16 (use --dtype f32)",
+        ));
+    }
+    check_span(c.len(), a.m, b.n, ldc);
+    // SAFETY: features checked above; `c` spans m rows of n columns at stride ldc.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        x86::matmul(
+            a,
+            0..a.panels(),
+            b,
+            0..b.panels(),
+            c.as_mut_ptr(),
+            ldc,
+            accumulate,
+        );
+    }
+    Ok(())
+}
+
+/// [`matmul`] split across rayon's threads by panels of whichever side has more.
+pub fn matmul_parallel(
+    a: &PackedA,
+    b: &PackedB,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> crate::Result<()> {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || a.panels().max(b.panels()) < 2 {
+        return matmul(a, b, c, ldc, accumulate);
+    }
+    if a.k != b.k || !available() {
+        return matmul(a, b, c, ldc, accumulate);
+    }
+    check_span(c.len(), a.m, b.n, ldc);
+    let ptr = super::host::SharedOut::new(c);
+    let by_rows = a.panels() >= b.panels();
+    let total = if by_rows { a.panels() } else { b.panels() };
+    let chunks = (4 * threads).min(total);
+    (0..chunks).into_par_iter().for_each(|t| {
+        let r = t * total / chunks..(t + 1) * total / chunks;
+        let (ra, rb) = if by_rows {
+            (r, 0..b.panels())
+        } else {
+            (0..a.panels(), r)
+        };
+        // SAFETY: features checked above; each task writes the rows (or columns) of its own
+        // panels only, which no other task touches.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            x86::matmul(a, ra, b, rb, ptr.get(), ldc, accumulate);
+        }
+    });
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{PackedA, PackedB, KC_PAIRS, MC, MR, NR};
+
+    /// Converts whole groups of 16 pairs; returns how many pairs it wrote.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert_pairs(src: &[f32], dst: &mut [u32]) -> usize {
+        let groups = (src.len() / 32).min(dst.len() / 16);
+        for g in 0..groups {
+            let lo = _mm512_loadu_ps(src.as_ptr().add(32 * g));
+            let hi = _mm512_loadu_ps(src.as_ptr().add(32 * g + 16));
+            // Low 16 bf16 lanes from `lo`, high from `hi`: element order is source order.
+            let v: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.as_mut_ptr().add(16 * g) as *mut _, v);
+        }
+        groups * 16
+    }
+
+    /// Interleaves whole groups of 16 columns; returns how many columns it wrote.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave_rows(r0: &[f32], r1: Option<&[f32]>, dst: &mut [u32]) -> usize {
+        let groups = r0.len() / 16;
+        for g in 0..groups {
+            let a: __m256i =
+                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(r0.as_ptr().add(16 * g))));
+            let lo = _mm512_cvtepu16_epi32(a);
+            let v = match r1 {
+                Some(r1) => {
+                    let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(
+                        r1.as_ptr().add(16 * g),
+                    )));
+                    _mm512_or_si512(lo, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
+                }
+                None => lo,
+            };
+            _mm512_storeu_si512(dst.as_mut_ptr().add(16 * g) as *mut _, v);
+        }
+        groups * 16
+    }
+
+    /// The product restricted to left panels `pa` and right panels `pb`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/BF16 present; `c` spans `a.m` rows of `b.n` columns at stride `ldc`; no
+    /// other thread writes the block of those panels meanwhile.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn matmul(
+        a: &PackedA,
+        pa: Range<usize>,
+        b: &PackedB,
+        pb: Range<usize>,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) {
+        let pairs = a.pairs;
+        if pairs == 0 {
+            if !accumulate {
+                for i in pa.start * MR..(pa.end * MR).min(a.m) {
+                    for j in pb.start * NR..(pb.end * NR).min(b.n) {
+                        *c.add(i * ldc + j) = 0.0;
+                    }
+                }
+            }
+            return;
+        }
+        let mc_panels = MC / MR;
+        let mut k0 = 0;
+        while k0 < pairs {
+            let kc = KC_PAIRS.min(pairs - k0);
+            let acc = accumulate || k0 > 0;
+            let mut ic = pa.start;
+            while ic < pa.end {
+                let ic_end = (ic + mc_panels).min(pa.end);
+                for jp in pb.clone() {
+                    let bp = b.data.as_ptr().add((jp * b.pairs + k0) * NR);
+                    let cols = NR.min(b.n - jp * NR);
+                    for ip in ic..ic_end {
+                        let ap = a.data.as_ptr().add((ip * pairs + k0) * MR);
+                        let rows = MR.min(a.m - ip * MR);
+                        let cp = c.add(ip * MR * ldc + jp * NR);
+                        micro(kc, ap, bp, cp, ldc, rows, cols, acc);
+                    }
+                }
+                ic = ic_end;
+            }
+            k0 += kc;
+        }
+    }
+
+    /// One `MR x NR` block of C over `kc` pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro(
+        kc: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut c0 = [_mm512_setzero_ps(); MR];
+        let mut c1 = [_mm512_setzero_ps(); MR];
+        for p in 0..kc {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+            let b1: __m512bh =
+                std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+            let ar = a.add(p * MR);
+            for r in 0..MR {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
+                c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
+                c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+            }
+        }
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u32 << cols) as u16 - 1
+        };
+        let m1: __mmask16 = if cols >= NR {
+            0xffff
+        } else if cols > 16 {
+            (1u32 << (cols - 16)) as u16 - 1
+        } else {
+            0
+        };
+        for r in 0..rows {
+            let row = c.add(r * ldc);
+            let (mut v0, mut v1) = (c0[r], c1[r]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+            }
+            _mm512_mask_storeu_ps(row, m0, v0);
+            _mm512_mask_storeu_ps(row.add(16), m1, v1);
+        }
+    }
+}

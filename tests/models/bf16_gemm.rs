@@ -1,0 +1,181 @@
+//! The bf16 kernels against an f64 product of the same bf16-rounded operands.
+//!
+//! Bound: each product of two bf16 values is exact in f32 (8 x 8 significant bits), so the only
+//! error is the f32 summation: |c - ref| <= k * 2^-24 * sum_k |a b| covers any order of adding.
+//! Against the f32 operands before rounding, bf16 adds at most 2^-8 relative per factor, so
+//! |c - ref_f32| <= (2^-7 + k 2^-24) * sum_k |a b|.
+
+use half::bf16;
+use mcld::models::bf16_gemm::{self, PackedA, PackedB};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        })
+        .collect()
+}
+
+fn round(v: f32) -> f64 {
+    bf16::from_f32(v).to_f64()
+}
+
+/// Worst |c - ref| / bound over the product, for the given f64 element readers.
+fn check(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &[f32],
+    ldc: usize,
+    init: &[f32],
+    a: impl Fn(usize, usize) -> f32,
+    b: impl Fn(usize, usize) -> f32,
+) -> f64 {
+    let mut worst = 0f64;
+    for i in 0..m {
+        for j in 0..n {
+            let (mut exact, mut mag) = (init[i * ldc + j] as f64, init[i * ldc + j].abs() as f64);
+            let (mut raw, mut raw_mag) = (exact, mag);
+            for kk in 0..k {
+                let (x, y) = (a(i, kk), b(kk, j));
+                exact += round(x) * round(y);
+                mag += (round(x) * round(y)).abs();
+                raw += x as f64 * y as f64;
+                raw_mag += (x as f64 * y as f64).abs();
+            }
+            let got = c[i * ldc + j] as f64;
+            let bound = (k as f64 + 1.0) * 2f64.powi(-24) * mag + 1e-30;
+            let bound_raw = (2f64.powi(-7) + (k as f64 + 1.0) * 2f64.powi(-24)) * raw_mag + 1e-30;
+            worst = worst.max((got - exact).abs() / bound);
+            assert!(
+                (got - raw).abs() <= bound_raw,
+                "({i},{j}) k={k}: {got} vs f32-operand product {raw} (bound {bound_raw})"
+            );
+        }
+    }
+    worst
+}
+
+#[test]
+fn bf16_matmul_matches_f64_for_every_packing() {
+    if !bf16_gemm::available() {
+        eprintln!("skipped: this CPU lacks AVX-512 BF16 (the f32 path is used there)");
+        return;
+    }
+    // Edges in every direction: partial panels, odd k, a k over one block, vector tails.
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (12, 32, 2),
+        (13, 33, 3),
+        (7, 50, 40),
+        (30, 17, 257),
+        (25, 70, 300),
+        (40, 64, 31),
+    ] {
+        let ld_a = k + 3;
+        let ld_c = n + 5;
+        let a = values(m * ld_a, 1 + m as u64);
+        let b_rows = values(k * (n + 2), 2 + n as u64);
+        let b_cols = values(n * (k + 1), 3 + k as u64);
+        let a16: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+        let b16: Vec<bf16> = b_cols.iter().map(|&v| bf16::from_f32(v)).collect();
+        let init = values(m * ld_c, 4);
+        let ar = |i: usize, kk: usize| a[i * ld_a + kk];
+        let brow = |kk: usize, j: usize| b_rows[kk * (n + 2) + j];
+        let bcol = |kk: usize, j: usize| b_cols[j * (k + 1) + kk];
+        let pa = PackedA::from_f32_rows(&a, m, k, ld_a);
+        let pa16 = PackedA::from_bf16_rows(&a16, m, k, ld_a);
+        let pb_rows = PackedB::from_f32_rows(&b_rows, k, n, n + 2);
+        let pb_cols = PackedB::from_f32_cols(&b_cols, k, n, k + 1);
+        let pb16 = PackedB::from_bf16_cols(&b16, k, n, k + 1);
+        let zero = vec![0f32; m * ld_c];
+        for (name, pa, pb, by_rows) in [
+            ("f32 rows x f32 rows", &pa, &pb_rows, true),
+            ("bf16 rows x f32 cols", &pa16, &pb_cols, false),
+            ("f32 rows x bf16 cols", &pa, &pb16, false),
+        ] {
+            for accumulate in [false, true] {
+                for parallel in [false, true] {
+                    let mut c = init.clone();
+                    let r = if parallel {
+                        bf16_gemm::matmul_parallel(pa, pb, &mut c, ld_c, accumulate)
+                    } else {
+                        bf16_gemm::matmul(pa, pb, &mut c, ld_c, accumulate)
+                    };
+                    r.unwrap();
+                    let base = if accumulate { &init } else { &zero };
+                    let worst = if by_rows {
+                        check(m, n, k, &c, ld_c, base, ar, brow)
+                    } else {
+                        check(m, n, k, &c, ld_c, base, ar, bcol)
+                    };
+                    assert!(
+                        worst <= 1.0,
+                        "{name} m{m} n{n} k{k} acc={accumulate} par={parallel}: {worst} x bound"
+                    );
+                    // Padding columns of C stay as they were.
+                    for i in 0..m {
+                        assert_eq!(
+                            &c[i * ld_c + n..i * ld_c + ld_c],
+                            &init[i * ld_c + n..i * ld_c + ld_c]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bf16_packing_rounds_to_nearest_even() {
+    if !bf16_gemm::available() {
+        eprintln!("skipped: this CPU lacks AVX-512 BF16");
+        return;
+    }
+    // Products with a one-hot operand read each packed value back exactly; every packer (vector
+    // groups of 16/32 and scalar tails) must round as `half` does, ties to even included.
+    let n = 70;
+    let mut v = values(n, 9);
+    v[0] = 1.0 + 2f32.powi(-8); // tie: down to 1.0
+    v[1] = 1.0 + 3.0 * 2f32.powi(-8); // tie: up to 1 + 2^-6
+    v[2] = -(1.0 + 2f32.powi(-8));
+    v[3] = 3.0e38; // large, still finite in bf16
+    v[40] = 1.0 + 2f32.powi(-8);
+    v[41] = 1.0 + 3.0 * 2f32.powi(-8);
+    v[69] = 1.0e-30; // a small normal number
+    let eye: Vec<f32> = (0..n * n)
+        .map(|i| if i / n == i % n { 1.0 } else { 0.0 })
+        .collect();
+    let want: Vec<f32> = v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
+    let run = |a: &PackedA, b: &PackedB| {
+        let mut c = vec![0f32; a.rows() * b.cols()];
+        bf16_gemm::matmul(a, b, &mut c, b.cols(), false).unwrap();
+        c
+    };
+    let id_a = PackedA::from_f32_rows(&eye, n, n, n);
+    let id_b = PackedB::from_f32_rows(&eye, n, n, n);
+    let got = [
+        (
+            "A from f32 rows",
+            run(&PackedA::from_f32_rows(&v, 1, n, n), &id_b),
+        ),
+        (
+            "B from f32 cols",
+            run(&id_a, &PackedB::from_f32_cols(&v, n, 1, n)),
+        ),
+    ];
+    for (what, c) in got {
+        assert_eq!(c, want, "{what}");
+    }
+    // The row-interleaving packer (conv patches): a 2 x n block with rows of v and -v.
+    let two: Vec<f32> = v.iter().copied().chain(v.iter().map(|x| -x)).collect();
+    let pb = PackedB::from_f32_rows(&two, 2, n, n);
+    let c = run(&PackedA::from_f32_rows(&[1.0, 0.0, 0.0, 1.0], 2, 2, 2), &pb);
+    let neg: Vec<f32> = want.iter().map(|x| -x).collect();
+    assert_eq!(&c[..n], &want[..]);
+    assert_eq!(&c[n..], &neg[..]);
+}
