@@ -230,32 +230,9 @@ pub fn matmul(
     ldc: usize,
     accumulate: bool,
 ) -> crate::Result<()> {
-    if a.k != b.k {
-        return Err(crate::Error::msg(format!(
-            "bf16 matmul: inner sizes differ ({} vs {})",
-            a.k, b.k
-        )));
-    }
-    if !available() {
-        return Err(crate::Error::msg(
-            "bf16 matmul: this CPU lacks AVX-512 BF16 (use --dtype f32)",
-        ));
-    }
     check_span(c.len(), a.m, b.n, ldc);
-    // SAFETY: features checked above; `c` spans m rows of n columns at stride ldc.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        x86::matmul(
-            a,
-            0..a.panels(),
-            b,
-            0..b.panels(),
-            c.as_mut_ptr(),
-            ldc,
-            accumulate,
-        );
-    }
-    Ok(())
+    // SAFETY: `c` spans m rows of n columns at stride ldc and is borrowed exclusively.
+    unsafe { matmul_raw(a, b, c.as_mut_ptr(), ldc, accumulate, false) }
 }
 
 /// [`matmul`] split across rayon's threads by panels of whichever side has more.
@@ -266,33 +243,69 @@ pub fn matmul_parallel(
     ldc: usize,
     accumulate: bool,
 ) -> crate::Result<()> {
-    use rayon::prelude::*;
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || a.panels().max(b.panels()) < 2 {
-        return matmul(a, b, c, ldc, accumulate);
-    }
-    if a.k != b.k || !available() {
-        return matmul(a, b, c, ldc, accumulate);
-    }
     check_span(c.len(), a.m, b.n, ldc);
-    let ptr = super::host::SharedOut::new(c);
-    let by_rows = a.panels() >= b.panels();
-    let total = if by_rows { a.panels() } else { b.panels() };
-    let chunks = (4 * threads).min(total);
-    (0..chunks).into_par_iter().for_each(|t| {
-        let r = t * total / chunks..(t + 1) * total / chunks;
-        let (ra, rb) = if by_rows {
-            (r, 0..b.panels())
-        } else {
-            (0..a.panels(), r)
-        };
-        // SAFETY: features checked above; each task writes the rows (or columns) of its own
-        // panels only, which no other task touches.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            x86::matmul(a, ra, b, rb, ptr.get(), ldc, accumulate);
+    // SAFETY: as in `matmul`.
+    unsafe { matmul_raw(a, b, c.as_mut_ptr(), ldc, accumulate, true) }
+}
+
+/// [`matmul`] on a raw block, for callers whose parallel tasks write interleaved blocks of one
+/// buffer (convolution tiles: disjoint column ranges of the same rows).
+///
+/// # Safety
+/// `c` points at `a.rows()` rows of `b.cols()` writable f32 at stride `ldc`, which nothing else
+/// reads or writes during the call.
+pub unsafe fn matmul_raw(
+    a: &PackedA,
+    b: &PackedB,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) -> crate::Result<()> {
+    if a.k != b.k {
+        return Err(crate::Error::msg(format!(
+            "bf16 matmul: inner sizes differ ({} vs {})",
+            a.k, b.k
+        )));
+    }
+    if b.n > ldc && a.m > 1 {
+        return Err(crate::Error::msg(format!(
+            "bf16 matmul: row stride {ldc} below the {} columns",
+            b.n
+        )));
+    }
+    if !available() {
+        return Err(crate::Error::msg(
+            "bf16 matmul: this CPU lacks AVX-512 BF16 (use --dtype f32)",
+        ));
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use rayon::prelude::*;
+        let threads = rayon::current_num_threads();
+        if !parallel || threads <= 1 || a.panels().max(b.panels()) < 2 {
+            // SAFETY: features checked above; the block is the caller's.
+            unsafe { x86::matmul(a, 0..a.panels(), b, 0..b.panels(), c, ldc, accumulate) };
+            return Ok(());
         }
-    });
+        let ptr = super::host::SharedOut::from_ptr(c);
+        let by_rows = a.panels() >= b.panels();
+        let total = if by_rows { a.panels() } else { b.panels() };
+        let chunks = (4 * threads).min(total);
+        (0..chunks).into_par_iter().for_each(|t| {
+            let r = t * total / chunks..(t + 1) * total / chunks;
+            let (ra, rb) = if by_rows {
+                (r, 0..b.panels())
+            } else {
+                (0..a.panels(), r)
+            };
+            // SAFETY: features checked above; each task writes the rows (or columns) of its own
+            // panels only, which no other task touches.
+            unsafe { x86::matmul(a, ra, b, rb, ptr.get(), ldc, accumulate) };
+        });
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (c, accumulate, parallel);
     Ok(())
 }
 

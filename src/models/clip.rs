@@ -11,7 +11,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use crate::models::conv::Conv2d;
 use serde::Deserialize;
 
-use super::nn::{attention, merge_heads, split_heads, LayerNorm};
+use super::nn::{attention_bf16, merge_heads, split_heads, LayerNorm};
 use crate::imageops::{Filter, U8Image};
 use crate::models::linear::{linear, linear_no_bias, Linear};
 use crate::{Error, Result};
@@ -148,7 +148,8 @@ impl EncoderLayer {
         let q = split_heads(&h.apply(&self.q)?, self.heads)?;
         let k = split_heads(&h.apply(&self.k)?, self.heads)?;
         let v = split_heads(&h.apply(&self.v)?, self.heads)?;
-        let a = merge_heads(&attention(&q, &k, &v)?)?.apply(&self.out)?;
+        let a =
+            merge_heads(&attention_bf16(&q, &k, &v, self.q.is_bf16_mixed())?)?.apply(&self.out)?;
         let x = (x + a)?;
         let h = self.ln2.forward(&x)?.apply(&self.fc1)?;
         let h = if self.quick_gelu {

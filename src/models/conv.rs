@@ -13,7 +13,9 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
+use super::bf16_gemm::{self, PackedA, PackedB};
 use super::host::{with_f32, SharedOut};
+use super::linear::with_bf16;
 
 /// A tile's patch matrix holds at most this many floats (16 MiB).
 const TILE_FLOATS: usize = 1 << 22;
@@ -141,13 +143,15 @@ pub fn conv2d_cpu(
     groups: usize,
 ) -> candle_core::Result<Option<Tensor>> {
     let all = [Some(x), Some(w), bias];
+    // A bf16 weight with f32 activations is the CPU bf16 mode (`weights::bf16_matmul_weights`).
+    let bf16 = w.dtype() == DType::BF16 && bf16_gemm::available();
     let applies = groups == 1
         && stride > 0
         && dilation > 0
-        && all
-            .iter()
-            .flatten()
-            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
+        && all.iter().flatten().all(|t| {
+            let dtype_ok = t.dtype() == DType::F32 || (bf16 && std::ptr::eq(*t, w));
+            t.device().is_cpu() && dtype_ok && !t.track_op()
+        });
     if !applies {
         return Ok(None);
     }
@@ -177,11 +181,17 @@ pub fn conv2d_cpu(
     let x = x.contiguous()?;
     let w = w.contiguous()?;
     let b = bias.map(|b| b.contiguous()).transpose()?;
-    let out = with_f32(&x, |xs| {
-        with_f32(&w, |ws| match &b {
-            Some(b) => with_f32(b, |bs| run(&geo, n, xs, ws, Some(bs))),
-            None => Ok(run(&geo, n, xs, ws, None)),
-        })
+    let weights = if bf16 {
+        let k = geo.k();
+        Weights::Bf16(with_bf16(&w, |ws| {
+            PackedA::from_bf16_rows(ws, geo.co, k, k)
+        })?)
+    } else {
+        Weights::F32(w.clone())
+    };
+    let out = with_f32(&x, |xs| match &b {
+        Some(b) => with_f32(b, |bs| run(&geo, n, xs, &weights, Some(bs))),
+        None => Ok(run(&geo, n, xs, &weights, None)),
     })???;
     Ok(Some(Tensor::from_vec(
         out,
@@ -263,12 +273,25 @@ impl Geometry {
     }
 }
 
+/// A convolution's weight as its kernel wants it.
+enum Weights {
+    F32(Tensor),
+    /// The CPU bf16 mode's weight, packed once per call for all tiles.
+    Bf16(PackedA),
+}
+
 /// The convolution of `n` images; tiles of output rows write disjoint parts of the output.
-fn run(g: &Geometry, n: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+fn run(
+    g: &Geometry,
+    n: usize,
+    x: &[f32],
+    w: &Weights,
+    bias: Option<&[f32]>,
+) -> candle_core::Result<Vec<f32>> {
     let (k, p) = (g.k(), g.oh * g.ow);
     let mut out = vec![0f32; n * g.co * p];
     if out.is_empty() {
-        return out;
+        return Ok(out);
     }
     let threads = rayon::current_num_threads().max(1);
     // Tiles of at most TILE_FLOATS patches, at least MIN_TILE_PIXELS outputs where the image
@@ -293,55 +316,69 @@ fn run(g: &Geometry, n: usize, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Ve
         gemm::Parallelism::Rayon(threads)
     };
     let dst = SharedOut::new(&mut out);
-    let tile = |&(b, r0, r1): &(usize, usize, usize), col: &mut Vec<f32>| {
-        let np = (r1 - r0) * g.ow;
-        let xb = &x[b * g.ci * g.h * g.w..(b + 1) * g.ci * g.h * g.w];
-        let (rhs, rhs_rs) = if g.pointwise() {
-            (xb[r0 * g.ow..].as_ptr(), p as isize)
-        } else {
-            col.resize(k * np, 0.0);
-            g.im2col(xb, r0, r1, col);
-            (col.as_ptr(), np as isize)
-        };
-        // SAFETY: the tile's output block is rows 0..co of image b at pixels r0*ow..r1*ow:
-        // inside `out`, and no other tile touches it. Operand pointers cover m x k and k x n.
-        unsafe {
-            let d = dst.get().add(b * g.co * p + r0 * g.ow);
-            if let Some(bias) = bias {
-                for (c, &v) in bias.iter().enumerate() {
-                    std::slice::from_raw_parts_mut(d.add(c * p), np).fill(v);
+    let tile =
+        |&(b, r0, r1): &(usize, usize, usize), col: &mut Vec<f32>| -> candle_core::Result<()> {
+            let np = (r1 - r0) * g.ow;
+            let xb = &x[b * g.ci * g.h * g.w..(b + 1) * g.ci * g.h * g.w];
+            let (rhs, rhs_rs) = if g.pointwise() {
+                (xb[r0 * g.ow..].as_ptr(), p as isize)
+            } else {
+                col.resize(k * np, 0.0);
+                g.im2col(xb, r0, r1, col);
+                (col.as_ptr(), np as isize)
+            };
+            // SAFETY: the tile's output block is rows 0..co of image b at pixels r0*ow..r1*ow:
+            // inside `out`, and no other tile touches it. Operand pointers cover m x k and k x n.
+            unsafe {
+                let d = dst.get().add(b * g.co * p + r0 * g.ow);
+                if let Some(bias) = bias {
+                    for (c, &v) in bias.iter().enumerate() {
+                        std::slice::from_raw_parts_mut(d.add(c * p), np).fill(v);
+                    }
                 }
+                let w = match w {
+                    Weights::Bf16(pa) => {
+                        let len = (k - 1) * rhs_rs as usize + np;
+                        let rhs = std::slice::from_raw_parts(rhs, len);
+                        let pb = PackedB::from_f32_rows(rhs, k, np, rhs_rs as usize);
+                        let par = !matches!(inner, gemm::Parallelism::None);
+                        return bf16_gemm::matmul_raw(pa, &pb, d, p, bias.is_some(), par)
+                            .map_err(candle_core::Error::wrap);
+                    }
+                    Weights::F32(w) => w,
+                };
+                with_f32(w, |w| {
+                    gemm::gemm(
+                        g.co,
+                        np,
+                        k,
+                        d,
+                        1,
+                        p as isize,
+                        bias.is_some(),
+                        w.as_ptr(),
+                        1,
+                        k as isize,
+                        rhs,
+                        1,
+                        rhs_rs,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        inner,
+                    )
+                })
             }
-            gemm::gemm(
-                g.co,
-                np,
-                k,
-                d,
-                1,
-                p as isize,
-                bias.is_some(),
-                w.as_ptr(),
-                1,
-                k as isize,
-                rhs,
-                1,
-                rhs_rs,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                inner,
-            );
-        }
-    };
+        };
     if matches!(inner, gemm::Parallelism::None) {
         tiles
             .par_iter()
-            .for_each_init(Vec::new, |col, t| tile(t, col));
+            .try_for_each_init(Vec::new, |col, t| tile(t, col))?;
     } else {
         let mut col = Vec::new();
-        tiles.iter().for_each(|t| tile(t, &mut col));
+        tiles.iter().try_for_each(|t| tile(t, &mut col))?;
     }
-    out
+    Ok(out)
 }

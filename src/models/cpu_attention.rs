@@ -10,14 +10,22 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use super::bf16_gemm::{self, PackedA, PackedB, MR};
 use super::host::{with_f32, SharedOut};
 
 /// Scores per task block: about 512 KiB, inside a core's L2.
 const BLOCK_SCORES: usize = 1 << 17;
 
 /// `softmax(q k^T / sqrt(d)) v` for (B, H, Tq, d) x (B, H, Tk, d) x (B, H, Tk, dv) f32 CPU
-/// tensors without gradient tracking; `None` where that does not hold.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Option<Tensor>> {
+/// tensors without gradient tracking; `None` where that does not hold. With `bf16` (and a CPU
+/// that has AVX-512 BF16) both products take bf16 operands with f32 accumulation, as PyTorch's
+/// CPU attention does in bf16; scores and the softmax stay f32.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bf16: bool,
+) -> candle_core::Result<Option<Tensor>> {
     let applies = [q, k, v]
         .iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
@@ -38,9 +46,18 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Opti
         d,
         dv,
     };
+    let use_bf16 = bf16 && bf16_gemm::available();
     let out = with_f32(&q, |qs| {
-        with_f32(&k, |ks| with_f32(&v, |vs| run(&shape, qs, ks, vs)))
-    })???;
+        with_f32(&k, |ks| {
+            with_f32(&v, |vs| {
+                if use_bf16 {
+                    run_bf16(&shape, qs, ks, vs).map_err(candle_core::Error::wrap)
+                } else {
+                    Ok(run(&shape, qs, ks, vs))
+                }
+            })
+        })
+    })????;
     Ok(Some(Tensor::from_vec(out, (b, h, tq, dv), q.device())?))
 }
 
@@ -128,6 +145,56 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
             }
         });
     out
+}
+
+/// [`run`] with bf16 operands: each head's keys and values are packed once, then blocks of
+/// query rows (a multiple of the kernel's row panel) run in parallel.
+fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32>> {
+    let mut out = vec![0f32; s.bh * s.tq * s.dv];
+    if out.is_empty() {
+        return Ok(out);
+    }
+    let packed: Vec<(PackedB, PackedB)> = (0..s.bh)
+        .into_par_iter()
+        .map(|head| {
+            let kh = &k[head * s.tk * s.d..(head + 1) * s.tk * s.d];
+            let vh = &v[head * s.tk * s.dv..(head + 1) * s.tk * s.dv];
+            (
+                PackedB::from_f32_cols(kh, s.d, s.tk, s.d),
+                PackedB::from_f32_rows(vh, s.tk, s.dv, s.dv),
+            )
+        })
+        .collect();
+    let rows = (BLOCK_SCORES / s.tk / MR * MR).clamp(MR.min(s.tq), s.tq);
+    let blocks = s.tq.div_ceil(rows);
+    let scale = 1.0 / (s.d as f32).sqrt();
+    let dst = SharedOut::new(&mut out);
+    (0..s.bh * blocks).into_par_iter().try_for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, task| {
+            let (head, blk) = (task / blocks, task % blocks);
+            let (kt, vp) = &packed[head];
+            let r0 = blk * rows;
+            let n = rows.min(s.tq - r0);
+            scores.resize(n * s.tk, 0.0);
+            let qh = &q[(head * s.tq + r0) * s.d..(head * s.tq + r0 + n) * s.d];
+            let qa = PackedA::from_f32_rows(qh, n, s.d, s.d);
+            bf16_gemm::matmul(&qa, kt, scores, s.tk, false)?;
+            for row in scores.chunks_exact_mut(s.tk) {
+                for x in row.iter_mut() {
+                    *x *= scale;
+                }
+                softmax_in_place(row);
+            }
+            let pa = PackedA::from_f32_rows(scores, n, s.tk, s.tk);
+            // SAFETY: rows r0..r0+n of this head are inside `out` and written by this task alone.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(dst.get().add((head * s.tq + r0) * s.dv), n * s.dv)
+            };
+            bf16_gemm::matmul(&pa, vp, o, s.dv, false)
+        },
+    )?;
+    Ok(out)
 }
 
 /// `x <- exp(x - max) / sum`, as torch's softmax computes it (a division, not a reciprocal).

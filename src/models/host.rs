@@ -26,6 +26,10 @@ impl SharedOut {
         Self(buf.as_mut_ptr())
     }
 
+    pub(crate) fn from_ptr(ptr: *mut f32) -> Self {
+        Self(ptr)
+    }
+
     /// A method, so closures capture the `Sync` wrapper rather than its raw field.
     pub(crate) fn get(self) -> *mut f32 {
         self.0

@@ -70,7 +70,13 @@ pub const ATTENTION_CHUNK_ELEMS: usize = 1 << 26;
 /// the fused one has no backward pass. f32 on the CPU without gradients takes the fused kernel
 /// of `cpu_attention` instead.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    if let Some(out) = super::cpu_attention::attention(q, k, v)? {
+    attention_bf16(q, k, v, false)
+}
+
+/// [`attention`]; with `bf16`, f32 CPU inputs multiply as bf16 with f32 accumulation where the
+/// CPU can (the layers pass whether their weights are in the CPU bf16 mode).
+pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Tensor> {
+    if let Some(out) = super::cpu_attention::attention(q, k, v, bf16)? {
         return Ok(out);
     }
     attention_chunked(q, k, v, ATTENTION_CHUNK_ELEMS)

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::models::linear::{linear, linear_no_bias, Linear};
-use crate::models::nn::{attention, merge_heads, split_heads, LayerNorm};
+use crate::models::nn::{attention_bf16, merge_heads, split_heads, LayerNorm};
 use crate::{Error, Result};
 
 const LN_EPS: f64 = 1e-5;
@@ -140,7 +140,7 @@ impl PerceiverAttention {
             split_heads(&k, self.heads)?,
             split_heads(&v, self.heads)?,
         );
-        let out = merge_heads(&attention(&q, &k, &v)?)?;
+        let out = merge_heads(&attention_bf16(&q, &k, &v, self.to_q.is_bf16_mixed())?)?;
         self.to_out.forward(&out)
     }
 }

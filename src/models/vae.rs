@@ -12,7 +12,7 @@ use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
 use crate::models::conv::{conv2d, Conv2d};
 use serde::Deserialize;
 
-use super::nn::{attention, merge_heads, split_heads};
+use super::nn::{attention_bf16, merge_heads, split_heads};
 use crate::models::linear::Linear;
 use crate::{Error, Result};
 
@@ -211,7 +211,13 @@ fn linear_maybe_conv(vb: VarBuilder, c: usize) -> Result<Linear> {
         }
     };
     let b = vb.get(c, "bias")?;
-    Ok(Linear::new(w.to_dtype(vb.dtype())?, Some(b)))
+    // A bf16 weight under an f32 builder is the CPU bf16 mode's (`weights::bf16_matmul_weights`).
+    let w = if w.dtype() == DType::BF16 && vb.dtype() == DType::F32 {
+        w
+    } else {
+        w.to_dtype(vb.dtype())?
+    };
+    Ok(Linear::new(w, Some(b)))
 }
 
 impl AttentionBlock {
@@ -242,7 +248,8 @@ impl AttentionBlock {
         let q = split_heads(&t.apply(&self.q)?, 1)?;
         let k = split_heads(&t.apply(&self.k)?, 1)?;
         let v = split_heads(&t.apply(&self.v)?, 1)?;
-        let o = merge_heads(&attention(&q, &k, &v)?)?.apply(&self.out)?;
+        let o =
+            merge_heads(&attention_bf16(&q, &k, &v, self.q.is_bf16_mixed())?)?.apply(&self.out)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((o + x)?)
     }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use super::checkpoints::PipelineFiles;
@@ -39,13 +40,18 @@ pub struct McldPipeline {
 /// How a requested precision runs on a device: the dtype the networks compute in, and the
 /// dtype their weights are rounded through first (when that differs).
 ///
-/// candle 0.11.1's CPU matmul (which also carries every convolution) has no bf16 kernel, so on
-/// the CPU `bf16` means bf16-rounded weights with f32 arithmetic: the weights carry bf16's
-/// precision loss, activations keep f32. f16 runs natively everywhere, bf16 natively on CUDA.
+/// candle 0.11.1's CPU matmul has no bf16 kernel. On CPUs with AVX-512 BF16, `bf16` keeps
+/// activations in f32 and runs every matmul, convolution and attention product with bf16
+/// operands and f32 accumulation (`models::bf16_gemm`), weights stored in bf16 (as PyTorch's
+/// CPU bf16 accumulates); elsewhere it means bf16-rounded weights with f32 arithmetic. f16 runs
+/// natively everywhere, bf16 natively on CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Precision {
     pub compute: DType,
     pub round_weights: Option<DType>,
+    /// Matmul and convolution weights in bf16 through `bf16_gemm` (CPU with AVX-512 BF16);
+    /// training keeps the rounding only, since these kernels have no backward pass.
+    pub bf16_matmuls: bool,
     /// What the user should know about this choice on this device, if anything.
     pub caveat: Option<&'static str>,
 }
@@ -56,6 +62,7 @@ impl Precision {
             Self {
                 compute: DType::F32,
                 round_weights: Some(DType::BF16),
+                bf16_matmuls: crate::models::bf16_gemm::available(),
                 caveat: None,
             }
         } else {
@@ -67,6 +74,7 @@ impl Precision {
             Self {
                 compute: requested,
                 round_weights: None,
+                bf16_matmuls: false,
                 caveat,
             }
         }
@@ -75,6 +83,11 @@ impl Precision {
     /// One line for logs: what actually runs.
     pub fn describe(&self) -> String {
         let what = match self.round_weights {
+            Some(r) if self.bf16_matmuls => format!(
+                "{r:?} weights; matmuls, convolutions and attention on {r:?} operands with \
+                 f32 accumulation (AVX-512 BF16); activations {:?}",
+                self.compute
+            ),
             Some(r) => format!(
                 "{r:?} weights computed in {:?} (no {r:?} matmul on this device)",
                 self.compute
@@ -84,6 +97,16 @@ impl Precision {
         match self.caveat {
             Some(c) => format!("{what} ({c})"),
             None => what,
+        }
+    }
+
+    /// The builder the networks load from: `vb` itself, or in the bf16-matmul mode its view
+    /// with matmul and convolution weights in bf16.
+    pub fn var_builder(&self, vb: VarBuilder<'static>) -> VarBuilder<'static> {
+        if self.bf16_matmuls {
+            crate::weights::bf16::bf16_matmul_weights(vb)
+        } else {
+            vb
         }
     }
 
@@ -134,13 +157,13 @@ pub fn build_nets(
     let rs_cfg = resampler::Config::from_weights(proj.tensors(), "", proj.source())?;
     let dtype = prec.compute;
     let nets = Mcld::new(
-        prefixed_var_builder(
+        prec.var_builder(prefixed_var_builder(
             parts
                 .iter()
                 .map(|(p, w)| (*p, w.var_builder(dtype, device))),
             dtype,
             device,
-        ),
+        )),
         &McldConfig::new(ucfg, rs_cfg),
     )?;
     for (_, w) in &parts {
@@ -177,7 +200,7 @@ impl McldPipeline {
         let vcfg: vae::Config = vdir.config()?;
         let vae = {
             let w = prec.weights(vdir.strict()?)?;
-            let m = AutoencoderKL::new(w.var_builder(dtype, device), &vcfg)?;
+            let m = AutoencoderKL::new(prec.var_builder(w.var_builder(dtype, device)), &vcfg)?;
             w.finish()?;
             m
         };
@@ -190,7 +213,10 @@ impl McldPipeline {
                 "text_projection.",
                 "logit_scale",
             ]);
-            let m = ClipVisionModelWithProjection::new(w.var_builder(dtype, device), &ecfg)?;
+            let m = ClipVisionModelWithProjection::new(
+                prec.var_builder(w.var_builder(dtype, device)),
+                &ecfg,
+            )?;
             w.finish()?;
             m
         };

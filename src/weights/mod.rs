@@ -2,6 +2,7 @@
 //! checkpoints (zip and legacy) and detectron2 pickles. Pickles are untrusted and go through a
 //! restricted reader that only rebuilds tensors; any other callable is refused by name.
 
+pub mod bf16;
 pub mod pickle;
 pub mod prefixed;
 pub mod random;

@@ -179,3 +179,69 @@ fn bf16_packing_rounds_to_nearest_even() {
     assert_eq!(&c[..n], &want[..]);
     assert_eq!(&c[n..], &neg[..]);
 }
+
+/// `models::linear::Linear` with a bf16 weight (the CPU bf16 mode) on f32 inputs of rank 2-4,
+/// contiguous or not, against f64 of the rounded operands; tracked inputs fall back to candle
+/// with the weight widened, so training never meets the kernel.
+#[test]
+fn linear_with_bf16_weight() {
+    use candle_core::{DType, Device, Module, Tensor, Var};
+    use mcld::models::linear::Linear;
+    if !bf16_gemm::available() {
+        eprintln!("skipped: this CPU lacks AVX-512 BF16");
+        return;
+    }
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 1.0, (70, 33), &dev).unwrap();
+    let b = Tensor::randn(0f32, 1.0, 70, &dev).unwrap();
+    let w16 = w.to_dtype(DType::BF16).unwrap();
+    let lin = Linear::new(w16.clone(), Some(b.clone()));
+    assert!(lin.is_bf16_mixed());
+    let f64_of = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 33), &dev).unwrap();
+    let xt = Tensor::randn(0f32, 1.0, (2, 33, 7), &dev)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    for x in [x.clone(), x.flatten_to(1).unwrap(), xt] {
+        let got = lin.forward(&x).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let (x64, w64) = (f64_of(&x), f64_of(&w16));
+        let want = x64
+            .broadcast_matmul(&w64.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b.to_dtype(DType::F64).unwrap())
+            .unwrap();
+        let mag = x64
+            .abs()
+            .unwrap()
+            .broadcast_matmul(&w64.abs().unwrap().t().unwrap())
+            .unwrap()
+            .broadcast_add(&b.to_dtype(DType::F64).unwrap().abs().unwrap())
+            .unwrap();
+        let excess = (got.to_dtype(DType::F64).unwrap() - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sub(&(mag * (34.0 * 2f64.powi(-24))).unwrap())
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(excess <= 0.0, "{:?}: {excess} over the bound", x.dims());
+    }
+    // A tracked input takes candle's path with the weight widened (same values).
+    let v = Var::from_tensor(&x).unwrap();
+    let tracked = lin.forward(v.as_tensor()).unwrap();
+    let plain = Linear::new(w16.to_dtype(DType::F32).unwrap(), Some(b))
+        .forward(&x)
+        .unwrap();
+    let diff = (tracked - plain).unwrap().abs().unwrap().max_all().unwrap();
+    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+}

@@ -25,6 +25,68 @@ fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, pad: usize, s: usize, d
     }
 }
 
+/// The CPU bf16 mode's convolution (bf16 weight, f32 input, `bf16_gemm`) against an f64
+/// convolution of the bf16-rounded operands: products of two bf16 values are exact in f32, so
+/// the error is the f32 summation's, at most (k + 1) 2^-24 sum |w x| (k = ci kh kw, +1 for the
+/// bias), sum |w x| being the f64 convolution of the magnitudes.
+fn bf16_case(
+    i: usize,
+    xs: (usize, usize, usize, usize),
+    ws: (usize, usize, usize, usize),
+    pad: usize,
+    s: usize,
+    d: usize,
+) {
+    if !mcld::models::bf16_gemm::available() {
+        return;
+    }
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, xs, &dev).unwrap();
+    let w16 = Tensor::randn(0f32, 1.0, ws, &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let b = Tensor::randn(0f32, 1.0, ws.0, &dev).unwrap();
+    let f64_of = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    };
+    let (x64, w64, b64) = (f64_of(&x), f64_of(&w16), b.to_dtype(DType::F64).unwrap());
+    let k = (ws.1 * ws.2 * ws.3) as f64;
+    for bias in [None, Some(&b)] {
+        let got = conv2d_cpu(&x, &w16, bias, pad, s, d, 1)
+            .unwrap()
+            .unwrap_or_else(|| panic!("case {i}: bf16 path did not apply"));
+        let want = reference(&x64, &w64, bias.map(|_| &b64), pad, s, d);
+        let mag = reference(
+            &x64.abs().unwrap(),
+            &w64.abs().unwrap(),
+            bias.map(|_| &b64).map(|b| b.abs().unwrap()).as_ref(),
+            pad,
+            s,
+            d,
+        );
+        let bound = (mag * ((k + 1.0) * 2f64.powi(-24))).unwrap();
+        let excess = (got.to_dtype(DType::F64).unwrap() - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sub(&bound)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            excess <= 0.0,
+            "case {i} bf16 bias {}: {excess} over the bound",
+            bias.is_some()
+        );
+    }
+}
+
 #[test]
 fn matches_candle_over_geometries() {
     let dev = Device::Cpu;
@@ -46,6 +108,7 @@ fn matches_candle_over_geometries() {
         (1, 3, 4, 4, 2, 4, 4, 0, 1, 1),
     ];
     for (i, &(n, ci, h, w, co, kh, kw, pad, s, d)) in cases.iter().enumerate() {
+        bf16_case(i, (n, ci, h, w), (co, ci, kh, kw), pad, s, d);
         let x = Tensor::randn(0f32, 1.0, (n, ci, h, w), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (co, ci, kh, kw), &dev).unwrap();
         let b = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
@@ -65,6 +128,7 @@ fn matches_candle_over_geometries() {
 #[test]
 fn many_tiles_and_views() {
     let dev = Device::Cpu;
+    bf16_case(100, (2, 64, 60, 64), (8, 64, 3, 3), 1, 1, 1);
     let x = Tensor::randn(0f32, 1.0, (2, 64, 200, 256), &dev).unwrap();
     let k = Tensor::randn(0f32, 1.0, (8, 64, 3, 3), &dev).unwrap();
     let b = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();

@@ -60,7 +60,9 @@ fn matches_f64_attention_over_shapes() {
         let q = Tensor::randn(0f32, 1.0, (b, h, tq, d), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (b, h, tk, d), &dev).unwrap();
         let v = Tensor::randn(0f32, 1.0, (b, h, tk, dv), &dev).unwrap();
-        let got = attention(&q, &k, &v).unwrap().expect("fused path applies");
+        let got = attention(&q, &k, &v, false)
+            .unwrap()
+            .expect("fused path applies");
         let e = max_errs(&got, &naive(&q, &k, &v)).0;
         println!("{b}x{h}x{tq}x{tk} d {d}: max_abs_err vs f64 {e:.3e}");
         assert!(e < 1e-5, "fused attention off by {e}");
@@ -73,16 +75,61 @@ fn views_and_fallbacks() {
     // Heads split from (B, T, H*d) are transposed views.
     let x = Tensor::randn(0f32, 1.0, (2, 50, 4 * 8), &dev).unwrap();
     let heads = x.reshape((2, 50, 4, 8)).unwrap().transpose(1, 2).unwrap();
-    let got = attention(&heads, &heads, &heads).unwrap().unwrap();
+    let got = attention(&heads, &heads, &heads, false).unwrap().unwrap();
     assert!(max_errs(&got, &naive(&heads, &heads, &heads)).0 < 1e-5);
     // Half precision and tracked inputs are left to the generic path.
     let h16 = heads.to_dtype(DType::F16).unwrap();
-    assert!(attention(&h16, &h16, &h16).unwrap().is_none());
+    assert!(attention(&h16, &h16, &h16, false).unwrap().is_none());
     let var = Var::from_tensor(&heads.contiguous().unwrap()).unwrap();
-    assert!(attention(var.as_tensor(), &heads, &heads)
+    assert!(attention(var.as_tensor(), &heads, &heads, false)
         .unwrap()
         .is_none());
     // Mismatched key/value lengths are not taken.
     let v = Tensor::randn(0f32, 1.0, (2, 4, 49, 8), &dev).unwrap();
-    assert!(attention(&heads, &heads, &v).unwrap().is_none());
+    assert!(attention(&heads, &heads, &v, false).unwrap().is_none());
+}
+
+/// The bf16 path (`--dtype bf16` on CPUs with AVX-512 BF16) against f64 attention of the
+/// bf16-rounded q, k, v. Scores are exact products summed in f32; the one rounding left is the
+/// probabilities' to bf16 before the second product, which moves each output by at most
+/// 2^-9 x sum_j p_j |v_j| <= 2^-9 max|v|.
+#[test]
+fn bf16_path_matches_f64_of_rounded_inputs() {
+    if !mcld::models::bf16_gemm::available() {
+        eprintln!("skipped: this CPU lacks AVX-512 BF16");
+        return;
+    }
+    let dev = Device::Cpu;
+    let round = |t: &Tensor| {
+        t.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    for (b, h, tq, tk, d, dv) in [
+        (1, 1, 5, 1, 8, 8),
+        (2, 3, 37, 17, 40, 40),
+        (1, 2, 300, 1500, 16, 24),
+        (2, 1, 1, 77, 64, 64),
+        (1, 1, 13, 9000, 40, 40),
+    ] {
+        let q = Tensor::randn(0f32, 1.0, (b, h, tq, d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (b, h, tk, d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (b, h, tk, dv), &dev).unwrap();
+        let got = attention(&q, &k, &v, true)
+            .unwrap()
+            .expect("fused path applies");
+        let (q, k, v) = (round(&q), round(&k), round(&v));
+        let vmax = v
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        let bound = 2f64.powi(-9) * vmax + 1e-5;
+        let e = max_errs(&got, &naive(&q, &k, &v)).0;
+        println!("bf16 {b}x{h}x{tq}x{tk} d {d}: max_abs_err {e:.3e} (bound {bound:.3e})");
+        assert!(e <= bound, "bf16 attention off by {e} > {bound}");
+    }
 }

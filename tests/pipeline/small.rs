@@ -19,7 +19,7 @@ fn module_vb(case: &common::Case, m: &str, prec: Precision) -> VarBuilder<'stati
         .unwrap()
         .to_string();
     let w = prec.round(case.weights_with_prefix(&prefix)).unwrap();
-    VarBuilder::from_tensors(w, prec.compute, &Device::Cpu)
+    prec.var_builder(VarBuilder::from_tensors(w, prec.compute, &Device::Cpu))
 }
 
 fn cfg<T: serde::de::DeserializeOwned>(case: &common::Case, m: &str) -> T {
@@ -51,7 +51,11 @@ fn run_case(case: &common::Case, dtype: DType) -> (Vec<StepRecord>, Tensor, Tens
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     let nets = Mcld::new(
-        VarBuilder::from_tensors(prec.round(parts).unwrap(), dtype, &Device::Cpu),
+        prec.var_builder(VarBuilder::from_tensors(
+            prec.round(parts).unwrap(),
+            dtype,
+            &Device::Cpu,
+        )),
         &mcfg,
     )
     .unwrap();
@@ -134,8 +138,9 @@ fn image_error(got: &Tensor, want: &Tensor) -> (f64, f64) {
 /// (about 2.5 levels), below what anyone sees; f16's unit roundoff (2^-11) leaves ample room.
 /// bf16 keeps 8 bits of mantissa (roundoff 2^-8, itself one 8-bit level per operation), so over
 /// four UNet passes and a decode it is held to 30 dB (RMS 3%, about 8 levels). NaN fails both.
-/// On the CPU bf16 runs as bf16-rounded weights with f32 arithmetic (`Precision`: candle's CPU
-/// matmul has no bf16 kernel), so this checks the weight rounding; the bound is the same.
+/// On a CPU with AVX-512 BF16 every matmul, convolution and attention product takes bf16
+/// operands (f32 accumulation, f32 activations); elsewhere bf16 means bf16-rounded weights with
+/// f32 arithmetic (`Precision`). The bound is the same.
 fn half_case(dtype: DType, min_psnr: f64) {
     let case = common::load_case("model", "pipeline_small");
     let (_, latents, image) = run_case(&case, dtype);

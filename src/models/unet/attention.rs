@@ -11,7 +11,7 @@ use crate::models::conv::Conv2d;
 use super::resnet::conv;
 use super::{BankMode, ReferenceBank};
 use crate::models::linear::{linear, linear_no_bias, Linear};
-use crate::models::nn::{attention, merge_heads, split_heads, LayerNorm};
+use crate::models::nn::{attention_bf16, merge_heads, split_heads, LayerNorm};
 use crate::{Error, Result};
 
 /// IP-adapter settings of a denoising UNet's cross-attentions.
@@ -91,10 +91,11 @@ impl Attention {
 
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let h = self.heads;
-        let o = attention(
+        let o = attention_bf16(
             &split_heads(q, h)?,
             &split_heads(k, h)?,
             &split_heads(v, h)?,
+            self.to_q.is_bf16_mixed(),
         )?;
         Ok(merge_heads(&o)?)
     }
