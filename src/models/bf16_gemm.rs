@@ -133,6 +133,13 @@ impl PackedB {
         let pairs = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         let mut data = vec![0u32; panels * pairs * NR];
+        #[cfg(target_arch = "x86_64")]
+        if available() {
+            // SAFETY: the features were just checked; reads stay inside the checked span and
+            // writes inside `data`, sized for every panel.
+            unsafe { x86::pack_b_rows(src, k, n, ld, pairs, &mut data) };
+            return Self { k, n, pairs, data };
+        }
         for panel in 0..panels {
             let j0 = panel * NR;
             let w = NR.min(n - j0);
@@ -140,7 +147,10 @@ impl PackedB {
                 let r0 = &src[2 * p * ld + j0..2 * p * ld + j0 + w];
                 let r1 = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * ld + j0..][..w]);
                 let dst = &mut data[(panel * pairs + p) * NR..][..NR];
-                interleave_rows(r0, r1, dst);
+                for j in 0..w {
+                    let hi = r1.map_or(0, |r| bits(r[j]));
+                    dst[j] = pair(bits(r0[j]), hi);
+                }
             }
         }
         Self { k, n, pairs, data }
@@ -204,20 +214,6 @@ fn convert_pairs(src: &[f32], dst: &mut [u32]) {
     for p in done..dst.len() {
         let hi = src.get(2 * p + 1).map_or(0, |&v| bits(v));
         dst[p] = pair(bits(src[2 * p]), hi);
-    }
-}
-
-/// `dst[j] = pair(r0[j], r1[j])` for the `r0.len()` valid columns; the rest of `dst` stays 0.
-fn interleave_rows(r0: &[f32], r1: Option<&[f32]>, dst: &mut [u32]) {
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the features were just checked; the function reads and writes in bounds.
-        done = unsafe { x86::interleave_rows(r0, r1, dst) };
-    }
-    for j in done..r0.len() {
-        let hi = r1.map_or(0, |r| bits(r[j]));
-        dst[j] = pair(bits(r0[j]), hi);
     }
 }
 
@@ -330,26 +326,46 @@ mod x86 {
         groups * 16
     }
 
-    /// Interleaves whole groups of 16 columns; returns how many columns it wrote.
+    /// Packs a row-major k x n f32 matrix into `NR`-column panels of k-pairs; `data` is zeroed
+    /// and sized for every panel. Whole groups of 16 columns go through the vector unit.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn interleave_rows(r0: &[f32], r1: Option<&[f32]>, dst: &mut [u32]) -> usize {
-        let groups = r0.len() / 16;
-        for g in 0..groups {
-            let a: __m256i =
-                std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(r0.as_ptr().add(16 * g))));
-            let lo = _mm512_cvtepu16_epi32(a);
-            let v = match r1 {
-                Some(r1) => {
-                    let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(
-                        r1.as_ptr().add(16 * g),
-                    )));
-                    _mm512_or_si512(lo, _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)))
+    pub(super) unsafe fn pack_b_rows(
+        src: &[f32],
+        k: usize,
+        n: usize,
+        ld: usize,
+        pairs: usize,
+        data: &mut [u32],
+    ) {
+        let cvt = |p: *const f32| -> __m512i {
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(p)));
+            _mm512_cvtepu16_epi32(h)
+        };
+        let s = src.as_ptr();
+        for panel in 0..n.div_ceil(NR) {
+            let j0 = panel * NR;
+            let w = NR.min(n - j0);
+            let groups = w / 16;
+            for p in 0..pairs {
+                let dst = data.as_mut_ptr().add((panel * pairs + p) * NR);
+                let r0 = s.add(2 * p * ld + j0);
+                let has_r1 = 2 * p + 1 < k;
+                let r1 = s.add(if has_r1 { (2 * p + 1) * ld + j0 } else { 0 });
+                for g in 0..groups {
+                    let lo = cvt(r0.add(16 * g));
+                    let v = if has_r1 {
+                        _mm512_or_si512(lo, _mm512_slli_epi32::<16>(cvt(r1.add(16 * g))))
+                    } else {
+                        lo
+                    };
+                    _mm512_storeu_si512(dst.add(16 * g) as *mut _, v);
                 }
-                None => lo,
-            };
-            _mm512_storeu_si512(dst.as_mut_ptr().add(16 * g) as *mut _, v);
+                for j in groups * 16..w {
+                    let hi = if has_r1 { super::bits(*r1.add(j)) } else { 0 };
+                    *dst.add(j) = super::pair(super::bits(*r0.add(j)), hi);
+                }
+            }
         }
-        groups * 16
     }
 
     /// The product restricted to left panels `pa` and right panels `pb`.
