@@ -409,7 +409,13 @@ mod x86 {
                         let ap = a.data.as_ptr().add((ip * pairs + k0) * MR);
                         let rows = MR.min(a.m - ip * MR);
                         let cp = c.add(ip * MR * ldc + jp * NR);
-                        micro(kc, ap, bp, cp, ldc, rows, cols, acc);
+                        if cols <= 16 {
+                            // A narrow last panel (attention's 40-wide values: 32 + 8) costs
+                            // half a panel.
+                            micro_half(kc, ap, bp, cp, ldc, rows, cols, acc);
+                        } else {
+                            micro(kc, ap, bp, cp, ldc, rows, cols, acc);
+                        }
                     }
                 }
                 ic = ic_end;
@@ -465,6 +471,44 @@ mod x86 {
             }
             _mm512_mask_storeu_ps(row, m0, v0);
             _mm512_mask_storeu_ps(row.add(16), m1, v1);
+        }
+    }
+
+    /// [`micro`] for panels with at most 16 valid columns: only the first vector of each pair.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro_half(
+        kc: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) {
+        let mut c0 = [_mm512_setzero_ps(); MR];
+        for p in 0..kc {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+            let ar = a.add(p * MR);
+            for (r, acc) in c0.iter_mut().enumerate() {
+                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
+                *acc = _mm512_dpbf16_ps(*acc, av, b0);
+            }
+        }
+        let m0: __mmask16 = if cols >= 16 {
+            0xffff
+        } else {
+            (1u32 << cols) as u16 - 1
+        };
+        for (r, &acc) in c0.iter().enumerate().take(rows) {
+            let row = c.add(r * ldc);
+            let v0 = if accumulate {
+                _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m0, row))
+            } else {
+                acc
+            };
+            _mm512_mask_storeu_ps(row, m0, v0);
         }
     }
 }
