@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use candle_core::{Device, Tensor};
 
+use crate::rank::LauncherRank;
 use crate::{Error, Result};
 
 /// Where this process stands among the training processes.
@@ -45,26 +46,11 @@ impl RankInfo {
     /// Like [`RankInfo::from_env`] with the variables supplied by `get`; errors name the
     /// variable and its value.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let num = |k: &str| -> Result<Option<usize>> {
-            match get(k) {
-                None => Ok(None),
-                Some(v) if v.trim().is_empty() => Ok(None),
-                Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| {
-                    Error::msg(format!("environment {k}={v:?}: expected a whole number"))
-                }),
-            }
-        };
-        let world = num("WORLD_SIZE")?.unwrap_or(1);
-        let rank = num("RANK")?.unwrap_or(0);
-        let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
-        if world == 0 {
-            return Err(Error::msg("environment WORLD_SIZE=0: expected at least 1"));
-        }
-        if rank >= world {
-            return Err(Error::msg(format!(
-                "environment RANK={rank} is not below WORLD_SIZE={world}"
-            )));
-        }
+        let LauncherRank {
+            rank,
+            world,
+            local_rank,
+        } = LauncherRank::from_vars(&get)?;
         let master_port = match get("MASTER_PORT") {
             None => None,
             Some(v) => Some(v.trim().parse::<u16>().map_err(|_| {
