@@ -34,8 +34,8 @@ pub struct TestArgs {
     /// Pairs per forward pass.
     #[arg(long = "batch-size", visible_alias = "batch_size", default_value_t = 1)]
     pub batch_size: usize,
-    /// Seed of the initial noise: pair number i of test.csv uses seed + i, so the same seed gives
-    /// the same images whatever the batch size, resumption or sharding.
+    /// Seed of the initial noise: pair number i of test.csv uses seed + i, so a pair's noise does
+    /// not depend on the batch size, on resumption or on --shard.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     #[command(flatten)]
