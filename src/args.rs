@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use clap::Args;
 
+use crate::rank::Shard;
 use crate::Result;
 
 /// Where and in what precision a command computes.
@@ -26,6 +27,17 @@ impl ComputeArgs {
 
     pub fn dtype(&self) -> Result<DType> {
         crate::device::parse_dtype(&self.dtype)
+    }
+
+    /// The device of this process's shard: `cuda` means `cuda:LOCAL_RANK` when the shard came
+    /// from a launcher's variables (one GPU per process, as torchrun starts them).
+    pub fn device_for(&self, shard: &Shard) -> Result<Device> {
+        match shard.local_rank {
+            Some(local) if self.device.trim() == "cuda" => {
+                crate::device::parse_device(&format!("cuda:{local}"))
+            }
+            _ => self.device(),
+        }
     }
 }
 
@@ -59,4 +71,25 @@ pub struct PretrainedArgs {
         default_value = "./pretrained_weights"
     )]
     pub pretrained_dir: PathBuf,
+}
+
+/// Which share of the items this process does (`mcld test`, `mcld prepare`).
+#[derive(Debug, Clone, Args)]
+pub struct ShardArgs {
+    /// Do only shard K of N (K from 0 to N-1): the N shards split the items with no overlap
+    /// and can run at once, as separate processes or nodes, into the same folders. Default:
+    /// torchrun's RANK/WORLD_SIZE when set, else everything.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    pub shard: Option<Shard>,
+}
+
+impl ShardArgs {
+    /// `--shard`, else `RANK`/`WORLD_SIZE`, else everything.
+    pub fn resolve(&self) -> Result<Shard> {
+        Shard::resolve(self.shard)
+    }
+}
+
+fn parse_shard(s: &str) -> std::result::Result<Shard, String> {
+    Shard::parse(s).map_err(|e| e.to_string())
 }

@@ -8,7 +8,7 @@ use image::{Rgb, RgbImage};
 
 use clap::Args;
 
-use crate::args::{CheckpointArgs, ComputeArgs, PretrainedArgs};
+use crate::args::{CheckpointArgs, ComputeArgs, PretrainedArgs, ShardArgs};
 use crate::config::TrainConfig;
 use crate::data::{read_face_embedding, read_pairs, read_rgb, DatasetLayout, Pair, PairInputs};
 use crate::pipeline::demo;
@@ -34,9 +34,12 @@ pub struct TestArgs {
     /// Pairs per forward pass.
     #[arg(long = "batch-size", visible_alias = "batch_size", default_value_t = 1)]
     pub batch_size: usize,
-    /// Seed of the initial noise; the same seed gives the same images.
+    /// Seed of the initial noise: pair number i of test.csv uses seed + i, so a pair's noise does
+    /// not depend on the batch size, on resumption or on --shard.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    #[command(flatten)]
+    pub shard: ShardArgs,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -104,9 +107,10 @@ pub fn demo_command(a: &DemoArgs) -> Result<()> {
     demo(&a.out, a.workdir.clone(), a.steps)
 }
 
-/// `mcld test`: the whole test set, resumable.
+/// `mcld test`: the whole test set (or this process's shard of it), resumable.
 pub fn test(a: &TestArgs) -> Result<()> {
-    let device = a.compute.device()?;
+    let shard = a.shard.resolve()?;
+    let device = a.compute.device_for(&shard)?;
     let dtype = a.compute.dtype()?;
     let cfg = TrainConfig::load(&a.checkpoints.config_path)?;
     let root = &cfg.data.root_dir;
@@ -134,11 +138,11 @@ pub fn test(a: &TestArgs) -> Result<()> {
         limit: a.limit,
         batch_size: a.batch_size,
         progress: true,
+        shard,
     };
     let mut generator = SeededGenerator {
         pipeline: &pipeline,
         seed: a.seed,
-        batches: 0,
     };
     let summary = run_test_set(
         &opts,
@@ -148,7 +152,14 @@ pub fn test(a: &TestArgs) -> Result<()> {
         &Postprocess::reference(),
     )?;
     summary.print();
-    println!("all test images are generated!");
+    if shard.is_whole() {
+        println!("all test images are generated!");
+    } else {
+        println!(
+            "the test images of shard {shard} are generated (the other shards write theirs \
+             into the same folders)"
+        );
+    }
     Ok(())
 }
 

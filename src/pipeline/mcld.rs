@@ -334,15 +334,43 @@ impl McldPipeline {
         Ok(n.to_device(&self.device)?)
     }
 
-    /// Generates one (3, 512, 512) image in [0, 1] per input pair.
+    /// Initial noise with one seed per sample: sample j is `noise(1, seeds[j])`, whatever else
+    /// shares its batch.
+    pub fn noise_per_sample(&self, seeds: &[u64]) -> Result<Tensor> {
+        let parts = seeds
+            .iter()
+            .map(|s| self.noise(1, *s))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Generates one (3, 512, 512) image in [0, 1] per input pair, the batch's noise drawn
+    /// from one seed.
     pub fn generate(&self, batch: &[PairInputs], seed: u64) -> Result<Vec<Tensor>> {
-        let cond = self.condition(batch)?;
         let noise = self.noise(batch.len(), seed)?;
+        self.generate_from(batch, &noise)
+    }
+
+    /// Like [`McldPipeline::generate`] with each pair's noise from its own seed.
+    pub fn generate_per_sample(&self, batch: &[PairInputs], seeds: &[u64]) -> Result<Vec<Tensor>> {
+        if seeds.len() != batch.len() {
+            return Err(Error::msg(format!(
+                "{} seeds for {} pairs",
+                seeds.len(),
+                batch.len()
+            )));
+        }
+        let noise = self.noise_per_sample(seeds)?;
+        self.generate_from(batch, &noise)
+    }
+
+    fn generate_from(&self, batch: &[PairInputs], noise: &Tensor) -> Result<Vec<Tensor>> {
+        let cond = self.condition(batch)?;
         let (latents, _) = denoise(
             &self.nets,
             &self.scheduler,
             &cond,
-            &noise,
+            noise,
             self.guidance_scale,
             |_, _| {},
         )?;
@@ -351,19 +379,21 @@ impl McldPipeline {
     }
 }
 
-/// `mcld test`'s generator: one seed per run, advanced per batch so batches differ.
+/// `mcld test`'s generator: pair number i of the test list gets its noise from seed + i, so
+/// its image does not depend on the batch size, on resumption or on `--shard` (with batch size
+/// 1 it is the earlier rule, one seed per batch advanced per batch, on a fresh run without a
+/// skipped pair).
 pub struct SeededGenerator<'a> {
     pub pipeline: &'a McldPipeline,
     pub seed: u64,
-    pub batches: u64,
 }
 
 impl super::testset::Generator for SeededGenerator<'_> {
-    fn generate(&mut self, batch: &[PairInputs]) -> Result<Vec<Tensor>> {
-        let out = self
-            .pipeline
-            .generate(batch, self.seed.wrapping_add(self.batches))?;
-        self.batches += 1;
-        Ok(out)
+    fn generate(&mut self, batch: &[PairInputs], positions: &[usize]) -> Result<Vec<Tensor>> {
+        let seeds: Vec<u64> = positions
+            .iter()
+            .map(|p| self.seed.wrapping_add(*p as u64))
+            .collect();
+        self.pipeline.generate_per_sample(batch, &seeds)
     }
 }

@@ -5,6 +5,11 @@
 //! short by a crash is regenerated); outputs are written through temp files and renamed; a pair
 //! whose inputs are missing or unreadable is skipped with its reason and listed in the summary,
 //! while a model error stops the run (it would fail every pair alike).
+//!
+//! Several processes can share the list (`--shard K/N`, see `crate::rank`): each takes the pairs
+//! whose index i in `test.csv` (after `--limit`) has i mod N == K, and writes them into the same
+//! folders; the outputs are per pair, so shards never write the same file. A pair's noise is
+//! seeded by that index, so its images do not depend on sharding, batching or resumption.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::data::{load_pair, DatasetLayout, Pair, PairInputs};
+use crate::rank::Shard;
 use crate::Result;
 
 /// The output sizes of the reference, (height, width), and their folder names.
@@ -21,7 +27,10 @@ pub const OUTPUT_SIZES: [((usize, usize), &str); 2] = [((256, 176), "256"), ((51
 
 /// Anything that turns a batch of pair inputs into images: (3, H, W) f32 in [0, 1] each.
 pub trait Generator {
-    fn generate(&mut self, batch: &[PairInputs]) -> Result<Vec<Tensor>>;
+    /// `positions[j]` is the index of `batch[j]` in the whole test list (`test.csv` order): what
+    /// a pair's randomness is keyed on, so that its image is the same whichever batch, run or
+    /// shard it falls in.
+    fn generate(&mut self, batch: &[PairInputs], positions: &[usize]) -> Result<Vec<Tensor>>;
 }
 
 /// Generated image (3, H, W) in [0, 1] -> uint8 RGB at (height, width).
@@ -59,10 +68,15 @@ pub struct TestRunOptions {
     pub batch_size: usize,
     /// Draw a progress bar (off in tests).
     pub progress: bool,
+    /// The share of the (limited) list this run does.
+    pub shard: Shard,
 }
 
 #[derive(Debug, Default, Clone)]
 pub struct TestSummary {
+    /// The share of the list this run did, and the pairs in it.
+    pub shard: Shard,
+    pub pairs_in_shard: usize,
     pub generated: usize,
     pub already_done: usize,
     /// (pair output name, reason)
@@ -72,6 +86,9 @@ pub struct TestSummary {
 
 impl TestSummary {
     pub fn print(&self) {
+        if !self.shard.is_whole() {
+            println!("shard {}: {} pairs", self.shard, self.pairs_in_shard);
+        }
         println!(
             "generated {} pairs, {} already done, {} skipped in {:.1}s",
             self.generated,
@@ -106,7 +123,8 @@ fn pair_done(opts: &TestRunOptions, pair: &Pair) -> bool {
     })
 }
 
-/// Runs the test set; returns what was done. `pairs` is the full list in `test.csv` order.
+/// Runs this shard of the test set; returns what was done. `pairs` is the full list in
+/// `test.csv` order.
 pub fn run_test_set(
     opts: &TestRunOptions,
     layout: &DatasetLayout,
@@ -116,15 +134,22 @@ pub fn run_test_set(
 ) -> Result<TestSummary> {
     let start = std::time::Instant::now();
     let pairs = &pairs[..opts.limit.unwrap_or(pairs.len()).min(pairs.len())];
-    let done: Vec<bool> = pairs.par_iter().map(|p| pair_done(opts, p)).collect();
-    let todo: Vec<&Pair> = pairs
+    let mine: Vec<(usize, &Pair)> = pairs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| opts.shard.owns_index(*i))
+        .collect();
+    let done: Vec<bool> = mine.par_iter().map(|(_, p)| pair_done(opts, p)).collect();
+    let todo: Vec<(usize, &Pair)> = mine
         .iter()
         .zip(&done)
         .filter(|(_, d)| !**d)
-        .map(|(p, _)| p)
+        .map(|(p, _)| *p)
         .collect();
     let mut summary = TestSummary {
-        already_done: pairs.len() - todo.len(),
+        shard: opts.shard,
+        pairs_in_shard: mine.len(),
+        already_done: mine.len() - todo.len(),
         ..Default::default()
     };
 
@@ -140,14 +165,20 @@ pub fn run_test_set(
     };
 
     for chunk in todo.chunks(opts.batch_size.max(1)) {
-        let loaded: Vec<std::result::Result<PairInputs, (String, String)>> = chunk
+        // (pair output name, reason) for a pair whose inputs do not load.
+        type Loaded = std::result::Result<PairInputs, (String, String)>;
+        let loaded: Vec<Loaded> = chunk
             .par_iter()
-            .map(|p| load_pair(layout, p).map_err(|e| (p.out_name(), e.to_string())))
+            .map(|(_, p)| load_pair(layout, p).map_err(|e| (p.out_name(), e.to_string())))
             .collect();
         let mut batch = Vec::with_capacity(chunk.len());
-        for l in loaded {
+        let mut positions = Vec::with_capacity(chunk.len());
+        for ((i, _), l) in chunk.iter().zip(loaded) {
             match l {
-                Ok(x) => batch.push(x),
+                Ok(x) => {
+                    batch.push(x);
+                    positions.push(*i);
+                }
                 Err(s) => {
                     bar.println(format!("skipping {}: {}", s.0, s.1));
                     summary.skipped.push(s);
@@ -158,7 +189,7 @@ pub fn run_test_set(
         if batch.is_empty() {
             continue;
         }
-        let images = generator.generate(&batch)?;
+        let images = generator.generate(&batch, &positions)?;
         if images.len() != batch.len() {
             return Err(crate::Error::msg(format!(
                 "generator returned {} images for {} pairs",

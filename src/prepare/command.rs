@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::args::{ComputeArgs, PretrainedArgs};
+use crate::args::{ComputeArgs, PretrainedArgs, ShardArgs};
 use crate::prepare::run::{run_prepare, PrepareOptions, Stage};
 use crate::{Error, Result};
 
@@ -36,12 +36,15 @@ pub struct PrepareArgs {
     #[arg(long = "densepose-batch", visible_alias = "densepose_batch")]
     pub densepose_batch: Option<usize>,
     #[command(flatten)]
+    pub shard: ShardArgs,
+    #[command(flatten)]
     pub compute: ComputeArgs,
 }
 
 /// Runs the selected stages; a stage that failed fails the command (the report says why).
 pub fn run(a: &PrepareArgs) -> Result<()> {
-    let device = a.compute.device()?;
+    let shard = a.shard.resolve()?;
+    let device = a.compute.device_for(&shard)?;
     let dtype = a.compute.dtype()?;
     let mut opts = PrepareOptions::new(&a.dataset_root, &a.pretrained.pretrained_dir);
     if !a.only.is_empty() {
@@ -53,13 +56,14 @@ pub fn run(a: &PrepareArgs) -> Result<()> {
     opts.device = device;
     opts.dtype = dtype;
     opts.interactive = true;
+    opts.shard = shard;
     let report = run_prepare(&opts)?;
     if report.all_ok() {
         Ok(())
     } else {
         Err(Error::msg(format!(
             "prepare finished with failures (see {})",
-            a.dataset_root.join("prepare_report.json").display()
+            opts.report_path().display()
         )))
     }
 }

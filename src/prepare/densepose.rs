@@ -14,11 +14,15 @@ use crate::data::{derived_path, list_photos, Part};
 use crate::models::densepose::iuv::{save_iuv_png, Image3};
 use crate::models::densepose::{load_config, load_model, DensePose};
 use crate::prepare::report::{Failure, StageReport, StageStatus};
+use crate::rank::Shard;
 use crate::{Error, Result};
 
 /// Photos in which no person was found, one file name a line, kept in each `*_densepose/`
-/// folder so that a resumed run does not run them again (delete it to retry them).
+/// folder so that a resumed run does not run them again (delete it to retry them). A run of
+/// one shard (`--shard K/N`) keeps its own list, `no_person.shard-K-of-N.txt`, so that shards
+/// running at once never rewrite each other's; every run reads them all.
 pub const NO_PERSON_FILE: &str = "no_person.txt";
+const NO_PERSON_STEM: &str = "no_person";
 
 #[derive(Debug, Clone)]
 pub struct DenseposeOptions {
@@ -31,6 +35,8 @@ pub struct DenseposeOptions {
     pub dtype: DType,
     /// Photos per backbone pass; `None`: 1 on the CPU (no gain there), 4 on a GPU.
     pub batch: Option<usize>,
+    /// The photos this run does.
+    pub shard: Shard,
 }
 
 /// One photo to process.
@@ -59,6 +65,25 @@ fn read_no_person(path: &Path) -> Result<BTreeSet<String>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeSet::new()),
         Err(e) => Err(Error::io(path, e)),
     }
+}
+
+/// Every no-person list of a `*_densepose/` folder: [`NO_PERSON_FILE`] and the shards' lists.
+fn read_all_no_person(dir: &Path) -> Result<BTreeSet<String>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeSet::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let shard_prefix = format!("{NO_PERSON_STEM}.shard-");
+    let mut all = BTreeSet::new();
+    for e in rd {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == NO_PERSON_FILE || name.starts_with(&shard_prefix) && name.ends_with(".txt") {
+            all.extend(read_no_person(&e.path())?);
+        }
+    }
+    Ok(all)
 }
 
 fn write_no_person(path: &Path, names: &BTreeSet<String>) -> Result<()> {
@@ -169,14 +194,18 @@ pub fn run_stage(root: &Path, opts: &DenseposeOptions, bar: &ProgressBar) -> Res
     let mut jobs = Vec::new();
     // Per job: (part index, photo name), for the no-person lists.
     let mut owner = Vec::new();
+    // Per part: this run's own no-person list (path, names), which only this run writes.
     let mut registries: Vec<(PathBuf, BTreeSet<String>)> = Vec::new();
     let mut earlier = 0;
     for (pi, part) in Part::ALL.into_iter().enumerate() {
-        let np_path = root
-            .join(format!("{}_densepose", part.dir()))
-            .join(NO_PERSON_FILE);
-        let known = read_no_person(&np_path)?;
+        let dir = root.join(format!("{}_densepose", part.dir()));
+        let np_path = dir.join(opts.shard.file_name(NO_PERSON_STEM, "txt"));
+        let known = read_all_no_person(&dir)?;
+        let own = read_no_person(&np_path)?;
         for name in list_photos(root, part)? {
+            if !opts.shard.owns_name(&name) {
+                continue;
+            }
             let out = derived_path(root, part, "densepose", &name, "png");
             if out.is_file() {
                 rep.skipped += 1;
@@ -191,12 +220,12 @@ pub fn run_stage(root: &Path, opts: &DenseposeOptions, bar: &ProgressBar) -> Res
                 owner.push((pi, name));
             }
         }
-        registries.push((np_path, known));
+        registries.push((np_path, own));
     }
     if earlier > 0 {
         rep.notes.push(format!(
             "{earlier} photos were found to have no person in an earlier run and are skipped \
-             (listed in *_densepose/{NO_PERSON_FILE}; delete that file to run them again)"
+             (listed in *_densepose/{NO_PERSON_STEM}*.txt; delete those files to run them again)"
         ));
     }
     if jobs.is_empty() {
@@ -253,8 +282,9 @@ pub fn run_stage(root: &Path, opts: &DenseposeOptions, bar: &ProgressBar) -> Res
     if !no_person.is_empty() {
         rep.notes.push(format!(
             "{} photos have no person detected: no IUV written (as the reference skips them), \
-             recorded in *_densepose/{NO_PERSON_FILE}",
-            no_person.len()
+             recorded in *_densepose/{}",
+            no_person.len(),
+            opts.shard.file_name(NO_PERSON_STEM, "txt")
         ));
         for p in no_person {
             rep.notes.push(format!("no person: {p}"));

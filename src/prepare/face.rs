@@ -9,19 +9,25 @@ use super::report::{Failure, StageReport, StageStatus};
 use crate::data::npy::write_f32 as write_npy_f32;
 use crate::data::{derived_path, list_photos, Part};
 use crate::models::face::{find_model, FaceEmbedder, DETECTOR_ONNX, RECOGNISER_ONNX};
+use crate::rank::Shard;
 use crate::Result;
 
-/// Face stage: one `{part}_face/NAME.npy` per photo with a face; photos without a face are
-/// listed under `missing` (the reference writes nothing for them; training uses zeros).
+/// Face stage: one `{part}_face/NAME.npy` per photo of the shard with a face; photos without
+/// a face are listed under `missing` (the reference writes nothing for them; training uses
+/// zeros).
 pub fn run_face(
     root: &Path,
     pretrained_dir: &Path,
+    shard: &Shard,
     bar: &indicatif::ProgressBar,
 ) -> Result<StageReport> {
     let mut rep = StageReport::new("face");
     let mut jobs = Vec::new();
     for part in Part::ALL {
         for name in list_photos(root, part)? {
+            if !shard.owns_name(&name) {
+                continue;
+            }
             let out = derived_path(root, part, "face", &name, "npy");
             if out.is_file() {
                 rep.skipped += 1;

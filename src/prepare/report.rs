@@ -89,6 +89,9 @@ impl StageReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PrepareReport {
     pub dataset_root: PathBuf,
+    /// `K/N` when the run did one shard of the photos (`--shard`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
     pub stages: Vec<StageReport>,
 }
 
@@ -113,7 +116,14 @@ impl PrepareReport {
     /// Human summary: one line per stage, then up to `max_items` failures/missing per stage.
     pub fn summary(&self, max_items: usize) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "prepare {}:", self.dataset_root.display());
+        match &self.shard {
+            Some(k) => {
+                let _ = writeln!(s, "prepare {} (shard {k}):", self.dataset_root.display());
+            }
+            None => {
+                let _ = writeln!(s, "prepare {}:", self.dataset_root.display());
+            }
+        }
         for st in &self.stages {
             let status = match st.status {
                 StageStatus::Ok => "ok",

@@ -1,6 +1,11 @@
 //! The stage runner behind `mcld prepare`: runs the selected stages in order, each one skipping
 //! outputs that already exist (so an interrupted run resumes), records per-item failures without
 //! stopping, and writes `prepare_report.json`.
+//!
+//! Under `--shard K/N` (see `crate::rank`) each run does the photos of its shard in every
+//! per-photo stage (split, densepose, texture, face); `pairs` runs on shard 0 only and `stats`
+//! on none (it needs every training photo: run `--only stats` once the shards are done). The
+//! report is `prepare_report.shard-K-of-N.json`, so shards sharing a dataset root keep theirs.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -14,6 +19,7 @@ use super::report::{Failure, PrepareReport, StageReport, StageStatus};
 use super::split::SplitLists;
 use super::{densepose, face, pairs, split, stats, texture};
 use crate::data::{derived_path, list_photos, Part};
+use crate::rank::Shard;
 use crate::{Error, Result};
 
 /// A step of `prepare`, in the order they run.
@@ -92,8 +98,11 @@ pub struct PrepareOptions {
     pub verify_images: bool,
     /// Progress bars and a printed summary (off for tests and scripts).
     pub interactive: bool,
-    /// Where the JSON report goes; default `DATASET_ROOT/prepare_report.json`.
+    /// Where the JSON report goes; default `DATASET_ROOT/prepare_report.json` (with
+    /// `.shard-K-of-N` before `.json` for a shard).
     pub report_path: Option<PathBuf>,
+    /// The photos this run does (everything by default).
+    pub shard: Shard,
     /// DensePose detectron2 YAML; default `configs/densepose/densepose_rcnn_R_101_FPN_DL_s1x.yaml`
     /// (the compiled-in copy when that file is not there).
     pub densepose_config: Option<PathBuf>,
@@ -118,12 +127,21 @@ impl PrepareOptions {
             verify_images: true,
             interactive: false,
             report_path: None,
+            shard: Shard::whole(),
             densepose_config: None,
             densepose_weights: None,
             densepose_batch: None,
             device: Device::Cpu,
             dtype: DType::F32,
         }
+    }
+
+    /// Where the report is written.
+    pub fn report_path(&self) -> PathBuf {
+        self.report_path.clone().unwrap_or_else(|| {
+            self.dataset_root
+                .join(self.shard.file_name("prepare_report", "json"))
+        })
     }
 }
 
@@ -149,8 +167,10 @@ pub fn run_prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
     if !root.is_dir() {
         return Err(Error::input(root, "dataset root is not a folder"));
     }
+    let shard = opts.shard;
     let mut report = PrepareReport {
         dataset_root: root.clone(),
+        shard: (!shard.is_whole()).then(|| shard.to_string()),
         stages: Vec::new(),
     };
     let mut stages = opts.stages.clone();
@@ -160,11 +180,24 @@ pub fn run_prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         let t0 = Instant::now();
         let bar = progress(opts, stage);
         let res = match stage {
-            Stage::Split => split::run_split(root, &opts.lists, opts.verify_images, &bar),
+            Stage::Split => split::run_split(root, &opts.lists, opts.verify_images, &shard, &bar),
+            Stage::Pairs if shard.index != 0 => Ok(not_this_shard(
+                stage,
+                format!(
+                    "train.csv and test.csv are written by shard 0/{}",
+                    shard.count
+                ),
+            )),
             Stage::Pairs => pairs::run_pairs(root, &opts.lists),
             Stage::Densepose => run_densepose(opts, &bar),
-            Stage::Texture => run_texture(root, &bar),
-            Stage::Face => face::run_face(root, &opts.pretrained_dir, &bar),
+            Stage::Texture => run_texture(root, &shard, &bar),
+            Stage::Face => face::run_face(root, &opts.pretrained_dir, &shard, &bar),
+            Stage::Stats if !shard.is_whole() => Ok(not_this_shard(
+                stage,
+                "clip_std.npy needs every training photo, so no shard computes it: run `mcld \
+                 prepare --only stats` (without --shard) once every shard has finished"
+                    .into(),
+            )),
             Stage::Stats => stats::run_stats(root, &opts.pretrained_dir, &bar),
         };
         bar.finish_and_clear();
@@ -173,16 +206,20 @@ pub fn run_prepare(opts: &PrepareOptions) -> Result<PrepareReport> {
         rep.seconds = t0.elapsed().as_secs_f64();
         report.stages.push(rep);
     }
-    let path = opts
-        .report_path
-        .clone()
-        .unwrap_or_else(|| root.join("prepare_report.json"));
+    let path = opts.report_path();
     report.write_json(&path)?;
     if opts.interactive {
         eprint!("{}", report.summary(20));
         eprintln!("report: {}", path.display());
     }
     Ok(report)
+}
+
+/// A once-per-dataset stage that this shard leaves alone, saying why.
+fn not_this_shard(stage: Stage, why: String) -> StageReport {
+    let mut rep = StageReport::new(stage.name());
+    rep.notes.push(why);
+    rep
 }
 
 /// DensePose stage: IUV PNGs for the photos that have none (see `prepare::densepose`).
@@ -196,6 +233,7 @@ fn run_densepose(opts: &PrepareOptions, bar: &ProgressBar) -> Result<StageReport
         device: opts.device.clone(),
         dtype: opts.dtype,
         batch: opts.densepose_batch,
+        shard: opts.shard,
     };
     densepose::run_stage(&opts.dataset_root, &dp, bar)
 }
@@ -233,12 +271,15 @@ pub fn texture_one(
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(tex), out)
 }
 
-/// Texture stage: every photo with an IUV and no texture yet, in parallel.
-fn run_texture(root: &Path, bar: &ProgressBar) -> Result<StageReport> {
+/// Texture stage: every photo of the shard with an IUV and no texture yet, in parallel.
+fn run_texture(root: &Path, shard: &Shard, bar: &ProgressBar) -> Result<StageReport> {
     let mut rep = StageReport::new("texture");
     let mut jobs = Vec::new();
     for part in Part::ALL {
         for name in list_photos(root, part)? {
+            if !shard.owns_name(&name) {
+                continue;
+            }
             let out = derived_path(root, part, "texture", &name, "png");
             let iuv = derived_path(root, part, "densepose", &name, "png");
             if out.is_file() {

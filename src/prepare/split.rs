@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use super::report::{Failure, StageReport};
 use crate::data::Part;
+use crate::rank::Shard;
 use crate::{Error, Result};
 
 const TRAIN_LST: &str = include_str!("../../assets/deepfashion/train.lst");
@@ -179,12 +180,13 @@ pub fn check_jpeg(path: &Path) -> Result<(u32, u32)> {
     Ok((img.width(), img.height()))
 }
 
-/// Split stage: places every listed image found in the raw tree into `train/` or `test/`.
-/// Images already in place are skipped, so a second run does nothing.
+/// Split stage: places every listed image of the shard found in the raw tree into `train/` or
+/// `test/`. Images already in place are skipped, so a second run does nothing.
 pub fn run_split(
     root: &Path,
     lists: &SplitLists,
     verify: bool,
+    shard: &Shard,
     bar: &indicatif::ProgressBar,
 ) -> Result<StageReport> {
     let mut rep = StageReport::new("split");
@@ -212,6 +214,9 @@ pub fn run_split(
         let dir = root.join(part.dir());
         for name in lists.get(part) {
             listed.insert(name.as_str());
+            if !shard.owns_name(name) {
+                continue;
+            }
             let dst = dir.join(name);
             if dst.is_file() {
                 rep.skipped += 1;
@@ -224,7 +229,7 @@ pub fn run_split(
     }
     let unlisted = raw
         .iter()
-        .filter(|(n, _)| !listed.contains(n.as_str()))
+        .filter(|(n, _)| !listed.contains(n.as_str()) && shard.owns_name(n))
         .count();
     if unlisted > 0 {
         rep.notes.push(format!(

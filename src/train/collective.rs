@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use candle_core::{Device, Tensor};
 
+use crate::rank::LauncherRank;
 use crate::{Error, Result};
 
 /// Where this process stands among the training processes.
@@ -45,26 +46,11 @@ impl RankInfo {
     /// Like [`RankInfo::from_env`] with the variables supplied by `get`; errors name the
     /// variable and its value.
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let num = |k: &str| -> Result<Option<usize>> {
-            match get(k) {
-                None => Ok(None),
-                Some(v) if v.trim().is_empty() => Ok(None),
-                Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| {
-                    Error::msg(format!("environment {k}={v:?}: expected a whole number"))
-                }),
-            }
-        };
-        let world = num("WORLD_SIZE")?.unwrap_or(1);
-        let rank = num("RANK")?.unwrap_or(0);
-        let local_rank = num("LOCAL_RANK")?.unwrap_or(rank);
-        if world == 0 {
-            return Err(Error::msg("environment WORLD_SIZE=0: expected at least 1"));
-        }
-        if rank >= world {
-            return Err(Error::msg(format!(
-                "environment RANK={rank} is not below WORLD_SIZE={world}"
-            )));
-        }
+        let LauncherRank {
+            rank,
+            world,
+            local_rank,
+        } = LauncherRank::from_vars(&get)?;
         let master_port = match get("MASTER_PORT") {
             None => None,
             Some(v) => Some(v.trim().parse::<u16>().map_err(|_| {
@@ -103,6 +89,9 @@ pub trait Collective {
     fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<Vec<Tensor>>;
     /// Every rank's `values`, indexed by rank.
     fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<Vec<f64>>>;
+    /// Every rank's `bytes` (any length, each rank its own), indexed by rank: for what is not
+    /// numbers, e.g. the pairs each rank skipped, as JSON, for rank 0's report.
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>>;
 }
 
 /// One process alone: the operations are identities.
@@ -122,12 +111,26 @@ impl Collective for SingleProcess {
     fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
         Ok(vec![values.to_vec()])
     }
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![bytes.to_vec()])
+    }
 }
 
 #[derive(Clone)]
 enum Payload {
     Tensors(Vec<(Vec<usize>, Vec<f32>)>),
     Scalars(Vec<f64>),
+    Bytes(Vec<u8>),
+}
+
+impl Payload {
+    fn kind(&self) -> &'static str {
+        match self {
+            Payload::Tensors(_) => "tensors",
+            Payload::Scalars(_) => "scalars",
+            Payload::Bytes(_) => "bytes",
+        }
+    }
 }
 
 struct Round {
@@ -263,7 +266,8 @@ impl Collective for LocalRank {
             for (rank, p) in all.iter().enumerate() {
                 let Payload::Tensors(v) = p else {
                     return Err(Error::msg(format!(
-                        "collective: rank {rank} sent scalars where tensors were expected"
+                        "collective: rank {rank} sent {} where tensors were expected",
+                        p.kind()
                     )));
                 };
                 let (dims, data) = v.get(i).ok_or_else(|| {
@@ -297,8 +301,23 @@ impl Collective for LocalRank {
             .enumerate()
             .map(|(rank, p)| match p {
                 Payload::Scalars(v) => Ok(v.clone()),
-                Payload::Tensors(_) => Err(Error::msg(format!(
-                    "collective: rank {rank} sent tensors where scalars were expected"
+                _ => Err(Error::msg(format!(
+                    "collective: rank {rank} sent {} where scalars were expected",
+                    p.kind()
+                ))),
+            })
+            .collect()
+    }
+
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let all = self.exchange(Payload::Bytes(bytes.to_vec()))?;
+        all.iter()
+            .enumerate()
+            .map(|(rank, p)| match p {
+                Payload::Bytes(v) => Ok(v.clone()),
+                _ => Err(Error::msg(format!(
+                    "collective: rank {rank} sent {} where bytes were expected",
+                    p.kind()
                 ))),
             })
             .collect()
@@ -551,8 +570,20 @@ impl Collective for TcpCollective {
 
     fn all_gather_f64(&self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
         let mine: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        Ok(self
+            .all_gather_bytes(&mine)?
+            .iter()
+            .map(|part| {
+                part.chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()))
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn all_gather_bytes(&self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         let world = self.world;
-        let out = self.gather_combine(mine, |parts| {
+        let out = self.gather_combine(bytes.to_vec(), |parts| {
             // Each part prefixed by its byte length.
             let mut b = Vec::new();
             for p in parts {
@@ -569,11 +600,7 @@ impl Collective for TcpCollective {
             let part = out
                 .get(at..at + len)
                 .ok_or_else(|| Error::msg("collective: truncated gather from rank 0"))?;
-            all.push(
-                part.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()))
-                    .collect(),
-            );
+            all.push(part.to_vec());
             at += len;
         }
         if all.len() != world {

@@ -112,8 +112,8 @@ pub struct TrainOutcome {
     pub reason: StopReason,
     pub resumed_from: Option<PathBuf>,
     pub last_checkpoint: Option<PathBuf>,
-    /// Pairs skipped: missing files when the set was opened, plus those this rank failed to
-    /// decode (each pair once).
+    /// Pairs skipped: missing files when the set was opened, plus those any rank failed to
+    /// decode (gathered from every rank when the run ends; each pair once, rank 0's first).
     pub skipped: Vec<SkippedPair>,
     /// Checkpoint or validation problems that did not stop the run.
     pub warnings: Vec<String>,
@@ -465,6 +465,19 @@ pub fn train_loop(
         }
     }
     outcome.step = model.step_count();
+    // Every rank reaches this point at the same step; rank 0's report gets the others' skips.
+    let own = outcome.skipped.len();
+    outcome.skipped = gather_skipped(coll, std::mem::take(&mut outcome.skipped))?;
+    if main && cfg.progress {
+        for s in &outcome.skipped[own..] {
+            bar.suspend(|| {
+                eprintln!(
+                    "skipped pair {} -> {} (on another rank): {}",
+                    s.from, s.to, s.reason
+                )
+            });
+        }
+    }
     bar.finish_and_clear();
     drop(loader);
     if main {
@@ -481,6 +494,30 @@ pub fn train_loop(
         crate::fsutil::write_atomic(&cfg.exp_dir.join(REPORT_FILE), &json)?;
     }
     Ok(outcome)
+}
+
+/// Every rank's skipped pairs, in rank order, each pair once (the first rank's record kept).
+fn gather_skipped(coll: &dyn Collective, mine: Vec<SkippedPair>) -> Result<Vec<SkippedPair>> {
+    if coll.world() == 1 {
+        return Ok(mine);
+    }
+    let bytes = serde_json::to_vec(&mine)
+        .map_err(|e| Error::msg(format!("skipped pairs of rank {}: {e}", coll.rank())))?;
+    let mut seen = BTreeSet::new();
+    let mut all = Vec::new();
+    for (rank, part) in coll.all_gather_bytes(&bytes)?.iter().enumerate() {
+        let theirs: Vec<SkippedPair> = serde_json::from_slice(part).map_err(|e| {
+            Error::msg(format!(
+                "collective: the skipped pairs rank {rank} sent do not read: {e}"
+            ))
+        })?;
+        for s in theirs {
+            if seen.insert((s.from.clone(), s.to.clone())) {
+                all.push(s);
+            }
+        }
+    }
+    Ok(all)
 }
 
 fn save(model: &dyn TrainStep, cfg: &LoopConfig, state: &CheckpointState) -> Result<PathBuf> {

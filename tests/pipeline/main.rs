@@ -1,5 +1,5 @@
 //! The inference pipeline: the sampler against `pipeline_small`, half precision, the resumable
-//! test run, the bench, `mcld edit`.
+//! test run and its shards, the bench, `mcld edit`.
 //! One test crate per area (each links the library once); one module per former test file.
 
 #[path = "../common/mod.rs"]
@@ -8,5 +8,6 @@ mod common;
 mod bench;
 mod edit;
 mod half;
+mod shard;
 mod small;
 mod testset;

@@ -1,4 +1,5 @@
-//! `mcld test` orchestration: resumption, regeneration of truncated outputs, skipped pairs.
+//! `mcld test` orchestration: resumption, regeneration of truncated outputs, skipped pairs,
+//! shards.
 //! The generator here is a test double (the real pipeline has its own tests); what is under test
 //! is the bookkeeping around it.
 
@@ -8,16 +9,22 @@ use candle_core::{Device, Tensor};
 use image::{Rgb, RgbImage};
 use mcld::data::{npy, read_pairs, DatasetLayout, PairInputs};
 use mcld::pipeline::testset::{run_test_set, Generator, Postprocess, TestRunOptions};
+use mcld::rank::Shard;
 
+#[derive(Default)]
 struct CountingGenerator {
     calls: usize,
     pairs: usize,
+    /// The test-list positions handed over, in call order.
+    positions: Vec<usize>,
 }
 
 impl Generator for CountingGenerator {
-    fn generate(&mut self, batch: &[PairInputs]) -> mcld::Result<Vec<Tensor>> {
+    fn generate(&mut self, batch: &[PairInputs], positions: &[usize]) -> mcld::Result<Vec<Tensor>> {
+        assert_eq!(batch.len(), positions.len());
         self.calls += 1;
         self.pairs += batch.len();
+        self.positions.extend_from_slice(positions);
         batch
             .iter()
             .map(|b| {
@@ -87,10 +94,11 @@ fn resumes_regenerates_truncated_and_reports_skips() {
         limit: None,
         batch_size: 2,
         progress: false,
+        shard: Shard::whole(),
     };
     let post = nearest_post();
 
-    let mut g = CountingGenerator { calls: 0, pairs: 0 };
+    let mut g = CountingGenerator::default();
     let s = run_test_set(&opts, &layout, &pairs, &mut g, &post).unwrap();
     assert_eq!(s.generated, 2);
     assert_eq!(s.skipped.len(), 1);
@@ -104,14 +112,14 @@ fn resumes_regenerates_truncated_and_reports_skips() {
     assert_eq!((gt.width(), gt.height()), (352, 512));
 
     // Second run: nothing to do.
-    let mut g2 = CountingGenerator { calls: 0, pairs: 0 };
+    let mut g2 = CountingGenerator::default();
     let s2 = run_test_set(&opts, &layout, &pairs, &mut g2, &post).unwrap();
     assert_eq!((s2.generated, s2.already_done, g2.pairs), (0, 2, 0));
 
     // A truncated output is regenerated, and only that pair.
     let bytes = std::fs::read(&out).unwrap();
     std::fs::write(&out, &bytes[..bytes.len() / 2]).unwrap();
-    let mut g3 = CountingGenerator { calls: 0, pairs: 0 };
+    let mut g3 = CountingGenerator::default();
     let s3 = run_test_set(&opts, &layout, &pairs, &mut g3, &post).unwrap();
     assert_eq!((s3.generated, g3.pairs), (1, 1));
     assert!(image::open(&out).is_ok());
@@ -135,8 +143,9 @@ fn limit_caps_the_pairs() {
         limit: Some(1),
         batch_size: 4,
         progress: false,
+        shard: Shard::whole(),
     };
-    let mut g = CountingGenerator { calls: 0, pairs: 0 };
+    let mut g = CountingGenerator::default();
     let s = run_test_set(
         &opts,
         &DatasetLayout::new(&root, "test"),
@@ -146,4 +155,97 @@ fn limit_caps_the_pairs() {
     )
     .unwrap();
     assert_eq!((s.generated, g.pairs, g.calls), (1, 1, 1));
+}
+
+/// Two shards (either order, same folder) do what one unsharded run does: disjoint pairs that
+/// cover the list (after `--limit`), each pair handed to the generator with its position in
+/// `test.csv`, a skipped pair reported by the shard that owns it only.
+#[test]
+fn shards_split_the_pairs_disjointly_and_cover_them() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("fashion");
+    let names = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"];
+    make_dataset(&root, &names);
+    std::fs::remove_file(root.join("test_texture/c.png")).unwrap();
+    let mut csv = String::from("from,to\n");
+    for i in 0..names.len() {
+        csv.push_str(&format!("{},{}\n", names[i], names[(i + 1) % names.len()]));
+    }
+    std::fs::write(root.join("test.csv"), csv).unwrap();
+    let pairs = read_pairs(&root.join("test.csv")).unwrap();
+    let layout = DatasetLayout::new(&root, "test");
+    let post = nearest_post();
+    let opts = |dir: &str, shard: Shard| TestRunOptions {
+        save_path: d.path().join(dir),
+        exp_name: "mcld".into(),
+        limit: Some(4),
+        batch_size: 2,
+        progress: false,
+        shard,
+    };
+    let files = |dir: &str| -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<(String, Vec<u8>)> = walk(&d.path().join(dir))
+            .into_iter()
+            .map(|p| {
+                let rel = p.strip_prefix(d.path().join(dir)).unwrap();
+                (rel.display().to_string(), std::fs::read(&p).unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+
+    let mut g = CountingGenerator::default();
+    let whole = run_test_set(
+        &opts("whole", Shard::whole()),
+        &layout,
+        &pairs,
+        &mut g,
+        &post,
+    )
+    .unwrap();
+    assert_eq!(g.positions, vec![0, 1, 3]);
+    assert_eq!((whole.generated, whole.skipped.len()), (3, 1));
+
+    let mut seen = Vec::new();
+    for k in [1, 0] {
+        let shard = Shard::new(k, 2).unwrap();
+        let mut g = CountingGenerator::default();
+        let s = run_test_set(&opts("sharded", shard), &layout, &pairs, &mut g, &post).unwrap();
+        assert!(g.positions.iter().all(|p| p % 2 == k), "{:?}", g.positions);
+        assert_eq!(s.pairs_in_shard, 2);
+        // Pair 2 (c's texture is missing) belongs to shard 0 only.
+        assert_eq!(s.skipped.len(), usize::from(k == 0), "{:?}", s.skipped);
+        seen.extend(g.positions);
+        // Its own outputs only: shard 1 ran first, so nothing of shard 0's was there to skip.
+        assert_eq!(s.already_done, 0);
+    }
+    seen.sort();
+    assert_eq!(seen, vec![0, 1, 3]);
+    assert_eq!(files("whole"), files("sharded"));
+
+    // Resuming a shard: nothing to do.
+    let mut g = CountingGenerator::default();
+    let s = run_test_set(
+        &opts("sharded", Shard::new(1, 2).unwrap()),
+        &layout,
+        &pairs,
+        &mut g,
+        &post,
+    )
+    .unwrap();
+    assert_eq!((s.generated, s.already_done, g.pairs), (0, 2, 0));
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

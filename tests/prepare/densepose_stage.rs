@@ -16,6 +16,7 @@ use mcld::models::densepose::iuv::{box_xywh_int, Image3};
 use mcld::models::densepose::WEIGHTS_URL;
 use mcld::prepare::densepose::{self as stage, DenseposeOptions, NO_PERSON_FILE};
 use mcld::prepare::{PrepareReport, StageStatus};
+use mcld::rank::Shard;
 
 const GROUP: &str = "densepose";
 const CASE: &str = "densepose_rcnn";
@@ -316,6 +317,7 @@ fn batched_backbone_passes_match_single_ones() {
         device: candle_core::Device::Cpu,
         dtype: candle_core::DType::F32,
         batch: Some(2),
+        shard: Shard::whole(),
     };
     let t0 = std::time::Instant::now();
     let rep = stage::run_stage(root, &opts, &indicatif::ProgressBar::hidden()).unwrap();
@@ -366,6 +368,7 @@ fn bad_config_is_named_and_builtin_config_matches_the_file() {
         device: candle_core::Device::Cpu,
         dtype: candle_core::DType::F32,
         batch: None,
+        shard: Shard::whole(),
     };
     let rep = stage::run_stage(root, &opts, &indicatif::ProgressBar::hidden()).unwrap();
     assert_eq!(rep.status, StageStatus::Failed);
@@ -414,4 +417,65 @@ fn bench_densepose_prints_figures() {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
     drop(dir);
+}
+
+/// Two shards that find nobody in their photos each keep their own no-person list (so shards
+/// running at once never rewrite each other's), and an unsharded run reads both lists: it
+/// skips both photos without building the model.
+#[test]
+fn sharded_runs_keep_their_own_no_person_lists() {
+    let case = load_case(GROUP, CASE);
+    let (dir, _) = dataset(&case);
+    let root = dir.path();
+    let shards = [Shard::new(0, 2).unwrap(), Shard::new(1, 2).unwrap()];
+    // A second photo that falls in the other shard than PHOTO.
+    let theirs = shards
+        .iter()
+        .position(|s| s.owns_name(PHOTO))
+        .map(|k| 1 - k)
+        .unwrap();
+    let other = (0..100)
+        .map(|i| format!("fashionWOMENDressesid{i:08}01_2side.jpg"))
+        .find(|n| shards[theirs].owns_name(n))
+        .unwrap();
+    std::fs::copy(
+        root.join("train").join(PHOTO),
+        root.join("train").join(&other),
+    )
+    .unwrap();
+    let cfg = root.join("nobody.yaml");
+    write_config(&case, &cfg, Some(0.999));
+    let opts = |weights: PathBuf, shard: Shard| DenseposeOptions {
+        config: Some(cfg.clone()),
+        weights,
+        device: candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
+        batch: None,
+        shard,
+    };
+    let bar = indicatif::ProgressBar::hidden();
+    for s in shards {
+        let rep = stage::run_stage(root, &opts(case.safetensors_path.clone(), s), &bar).unwrap();
+        assert_eq!(
+            (rep.done, rep.skipped, rep.failed.len()),
+            (0, 0, 0),
+            "{rep:?}"
+        );
+        let mine = if s.owns_name(PHOTO) {
+            PHOTO
+        } else {
+            other.as_str()
+        };
+        let list = root
+            .join("train_densepose")
+            .join(format!("no_person.shard-{}-of-2.txt", s.index));
+        assert_eq!(std::fs::read_to_string(&list).unwrap(), format!("{mine}\n"));
+    }
+    assert!(!root.join("train_densepose").join(NO_PERSON_FILE).exists());
+    let rep = stage::run_stage(root, &opts(root.join("none.pkl"), Shard::whole()), &bar).unwrap();
+    assert_eq!(
+        (rep.done, rep.skipped, rep.status),
+        (0, 2, StageStatus::Ok),
+        "{rep:?}"
+    );
 }

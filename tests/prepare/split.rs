@@ -556,3 +556,116 @@ fn texture_stage_resumes_after_an_interruption() {
     let img = image::open(out(&stems[1])).unwrap();
     assert_eq!((img.width(), img.height()), (512, 512));
 }
+
+/// Relative path -> bytes of every file under `dir` except the reports and the raw tree.
+fn outputs(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+            if rel.starts_with("MEN") || rel.starts_with("WOMEN") {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if !rel.to_string_lossy().starts_with("prepare_report") {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// A raw tree with a synthetic IUV for every listed photo, ready for split + texture.
+fn raw_tree_with_iuvs() -> (tempfile::TempDir, SplitLists) {
+    let (dir, lists) = raw_tree();
+    for (i, (_, flat)) in RAW.iter().enumerate() {
+        let part = if i < 6 { "train" } else { "test" };
+        let p = dir
+            .path()
+            .join(format!("{part}_densepose"))
+            .join(flat.replace(".jpg", ".png"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        mcld::pipeline::demo::synthetic_pose(24, 36, i % 2 == 1)
+            .save(&p)
+            .unwrap();
+    }
+    (dir, lists)
+}
+
+/// `prepare --shard K/N`: shards 0/2 and 1/2 place and texture disjoint sets of photos whose
+/// union is, file for file and byte for byte, what one unsharded run makes; run into one root,
+/// each keeps its own report, `pairs` is shard 0's and `stats` nobody's; a shard run again
+/// does nothing.
+#[test]
+fn shards_split_the_photos_and_together_equal_one_run() {
+    use mcld::rank::Shard;
+    let stages = [Stage::Split, Stage::Pairs, Stage::Texture, Stage::Stats];
+    let run = |root: &Path, lists: &SplitLists, shard: Shard| {
+        let mut o = opts(root, lists, &stages);
+        o.shard = shard;
+        run_prepare(&o).unwrap()
+    };
+    let s = |k: usize| Shard::new(k, 2).unwrap();
+    let (whole_dir, lists) = raw_tree_with_iuvs();
+    let whole_rep = run(whole_dir.path(), &lists, Shard::whole());
+    let whole = outputs(whole_dir.path());
+    let made = |rep: &PrepareReport| stage(rep, "split").done + stage(rep, "texture").done;
+    assert_eq!(made(&whole_rep), 2 * RAW.len(), "{whole_rep:?}");
+
+    // Each shard alone, in its own copy of the raw tree.
+    let mut apart = Vec::new();
+    for k in 0..2 {
+        let (dir, _) = raw_tree_with_iuvs();
+        let rep = run(dir.path(), &lists, s(k));
+        assert_eq!(rep.shard.as_deref(), Some(["0/2", "1/2"][k]));
+        assert!(dir
+            .path()
+            .join(format!("prepare_report.shard-{k}-of-2.json"))
+            .is_file());
+        assert!(!dir.path().join("prepare_report.json").exists());
+        let st = stage(&rep, "stats");
+        assert_eq!((st.done, st.status), (0, StageStatus::Ok));
+        assert!(st.notes[0].contains("--only stats"), "{st:?}");
+        let pr = stage(&rep, "pairs");
+        assert_eq!(pr.done, if k == 0 { 2 } else { 0 }, "{pr:?}");
+        // Only the IUVs were there before: the rest is what this shard made, byte for byte
+        // the unsharded run's files.
+        let own: std::collections::BTreeMap<PathBuf, Vec<u8>> = outputs(dir.path())
+            .into_iter()
+            .filter(|(p, _)| !p.to_string_lossy().contains("_densepose"))
+            .collect();
+        for (p, bytes) in &own {
+            assert!(whole.get(p) == Some(bytes), "{}", p.display());
+        }
+        apart.push((made(&rep), own));
+    }
+    let (a, b) = (&apart[0].1, &apart[1].1);
+    assert!(a.keys().all(|p| !b.contains_key(p)), "shards overlap");
+    assert!(apart[0].0 > 0 && apart[1].0 > 0, "a shard got no photo");
+    assert_eq!(apart[0].0 + apart[1].0, made(&whole_rep));
+
+    // Both shards into one root, one after the other: the unsharded run's files exactly, and
+    // each shard's report under its own name.
+    let (dir, _) = raw_tree_with_iuvs();
+    run(dir.path(), &lists, s(1));
+    run(dir.path(), &lists, s(0));
+    assert_eq!(outputs(dir.path()), whole);
+    for (k, (n, _)) in apart.iter().enumerate() {
+        let text = std::fs::read(
+            dir.path()
+                .join(format!("prepare_report.shard-{k}-of-2.json")),
+        )
+        .unwrap();
+        let rep: PrepareReport = serde_json::from_slice(&text).unwrap();
+        assert_eq!(made(&rep), *n);
+    }
+    let again = run(dir.path(), &lists, s(0));
+    assert_eq!(made(&again), 0);
+    assert_eq!(
+        stage(&again, "split").skipped + stage(&again, "texture").skipped,
+        apart[0].0
+    );
+}

@@ -858,6 +858,153 @@ fn two_ranks_of_batch_b_equal_one_rank_of_batch_2b() {
     assert!(errs[1].contains("stand-in step failure"), "{}", errs[1]);
 }
 
+/// A pair that only rank 1 reads and cannot decode is in rank 0's report: every rank's skips
+/// are gathered when the run ends (each pair once), and both ranks return the same list.
+#[test]
+fn a_pair_rank_1_skips_is_in_rank_0s_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    dataset(root, 8);
+    let clean = open_set(root);
+    // One step of 2 micro-batches of 2: each rank reads the first 4 readable pairs of its
+    // shard of epoch 0. Break the face file of a photo that is the source of a pair among
+    // rank 1's first 4 and of none among rank 0's first 8.
+    let from = |i: usize| clean.pairs()[i].from.clone();
+    let r0: Vec<String> = clean
+        .shard(7, 0, 0, 2)
+        .into_iter()
+        .take(8)
+        .map(from)
+        .collect();
+    let r1: Vec<String> = clean
+        .shard(7, 0, 1, 2)
+        .into_iter()
+        .take(4)
+        .map(from)
+        .collect();
+    let bad = r1
+        .iter()
+        .find(|p| !r0.contains(p))
+        .expect("a source that only rank 1 reads in step 1")
+        .clone();
+    let face = root.join("train_face").join(format!("{}.npy", stem(&bad)));
+    std::fs::write(&face, b"garbage").unwrap();
+    let set = open_set(root);
+    assert!(
+        set.skipped.is_empty(),
+        "found when decoded, not when opened"
+    );
+
+    let exp = root.join("exp");
+    let handles: Vec<_> = LocalGroup::new(2)
+        .into_iter()
+        .map(|rank| {
+            let set = set.clone();
+            let mut cfg = loop_cfg(&exp, 1, 2);
+            cfg.checkpointing_steps = 0;
+            std::thread::spawn(move || {
+                train_loop(
+                    &mut Lin::new(0.0),
+                    set,
+                    &cfg,
+                    &rank,
+                    &AtomicBool::new(false),
+                    &mut NoHooks,
+                )
+            })
+        })
+        .collect();
+    let outs: Vec<TrainOutcome> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap().unwrap())
+        .collect();
+    let pairs = |o: &TrainOutcome| -> Vec<(String, String)> {
+        o.skipped
+            .iter()
+            .map(|s| (s.from.clone(), s.to.clone()))
+            .collect()
+    };
+    assert!(!outs[0].skipped.is_empty());
+    assert_eq!(pairs(&outs[0]), pairs(&outs[1]));
+    for s in &outs[0].skipped {
+        assert_eq!((s.from.as_str(), &s.path), (bad.as_str(), &face), "{s:?}");
+        assert!(
+            s.reason.contains(".npy") || s.reason.contains("magic"),
+            "{}",
+            s.reason
+        );
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(exp.join("train_report.json")).unwrap())
+            .unwrap();
+    let listed = report["skipped"].as_array().unwrap();
+    assert_eq!(listed.len(), outs[0].skipped.len());
+    assert_eq!(listed[0]["from"], bad.as_str());
+    assert_eq!(listed[0]["path"], face.display().to_string());
+    println!(
+        "rank 1 skipped {} pair(s) of {bad}; rank 0's report lists them",
+        listed.len()
+    );
+}
+
+/// `all_gather_bytes`: every rank gets every rank's bytes, in rank order, whatever their
+/// lengths (empty included): one process, ranks as threads, ranks over TCP.
+#[test]
+fn all_gather_bytes_returns_every_ranks_bytes_in_rank_order() {
+    use mcld::train::collective::Collective;
+    let msg = |r: usize| -> Vec<u8> { (0..r * 3).map(|i| (i * 7 + r) as u8).collect() };
+    assert_eq!(
+        SingleProcess.all_gather_bytes(b"abc").unwrap(),
+        vec![b"abc".to_vec()]
+    );
+    let expect: Vec<Vec<u8>> = (0..3).map(msg).collect();
+    let handles: Vec<_> = LocalGroup::new(3)
+        .into_iter()
+        .enumerate()
+        .map(|(r, rank)| {
+            std::thread::spawn(move || {
+                let a = rank.all_gather_bytes(&msg(r)).unwrap();
+                // Mixed with the other operations, in the same order on every rank.
+                let f = rank.all_gather_f64(&[r as f64]).unwrap();
+                (a, f)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (a, f) = h.join().unwrap();
+        assert_eq!(a, expect);
+        assert_eq!(f, vec![vec![0.0], vec![1.0], vec![2.0]]);
+    }
+
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let handles: Vec<_> = (0..3)
+        .map(|r| {
+            std::thread::spawn(move || {
+                let info = RankInfo {
+                    rank: r,
+                    world: 3,
+                    local_rank: r,
+                    master_addr: Some("127.0.0.1".into()),
+                    master_port: Some(port),
+                };
+                let c = TcpCollective::connect(&info, Duration::from_secs(30)).unwrap();
+                let a = c.all_gather_bytes(&msg(r)).unwrap();
+                let f = c.all_gather_f64(&[r as f64, 0.5]).unwrap();
+                (a, f)
+            })
+        })
+        .collect();
+    for h in handles {
+        let (a, f) = h.join().unwrap();
+        assert_eq!(a, expect);
+        assert_eq!(f, vec![vec![0.0, 0.5], vec![1.0, 0.5], vec![2.0, 0.5]]);
+    }
+}
+
 const TCP_EXP: &str = "MCLD_TRAIN_LOOP_TCP_EXP";
 const TCP_FAIL: &str = "MCLD_TRAIN_LOOP_TCP_FAIL";
 const TCP_STEPS: u64 = 7;
