@@ -49,12 +49,16 @@ fn bits(v: f32) -> u16 {
     bf16::from_f32(v).to_bits()
 }
 
-/// The left operand (m x k) in panels of `MR` rows: `data[(panel * pairs + p) * MR + r]`.
+/// The left operand (m x k): in panels of `MR` rows, `data[(panel * pairs + p) * MR + r]`
+/// (weights, packed once per call and reused by every tile), or with `rows` set row by row,
+/// `data[i * pairs + p]` (activations: a contiguous conversion with no transposition, which
+/// matters where the product is short, as attention's probabilities times values).
 #[derive(Debug, Clone)]
 pub struct PackedA {
     m: usize,
     k: usize,
     pairs: usize,
+    rows: bool,
     data: Vec<u32>,
 }
 
@@ -80,21 +84,24 @@ impl PackedA {
         self.m.div_ceil(MR)
     }
 
-    /// From f32 rows: element (i, kk) at `src[i * ld + kk]`.
+    /// From f32 rows: element (i, kk) at `src[i * ld + kk]`; kept row by row (the last panel
+    /// padded with zero rows).
     pub fn from_f32_rows(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
         check_span(src.len(), m, k, ld);
         let pairs = k.div_ceil(2);
-        let mut data = vec![0u32; m.div_ceil(MR) * pairs * MR];
-        let mut row = vec![0u32; pairs];
-        for i in 0..m {
-            convert_pairs(&src[i * ld..i * ld + k], &mut row);
-            let (panel, r) = (i / MR, i % MR);
-            let base = panel * pairs * MR + r;
-            for (p, &v) in row.iter().enumerate() {
-                data[base + p * MR] = v;
+        let mut data = vec![0u32; m.div_ceil(MR) * MR * pairs];
+        if pairs > 0 {
+            for (i, row) in data.chunks_exact_mut(pairs).take(m).enumerate() {
+                convert_pairs(&src[i * ld..i * ld + k], row);
             }
         }
-        Self { m, k, pairs, data }
+        Self {
+            m,
+            k,
+            pairs,
+            rows: true,
+            data,
+        }
     }
 
     /// From bf16 rows (weights stored in bf16): element (i, kk) at `src[i * ld + kk]`.
@@ -110,7 +117,13 @@ impl PackedA {
                 data[base + p * MR] = pair(s[2 * p].to_bits(), hi);
             }
         }
-        Self { m, k, pairs, data }
+        Self {
+            m,
+            k,
+            pairs,
+            rows: false,
+            data,
+        }
     }
 }
 
@@ -406,15 +419,35 @@ mod x86 {
                     let bp = b.data.as_ptr().add((jp * b.pairs + k0) * NR);
                     let cols = NR.min(b.n - jp * NR);
                     for ip in ic..ic_end {
-                        let ap = a.data.as_ptr().add((ip * pairs + k0) * MR);
                         let rows = MR.min(a.m - ip * MR);
                         let cp = c.add(ip * MR * ldc + jp * NR);
-                        if cols <= 16 {
-                            // A narrow last panel (attention's 40-wide values: 32 + 8) costs
-                            // half a panel.
-                            micro_half(kc, ap, bp, cp, ldc, rows, cols, acc);
-                        } else {
-                            micro(kc, ap, bp, cp, ldc, rows, cols, acc);
+                        let t = Tile {
+                            kc,
+                            b: bp,
+                            c: cp,
+                            ldc,
+                            rows,
+                            cols,
+                            accumulate: acc,
+                        };
+                        // A narrow last panel (attention's 40-wide values: 32 + 8) costs half.
+                        match (a.rows, cols <= 16) {
+                            (true, false) => {
+                                micro::<true>(&t, a.data.as_ptr().add(ip * MR * pairs + k0), pairs)
+                            }
+                            (true, true) => micro_half::<true>(
+                                &t,
+                                a.data.as_ptr().add(ip * MR * pairs + k0),
+                                pairs,
+                            ),
+                            (false, false) => {
+                                micro::<false>(&t, a.data.as_ptr().add((ip * pairs + k0) * MR), 0)
+                            }
+                            (false, true) => micro_half::<false>(
+                                &t,
+                                a.data.as_ptr().add((ip * pairs + k0) * MR),
+                                0,
+                            ),
                         }
                     }
                 }
@@ -424,48 +457,49 @@ mod x86 {
         }
     }
 
-    /// One `MR x NR` block of C over `kc` pairs.
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn micro(
+    /// One block of C: `kc` pairs of the right micro-panel `b` into `rows` x `cols` of `c`.
+    pub(super) struct Tile {
         kc: usize,
-        a: *const u32,
         b: *const u32,
         c: *mut f32,
         ldc: usize,
         rows: usize,
         cols: usize,
         accumulate: bool,
-    ) {
+    }
+
+    /// Left element (r, p) of a micro-panel: panel layout, or row by row at stride `rs`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn a_at<const ROWS: bool>(a: *const u32, rs: usize, r: usize, p: usize) -> __m512bh {
+        let v = if ROWS {
+            *a.add(r * rs + p)
+        } else {
+            *a.add(p * MR + r)
+        };
+        std::mem::transmute(_mm512_set1_epi32(v as i32))
+    }
+
+    /// One `MR x NR` block of C.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn micro<const ROWS: bool>(t: &Tile, a: *const u32, rs: usize) {
         let mut c0 = [_mm512_setzero_ps(); MR];
         let mut c1 = [_mm512_setzero_ps(); MR];
-        for p in 0..kc {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+        for p in 0..t.kc {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(t.b.add(p * NR) as *const _));
             let b1: __m512bh =
-                std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
-            let ar = a.add(p * MR);
+                std::mem::transmute(_mm512_loadu_si512(t.b.add(p * NR + 16) as *const _));
             for r in 0..MR {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
+                let av = a_at::<ROWS>(a, rs, r, p);
                 c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
                 c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
             }
         }
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            (1u32 << cols) as u16 - 1
-        };
-        let m1: __mmask16 = if cols >= NR {
-            0xffff
-        } else if cols > 16 {
-            (1u32 << (cols - 16)) as u16 - 1
-        } else {
-            0
-        };
-        for r in 0..rows {
-            let row = c.add(r * ldc);
+        let (m0, m1) = (mask(t.cols), mask(t.cols.saturating_sub(16)));
+        for r in 0..t.rows {
+            let row = t.c.add(r * t.ldc);
             let (mut v0, mut v1) = (c0[r], c1[r]);
-            if accumulate {
+            if t.accumulate {
                 v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
                 v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
             }
@@ -476,39 +510,33 @@ mod x86 {
 
     /// [`micro`] for panels with at most 16 valid columns: only the first vector of each pair.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn micro_half(
-        kc: usize,
-        a: *const u32,
-        b: *const u32,
-        c: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    unsafe fn micro_half<const ROWS: bool>(t: &Tile, a: *const u32, rs: usize) {
         let mut c0 = [_mm512_setzero_ps(); MR];
-        for p in 0..kc {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
-            let ar = a.add(p * MR);
+        for p in 0..t.kc {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(t.b.add(p * NR) as *const _));
             for (r, acc) in c0.iter_mut().enumerate() {
-                let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ar.add(r) as i32));
-                *acc = _mm512_dpbf16_ps(*acc, av, b0);
+                *acc = _mm512_dpbf16_ps(*acc, a_at::<ROWS>(a, rs, r, p), b0);
             }
         }
-        let m0: __mmask16 = if cols >= 16 {
-            0xffff
-        } else {
-            (1u32 << cols) as u16 - 1
-        };
-        for (r, &acc) in c0.iter().enumerate().take(rows) {
-            let row = c.add(r * ldc);
-            let v0 = if accumulate {
+        let m0 = mask(t.cols);
+        for (r, &acc) in c0.iter().enumerate().take(t.rows) {
+            let row = t.c.add(r * t.ldc);
+            let v0 = if t.accumulate {
                 _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m0, row))
             } else {
                 acc
             };
             _mm512_mask_storeu_ps(row, m0, v0);
+        }
+    }
+
+    /// Lanes `0..cols.min(16)` of a 16-lane vector.
+    #[inline]
+    fn mask(cols: usize) -> __mmask16 {
+        if cols >= 16 {
+            0xffff
+        } else {
+            ((1u32 << cols) - 1) as __mmask16
         }
     }
 }
