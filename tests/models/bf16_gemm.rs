@@ -25,6 +25,7 @@ fn round(v: f32) -> f64 {
 }
 
 /// Worst |c - ref| / bound over the product, for the given f64 element readers.
+#[allow(clippy::too_many_arguments)]
 fn check(
     m: usize,
     n: usize,
