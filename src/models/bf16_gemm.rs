@@ -169,6 +169,33 @@ impl PackedB {
         Self { k, n, pairs, data }
     }
 
+    /// From rows produced on demand: `row(kk, dst)` writes row kk (n values), two rows at a
+    /// time into a small scratch, so a convolution's patch matrix is never built in f32.
+    pub fn from_row_fn(k: usize, n: usize, mut row: impl FnMut(usize, &mut [f32])) -> Self {
+        let pairs = k.div_ceil(2);
+        let mut data = vec![0u32; n.div_ceil(NR) * pairs * NR];
+        let (mut r0, mut r1) = (vec![0f32; n], vec![0f32; n]);
+        for p in 0..pairs {
+            row(2 * p, &mut r0);
+            let has_r1 = 2 * p + 1 < k;
+            if has_r1 {
+                row(2 * p + 1, &mut r1);
+            }
+            let second = has_r1.then_some(r1.as_slice());
+            #[cfg(target_arch = "x86_64")]
+            if available() {
+                // SAFETY: features checked; both rows hold n values; `data` has every panel.
+                unsafe { x86::pack_b_pair(&r0, second, n, p, pairs, &mut data) };
+                continue;
+            }
+            for j in 0..n {
+                let hi = second.map_or(0, |r| bits(r[j]));
+                data[((j / NR) * pairs + p) * NR + j % NR] = pair(bits(r0[j]), hi);
+            }
+        }
+        Self { k, n, pairs, data }
+    }
+
     /// From f32 columns: element (kk, j) at `src[j * ld + kk]` (the transpose of a row-major
     /// n x k matrix, e.g. attention keys or a linear layer's `[out, in]` weight).
     pub fn from_f32_cols(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
@@ -377,6 +404,42 @@ mod x86 {
                     let hi = if has_r1 { super::bits(*r1.add(j)) } else { 0 };
                     *dst.add(j) = super::pair(super::bits(*r0.add(j)), hi);
                 }
+            }
+        }
+    }
+
+    /// Writes pair `p` of every panel from two rows of n values (`r1` absent: zeros).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn pack_b_pair(
+        r0: &[f32],
+        r1: Option<&[f32]>,
+        n: usize,
+        p: usize,
+        pairs: usize,
+        data: &mut [u32],
+    ) {
+        let cvt = |q: *const f32| -> __m512i {
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(q)));
+            _mm512_cvtepu16_epi32(h)
+        };
+        for panel in 0..n.div_ceil(NR) {
+            let j0 = panel * NR;
+            let w = NR.min(n - j0);
+            let dst = data.as_mut_ptr().add((panel * pairs + p) * NR);
+            for g in 0..w / 16 {
+                let lo = cvt(r0.as_ptr().add(j0 + 16 * g));
+                let v = match r1 {
+                    Some(r1) => _mm512_or_si512(
+                        lo,
+                        _mm512_slli_epi32::<16>(cvt(r1.as_ptr().add(j0 + 16 * g))),
+                    ),
+                    None => lo,
+                };
+                _mm512_storeu_si512(dst.add(16 * g) as *mut _, v);
+            }
+            for j in w / 16 * 16..w {
+                let hi = r1.map_or(0, |r| super::bits(r[j0 + j]));
+                *dst.add(j) = super::pair(super::bits(r0[j0 + j]), hi);
             }
         }
     }

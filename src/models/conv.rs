@@ -320,6 +320,33 @@ fn run(
         |&(b, r0, r1): &(usize, usize, usize), col: &mut Vec<f32>| -> candle_core::Result<()> {
             let np = (r1 - r0) * g.ow;
             let xb = &x[b * g.ci * g.h * g.w..(b + 1) * g.ci * g.h * g.w];
+            if let Weights::Bf16(pa) = w {
+                // The patches go straight into the packed bf16 layout, two rows at a time.
+                let pb = if g.pointwise() {
+                    PackedB::from_f32_rows(&xb[r0 * g.ow..], k, np, p)
+                } else {
+                    let taps = g.kh * g.kw;
+                    PackedB::from_row_fn(k, np, |row, dst| {
+                        let c = row / taps;
+                        let plane = &xb[c * g.h * g.w..(c + 1) * g.h * g.w];
+                        g.fill_row(plane, (row % taps) / g.kw, row % g.kw, r0, r1, dst);
+                    })
+                };
+                // SAFETY: the tile's output block (rows 0..co of image b at pixels r0*ow..r1*ow) is
+                // inside `out`, and no other tile touches it.
+                unsafe {
+                    let d = dst.get().add(b * g.co * p + r0 * g.ow);
+                    if let Some(bias) = bias {
+                        for (c, &v) in bias.iter().enumerate() {
+                            std::slice::from_raw_parts_mut(d.add(c * p), np).fill(v);
+                        }
+                    }
+                    let par = !matches!(inner, gemm::Parallelism::None);
+                    return bf16_gemm::matmul_raw(pa, &pb, d, p, bias.is_some(), par)
+                        .map_err(candle_core::Error::wrap);
+                }
+            }
+
             let (rhs, rhs_rs) = if g.pointwise() {
                 (xb[r0 * g.ow..].as_ptr(), p as isize)
             } else {
@@ -336,16 +363,8 @@ fn run(
                         std::slice::from_raw_parts_mut(d.add(c * p), np).fill(v);
                     }
                 }
-                let w = match w {
-                    Weights::Bf16(pa) => {
-                        let len = (k - 1) * rhs_rs as usize + np;
-                        let rhs = std::slice::from_raw_parts(rhs, len);
-                        let pb = PackedB::from_f32_rows(rhs, k, np, rhs_rs as usize);
-                        let par = !matches!(inner, gemm::Parallelism::None);
-                        return bf16_gemm::matmul_raw(pa, &pb, d, p, bias.is_some(), par)
-                            .map_err(candle_core::Error::wrap);
-                    }
-                    Weights::F32(w) => w,
+                let Weights::F32(w) = w else {
+                    candle_core::bail!("conv: bf16 tiles are handled above");
                 };
                 with_f32(w, |w| {
                     gemm::gemm(
