@@ -106,23 +106,12 @@ impl PackedA {
 
     /// From bf16 rows (weights stored in bf16): element (i, kk) at `src[i * ld + kk]`.
     pub fn from_bf16_rows(src: &[bf16], m: usize, k: usize, ld: usize) -> Self {
-        check_span(src.len(), m, k, ld);
-        let pairs = k.div_ceil(2);
-        let mut data = vec![0u32; m.div_ceil(MR) * pairs * MR];
-        for i in 0..m {
-            let s = &src[i * ld..i * ld + k];
-            let base = (i / MR) * pairs * MR + i % MR;
-            for p in 0..pairs {
-                let hi = s.get(2 * p + 1).map_or(0, |v| v.to_bits());
-                data[base + p * MR] = pair(s[2 * p].to_bits(), hi);
-            }
-        }
         Self {
             m,
             k,
-            pairs,
+            pairs: k.div_ceil(2),
             rows: false,
-            data,
+            data: pack_lines(src, m, k, ld, MR, bf16_pairs),
         }
     }
 }
@@ -199,34 +188,56 @@ impl PackedB {
     /// From f32 columns: element (kk, j) at `src[j * ld + kk]` (the transpose of a row-major
     /// n x k matrix, e.g. attention keys or a linear layer's `[out, in]` weight).
     pub fn from_f32_cols(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
-        check_span(src.len(), n, k, ld);
-        let pairs = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * pairs * NR];
-        let mut col = vec![0u32; pairs];
-        for j in 0..n {
-            convert_pairs(&src[j * ld..j * ld + k], &mut col);
-            let base = (j / NR) * pairs * NR + j % NR;
-            for (p, &v) in col.iter().enumerate() {
-                data[base + p * NR] = v;
-            }
+        let data = pack_lines(src, n, k, ld, NR, convert_pairs);
+        Self {
+            k,
+            n,
+            pairs: k.div_ceil(2),
+            data,
         }
-        Self { k, n, pairs, data }
     }
 
     /// From bf16 columns: element (kk, j) at `src[j * ld + kk]` (a linear layer's bf16 weight).
     pub fn from_bf16_cols(src: &[bf16], k: usize, n: usize, ld: usize) -> Self {
-        check_span(src.len(), n, k, ld);
-        let pairs = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * pairs * NR];
-        for j in 0..n {
-            let s = &src[j * ld..j * ld + k];
-            let base = (j / NR) * pairs * NR + j % NR;
-            for p in 0..pairs {
-                let hi = s.get(2 * p + 1).map_or(0, |v| v.to_bits());
-                data[base + p * NR] = pair(s[2 * p].to_bits(), hi);
-            }
+        let data = pack_lines(src, n, k, ld, NR, bf16_pairs);
+        Self {
+            k,
+            n,
+            pairs: k.div_ceil(2),
+            data,
         }
-        Self { k, n, pairs, data }
+    }
+}
+
+/// Packs `lines` lines of k values (line i at `src[i * ld..]`) into panels of `width` lines:
+/// pair p of line i lands at `[(i / width * pairs + p) * width + i % width]`.
+fn pack_lines<T>(
+    src: &[T],
+    lines: usize,
+    k: usize,
+    ld: usize,
+    width: usize,
+    to_pairs: impl Fn(&[T], &mut [u32]),
+) -> Vec<u32> {
+    check_span(src.len(), lines, k, ld);
+    let pairs = k.div_ceil(2);
+    let mut data = vec![0u32; lines.div_ceil(width) * pairs * width];
+    let mut line = vec![0u32; pairs];
+    for i in 0..lines {
+        to_pairs(&src[i * ld..i * ld + k], &mut line);
+        let base = (i / width) * pairs * width + i % width;
+        for (p, &v) in line.iter().enumerate() {
+            data[base + p * width] = v;
+        }
+    }
+    data
+}
+
+/// `dst[p] = pair(src[2p], src[2p + 1])` of bf16 values (a missing last element is zero).
+fn bf16_pairs(src: &[bf16], dst: &mut [u32]) {
+    for (p, d) in dst.iter_mut().enumerate() {
+        let hi = src.get(2 * p + 1).map_or(0, |v| v.to_bits());
+        *d = pair(src[2 * p].to_bits(), hi);
     }
 }
 
