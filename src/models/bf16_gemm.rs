@@ -24,6 +24,8 @@ pub const NR: usize = 32;
 const KC_PAIRS: usize = 128;
 /// Left rows per block: 384 rows x 128 pairs is 192 KiB, well inside L2.
 const MC: usize = 32 * MR;
+/// Right columns per block: the 384 x 256 block of C (384 KiB) stays in L2 over the depth.
+const NC: usize = 8 * NR;
 
 /// Whether this CPU runs the kernels (checked at run time; other CPUs keep the f32 path).
 pub fn available() -> bool {
@@ -361,7 +363,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{PackedA, PackedB, KC_PAIRS, MC, MR, NR};
+    use super::{PackedA, PackedB, KC_PAIRS, MC, MR, NC, NR};
 
     /// Converts whole groups of 16 pairs; returns how many pairs it wrote.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -481,53 +483,60 @@ mod x86 {
             }
             return;
         }
-        let mc_panels = MC / MR;
-        let mut k0 = 0;
-        while k0 < pairs {
-            let kc = KC_PAIRS.min(pairs - k0);
-            let acc = accumulate || k0 > 0;
-            let mut ic = pa.start;
-            while ic < pa.end {
+        // Blocks of C (MC rows x NC columns) stay in L2 while the whole depth runs over them;
+        // within a depth block the right micro-panel (16 KiB) stays in L1 across the rows.
+        let (mc_panels, nc_panels) = (MC / MR, NC / NR);
+        for jc in (pb.start..pb.end).step_by(nc_panels) {
+            let jc_end = (jc + nc_panels).min(pb.end);
+            for ic in (pa.start..pa.end).step_by(mc_panels) {
                 let ic_end = (ic + mc_panels).min(pa.end);
-                for jp in pb.clone() {
-                    let bp = b.data.as_ptr().add((jp * b.pairs + k0) * NR);
-                    let cols = NR.min(b.n - jp * NR);
-                    for ip in ic..ic_end {
-                        let rows = MR.min(a.m - ip * MR);
-                        let cp = c.add(ip * MR * ldc + jp * NR);
-                        let t = Tile {
-                            kc,
-                            b: bp,
-                            c: cp,
-                            ldc,
-                            rows,
-                            cols,
-                            accumulate: acc,
-                        };
-                        // A narrow last panel (attention's 40-wide values: 32 + 8) costs half.
-                        match (a.rows, cols <= 16) {
-                            (true, false) => {
-                                micro::<true>(&t, a.data.as_ptr().add(ip * MR * pairs + k0), pairs)
-                            }
-                            (true, true) => micro_half::<true>(
-                                &t,
-                                a.data.as_ptr().add(ip * MR * pairs + k0),
-                                pairs,
-                            ),
-                            (false, false) => {
-                                micro::<false>(&t, a.data.as_ptr().add((ip * pairs + k0) * MR), 0)
-                            }
-                            (false, true) => micro_half::<false>(
-                                &t,
-                                a.data.as_ptr().add((ip * pairs + k0) * MR),
-                                0,
-                            ),
+                let mut k0 = 0;
+                while k0 < pairs {
+                    let kc = KC_PAIRS.min(pairs - k0);
+                    let acc = accumulate || k0 > 0;
+                    for jp in jc..jc_end {
+                        let bp = b.data.as_ptr().add((jp * b.pairs + k0) * NR);
+                        let cols = NR.min(b.n - jp * NR);
+                        for ip in ic..ic_end {
+                            let t = Tile {
+                                kc,
+                                b: bp,
+                                c: c.add(ip * MR * ldc + jp * NR),
+                                ldc,
+                                rows: MR.min(a.m - ip * MR),
+                                cols,
+                                accumulate: acc,
+                            };
+                            panel(a, ip, k0, &t);
                         }
                     }
+                    k0 += kc;
                 }
-                ic = ic_end;
             }
-            k0 += kc;
+        }
+    }
+
+    /// One micro-kernel call for left panel `ip` from pair `k0`, in the left operand's layout;
+    /// a narrow last panel (attention's 40-wide values: 32 + 8) costs half.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn panel(a: &PackedA, ip: usize, k0: usize, t: &Tile) {
+        let pairs = a.pairs;
+        let half = t.cols <= 16;
+        if a.rows {
+            let ap = a.data.as_ptr().add(ip * MR * pairs + k0);
+            if half {
+                micro_half::<true>(t, ap, pairs)
+            } else {
+                micro::<true>(t, ap, pairs)
+            }
+        } else {
+            let ap = a.data.as_ptr().add((ip * pairs + k0) * MR);
+            if half {
+                micro_half::<false>(t, ap, 0)
+            } else {
+                micro::<false>(t, ap, 0)
+            }
         }
     }
 
