@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod api;
+pub mod bucket;
 pub mod checkpoint;
 pub mod cmd;
 pub mod collective;

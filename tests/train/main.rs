@@ -1,9 +1,10 @@
 //! Training: the step at fixture parity, gradient coverage, finite differences, precision,
-//! checkpointing, state round trips.
+//! checkpointing, state round trips, and the collectives' gradient buckets and control channel.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod collective;
 mod demo;
 mod grad;
 mod run_loop;
