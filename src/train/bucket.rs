@@ -35,21 +35,27 @@ pub fn plan(sizes: &[usize], max_elems: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// The tensors as one contiguous 1-D f32 tensor on their device, in order (element `k` of tensor
-/// `i` in row-major order follows everything of tensors `0..i`). Errors on an empty list.
+/// The tensors as one contiguous 1-D f32 tensor on the first one's device, in order (element
+/// `k` of tensor `i` in row-major order follows everything of tensors `0..i`). Tensors without
+/// elements take no kernel launch (CUDA refuses empty ones). Errors on an empty list.
 pub fn flatten(tensors: &[Tensor]) -> Result<Tensor> {
-    if tensors.is_empty() {
+    let Some(first) = tensors.first() else {
         return Err(Error::msg("bucket: nothing to flatten"));
-    }
+    };
     let parts = tensors
         .iter()
+        .filter(|t| t.elem_count() > 0)
         .map(|t| Ok(t.flatten_all()?.to_dtype(DType::F32)?))
         .collect::<Result<Vec<_>>>()?;
+    if parts.is_empty() {
+        return Ok(Tensor::zeros(0, DType::F32, first.device())?);
+    }
     Ok(Tensor::cat(&parts, 0)?.contiguous()?)
 }
 
 /// The inverse of [`flatten`]: consecutive pieces of the 1-D `flat` with the shapes and dtypes of
-/// `like`. The pieces are views of `flat` where the dtype is f32.
+/// `like`. The pieces are views of `flat` where the dtype is f32; a tensor without elements comes
+/// back as itself.
 pub fn split(flat: &Tensor, like: &[Tensor]) -> Result<Vec<Tensor>> {
     let total: usize = like.iter().map(|t| t.elem_count()).sum();
     if flat.rank() != 1 || flat.elem_count() != total {
@@ -62,6 +68,9 @@ pub fn split(flat: &Tensor, like: &[Tensor]) -> Result<Vec<Tensor>> {
     like.iter()
         .map(|t| {
             let n = t.elem_count();
+            if n == 0 {
+                return Ok(t.clone());
+            }
             let piece = flat
                 .narrow(0, at, n)?
                 .reshape(t.dims())?

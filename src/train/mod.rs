@@ -10,6 +10,8 @@ pub mod collective;
 pub mod demo;
 pub mod init;
 pub mod loss;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod params;
 pub mod plot;
 pub mod run;

@@ -118,6 +118,17 @@ fn split_of_flatten_gives_back_every_tensor() {
         assert_eq!(bits(&(a + a).unwrap()), bits(b));
     }
 
+    // Only empty tensors: an empty buffer, and the tensors back.
+    let empties = vec![
+        Tensor::zeros((0, 3), DType::F16, &dev).unwrap(),
+        Tensor::zeros(0, DType::F32, &dev).unwrap(),
+    ];
+    let none = bucket::flatten(&empties).unwrap();
+    assert_eq!(none.dims(), &[0]);
+    let back = bucket::split(&none, &empties).unwrap();
+    assert_eq!(back[0].dims(), &[0, 3]);
+    assert_eq!(back[0].dtype(), DType::F16);
+
     assert!(bucket::flatten(&[]).is_err());
     let short = flat.narrow(0, 0, flat.elem_count() - 1).unwrap();
     let e = bucket::split(&short, &tensors).unwrap_err().to_string();
