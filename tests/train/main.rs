@@ -7,6 +7,8 @@ mod common;
 mod collective;
 mod demo;
 mod grad;
+#[cfg(feature = "nccl")]
+mod nccl;
 mod run_loop;
 mod step;
 mod trainer;
