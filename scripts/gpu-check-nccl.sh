@@ -4,9 +4,12 @@
 # Build here first (no GPU needed):
 #   CARGO_TARGET_DIR=/work/target-cuda MCLD_CUDA_FEATURES=cuda,cudnn,nccl MCLD_CUDA_TESTS=train \
 #     scripts/build-cuda.sh
-# which leaves .gpu/mcld and .gpu/test-train; carry `.gpu` (gzip either to FILE.gz if the
-# carry limit asks for it: this script unpacks them). On the GPU machine:
+# which leaves .gpu/mcld and .gpu/test-train (about 80 MB each); `gzip -f .gpu/mcld
+# .gpu/test-train` brings them to about 22 MB each, under the device tool's 64 MiB carry, and
+# this script unpacks FILE.gz when FILE is absent. Carry `.gpu`. On the GPU machine:
 #   scripts/gpu-check-nccl.sh            # logs and a summary under $OUT (or ./gpu-check-nccl/)
+# It takes a few minutes on one GPU (each step has a timeout); it leaves 5 files in $OUT on one
+# GPU, 8 with two or more (the most the device tool brings back).
 #
 # 1. tests/train/nccl.rs: one rank reduces tensors of three dtypes through several buckets and
 #    gets them back bit for bit; with 2+ GPUs, two ranks get the exact sums and a rank that
@@ -30,10 +33,14 @@ for f in .gpu/mcld .gpu/test-train; do
 done
 M=.gpu/mcld; [ -x "$M" ] || M=/tmp/mcld
 T=.gpu/test-train; [ -x "$T" ] || T=/tmp/test-train
+# For a dry run of the script itself on a machine without a GPU: MCLD_BIN=target/release/mcld
+# MCLD_TEST_BIN=... MCLD_CHECK_DEVICE=cpu (the NCCL run then fails, saying it needs CUDA);
+# MCLD_CHECK_GPUS=2 runs part 3 there too, with CPU ranks over TCP.
+M=${MCLD_BIN:-$M}; T=${MCLD_TEST_BIN:-$T}; DEV=${MCLD_CHECK_DEVICE:-cuda}
 S="$O/summary.txt"; : >"$S"
 say() { echo "$*" | tee -a "$S"; }
 fail=0
-ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+ngpu=${MCLD_CHECK_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 say "gpus: $ngpu; nccl: $(ls "$SP"/nvidia/nccl/lib 2>/dev/null | tr '\n' ' ')"
 
 # 1. The collective's own tests.
@@ -53,7 +60,7 @@ train() { # name, env..., -- args...
   local name=$1; shift
   local envs=(); while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
   local t0=$SECONDS
-  if env "${envs[@]}" timeout 400 "$M" train --config "$W/train.yaml" --device cuda \
+  if env "${envs[@]}" timeout 400 "$M" train --config "$W/train.yaml" --device "$DEV" \
        --max_train_steps 4 --validation_steps 0 --checkpointing_steps 4 \
        --output_dir "$W/$name" "$@" >"$O/$name.log" 2>&1; then
     say "$name: ok in $((SECONDS - t0)) s; losses $(losses "$W/$name/demo/train_log.jsonl")"
@@ -73,8 +80,8 @@ if [ "$ngpu" -ge 2 ]; then
   port=$((20000 + RANDOM % 20000)); pids=()
   for r in 0 1; do
     RANK=$r LOCAL_RANK=$r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port MCLD_NCCL_TIMEOUT=120 \
-      "$M" train --config "$W/train.yaml" --device cuda --max_train_steps 1000 --validation_steps 0 \
-      --checkpointing_steps 0 --output_dir "$W/3-kill" >"$O/3-kill-rank$r.log" 2>&1 &
+      "$M" train --config "$W/train.yaml" --device "$DEV" --max_train_steps 1000 --validation_steps 0 \
+      --checkpointing_steps 0 --output_dir "$W/3-kill" >>"$O/3-kill.log" 2>&1 &
     pids+=($!)
   done
   for _ in $(seq 120); do grep -q '"step":3,' "$W/3-kill/demo/train_log.jsonl" 2>/dev/null && break; sleep 1; done
@@ -86,7 +93,7 @@ if [ "$ngpu" -ge 2 ]; then
   else
     say "3-kill: FAILED, rank 0 status $rc after $((SECONDS - t0)) s"; fail=1
   fi
-  tail -2 "$O/3-kill-rank0.log" | tee -a "$S"
+  tail -4 "$O/3-kill.log" | tee -a "$S"
 else
   say "3: skipped (needs 2 GPUs)"
 fi
