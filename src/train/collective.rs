@@ -22,6 +22,9 @@ pub struct RankInfo {
     /// Index of this process on its node: which GPU it drives (`cuda:LOCAL_RANK`).
     pub local_rank: usize,
     pub master_addr: Option<String>,
+    /// Where rank 0 listens for the others: `MASTER_PORT`, or the port after it under torchrun,
+    /// whose agent already serves its own store on `MASTER_PORT` (it says so to its workers with
+    /// `TORCHELASTIC_USE_AGENT_STORE=True`).
     pub master_port: Option<u16>,
 }
 
@@ -72,6 +75,17 @@ impl RankInfo {
                     "environment MASTER_PORT={v:?}: expected a port number"
                 ))
             })?),
+        };
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let master_port = match master_port {
+            Some(p) if agent_store => Some(p.checked_add(1).ok_or_else(|| {
+                Error::msg(
+                    "environment MASTER_PORT=65535 under torchrun: mcld's rendezvous uses the \
+                     port after MASTER_PORT (torchrun's store holds MASTER_PORT itself)",
+                )
+            })?),
+            p => p,
         };
         let info = Self {
             rank,

@@ -192,6 +192,45 @@ fn the_backend_follows_world_device_and_mcld_collective() {
     }
 }
 
+#[test]
+fn under_torchrun_the_rendezvous_takes_the_port_after_its_store() {
+    let plain = RankInfo::from_vars(env(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "node0"),
+        ("MASTER_PORT", "29500"),
+    ]))
+    .unwrap();
+    assert_eq!(plain.master_port, Some(29500));
+    let torchrun = RankInfo::from_vars(env(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "node0"),
+        ("MASTER_PORT", "29500"),
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+    ]))
+    .unwrap();
+    assert_eq!(torchrun.master_port, Some(29501));
+    let not_shared = RankInfo::from_vars(env(&[
+        ("RANK", "1"),
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "node0"),
+        ("MASTER_PORT", "29500"),
+        ("TORCHELASTIC_USE_AGENT_STORE", "False"),
+    ]))
+    .unwrap();
+    assert_eq!(not_shared.master_port, Some(29500));
+    let e = RankInfo::from_vars(env(&[
+        ("WORLD_SIZE", "2"),
+        ("MASTER_ADDR", "node0"),
+        ("MASTER_PORT", "65535"),
+        ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+    ]))
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("MASTER_PORT=65535"), "{e}");
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind(("127.0.0.1", 0))
         .unwrap()
