@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::DType;
 
-use super::collective::{Collective, RankInfo, SingleProcess, TcpCollective};
+use super::collective::{Backend, Collective, RankInfo, SingleProcess, TcpCollective};
 use super::run::{train_loop, LoopConfig, Resume, StopReason, TrainOutcome};
 use super::validate::ValidationHook;
 use crate::config::TrainConfig;
@@ -123,20 +123,11 @@ pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
         .clone()
         .unwrap_or_else(|| config_dtype(&cfg).to_string());
     let dtype = crate::device::parse_dtype(&dtype_name)?;
-    let coll: Box<dyn Collective> = if rank.world == 1 {
-        Box::new(SingleProcess)
-    } else if device.is_cpu() {
-        Box::new(TcpCollective::connect(
-            &rank,
-            std::time::Duration::from_secs(600),
-        )?)
-    } else {
-        // TODO(nccl): an NCCL `Collective` (candle's `nccl` feature) for one process per GPU.
-        return Err(Error::msg(format!(
-            "WORLD_SIZE={} on {device_name}: multi-GPU training needs the NCCL collective, \
-             which is not built yet; run one process, or ranks on the CPU",
-            rank.world
-        )));
+    let backend = Backend::from_vars(|k| std::env::var(k).ok(), rank.world, device.is_cuda())?;
+    let coll: Box<dyn Collective> = match backend {
+        Backend::Single => Box::new(SingleProcess),
+        Backend::Tcp => Box::new(TcpCollective::connect(&rank, RENDEZVOUS)?),
+        Backend::Nccl { timeout } => nccl_collective(&rank, &device, timeout)?,
     };
 
     let set = TrainSet::from_config(&cfg.data)?;
@@ -190,6 +181,35 @@ pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
         }
     }
     Ok(outcome)
+}
+
+/// How long the ranks wait for each other at the rendezvous.
+const RENDEZVOUS: std::time::Duration = std::time::Duration::from_secs(600);
+
+#[cfg(feature = "nccl")]
+fn nccl_collective(
+    rank: &RankInfo,
+    device: &candle_core::Device,
+    timeout: std::time::Duration,
+) -> Result<Box<dyn Collective>> {
+    Ok(Box::new(super::nccl::NcclCollective::connect(
+        rank, device, RENDEZVOUS, timeout,
+    )?))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl_collective(
+    rank: &RankInfo,
+    _device: &candle_core::Device,
+    _timeout: std::time::Duration,
+) -> Result<Box<dyn Collective>> {
+    Err(Error::msg(format!(
+        "rank {} of {}: ranks on GPUs sum their gradients with NCCL, and this mcld was built \
+         without it; rebuild with `--features cuda,nccl` (scripts/build-cuda.sh with \
+         MCLD_CUDA_FEATURES=cuda,cudnn,nccl), or set MCLD_COLLECTIVE=tcp to sum them in host \
+         memory over TCP (slow)",
+        rank.rank, rank.world
+    )))
 }
 
 /// A flag set by SIGINT or SIGTERM, which the loop checks between steps (it finishes the step,

@@ -3,10 +3,10 @@
 //!
 //! The loop only talks to [`Collective`]. [`LocalGroup`] runs ranks as threads of one process
 //! (the CPU tests' "2 ranks x batch B" = "1 rank x batch 2B"); a rank that stops early makes the
-//! others' next collective call fail instead of hang.
-//! TODO(nccl): a `NcclCollective` behind the `nccl` feature (candle's cudarc NCCL communicator,
-//! id shared through MASTER_ADDR:MASTER_PORT) is not written yet; [`RankInfo::from_env`] refuses
-//! WORLD_SIZE > 1 until it is.
+//! others' next collective call fail instead of hang. [`TcpCollective`] connects processes
+//! through rank 0 at `MASTER_ADDR:MASTER_PORT`; on GPUs (`cuda,nccl` build) `NcclCollective`
+//! (`crate::train::nccl`) reduces gradients on the devices and keeps a [`TcpCollective`] for its
+//! rendezvous, its small host exchanges and for noticing a dead rank. [`Backend`] picks one.
 
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -23,6 +23,9 @@ pub struct RankInfo {
     /// Index of this process on its node: which GPU it drives (`cuda:LOCAL_RANK`).
     pub local_rank: usize,
     pub master_addr: Option<String>,
+    /// Where rank 0 listens for the others: `MASTER_PORT`, or the port after it under torchrun,
+    /// whose agent already serves its own store on `MASTER_PORT` (it says so to its workers with
+    /// `TORCHELASTIC_USE_AGENT_STORE=True`).
     pub master_port: Option<u16>,
 }
 
@@ -59,6 +62,17 @@ impl RankInfo {
                 ))
             })?),
         };
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        let master_port = match master_port {
+            Some(p) if agent_store => Some(p.checked_add(1).ok_or_else(|| {
+                Error::msg(
+                    "environment MASTER_PORT=65535 under torchrun: mcld's rendezvous uses the \
+                     port after MASTER_PORT (torchrun's store holds MASTER_PORT itself)",
+                )
+            })?),
+            p => p,
+        };
         let info = Self {
             rank,
             world,
@@ -76,6 +90,72 @@ impl RankInfo {
 
     pub fn is_main(&self) -> bool {
         self.rank == 0
+    }
+}
+
+/// Which [`Collective`] a rank uses. Chosen by [`Backend::from_vars`] from the world size, the
+/// device and `MCLD_COLLECTIVE` (`auto`, the default: one process alone, TCP on the CPU, NCCL on
+/// CUDA; `nccl`: NCCL even for one process, the single-GPU check of the NCCL path; `tcp`:
+/// gradients through host memory over TCP, also on GPUs, slow but without NCCL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Single,
+    Tcp,
+    /// `timeout`: how long one NCCL operation may take before the run stops with an error
+    /// (`MCLD_NCCL_TIMEOUT`, seconds, default [`NCCL_TIMEOUT_S`]).
+    Nccl {
+        timeout: std::time::Duration,
+    },
+}
+
+/// Default bound of one NCCL operation, in seconds (PyTorch's default too).
+pub const NCCL_TIMEOUT_S: u64 = 600;
+
+impl Backend {
+    /// The backend for `world` ranks on a CUDA (`cuda` true) or CPU device, with the variables
+    /// supplied by `get`; errors name the variable and its value.
+    pub fn from_vars(
+        get: impl Fn(&str) -> Option<String>,
+        world: usize,
+        cuda: bool,
+    ) -> Result<Self> {
+        let timeout = match get("MCLD_NCCL_TIMEOUT") {
+            None => NCCL_TIMEOUT_S,
+            Some(v) if v.trim().is_empty() => NCCL_TIMEOUT_S,
+            Some(v) => match v.trim().parse::<u64>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(Error::msg(format!(
+                        "environment MCLD_NCCL_TIMEOUT={v:?}: expected a number of seconds >= 1"
+                    )))
+                }
+            },
+        };
+        let nccl = Backend::Nccl {
+            timeout: std::time::Duration::from_secs(timeout),
+        };
+        let requested = get("MCLD_COLLECTIVE").map(|v| v.trim().to_ascii_lowercase());
+        match requested.as_deref() {
+            None | Some("") | Some("auto") => Ok(if world == 1 {
+                Backend::Single
+            } else if cuda {
+                nccl
+            } else {
+                Backend::Tcp
+            }),
+            Some("tcp") => Ok(if world == 1 {
+                Backend::Single
+            } else {
+                Backend::Tcp
+            }),
+            Some("nccl") if cuda => Ok(nccl),
+            Some("nccl") => Err(Error::msg(
+                "environment MCLD_COLLECTIVE=nccl needs a CUDA device (--device cuda)",
+            )),
+            Some(other) => Err(Error::msg(format!(
+                "environment MCLD_COLLECTIVE={other:?}: expected auto, nccl or tcp"
+            ))),
+        }
     }
 }
 
@@ -466,6 +546,46 @@ impl TcpCollective {
         s.read_exact(&mut buf)
             .map_err(|e| self.lost(self.peer_rank(i), e))?;
         Ok(buf)
+    }
+
+    /// Rank 0's `bytes` on every rank (the others' `bytes` are ignored), e.g. the NCCL unique id.
+    pub fn broadcast_from_root(&self, bytes: &[u8]) -> Result<Vec<u8>> {
+        let mine = if self.rank == 0 {
+            bytes.to_vec()
+        } else {
+            Vec::new()
+        };
+        self.gather_combine(mine, |mut parts| Ok(std::mem::take(&mut parts[0])))
+    }
+
+    /// Whether every peer's connection is still open, without waiting and without taking data
+    /// off it: an error names the first peer that closed (a rank that exits or dies, even by
+    /// SIGKILL, closes its sockets). A collective that runs outside these sockets (NCCL) polls
+    /// this while it waits, so a dead rank ends the wait.
+    pub fn check_peers(&self) -> Result<()> {
+        for (i, s) in self.peers.iter().enumerate() {
+            let peer = self.peer_rank(i);
+            let mut probe = [0u8; 1];
+            let seen = s.set_nonblocking(true).and_then(|()| s.peek(&mut probe));
+            s.set_nonblocking(false).map_err(|e| self.lost(peer, e))?;
+            match seen {
+                Ok(0) => {
+                    return Err(self.lost(
+                        peer,
+                        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"),
+                    ))
+                }
+                // Data waiting: the peer is ahead of this rank, so alive.
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(self.lost(peer, e)),
+            }
+        }
+        Ok(())
     }
 
     fn peer_rank(&self, i: usize) -> usize {

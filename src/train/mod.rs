@@ -3,12 +3,15 @@
 
 pub mod adamw;
 pub mod api;
+pub mod bucket;
 pub mod checkpoint;
 pub mod cmd;
 pub mod collective;
 pub mod demo;
 pub mod init;
 pub mod loss;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod params;
 pub mod plot;
 pub mod run;
