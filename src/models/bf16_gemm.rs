@@ -224,12 +224,23 @@ fn pack_lines<T>(
     check_span(src.len(), lines, k, ld);
     let pairs = k.div_ceil(2);
     let mut data = vec![0u32; lines.div_ceil(width) * pairs * width];
-    let mut line = vec![0u32; pairs];
-    for i in 0..lines {
-        to_pairs(&src[i * ld..i * ld + k], &mut line);
-        let base = (i / width) * pairs * width + i % width;
-        for (p, &v) in line.iter().enumerate() {
-            data[base + p * width] = v;
+    if pairs == 0 {
+        return data;
+    }
+    // One panel at a time: its lines converted side by side, then written pair by pair so
+    // the stores run contiguously through the panel.
+    let mut conv = vec![0u32; width * pairs];
+    for (panel, out) in data.chunks_exact_mut(pairs * width).enumerate() {
+        let i0 = panel * width;
+        let n = width.min(lines - i0);
+        for (r, line) in conv.chunks_exact_mut(pairs).take(n).enumerate() {
+            let i = i0 + r;
+            to_pairs(&src[i * ld..i * ld + k], line);
+        }
+        for (p, dst) in out.chunks_exact_mut(width).enumerate() {
+            for (r, d) in dst.iter_mut().take(n).enumerate() {
+                *d = conv[r * pairs + p];
+            }
         }
     }
     data
@@ -237,9 +248,13 @@ fn pack_lines<T>(
 
 /// `dst[p] = pair(src[2p], src[2p + 1])` of bf16 values (a missing last element is zero).
 fn bf16_pairs(src: &[bf16], dst: &mut [u32]) {
-    for (p, d) in dst.iter_mut().enumerate() {
-        let hi = src.get(2 * p + 1).map_or(0, |v| v.to_bits());
-        *d = pair(src[2 * p].to_bits(), hi);
+    for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *d = pair(c[0].to_bits(), c[1].to_bits());
+    }
+    if let [.., last] = src {
+        if src.len() % 2 == 1 {
+            dst[src.len() / 2] = pair(last.to_bits(), 0);
+        }
     }
 }
 
