@@ -181,10 +181,7 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
             let qa = PackedA::from_f32_rows(qh, n, s.d, s.d);
             bf16_gemm::matmul(&qa, kt, scores, s.tk, false)?;
             for row in scores.chunks_exact_mut(s.tk) {
-                for x in row.iter_mut() {
-                    *x *= scale;
-                }
-                softmax_in_place(row);
+                softmax_scaled_in_place(row, scale);
             }
             let pa = PackedA::from_f32_rows(scores, n, s.tk, s.tk);
             // SAFETY: rows r0..r0+n of this head are inside `out` and written by this task alone.
@@ -195,6 +192,45 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
         },
     )?;
     Ok(out)
+}
+
+/// `softmax(scale * row)` in place with the scaling, maximum and sum taken 16 lanes at a time
+/// (the bf16 path's: its sums round in a different order than [`softmax_in_place`]'s).
+pub fn softmax_scaled_in_place(row: &mut [f32], scale: f32) {
+    const L: usize = 16;
+    let mut m = [f32::NEG_INFINITY; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for c in &mut chunks {
+        for (x, mi) in c.iter_mut().zip(m.iter_mut()) {
+            *x *= scale;
+            *mi = mi.max(*x);
+        }
+    }
+    for x in chunks.into_remainder() {
+        *x *= scale;
+        m[0] = m[0].max(*x);
+    }
+    let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    if !max.is_finite() {
+        // All -inf: torch's arithmetic (NaNs), as in `softmax_in_place`; a NaN elsewhere
+        // propagates through the exp and the sum.
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+        }
+    } else {
+        exp_shifted(row, max);
+    }
+    let mut lanes = [0f32; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for (x, s) in c.iter().zip(lanes.iter_mut()) {
+            *s += x;
+        }
+    }
+    let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    for x in row.iter_mut() {
+        *x /= sum;
+    }
 }
 
 /// `x <- exp(x - max) / sum`, as torch's softmax computes it (a division, not a reciprocal).

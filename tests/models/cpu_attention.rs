@@ -4,7 +4,9 @@ use crate::common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_errs, naive_attention as naive};
-use mcld::models::cpu_attention::{attention, exp_approx, exp_shifted, softmax_in_place};
+use mcld::models::cpu_attention::{
+    attention, exp_approx, exp_shifted, softmax_in_place, softmax_scaled_in_place,
+};
 
 #[test]
 fn exp_is_within_two_ulp_on_its_domain() {
@@ -132,4 +134,44 @@ fn bf16_path_matches_f64_of_rounded_inputs() {
         println!("bf16 {b}x{h}x{tq}x{tk} d {d}: max_abs_err {e:.3e} (bound {bound:.3e})");
         assert!(e <= bound, "bf16 attention off by {e} > {bound}");
     }
+}
+
+/// The lane-parallel softmax of the bf16 path against f64 (and no worse than the plain one).
+#[test]
+fn scaled_softmax_matches_f64() {
+    for n in [1usize, 5, 16, 17, 100, 8192] {
+        let row: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.3)
+            .collect();
+        let scaled: Vec<f64> = row.iter().map(|&x| (x * 0.125) as f64).collect();
+        let max = scaled.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = scaled.iter().map(|x| (x - max).exp()).sum();
+        let mut plain: Vec<f32> = row.iter().map(|x| x * 0.125).collect();
+        softmax_in_place(&mut plain);
+        let mut got = row.clone();
+        softmax_scaled_in_place(&mut got, 0.125);
+        let rel = |v: &[f32]| {
+            v.iter()
+                .zip(&scaled)
+                .map(|(&g, x)| {
+                    let w = (x - max).exp() / total;
+                    (g as f64 - w).abs() / w
+                })
+                .fold(0f64, f64::max)
+        };
+        let (e, e_plain) = (rel(&got), rel(&plain));
+        assert!(
+            e <= 2e-6 && e <= e_plain.max(1e-6),
+            "n {n}: {e} (plain {e_plain})"
+        );
+    }
+    let mut masked = vec![1.0f32, f32::NEG_INFINITY, 3.0];
+    softmax_scaled_in_place(&mut masked, 0.5);
+    assert_eq!(masked[1], 0.0);
+    let mut all = vec![f32::NEG_INFINITY; 20];
+    softmax_scaled_in_place(&mut all, 1.0);
+    assert!(all.iter().all(|x| x.is_nan()));
+    let mut nan = vec![1.0f32, f32::NAN, 2.0];
+    softmax_scaled_in_place(&mut nan, 1.0);
+    assert!(nan.iter().all(|x| x.is_nan()));
 }
