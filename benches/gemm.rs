@@ -61,8 +61,9 @@ fn main() {
         ("attn p v 256 rows x 8192 d40", 256, 40, 8192),
         ("clip mlp 257 tok 1024->4096", 257, 4096, 1024),
     ];
+    println!("GFLOP/s of wall time (in brackets: per busy core, from CPU time)");
     println!(
-        "{:34} {:>9} {:>9} {:>7}",
+        "{:34} {:>20} {:>20} {:>7}",
         "shape (m x n x k)", "f32", "bf16", "ratio"
     );
     for (name, m, n, k) in shapes {
