@@ -111,4 +111,19 @@ fn main() {
             bf16_rate.0 / f32_rate.0
         );
     }
+    // The kernel alone: operands packed once, outside the timing, one thread.
+    let (m, n, k) = (384, 1024, 2880);
+    let (a, b) = (values(m * k), values(k * n));
+    let pa = PackedA::from_f32_rows(&a, m, k, k);
+    let pb = PackedB::from_f32_rows(&b, k, n, n);
+    let mut c = vec![0f32; m * n];
+    if bf16_gemm::available() {
+        let r = rate(m, n, k, || {
+            bf16_gemm::matmul(&pa, &pb, &mut c, n, false).expect("bf16 matmul")
+        });
+        println!(
+            "bf16 kernel alone, {m} x {n} x {k}, one thread: {:.1} GFLOP/s",
+            r.1
+        );
+    }
 }

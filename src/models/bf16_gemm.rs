@@ -7,9 +7,9 @@
 //! and every convolution's output before its bias and residual. PyTorch's CPU bf16 kernels
 //! accumulate in f32 too.
 //!
-//! Operands are packed once per product (weights can be packed once per model): the left one in
-//! panels of [`MR`] rows, the right one in panels of [`NR`] columns, both as k-pairs (two bf16
-//! in one u32, the lower k in the low half) because `vdpbf16ps` multiplies pairs and adds both
+//! Operands are packed once per product: the left one row by row (the kernel reads [`MR`] rows
+//! side by side), the right one in panels of [`NR`] columns, both as k-pairs (two bf16 in one
+//! u32, the lower k in the low half) because `vdpbf16ps` multiplies pairs and adds both
 //! products into one f32 lane. f32 inputs are rounded to bf16 to nearest-even while packing
 //! (the vector path treats f32 subnormals as zero, as `vcvtneps2bf16` does).
 
@@ -51,16 +51,18 @@ fn bits(v: f32) -> u16 {
     bf16::from_f32(v).to_bits()
 }
 
-/// The left operand (m x k): in panels of `MR` rows, `data[(panel * pairs + p) * MR + r]`
-/// (weights, packed once per call and reused by every tile), or with `rows` set row by row,
-/// `data[i * pairs + p]` (activations: a contiguous conversion with no transposition, which
-/// matters where the product is short, as attention's probabilities times values).
+/// The left operand (m x k), row by row: `data[i * stride + p]`, padded with zero rows to a
+/// whole number of `MR`-row panels. Packing is a contiguous copy or conversion per row (no
+/// transposition); the kernel reads its `MR` rows side by side.
 #[derive(Debug, Clone)]
 pub struct PackedA {
     m: usize,
     k: usize,
     pairs: usize,
-    rows: bool,
+    /// u32 per row: `pairs` rounded up to an odd number of 64-byte lines, so the `MR` rows the
+    /// kernel reads side by side fall in different L1 sets (a row of 4096 pairs would put all
+    /// twelve in one set: attention's probabilities times values ran at half speed).
+    stride: usize,
     data: Vec<u32>,
 }
 
@@ -86,34 +88,40 @@ impl PackedA {
         self.m.div_ceil(MR)
     }
 
-    /// From f32 rows: element (i, kk) at `src[i * ld + kk]`; kept row by row (the last panel
-    /// padded with zero rows).
+    /// From f32 rows: element (i, kk) at `src[i * ld + kk]`.
     pub fn from_f32_rows(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
+        Self::from_lines(src, m, k, ld, convert_pairs)
+    }
+
+    /// From bf16 rows (weights stored in bf16): element (i, kk) at `src[i * ld + kk]`; a plain
+    /// copy of each row.
+    pub fn from_bf16_rows(src: &[bf16], m: usize, k: usize, ld: usize) -> Self {
+        Self::from_lines(src, m, k, ld, bf16_pairs)
+    }
+
+    fn from_lines<T>(
+        src: &[T],
+        m: usize,
+        k: usize,
+        ld: usize,
+        to_pairs: impl Fn(&[T], &mut [u32]),
+    ) -> Self {
         check_span(src.len(), m, k, ld);
         let pairs = k.div_ceil(2);
-        let mut data = vec![0u32; m.div_ceil(MR) * MR * pairs];
+        let lines = pairs.div_ceil(16);
+        let stride = 16 * (lines + 1 - lines % 2);
+        let mut data = vec![0u32; m.div_ceil(MR) * MR * stride];
         if pairs > 0 {
-            for (i, row) in data.chunks_exact_mut(pairs).take(m).enumerate() {
-                convert_pairs(&src[i * ld..i * ld + k], row);
+            for (i, row) in data.chunks_exact_mut(stride).take(m).enumerate() {
+                to_pairs(&src[i * ld..i * ld + k], &mut row[..pairs]);
             }
         }
         Self {
             m,
             k,
             pairs,
-            rows: true,
+            stride,
             data,
-        }
-    }
-
-    /// From bf16 rows (weights stored in bf16): element (i, kk) at `src[i * ld + kk]`.
-    pub fn from_bf16_rows(src: &[bf16], m: usize, k: usize, ld: usize) -> Self {
-        Self {
-            m,
-            k,
-            pairs: k.div_ceil(2),
-            rows: false,
-            data: pack_lines(src, m, k, ld, MR, bf16_pairs),
         }
     }
 }
@@ -531,27 +539,16 @@ mod x86 {
         }
     }
 
-    /// One micro-kernel call for left panel `ip` from pair `k0`, in the left operand's layout;
-    /// a narrow last panel (attention's 40-wide values: 32 + 8) costs half.
+    /// One micro-kernel call for left panel `ip` from pair `k0`; a narrow last panel
+    /// (attention's 40-wide values: 32 + 8) costs half.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn panel(a: &PackedA, ip: usize, k0: usize, t: &Tile) {
-        let pairs = a.pairs;
-        let half = t.cols <= 16;
-        if a.rows {
-            let ap = a.data.as_ptr().add(ip * MR * pairs + k0);
-            if half {
-                micro_half::<true>(t, ap, pairs)
-            } else {
-                micro::<true>(t, ap, pairs)
-            }
+        let ap = a.data.as_ptr().add(ip * MR * a.stride + k0);
+        if t.cols <= 16 {
+            micro_half(t, ap, a.stride)
         } else {
-            let ap = a.data.as_ptr().add((ip * pairs + k0) * MR);
-            if half {
-                micro_half::<false>(t, ap, 0)
-            } else {
-                micro::<false>(t, ap, 0)
-            }
+            micro(t, ap, a.stride)
         }
     }
 
@@ -566,21 +563,16 @@ mod x86 {
         accumulate: bool,
     }
 
-    /// Left element (r, p) of a micro-panel: panel layout, or row by row at stride `rs`.
+    /// Left element (r, p) of a micro-panel (rows at stride `rs`), broadcast to every lane.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn a_at<const ROWS: bool>(a: *const u32, rs: usize, r: usize, p: usize) -> __m512bh {
-        let v = if ROWS {
-            *a.add(r * rs + p)
-        } else {
-            *a.add(p * MR + r)
-        };
-        std::mem::transmute(_mm512_set1_epi32(v as i32))
+    unsafe fn a_at(a: *const u32, rs: usize, r: usize, p: usize) -> __m512bh {
+        std::mem::transmute(_mm512_set1_epi32(*a.add(r * rs + p) as i32))
     }
 
     /// One `MR x NR` block of C.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn micro<const ROWS: bool>(t: &Tile, a: *const u32, rs: usize) {
+    unsafe fn micro(t: &Tile, a: *const u32, rs: usize) {
         let mut c0 = [_mm512_setzero_ps(); MR];
         let mut c1 = [_mm512_setzero_ps(); MR];
         for p in 0..t.kc {
@@ -588,7 +580,7 @@ mod x86 {
             let b1: __m512bh =
                 std::mem::transmute(_mm512_loadu_si512(t.b.add(p * NR + 16) as *const _));
             for r in 0..MR {
-                let av = a_at::<ROWS>(a, rs, r, p);
+                let av = a_at(a, rs, r, p);
                 c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
                 c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
             }
@@ -608,12 +600,12 @@ mod x86 {
 
     /// [`micro`] for panels with at most 16 valid columns: only the first vector of each pair.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn micro_half<const ROWS: bool>(t: &Tile, a: *const u32, rs: usize) {
+    unsafe fn micro_half(t: &Tile, a: *const u32, rs: usize) {
         let mut c0 = [_mm512_setzero_ps(); MR];
         for p in 0..t.kc {
             let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(t.b.add(p * NR) as *const _));
             for (r, acc) in c0.iter_mut().enumerate() {
-                *acc = _mm512_dpbf16_ps(*acc, a_at::<ROWS>(a, rs, r, p), b0);
+                *acc = _mm512_dpbf16_ps(*acc, a_at(a, rs, r, p), b0);
             }
         }
         let m0 = mask(t.cols);
