@@ -250,10 +250,15 @@ pub fn softmax_in_place(row: &mut [f32]) {
     }
 }
 
-/// `x <- exp(x - shift)` over a slice, with AVX2+FMA where the CPU has them.
+/// `x <- exp(x - shift)` over a slice, with AVX-512 or AVX2+FMA where the CPU has them.
 pub fn exp_shifted(xs: &mut [f32], shift: f32) {
     #[cfg(target_arch = "x86_64")]
     {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            unsafe { exp_shifted_avx512(xs, shift) };
+            return;
+        }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected.
             unsafe { exp_shifted_avx2(xs, shift) };
@@ -261,6 +266,12 @@ pub fn exp_shifted(xs: &mut [f32], shift: f32) {
         }
     }
     exp_shifted_portable(xs, shift);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn exp_shifted_avx512(xs: &mut [f32], shift: f32) {
+    exp_shifted_portable(xs, shift)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -290,7 +301,8 @@ pub fn exp_approx(x: f32) -> f32 {
     // Adding then subtracting 1.5 * 2^23 rounds to the nearest integer in float arithmetic.
     const ROUND: f32 = 12_582_912.0;
     let xc = x.clamp(-87.3, 0.0);
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     // Minimax coefficients of exp on [-ln2/2, ln2/2] (Cephes' expf).
     let p = 1.987_569_1e-4_f32;
@@ -300,7 +312,9 @@ pub fn exp_approx(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let e = p * (r * r) + r + 1.0;
-    let pow2 = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // t's low mantissa bits hold n exactly (t lies in [2^23, 2^24)), so integer arithmetic on
+    // the bits builds 2^n; `n as i32` would be a saturating cast the compiler keeps scalar.
+    let pow2 = f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23);
     if x < -87.3 {
         0.0
     } else if x.is_nan() {
