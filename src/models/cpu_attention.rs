@@ -38,13 +38,35 @@ pub fn attention(
     if (kb, kh, kd) != (b, h, d) || (vb, vh, vt) != (b, h, tk) || tk == 0 || d == 0 {
         return Ok(None);
     }
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    // Heads are read where they lie (the (B, T, heads*d) projections split by a view) and the
+    // output is written as (B, Tq, heads, dv), which is what merging the heads wants: no copies
+    // around the kernel. Only the last dimension must be dense.
+    let dense_rows = |t: &Tensor| -> candle_core::Result<Tensor> {
+        if t.stride()[3] == 1 {
+            Ok(t.clone())
+        } else {
+            t.contiguous()
+        }
+    };
+    let (q, k, v) = (dense_rows(q)?, dense_rows(k)?, dense_rows(v)?);
+    let strides = |t: &Tensor| {
+        let st = t.stride();
+        Strides {
+            batch: st[0],
+            head: st[1],
+            row: st[2],
+        }
+    };
     let shape = Shape {
+        heads: h,
         bh: b * h,
         tq,
         tk,
         d,
         dv,
+        q: strides(&q),
+        k: strides(&k),
+        v: strides(&v),
     };
     let use_bf16 = bf16 && bf16_gemm::available();
     let out = with_f32(&q, |qs| {
@@ -58,16 +80,55 @@ pub fn attention(
             })
         })
     })????;
-    Ok(Some(Tensor::from_vec(out, (b, h, tq, dv), q.device())?))
+    let out = Tensor::from_vec(out, (b, tq, h, dv), q.device())?;
+    Ok(Some(out.transpose(1, 2)?))
+}
+
+/// Element strides of a (B, heads, T, d) operand whose rows are dense.
+#[derive(Debug, Clone, Copy)]
+struct Strides {
+    batch: usize,
+    head: usize,
+    row: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Shape {
+    heads: usize,
     bh: usize,
     tq: usize,
     tk: usize,
     d: usize,
     dv: usize,
+    q: Strides,
+    k: Strides,
+    v: Strides,
+}
+
+impl Shape {
+    /// Offset of row `r` of head `bh` (batch-major) in an operand with strides `st`.
+    fn at(&self, st: Strides, bh: usize, r: usize) -> usize {
+        bh / self.heads * st.batch + bh % self.heads * st.head + r * st.row
+    }
+
+    /// Output row stride: (B, Tq, heads, dv) rows hold every head.
+    fn out_row(&self) -> usize {
+        self.heads * self.dv
+    }
+
+    /// Offset of output row `r` of head `bh`.
+    fn out_at(&self, bh: usize, r: usize) -> usize {
+        (bh / self.heads * self.tq + r) * self.out_row() + bh % self.heads * self.dv
+    }
+
+    /// Span of `rows` rows of an operand from their first element.
+    fn span(rows: usize, row_stride: usize, width: usize) -> usize {
+        if rows == 0 {
+            0
+        } else {
+            (rows - 1) * row_stride + width
+        }
+    }
 }
 
 /// All heads; each task owns one block of one head's output rows.
@@ -87,11 +148,11 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
             let r0 = blk * rows;
             let n = rows.min(s.tq - r0);
             scores.resize(n * s.tk, 0.0);
-            let qh = &q[(head * s.tq + r0) * s.d..(head * s.tq + r0 + n) * s.d];
-            let kh = &k[head * s.tk * s.d..(head + 1) * s.tk * s.d];
-            let vh = &v[head * s.tk * s.dv..(head + 1) * s.tk * s.dv];
-            // SAFETY: operands are the slices above with their row-major strides; the scores
-            // buffer holds n x tk; the output block (rows r0..r0+n of this head) is inside
+            let qh = &q[s.at(s.q, head, r0)..][..Shape::span(n, s.q.row, s.d)];
+            let kh = &k[s.at(s.k, head, 0)..][..Shape::span(s.tk, s.k.row, s.d)];
+            let vh = &v[s.at(s.v, head, 0)..][..Shape::span(s.tk, s.v.row, s.dv)];
+            // SAFETY: operands are the slices above with their row strides; the scores buffer
+            // holds n x tk; the output block (rows r0..r0+n, columns of this head) is inside
             // `out` and written by this task alone.
             unsafe {
                 gemm::gemm(
@@ -104,9 +165,9 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
                     false,
                     qh.as_ptr(),
                     1,
-                    s.d as isize,
+                    s.q.row as isize,
                     kh.as_ptr(),
-                    s.d as isize,
+                    s.k.row as isize,
                     1,
                     0.0,
                     scale,
@@ -120,21 +181,21 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
                 softmax_in_place(row);
             }
             unsafe {
-                let o = dst.get().add((head * s.tq + r0) * s.dv);
+                let o = dst.get().add(s.out_at(head, r0));
                 gemm::gemm(
                     n,
                     s.dv,
                     s.tk,
                     o,
                     1,
-                    s.dv as isize,
+                    s.out_row() as isize,
                     false,
                     scores.as_ptr(),
                     1,
                     s.tk as isize,
                     vh.as_ptr(),
                     1,
-                    s.dv as isize,
+                    s.v.row as isize,
                     0.0,
                     1.0,
                     false,
@@ -157,11 +218,11 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
     let packed: Vec<(PackedB, PackedB)> = (0..s.bh)
         .into_par_iter()
         .map(|head| {
-            let kh = &k[head * s.tk * s.d..(head + 1) * s.tk * s.d];
-            let vh = &v[head * s.tk * s.dv..(head + 1) * s.tk * s.dv];
+            let kh = &k[s.at(s.k, head, 0)..][..Shape::span(s.tk, s.k.row, s.d)];
+            let vh = &v[s.at(s.v, head, 0)..][..Shape::span(s.tk, s.v.row, s.dv)];
             (
-                PackedB::from_f32_cols(kh, s.d, s.tk, s.d),
-                PackedB::from_f32_rows(vh, s.tk, s.dv, s.dv),
+                PackedB::from_f32_cols(kh, s.d, s.tk, s.k.row),
+                PackedB::from_f32_rows(vh, s.tk, s.dv, s.v.row),
             )
         })
         .collect();
@@ -177,18 +238,25 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
             let r0 = blk * rows;
             let n = rows.min(s.tq - r0);
             scores.resize(n * s.tk, 0.0);
-            let qh = &q[(head * s.tq + r0) * s.d..(head * s.tq + r0 + n) * s.d];
-            let qa = PackedA::from_f32_rows(qh, n, s.d, s.d);
+            let qh = &q[s.at(s.q, head, r0)..][..Shape::span(n, s.q.row, s.d)];
+            let qa = PackedA::from_f32_rows(qh, n, s.d, s.q.row);
             bf16_gemm::matmul(&qa, kt, scores, s.tk, false)?;
             for row in scores.chunks_exact_mut(s.tk) {
                 softmax_scaled_in_place(row, scale);
             }
             let pa = PackedA::from_f32_rows(scores, n, s.tk, s.tk);
-            // SAFETY: rows r0..r0+n of this head are inside `out` and written by this task alone.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(dst.get().add((head * s.tq + r0) * s.dv), n * s.dv)
-            };
-            bf16_gemm::matmul(&pa, vp, o, s.dv, false)
+            // SAFETY: rows r0..r0+n, columns of this head, are inside `out` and written by this
+            // task alone (other tasks write other columns of the same rows, hence the raw call).
+            unsafe {
+                bf16_gemm::matmul_raw(
+                    &pa,
+                    vp,
+                    dst.get().add(s.out_at(head, r0)),
+                    s.out_row(),
+                    false,
+                    false,
+                )
+            }
         },
     )?;
     Ok(out)

@@ -91,6 +91,52 @@ fn views_and_fallbacks() {
     assert!(attention(&heads, &heads, &v, false).unwrap().is_none());
 }
 
+/// Heads are read in place from strided views and the output is written head-interleaved;
+/// neither may change a bit against contiguous copies of the same operands, on either path.
+#[test]
+fn strided_heads_give_the_contiguous_result_bit_for_bit() {
+    let dev = Device::Cpu;
+    let (b, t, h, d) = (2, 37, 3, 16);
+    // q from a (B, T, H*d) projection; k and v as the two halves of one (B, T, 2*H*d) tensor
+    // (row stride 2*H*d); v's key length narrowed from a longer buffer.
+    let q = Tensor::randn(0f32, 1.0, (b, t, h * d), &dev).unwrap();
+    let kv = Tensor::randn(0f32, 1.0, (b, t + 5, 2 * h * d), &dev).unwrap();
+    let split = |x: &Tensor| {
+        let (b, t, c) = x.dims3().unwrap();
+        x.reshape((b, t, h, c / h))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+    };
+    let qh = split(&q);
+    let kv = kv.narrow(1, 2, t).unwrap();
+    let kh = split(&kv.narrow(2, 0, h * d).unwrap());
+    let vh = split(&kv.narrow(2, h * d, h * d).unwrap());
+    assert!(!kh.is_contiguous() && kh.stride()[3] == 1);
+    // A last dimension that is not dense is copied first.
+    let vt = vh.contiguous().unwrap().transpose(2, 3).unwrap();
+    let vt = vt.contiguous().unwrap().transpose(2, 3).unwrap();
+    assert_ne!(vt.stride()[3], 1);
+    for bf16 in [false, mcld::models::bf16_gemm::available()] {
+        let dense = |x: &Tensor| x.contiguous().unwrap();
+        let want = attention(&dense(&qh), &dense(&kh), &dense(&vh), bf16)
+            .unwrap()
+            .unwrap();
+        for v in [&vh, &vt] {
+            let got = attention(&qh, &kh, v, bf16).unwrap().unwrap();
+            assert_eq!(got.dims(), &[b, h, t, d]);
+            let (g, w) = (
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(
+                g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "bf16 {bf16}: strided operands changed the result"
+            );
+        }
+    }
+}
+
 /// The bf16 path (`--dtype bf16` on CPUs with AVX-512 BF16) against f64 attention of the
 /// bf16-rounded q, k, v. Scores are exact products summed in f32; the one rounding left is the
 /// probabilities' to bf16 before the second product, which moves each output by at most
