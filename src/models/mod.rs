@@ -8,6 +8,7 @@ pub mod conv;
 pub mod cpu_attention;
 pub mod densepose;
 pub mod face;
+pub mod fused;
 mod host;
 pub mod linear;
 pub mod mcld;

@@ -8,6 +8,7 @@ mod bf16_gemm;
 mod clip;
 mod conv;
 mod cpu_attention;
+mod fused;
 mod mcld;
 mod nn;
 mod pose_guider;

@@ -159,6 +159,9 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
+        if let Some(y) = crate::models::fused::geglu(&h)? {
+            return Ok(self.out.forward(&y)?);
+        }
         let inner = h.dim(candle_core::D::Minus1)? / 2;
         let a = h.narrow(candle_core::D::Minus1, 0, inner)?;
         let gate = h.narrow(candle_core::D::Minus1, inner, inner)?;
