@@ -93,7 +93,7 @@ pub fn geglu(h: &Tensor) -> candle_core::Result<Option<Tensor>> {
     }
     let dims = h.dims().to_vec();
     let width = dims[dims.len() - 1];
-    if width % 2 != 0 || width == 0 {
+    if !width.is_multiple_of(2) || width == 0 {
         return Ok(None);
     }
     let inner = width / 2;
