@@ -231,8 +231,8 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
     let scale = 1.0 / (s.d as f32).sqrt();
     let dst = SharedOut::new(&mut out);
     (0..s.bh * blocks).into_par_iter().try_for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, task| {
+        || (Vec::new(), Vec::new()),
+        |(scores, sums): &mut (Vec<f32>, Vec<f32>), task| {
             let (head, blk) = (task / blocks, task % blocks);
             let (kt, vp) = &packed[head];
             let r0 = blk * rows;
@@ -241,9 +241,12 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
             let qh = &q[s.at(s.q, head, r0)..][..Shape::span(n, s.q.row, s.d)];
             let qa = PackedA::from_f32_rows(qh, n, s.d, s.q.row);
             bf16_gemm::matmul(&qa, kt, scores, s.tk, false)?;
-            for row in scores.chunks_exact_mut(s.tk) {
-                softmax_scaled_in_place(row, scale);
-            }
+            sums.clear();
+            sums.extend(
+                scores
+                    .chunks_exact_mut(s.tk)
+                    .map(|row| exp_scaled_sum(row, scale)),
+            );
             let pa = PackedA::from_f32_rows(scores, n, s.tk, s.tk);
             // SAFETY: rows r0..r0+n, columns of this head, are inside `out` and written by this
             // task alone (other tasks write other columns of the same rows, hence the raw call).
@@ -255,50 +258,90 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
                     s.out_row(),
                     false,
                     false,
-                )
+                )?;
             }
+            // The softmax's normalisation, on the n x dv output instead of the n x tk weights.
+            for (i, &sum) in sums.iter().enumerate() {
+                let inv = 1.0 / sum;
+                // SAFETY: as above, this task's own rows and columns.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(dst.get().add(s.out_at(head, r0 + i)), s.dv)
+                };
+                for x in o {
+                    *x *= inv;
+                }
+            }
+            Ok::<(), crate::Error>(())
         },
     )?;
     Ok(out)
 }
 
-/// `softmax(scale * row)` in place with the scaling, maximum and sum taken 16 lanes at a time
-/// (the bf16 path's: its sums round in a different order than [`softmax_in_place`]'s).
+/// `softmax(scale * row)` in place: [`exp_scaled_sum`], then one multiplication by the sum's
+/// reciprocal (the bf16 path's arithmetic; [`softmax_in_place`] is torch's).
 pub fn softmax_scaled_in_place(row: &mut [f32], scale: f32) {
+    let inv = 1.0 / exp_scaled_sum(row, scale);
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}
+
+/// The unnormalised softmax of `scale * row` (scale > 0): `x <- exp(scale x - max)` with the max
+/// of the scaled row, returning the sum, in two passes over the row (max; exp and sum, 16
+/// lanes at a time). The bf16 attention divides its output rows by the sum instead of
+/// normalising the probabilities. A row that is all -inf or holds a NaN gives NaNs.
+pub fn exp_scaled_sum(row: &mut [f32], scale: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            return unsafe { exp_scaled_sum_avx512(row, scale) };
+        }
+    }
+    exp_scaled_sum_portable(row, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn exp_scaled_sum_avx512(row: &mut [f32], scale: f32) -> f32 {
+    exp_scaled_sum_portable(row, scale)
+}
+
+#[inline(always)]
+fn exp_scaled_sum_portable(row: &mut [f32], scale: f32) -> f32 {
     const L: usize = 16;
     let mut m = [f32::NEG_INFINITY; L];
-    let mut chunks = row.chunks_exact_mut(L);
+    let mut chunks = row.chunks_exact(L);
     for c in &mut chunks {
-        for (x, mi) in c.iter_mut().zip(m.iter_mut()) {
-            *x *= scale;
+        for (x, mi) in c.iter().zip(m.iter_mut()) {
             *mi = mi.max(*x);
         }
     }
-    for x in chunks.into_remainder() {
-        *x *= scale;
+    for x in chunks.remainder() {
         m[0] = m[0].max(*x);
     }
-    let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    if !max.is_finite() {
-        // All -inf: torch's arithmetic (NaNs), as in `softmax_in_place`; a NaN elsewhere
-        // propagates through the exp and the sum.
+    // Rounding is monotonic, so the max of the scaled values is the scaled max.
+    let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
+    if !max.is_finite() || row.iter().any(|x| x.is_nan()) {
+        // All -inf, or a NaN: torch's arithmetic (NaNs everywhere), as `softmax_in_place`.
         for x in row.iter_mut() {
-            *x = (*x - max).exp();
+            *x = (*x * scale - max).exp();
         }
-    } else {
-        exp_shifted(row, max);
+        return row.iter().sum();
     }
     let mut lanes = [0f32; L];
-    let mut chunks = row.chunks_exact(L);
+    let mut chunks = row.chunks_exact_mut(L);
     for c in &mut chunks {
-        for (x, s) in c.iter().zip(lanes.iter_mut()) {
-            *s += x;
+        for (x, s) in c.iter_mut().zip(lanes.iter_mut()) {
+            *x = exp_approx(*x * scale - max);
+            *s += *x;
         }
     }
-    let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-    for x in row.iter_mut() {
-        *x /= sum;
+    for x in chunks.into_remainder() {
+        *x = exp_approx(*x * scale - max);
+        lanes[0] += *x;
     }
+    lanes.iter().sum()
 }
 
 /// `x <- exp(x - max) / sum`, as torch's softmax computes it (a division, not a reciprocal).
