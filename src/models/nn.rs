@@ -35,6 +35,11 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) =
+            super::fused::layer_norm(x, self.eps, self.weight.as_ref(), self.bias.as_ref())?
+        {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         // Statistics in f32 at least: f16/bf16 means over 1280 channels lose too much.
         let xf = if dtype == DType::F64 {
@@ -56,6 +61,62 @@ impl Module for LayerNorm {
         }
         Ok(y)
     }
+}
+
+/// GroupNorm over (B, C, ...) with per-channel weight and bias: candle's module, or one fused
+/// CPU pass (with the SiLU that usually follows) where no gradient is needed.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+    composed: candle_nn::GroupNorm,
+}
+
+impl GroupNorm {
+    pub fn new(
+        weight: Tensor,
+        bias: Tensor,
+        channels: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Self> {
+        let composed =
+            candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+            composed,
+        })
+    }
+
+    /// `silu(group_norm(x))`, the resnet blocks' pre-activation.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match super::fused::group_norm(x, self.groups, self.eps, &self.weight, &self.bias, true)? {
+            Some(y) => Ok(y),
+            None => candle_nn::ops::silu(&self.composed.forward(x)?),
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match super::fused::group_norm(x, self.groups, self.eps, &self.weight, &self.bias, false)? {
+            Some(y) => Ok(y),
+            None => self.composed.forward(x),
+        }
+    }
+}
+
+/// candle_nn's `group_norm` constructor (weight defaults to ones and bias to zeros where the
+/// builder initialises), as [`GroupNorm`].
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
+    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
+    GroupNorm::new(weight, bias, channels, groups, eps)
 }
 
 /// Score elements (B x heads x query rows x keys) materialised at once by [`attention`]: 2^26

@@ -7,12 +7,12 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::models::conv::{conv2d, Conv2d};
 use serde::Deserialize;
 
-use super::nn::{attention_bf16, merge_heads, split_heads};
+use super::nn::{attention_bf16, merge_heads, split_heads, GroupNorm};
 use crate::models::linear::Linear;
 use crate::{Error, Result};
 
@@ -177,8 +177,8 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::silu(&self.norm1.forward(x)?)?.apply(&self.conv1)?;
-        let h = candle_nn::ops::silu(&self.norm2.forward(&h)?)?.apply(&self.conv2)?;
+        let h = self.norm1.forward_silu(x)?.apply(&self.conv1)?;
+        let h = self.norm2.forward_silu(&h)?.apply(&self.conv2)?;
         let skip = match &self.shortcut {
             Some(c) => x.apply(c)?,
             None => x.clone(),
@@ -350,7 +350,7 @@ impl Encoder {
             }
         }
         let x = self.mid.forward(&x)?;
-        Ok(candle_nn::ops::silu(&self.norm_out.forward(&x)?)?.apply(&self.conv_out)?)
+        Ok(self.norm_out.forward_silu(&x)?.apply(&self.conv_out)?)
     }
 }
 
@@ -412,7 +412,7 @@ impl Decoder {
                 x = x.upsample_nearest2d(2 * h, 2 * w)?.apply(u)?;
             }
         }
-        Ok(candle_nn::ops::silu(&self.norm_out.forward(&x)?)?.apply(&self.conv_out)?)
+        Ok(self.norm_out.forward_silu(&x)?.apply(&self.conv_out)?)
     }
 }
 

@@ -3,7 +3,7 @@
 //! states) and IP-adapter cross-attention on the trailing face tokens.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::models::conv::Conv2d;
@@ -11,7 +11,9 @@ use crate::models::conv::Conv2d;
 use super::resnet::conv;
 use super::{BankMode, ReferenceBank};
 use crate::models::linear::{linear, linear_no_bias, Linear};
-use crate::models::nn::{attention_bf16, merge_heads, split_heads, LayerNorm};
+use crate::models::nn::{
+    attention_bf16, group_norm, merge_heads, split_heads, GroupNorm, LayerNorm,
+};
 use crate::{Error, Result};
 
 /// IP-adapter settings of a denoising UNet's cross-attentions.
@@ -345,7 +347,7 @@ impl Transformer2D {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(s.groups, c, 1e-6, vb.pp("norm"))?,
+            norm: group_norm(s.groups, c, 1e-6, vb.pp("norm"))?,
             proj_in: proj(vb.pp("proj_in"))?,
             blocks,
             proj_out: proj(vb.pp("proj_out"))?,

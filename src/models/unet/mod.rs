@@ -12,7 +12,9 @@ mod embeddings;
 mod resnet;
 
 use candle_core::{Module, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::models::nn::{group_norm, GroupNorm};
 
 use crate::models::checkpoint::Tape;
 use crate::models::conv::Conv2d;
@@ -284,7 +286,7 @@ impl UNet2DConditionModel {
 
         let conv_norm_out = if opts.conv_out {
             Some((
-                candle_nn::group_norm(
+                group_norm(
                     cfg.norm_num_groups,
                     ch[0],
                     cfg.norm_eps,
@@ -578,7 +580,7 @@ impl UNet2DConditionModel {
 
         match (&self.conv_norm_out, head) {
             (Some((norm, conv_out)), true) => {
-                let y = conv_out.forward(&norm.forward(&h)?.silu()?)?;
+                let y = conv_out.forward(&norm.forward_silu(&h)?)?;
                 Ok(Some(y))
             }
             _ => Ok(None),

@@ -1,7 +1,9 @@
 //! ResnetBlock2D and the resampling convolutions of the SD UNet.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::models::nn::{group_norm, GroupNorm};
 
 use crate::models::conv::{conv2d, Conv2d};
 
@@ -47,10 +49,10 @@ impl ResnetBlock2D {
             None
         };
         Ok(Self {
-            norm1: candle_nn::group_norm(groups, cin, eps, vb.pp("norm1"))?,
+            norm1: group_norm(groups, cin, eps, vb.pp("norm1"))?,
             conv1: conv(vb.pp("conv1"), cin, cout, 3, 1)?,
             time_emb_proj: linear(temb, cout, vb.pp("time_emb_proj"))?,
-            norm2: candle_nn::group_norm(groups, cout, eps, vb.pp("norm2"))?,
+            norm2: group_norm(groups, cout, eps, vb.pp("norm2"))?,
             conv2: conv(vb.pp("conv2"), cout, cout, 3, 1)?,
             conv_shortcut,
             output_scale_factor,
@@ -58,10 +60,10 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time_emb_proj.forward(&temb.silu()?)?;
         let h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
