@@ -117,6 +117,7 @@ fn silu_matches_f64() {
     assert_eq!(silu(0.0), 0.0);
 }
 
+#[allow(clippy::too_many_arguments)]
 fn f64_group_norm(
     x: &[f32],
     b: usize,
