@@ -93,6 +93,18 @@ impl PackedA {
         Self::from_lines(src, m, k, ld, convert_pairs)
     }
 
+    /// The inverse of [`PackedA::from_bf16_rows`]: m rows of k bf16 values, row-major.
+    pub fn to_bf16_rows(&self) -> Vec<bf16> {
+        let mut out = vec![bf16::ZERO; self.m * self.k];
+        for (i, row) in out.chunks_exact_mut(self.k.max(1)).enumerate().take(self.m) {
+            for (kk, v) in row.iter_mut().enumerate() {
+                let word = self.data[i * self.stride + kk / 2];
+                *v = bf16::from_bits((word >> (16 * (kk % 2))) as u16);
+            }
+        }
+        out
+    }
+
     /// From bf16 rows (weights stored in bf16): element (i, kk) at `src[i * ld + kk]`; a plain
     /// copy of each row.
     pub fn from_bf16_rows(src: &[bf16], m: usize, k: usize, ld: usize) -> Self {
@@ -193,6 +205,19 @@ impl PackedB {
             }
         }
         Self { k, n, pairs, data }
+    }
+
+    /// The inverse of [`PackedB::from_bf16_cols`]: n lines of k bf16 values, row-major.
+    pub fn to_bf16_cols(&self) -> Vec<bf16> {
+        let mut out = vec![bf16::ZERO; self.n * self.k];
+        for (j, line) in out.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
+            let (panel, lane) = (j / NR, j % NR);
+            for (kk, v) in line.iter_mut().enumerate() {
+                let word = self.data[(panel * self.pairs + kk / 2) * NR + lane];
+                *v = bf16::from_bits((word >> (16 * (kk % 2))) as u16);
+            }
+        }
+        out
     }
 
     /// From f32 columns: element (kk, j) at `src[j * ld + kk]` (the transpose of a row-major

@@ -9,7 +9,9 @@
 //! in place, and tiles run in parallel. Anything else (GPUs, half precision, grouped convs,
 //! tensors that track gradients) goes to candle unchanged.
 
-use candle_core::{DType, Module, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
@@ -26,41 +28,92 @@ const MIN_TILE_PIXELS: usize = 256;
 /// Drop-in for `candle_nn::Conv2d` (same weight names, same config).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    inner: candle_nn::Conv2d,
+    weight: ConvWeight,
+    bias: Option<Tensor>,
+    cfg: Conv2dConfig,
+}
+
+#[derive(Debug, Clone)]
+enum ConvWeight {
+    Dense(Tensor),
+    /// The CPU bf16 mode: the weight only in the kernel's packed layout (packed once here
+    /// instead of on every call; no second copy in memory), with its (co, ci, kh, kw) shape.
+    Packed(Arc<PackedA>, [usize; 4], Device),
 }
 
 impl Conv2d {
+    /// A bf16 CPU weight is packed for `bf16_gemm` where the CPU has AVX-512 BF16.
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
-        Self {
-            inner: candle_nn::Conv2d::new(weight, bias, cfg),
+        let packable = weight.dtype() == DType::BF16
+            && weight.device().is_cpu()
+            && weight.rank() == 4
+            && bf16_gemm::available();
+        let packed = packable
+            .then(|| {
+                let (co, ci, kh, kw) = weight.dims4().ok()?;
+                let w = weight.contiguous().ok()?;
+                let k = ci * kh * kw;
+                let pa = with_bf16(&w, |ws| PackedA::from_bf16_rows(ws, co, k, k)).ok()?;
+                Some((pa, [co, ci, kh, kw]))
+            })
+            .flatten();
+        let weight = match packed {
+            Some((pa, dims)) => ConvWeight::Packed(Arc::new(pa), dims, weight.device().clone()),
+            None => ConvWeight::Dense(weight),
+        };
+        Self { weight, bias, cfg }
+    }
+
+    /// The weight as a tensor; a packed one is unpacked into a new bf16 tensor.
+    pub fn weight(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            ConvWeight::Dense(w) => Ok(w.clone()),
+            ConvWeight::Packed(pa, dims, dev) => {
+                Tensor::from_vec(pa.to_bf16_rows(), dims.to_vec(), dev)
+            }
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
-    }
-
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        self.bias.as_ref()
     }
 
     pub fn config(&self) -> &Conv2dConfig {
-        self.inner.config()
+        &self.cfg
     }
 }
 
 impl From<candle_nn::Conv2d> for Conv2d {
     fn from(inner: candle_nn::Conv2d) -> Self {
-        Self { inner }
+        Self::new(
+            inner.weight().clone(),
+            inner.bias().cloned(),
+            *inner.config(),
+        )
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let c = self.config();
+        if let ConvWeight::Packed(pa, dims, _) = &self.weight {
+            if c.groups == 1 {
+                let packed = PackedWeight { a: pa, dims: *dims };
+                if let Some(y) = conv2d_cpu_with(
+                    x,
+                    Prepared::Packed(packed),
+                    self.bias(),
+                    c.padding,
+                    c.stride,
+                    c.dilation,
+                )? {
+                    return Ok(y);
+                }
+            }
+        }
         conv2d_forward(
             x,
-            self.weight(),
+            &self.weight()?,
             self.bias(),
             c.padding,
             c.stride,
@@ -99,7 +152,14 @@ pub fn conv2d_forward(
     } else {
         x.clone()
     };
-    let y = x.conv2d(w, padding, stride, dilation, groups)?;
+    // The CPU bf16 mode's weight with an input its kernel does not take (tracked, another
+    // dtype): candle's convolution with the weight in the input's dtype, as `Linear` does.
+    let w = if w.dtype() == DType::BF16 && x.dtype() != DType::BF16 {
+        w.to_dtype(x.dtype())?
+    } else {
+        w.clone()
+    };
+    let y = x.conv2d(&w, padding, stride, dilation, groups)?;
     match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?),
         None => Ok(y),
@@ -142,21 +202,60 @@ pub fn conv2d_cpu(
     dilation: usize,
     groups: usize,
 ) -> candle_core::Result<Option<Tensor>> {
-    let all = [Some(x), Some(w), bias];
+    if groups != 1 {
+        return Ok(None);
+    }
+    conv2d_cpu_with(x, Prepared::Tensor(w), bias, padding, stride, dilation)
+}
+
+/// A weight packed for the bf16 kernel, with its (co, ci, kh, kw) shape.
+#[derive(Clone, Copy)]
+struct PackedWeight<'a> {
+    a: &'a PackedA,
+    dims: [usize; 4],
+}
+
+/// The weight as the caller holds it.
+#[derive(Clone, Copy)]
+enum Prepared<'a> {
+    Tensor(&'a Tensor),
+    Packed(PackedWeight<'a>),
+}
+
+fn conv2d_cpu_with(
+    x: &Tensor,
+    w: Prepared,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> candle_core::Result<Option<Tensor>> {
     // A bf16 weight with f32 activations is the CPU bf16 mode (`weights::bf16_matmul_weights`).
-    let bf16 = w.dtype() == DType::BF16 && bf16_gemm::available();
-    let applies = groups == 1
-        && stride > 0
+    let (bf16, dims, weight_ok) = match w {
+        Prepared::Tensor(w) => {
+            let bf16 = w.dtype() == DType::BF16 && bf16_gemm::available();
+            let dtype_ok = w.dtype() == DType::F32 || bf16;
+            let ok = w.device().is_cpu() && dtype_ok && !w.track_op() && w.rank() == 4;
+            let dims = w
+                .dims4()
+                .map(|(a, b, c, d)| [a, b, c, d])
+                .unwrap_or_default();
+            (bf16, dims, ok)
+        }
+        Prepared::Packed(p) => (true, p.dims, true),
+    };
+    let applies = stride > 0
         && dilation > 0
-        && all.iter().flatten().all(|t| {
-            let dtype_ok = t.dtype() == DType::F32 || (bf16 && std::ptr::eq(*t, w));
-            t.device().is_cpu() && dtype_ok && !t.track_op()
-        });
+        && weight_ok
+        && [Some(x), bias]
+            .iter()
+            .flatten()
+            .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op());
     if !applies {
         return Ok(None);
     }
     let (n, ci, h, wd) = x.dims4()?;
-    let (co, ci_w, kh, kw) = w.dims4()?;
+    let [co, ci_w, kh, kw] = dims;
     if ci != ci_w || kh == 0 || kw == 0 || bias.is_some_and(|b| b.elem_count() != co) {
         // Let candle report the mismatch in its own words.
         return Ok(None);
@@ -179,15 +278,17 @@ pub fn conv2d_cpu(
         dilation,
     };
     let x = x.contiguous()?;
-    let w = w.contiguous()?;
     let b = bias.map(|b| b.contiguous()).transpose()?;
-    let weights = if bf16 {
-        let k = geo.k();
-        Weights::Bf16(with_bf16(&w, |ws| {
-            PackedA::from_bf16_rows(ws, geo.co, k, k)
-        })?)
-    } else {
-        Weights::F32(w.clone())
+    let owned;
+    let weights = match w {
+        Prepared::Packed(p) => Weights::Bf16(p.a),
+        Prepared::Tensor(w) if bf16 => {
+            let k = geo.k();
+            let w = w.contiguous()?;
+            owned = with_bf16(&w, |ws| PackedA::from_bf16_rows(ws, geo.co, k, k))?;
+            Weights::Bf16(&owned)
+        }
+        Prepared::Tensor(w) => Weights::F32(w.contiguous()?),
     };
     let out = with_f32(&x, |xs| match &b {
         Some(b) => with_f32(b, |bs| run(&geo, n, xs, &weights, Some(bs))),
@@ -274,10 +375,10 @@ impl Geometry {
 }
 
 /// A convolution's weight as its kernel wants it.
-enum Weights {
+enum Weights<'a> {
     F32(Tensor),
-    /// The CPU bf16 mode's weight, packed once per call for all tiles.
-    Bf16(PackedA),
+    /// The CPU bf16 mode's weight, packed (by the layer, or once per call for all tiles).
+    Bf16(&'a PackedA),
 }
 
 /// The convolution of `n` images; tiles of output rows write disjoint parts of the output.
@@ -285,7 +386,7 @@ fn run(
     g: &Geometry,
     n: usize,
     x: &[f32],
-    w: &Weights,
+    w: &Weights<'_>,
     bias: Option<&[f32]>,
 ) -> candle_core::Result<Vec<f32>> {
     let (k, p) = (g.k(), g.oh * g.ow);

@@ -322,8 +322,9 @@ fn exp_scaled_sum_portable(row: &mut [f32], scale: f32) -> f32 {
     }
     // Rounding is monotonic, so the max of the scaled values is the scaled max.
     let max = m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) * scale;
-    if !max.is_finite() || row.iter().any(|x| x.is_nan()) {
-        // All -inf, or a NaN: torch's arithmetic (NaNs everywhere), as `softmax_in_place`.
+    if !max.is_finite() {
+        // All -inf: torch's arithmetic (NaNs everywhere), as `softmax_in_place`. A NaN elsewhere
+        // passes through the exp into the sum, which spreads it over the row.
         for x in row.iter_mut() {
             *x = (*x * scale - max).exp();
         }

@@ -2,7 +2,9 @@
 //! f32: on CPUs with AVX-512 BF16 that is how `--dtype bf16` runs (see
 //! `weights::bf16_matmul_weights`), through `bf16_gemm`; everything else goes to candle.
 
-use candle_core::{DType, Module, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::bf16_gemm::{self, PackedA, PackedB};
@@ -10,49 +12,87 @@ use super::host::with_f32;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: candle_nn::Linear,
+    weight: Weight,
+    bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    Dense(Tensor),
+    /// The CPU bf16 mode: the weight is kept only in the kernel's packed layout (packed once
+    /// here rather than on every call; no second copy in memory).
+    Packed(Arc<PackedB>, Device),
 }
 
 impl Linear {
+    /// A bf16 CPU weight is packed for `bf16_gemm` where the CPU has AVX-512 BF16.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            inner: candle_nn::Linear::new(weight, bias),
+        let packable = weight.dtype() == DType::BF16
+            && weight.device().is_cpu()
+            && weight.rank() == 2
+            && bf16_gemm::available();
+        let packed = packable
+            .then(|| {
+                let (out_dim, in_dim) = weight.dims2().ok()?;
+                let w = weight.contiguous().ok()?;
+                with_bf16(&w, |ws| {
+                    PackedB::from_bf16_cols(ws, in_dim, out_dim, in_dim)
+                })
+                .ok()
+            })
+            .flatten();
+        let weight = match packed {
+            Some(p) => Weight::Packed(Arc::new(p), weight.device().clone()),
+            None => Weight::Dense(weight),
+        };
+        Self { weight, bias }
+    }
+
+    /// The weight as a tensor (out, in); a packed one is unpacked into a new bf16 tensor.
+    pub fn weight(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Packed(p, dev) => {
+                Tensor::from_vec(p.to_bf16_cols(), (p.cols(), p.depth()), dev)
+            }
         }
     }
 
-    pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
-    }
-
     pub fn bias(&self) -> Option<&Tensor> {
-        self.inner.bias()
+        self.bias.as_ref()
     }
 
     /// Whether this layer multiplies in bf16 with f32 activations (the CPU bf16 mode).
     pub fn is_bf16_mixed(&self) -> bool {
-        let w = self.weight();
-        w.dtype() == DType::BF16 && w.device().is_cpu()
+        match &self.weight {
+            Weight::Packed(..) => true,
+            Weight::Dense(w) => w.dtype() == DType::BF16 && w.device().is_cpu(),
+        }
     }
 }
 
 impl From<candle_nn::Linear> for Linear {
     fn from(inner: candle_nn::Linear) -> Self {
-        Self { inner }
+        Self::new(inner.weight().clone(), inner.bias().cloned())
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if !self.is_bf16_mixed() || x.dtype() == DType::BF16 {
-            return self.inner.forward(x);
-        }
-        if x.dtype() != DType::F32 || x.track_op() || !bf16_gemm::available() {
-            // Not the mode's own case: compute in x's dtype with the weight widened.
-            let w = self.weight().to_dtype(x.dtype())?;
-            let b = self.bias().map(|b| b.to_dtype(x.dtype())).transpose()?;
-            return candle_nn::Linear::new(w, b).forward(x);
-        }
-        let (out_dim, in_dim) = self.weight().dims2()?;
+        let packed = match &self.weight {
+            Weight::Packed(p, _) if x.dtype() == DType::F32 && !x.track_op() => p,
+            _ => {
+                let w = self.weight()?;
+                if !self.is_bf16_mixed() || x.dtype() == DType::BF16 {
+                    return candle_nn::Linear::new(w, self.bias.clone()).forward(x);
+                }
+                // Not the mode's own case: compute in x's dtype with the weight widened.
+                let w = w.to_dtype(x.dtype())?;
+                let b = self.bias().map(|b| b.to_dtype(x.dtype())).transpose()?;
+                return candle_nn::Linear::new(w, b).forward(x);
+            }
+        };
+        let (out_dim, in_dim) = (packed.cols(), packed.depth());
         let dims = x.dims();
         let Some((&k, lead)) = dims.split_last() else {
             candle_core::bail!("linear: a scalar input");
@@ -62,10 +102,6 @@ impl Module for Linear {
         }
         let m: usize = lead.iter().product();
         let x = x.contiguous()?;
-        let w = self.weight().contiguous()?;
-        let pb = with_bf16(&w, |ws| {
-            PackedB::from_bf16_cols(ws, in_dim, out_dim, in_dim)
-        })?;
         let pa = with_f32(&x, |xs| PackedA::from_f32_rows(xs, m, k, k))?;
         let mut out = vec![0f32; m * out_dim];
         let accumulate = match self.bias() {
@@ -80,7 +116,7 @@ impl Module for Linear {
             }
             None => false,
         };
-        bf16_gemm::matmul_parallel(&pa, &pb, &mut out, out_dim, accumulate)
+        bf16_gemm::matmul_parallel(&pa, packed, &mut out, out_dim, accumulate)
             .map_err(candle_core::Error::wrap)?;
         let mut shape = lead.to_vec();
         shape.push(out_dim);

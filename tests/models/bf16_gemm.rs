@@ -198,6 +198,11 @@ fn linear_with_bf16_weight() {
     let w16 = w.to_dtype(DType::BF16).unwrap();
     let lin = Linear::new(w16.clone(), Some(b.clone()));
     assert!(lin.is_bf16_mixed());
+    // The weight is kept packed; unpacking gives it back bit for bit.
+    assert_eq!(
+        lin.weight().unwrap().to_vec2::<half::bf16>().unwrap(),
+        w16.to_vec2::<half::bf16>().unwrap()
+    );
     let f64_of = |t: &Tensor| {
         t.to_dtype(DType::BF16)
             .unwrap()

@@ -191,3 +191,50 @@ fn falls_back_where_it_does_not_apply() {
     let bad = Tensor::randn(0f32, 1.0, (3, 5, 3, 3), &dev).unwrap();
     assert!(conv2d_forward(&x, &bad, None, 1, 1, 1, 1).is_err());
 }
+
+/// In the CPU bf16 mode a layer keeps its weight packed: the same result as packing on every
+/// call, bit for bit, the weight recoverable exactly, and inputs the kernel does not take
+/// (tracked, f16) still served by candle with the unpacked weight.
+#[test]
+fn packed_layer_matches_per_call_packing() {
+    if !mcld::models::bf16_gemm::available() {
+        eprintln!("skipped: this CPU lacks AVX-512 BF16");
+        return;
+    }
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 5, 9, 11), &dev).unwrap();
+    let w16 = Tensor::randn(0f32, 1.0, (7, 5, 3, 3), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let b = Tensor::randn(0f32, 1.0, 7, &dev).unwrap();
+    for (padding, stride) in [(1, 1), (0, 2)] {
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let conv = Conv2d::new(w16.clone(), Some(b.clone()), cfg);
+        assert_eq!(
+            conv.weight()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap(),
+            w16.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap()
+        );
+        let got = conv.forward(&x).unwrap();
+        let want = conv2d_forward(&x, &w16, Some(&b), padding, stride, 1, 1).unwrap();
+        assert!(rel_err(&got, &want) == 0.0, "packed layer differs");
+        // A tracked input: candle's convolution with the weight widened to f32.
+        let v = Var::from_tensor(&x).unwrap();
+        let tracked = conv.forward(v.as_tensor()).unwrap();
+        let wide = x
+            .conv2d(&w16.to_dtype(DType::F32).unwrap(), padding, stride, 1, 1)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 7, 1, 1)).unwrap())
+            .unwrap();
+        assert!(rel_err(&tracked, &wide) < 1e-6);
+    }
+}
