@@ -5,7 +5,9 @@
 
 use std::time::Instant;
 
+use candle_core::{DType, Device, Module, Tensor};
 use mcld::models::bf16_gemm::{self, PackedA, PackedB};
+use mcld::models::conv::Conv2d;
 
 fn values(n: usize) -> Vec<f32> {
     (0..n)
@@ -125,5 +127,43 @@ fn main() {
             "bf16 kernel alone, {m} x {n} x {k}, one thread: {:.1} GFLOP/s",
             r.1
         );
+    }
+    conv_layers(threads);
+}
+
+/// Whole 3x3 convolution layers (patch packing, bias and the NCHW output included), as the
+/// pipeline runs them: the VAE decoder's big stages and the UNet's first.
+fn conv_layers(threads: usize) {
+    let layers = [
+        ("vae 128ch 512x512", 128, 512),
+        ("vae 256ch 256x256", 256, 256),
+        ("vae 512ch 128x128", 512, 128),
+        ("unet 320ch 64x64", 320, 64),
+    ];
+    println!("whole 3x3 conv layers, {threads} threads, GFLOP/s of wall time (per busy core)");
+    for (name, ch, size) in layers {
+        let dev = Device::Cpu;
+        let k = ch * 9;
+        let w = Tensor::from_vec(values(ch * k), (ch, ch, 3, 3), &dev).expect("weight");
+        let b = Tensor::from_vec(values(ch), ch, &dev).expect("bias");
+        let x =
+            Tensor::from_vec(values(ch * size * size), (1, ch, size, size), &dev).expect("input");
+        let cfg = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let (m, n) = (ch, size * size);
+        let mut row = format!("{name:34}");
+        for dt in [DType::F32, DType::BF16] {
+            if dt == DType::BF16 && !bf16_gemm::available() {
+                continue;
+            }
+            let conv = Conv2d::new(w.to_dtype(dt).expect("cast"), Some(b.clone()), cfg);
+            let r = rate(m, n, k, || {
+                conv.forward(&x).expect("conv");
+            });
+            row += &format!(" {dt:?} {:7.1} ({:6.1}/core)", r.0, r.1);
+        }
+        println!("{row}");
     }
 }

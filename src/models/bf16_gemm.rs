@@ -180,31 +180,52 @@ impl PackedB {
         Self { k, n, pairs, data }
     }
 
-    /// From rows produced on demand: `row(kk, dst)` writes row kk (n values), two rows at a
-    /// time into a small scratch, so a convolution's patch matrix is never built in f32.
-    pub fn from_row_fn(k: usize, n: usize, mut row: impl FnMut(usize, &mut [f32])) -> Self {
+    /// A k x n operand in `buf`'s allocation (a scratch reused from call to call, so nothing is
+    /// zeroed or allocated per product), to be filled with [`PackedB::put_pairs`]: every pair
+    /// row's n columns must be put before the product; the padding columns of the last panel
+    /// are zeroed here.
+    pub fn in_buffer(mut buf: Vec<u32>, k: usize, n: usize) -> Self {
         let pairs = k.div_ceil(2);
-        let mut data = vec![0u32; n.div_ceil(NR) * pairs * NR];
-        let (mut r0, mut r1) = (vec![0f32; n], vec![0f32; n]);
-        for p in 0..pairs {
-            row(2 * p, &mut r0);
-            let has_r1 = 2 * p + 1 < k;
-            if has_r1 {
-                row(2 * p + 1, &mut r1);
-            }
-            let second = has_r1.then_some(r1.as_slice());
-            #[cfg(target_arch = "x86_64")]
-            if available() {
-                // SAFETY: features checked; both rows hold n values; `data` has every panel.
-                unsafe { x86::pack_b_pair(&r0, second, n, p, pairs, &mut data) };
-                continue;
-            }
-            for j in 0..n {
-                let hi = second.map_or(0, |r| bits(r[j]));
-                data[((j / NR) * pairs + p) * NR + j % NR] = pair(bits(r0[j]), hi);
+        let panels = n.div_ceil(NR);
+        buf.resize(panels * pairs * NR, 0);
+        if !n.is_multiple_of(NR) {
+            let last = panels - 1;
+            for p in 0..pairs {
+                buf[(last * pairs + p) * NR + n % NR..(last * pairs + p + 1) * NR].fill(0);
             }
         }
-        Self { k, n, pairs, data }
+        Self {
+            k,
+            n,
+            pairs,
+            data: buf,
+        }
+    }
+
+    /// The allocation back, for the next [`PackedB::in_buffer`].
+    pub fn into_buffer(self) -> Vec<u32> {
+        self.data
+    }
+
+    /// Writes already paired values (see [`interleave_pairs`]) into pair row `p` from column
+    /// `j` on.
+    #[inline]
+    pub fn put_pairs(&mut self, p: usize, j: usize, src: &[u32]) {
+        assert!(
+            p < self.pairs && j + src.len() <= self.n,
+            "bf16 pack: pair row {p}, columns {j}..{} outside {} x {}",
+            j + src.len(),
+            self.pairs,
+            self.n
+        );
+        let (mut j, mut src) = (j, src);
+        while !src.is_empty() {
+            let (panel, lane) = (j / NR, j % NR);
+            let len = (NR - lane).min(src.len());
+            let at = (panel * self.pairs + p) * NR + lane;
+            self.data[at..at + len].copy_from_slice(&src[..len]);
+            (j, src) = (j + len, &src[len..]);
+        }
     }
 
     /// The inverse of [`PackedB::from_bf16_cols`]: n lines of k bf16 values, row-major.
@@ -302,6 +323,26 @@ fn check_span(len: usize, rows: usize, cols: usize, ld: usize) {
         len >= need && (rows <= 1 || ld >= cols),
         "bf16 pack: {rows} x {cols} at stride {ld} needs {need} values, have {len}"
     );
+}
+
+/// `dst[j] = pair(lo[j], hi[j])` rounded to bf16 (`hi` absent: zeros): two f32 lines, e.g. two
+/// channels of an image row, as one line of k-pairs. Rounds as the packers do.
+pub fn interleave_pairs(lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32]) {
+    assert!(
+        lo.len() >= dst.len() && hi.is_none_or(|h| h.len() >= dst.len()),
+        "bf16 interleave: {} values wanted",
+        dst.len()
+    );
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were just checked; reads and writes stay within dst.len().
+        done = unsafe { x86::interleave_pairs(lo, hi, dst) };
+    }
+    for j in done..dst.len() {
+        let h = hi.map_or(0, |h| bits(h[j]));
+        dst[j] = pair(bits(lo[j]), h);
+    }
 }
 
 /// `dst[p] = pair(src[2p], src[2p + 1])` rounded to bf16 (a missing last element is zero).
@@ -427,6 +468,29 @@ mod x86 {
         groups * 16
     }
 
+    /// Whole groups of 16 of [`super::interleave_pairs`]; returns how many it wrote.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave_pairs(
+        lo: &[f32],
+        hi: Option<&[f32]>,
+        dst: &mut [u32],
+    ) -> usize {
+        let cvt = |p: *const f32| -> __m512i {
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(p)));
+            _mm512_cvtepu16_epi32(h)
+        };
+        let groups = dst.len() / 16;
+        for g in 0..groups {
+            let l = cvt(lo.as_ptr().add(16 * g));
+            let v = match hi {
+                Some(h) => _mm512_or_si512(l, _mm512_slli_epi32::<16>(cvt(h.as_ptr().add(16 * g)))),
+                None => l,
+            };
+            _mm512_storeu_si512(dst.as_mut_ptr().add(16 * g) as *mut _, v);
+        }
+        groups * 16
+    }
+
     /// Packs a row-major k x n f32 matrix into `NR`-column panels of k-pairs; `data` is zeroed
     /// and sized for every panel. Whole groups of 16 columns go through the vector unit.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -465,42 +529,6 @@ mod x86 {
                     let hi = if has_r1 { super::bits(*r1.add(j)) } else { 0 };
                     *dst.add(j) = super::pair(super::bits(*r0.add(j)), hi);
                 }
-            }
-        }
-    }
-
-    /// Writes pair `p` of every panel from two rows of n values (`r1` absent: zeros).
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn pack_b_pair(
-        r0: &[f32],
-        r1: Option<&[f32]>,
-        n: usize,
-        p: usize,
-        pairs: usize,
-        data: &mut [u32],
-    ) {
-        let cvt = |q: *const f32| -> __m512i {
-            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(q)));
-            _mm512_cvtepu16_epi32(h)
-        };
-        for panel in 0..n.div_ceil(NR) {
-            let j0 = panel * NR;
-            let w = NR.min(n - j0);
-            let dst = data.as_mut_ptr().add((panel * pairs + p) * NR);
-            for g in 0..w / 16 {
-                let lo = cvt(r0.as_ptr().add(j0 + 16 * g));
-                let v = match r1 {
-                    Some(r1) => _mm512_or_si512(
-                        lo,
-                        _mm512_slli_epi32::<16>(cvt(r1.as_ptr().add(j0 + 16 * g))),
-                    ),
-                    None => lo,
-                };
-                _mm512_storeu_si512(dst.add(16 * g) as *mut _, v);
-            }
-            for j in w / 16 * 16..w {
-                let hi = r1.map_or(0, |r| super::bits(r[j0 + j]));
-                *dst.add(j) = super::pair(super::bits(r0[j0 + j]), hi);
             }
         }
     }

@@ -15,9 +15,15 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, PackedA, PackedB};
+use half::bf16;
+
+use super::bf16_gemm::{self, PackedA, PackedB, NR};
 use super::host::{with_f32, SharedOut};
 use super::linear::with_bf16;
+
+/// A bf16 tile's packed patches take about this many bytes: small enough to stay in L2 beside
+/// the weight block while the kernel runs over them right after packing.
+const TILE_PAIR_BYTES: usize = 512 << 10;
 
 /// A tile's patch matrix holds at most this many floats (16 MiB).
 const TILE_FLOATS: usize = 1 << 22;
@@ -51,10 +57,10 @@ impl Conv2d {
         let packed = packable
             .then(|| {
                 let (co, ci, kh, kw) = weight.dims4().ok()?;
+                let dims = [co, ci, kh, kw];
                 let w = weight.contiguous().ok()?;
-                let k = ci * kh * kw;
-                let pa = with_bf16(&w, |ws| PackedA::from_bf16_rows(ws, co, k, k)).ok()?;
-                Some((pa, [co, ci, kh, kw]))
+                let pa = with_bf16(&w, |ws| pack_pair_order(ws, dims)).ok()?;
+                Some((pa, dims))
             })
             .flatten();
         let weight = match packed {
@@ -69,7 +75,7 @@ impl Conv2d {
         match &self.weight {
             ConvWeight::Dense(w) => Ok(w.clone()),
             ConvWeight::Packed(pa, dims, dev) => {
-                Tensor::from_vec(pa.to_bf16_rows(), dims.to_vec(), dev)
+                Tensor::from_vec(unpack_pair_order(pa, *dims), dims.to_vec(), dev)
             }
         }
     }
@@ -283,9 +289,8 @@ fn conv2d_cpu_with(
     let weights = match w {
         Prepared::Packed(p) => Weights::Bf16(p.a),
         Prepared::Tensor(w) if bf16 => {
-            let k = geo.k();
             let w = w.contiguous()?;
-            owned = with_bf16(&w, |ws| PackedA::from_bf16_rows(ws, geo.co, k, k))?;
+            owned = with_bf16(&w, |ws| pack_pair_order(ws, dims))?;
             Weights::Bf16(&owned)
         }
         Prepared::Tensor(w) => Weights::F32(w.contiguous()?),
@@ -389,6 +394,10 @@ fn run(
     w: &Weights<'_>,
     bias: Option<&[f32]>,
 ) -> candle_core::Result<Vec<f32>> {
+    let w = match w {
+        Weights::Bf16(pa) => return run_bf16(g, n, x, pa, bias),
+        Weights::F32(w) => w,
+    };
     let (k, p) = (g.k(), g.oh * g.ow);
     let mut out = vec![0f32; n * g.co * p];
     if out.is_empty() {
@@ -421,33 +430,6 @@ fn run(
         |&(b, r0, r1): &(usize, usize, usize), col: &mut Vec<f32>| -> candle_core::Result<()> {
             let np = (r1 - r0) * g.ow;
             let xb = &x[b * g.ci * g.h * g.w..(b + 1) * g.ci * g.h * g.w];
-            if let Weights::Bf16(pa) = w {
-                // The patches go straight into the packed bf16 layout, two rows at a time.
-                let pb = if g.pointwise() {
-                    PackedB::from_f32_rows(&xb[r0 * g.ow..], k, np, p)
-                } else {
-                    let taps = g.kh * g.kw;
-                    PackedB::from_row_fn(k, np, |row, dst| {
-                        let c = row / taps;
-                        let plane = &xb[c * g.h * g.w..(c + 1) * g.h * g.w];
-                        g.fill_row(plane, (row % taps) / g.kw, row % g.kw, r0, r1, dst);
-                    })
-                };
-                // SAFETY: the tile's output block (rows 0..co of image b at pixels r0*ow..r1*ow) is
-                // inside `out`, and no other tile touches it.
-                unsafe {
-                    let d = dst.get().add(b * g.co * p + r0 * g.ow);
-                    if let Some(bias) = bias {
-                        for (c, &v) in bias.iter().enumerate() {
-                            std::slice::from_raw_parts_mut(d.add(c * p), np).fill(v);
-                        }
-                    }
-                    let par = !matches!(inner, gemm::Parallelism::None);
-                    return bf16_gemm::matmul_raw(pa, &pb, d, p, bias.is_some(), par)
-                        .map_err(candle_core::Error::wrap);
-                }
-            }
-
             let (rhs, rhs_rs) = if g.pointwise() {
                 (xb[r0 * g.ow..].as_ptr(), p as isize)
             } else {
@@ -464,9 +446,6 @@ fn run(
                         std::slice::from_raw_parts_mut(d.add(c * p), np).fill(v);
                     }
                 }
-                let Weights::F32(w) = w else {
-                    candle_core::bail!("conv: bf16 tiles are handled above");
-                };
                 with_f32(w, |w| {
                     gemm::gemm(
                         g.co,
@@ -500,5 +479,159 @@ fn run(
         let mut col = Vec::new();
         tiles.iter().try_for_each(|t| tile(t, &mut col))?;
     }
+    Ok(out)
+}
+
+/// The weight as the bf16 kernel's left operand in pair order: depth index
+/// `((c / 2) * taps + tap) * 2 + c % 2`, a missing odd last channel zero. A pair row of the patch
+/// matrix is then one tap of two neighbouring channels, which [`run_bf16`] copies from an image
+/// converted to channel pairs once instead of converting every patch.
+fn pack_pair_order(w: &[bf16], [co, ci, kh, kw]: [usize; 4]) -> PackedA {
+    let taps = kh * kw;
+    let k = 2 * ci.div_ceil(2) * taps;
+    let mut rows = vec![bf16::ZERO; co * k];
+    for (o, row) in rows.chunks_exact_mut(k.max(1)).enumerate().take(co) {
+        for c in 0..ci {
+            for t in 0..taps {
+                row[((c / 2) * taps + t) * 2 + c % 2] = w[(o * ci + c) * taps + t];
+            }
+        }
+    }
+    PackedA::from_bf16_rows(&rows, co, k, k)
+}
+
+/// The inverse of [`pack_pair_order`]: the (co, ci, kh, kw) weight, row-major.
+fn unpack_pair_order(pa: &PackedA, [co, ci, kh, kw]: [usize; 4]) -> Vec<bf16> {
+    let taps = kh * kw;
+    let k = 2 * ci.div_ceil(2) * taps;
+    let rows = pa.to_bf16_rows();
+    let mut w = vec![bf16::ZERO; co * ci * taps];
+    for o in 0..co {
+        for c in 0..ci {
+            for t in 0..taps {
+                w[(o * ci + c) * taps + t] = rows[o * k + ((c / 2) * taps + t) * 2 + c % 2];
+            }
+        }
+    }
+    w
+}
+
+/// The CPU bf16 mode's convolution of `n` images. Each image is converted once into planes of
+/// channel pairs (bf16, zero border of the padding's width), so a tile's patch matrix is plain
+/// copies of plane rows in the kernel's layout; tiles are runs of output pixels small enough
+/// that the packed patches stay in cache for the product, which goes to a compact scratch and
+/// then, with the bias, into the NCHW output.
+fn run_bf16(
+    g: &Geometry,
+    n: usize,
+    x: &[f32],
+    pa: &PackedA,
+    bias: Option<&[f32]>,
+) -> candle_core::Result<Vec<f32>> {
+    let p = g.oh * g.ow;
+    let len = n * g.co * p;
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    if len == 0 {
+        return Ok(out);
+    }
+    let taps = g.kh * g.kw;
+    let cpairs = g.ci.div_ceil(2);
+    let depth = 2 * cpairs * taps;
+    if pa.depth() != depth || pa.rows() != g.co {
+        candle_core::bail!(
+            "conv bf16: packed weight is {} x {}, the geometry wants {} x {depth}",
+            pa.rows(),
+            pa.depth(),
+            g.co
+        );
+    }
+    let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+    let plane = hp * wp;
+    let mut pairs_img = vec![0u32; n * cpairs * plane];
+    pairs_img
+        .par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let (b, cp) = (i / cpairs, i % cpairs);
+            let img = &x[b * g.ci * g.h * g.w..(b + 1) * g.ci * g.h * g.w];
+            let chan = |c: usize| &img[c * g.h * g.w..(c + 1) * g.h * g.w];
+            let (lo, hi) = (chan(2 * cp), (2 * cp + 1 < g.ci).then(|| chan(2 * cp + 1)));
+            for y in 0..g.h {
+                let row = &mut dst[(y + g.pad) * wp + g.pad..][..g.w];
+                let src = y * g.w..(y + 1) * g.w;
+                bf16_gemm::interleave_pairs(&lo[src.clone()], hi.map(|h| &h[src]), row);
+            }
+        });
+
+    let threads = rayon::current_num_threads().max(1);
+    let cols = (TILE_PAIR_BYTES / (4 * depth / 2).max(1)) / NR * NR;
+    let cols = cols.clamp(NR, 64 * NR).min(p);
+    let per_image = p.div_ceil(cols);
+    let tiles: Vec<(usize, usize, usize)> = (0..n)
+        .flat_map(|b| (0..per_image).map(move |t| (b, t * cols, ((t + 1) * cols).min(p))))
+        .collect();
+    // Few tiles: parallelise inside each product instead of across tiles.
+    let across = tiles.len() >= 2 * threads;
+    let dst = SharedOut::from_ptr(out.as_mut_ptr());
+    let (s, d) = (g.stride, g.dilation);
+    let tile = |&(b, q0, q1): &(usize, usize, usize),
+                (packed, prod, gather): &mut (Vec<u32>, Vec<f32>, Vec<u32>)|
+     -> candle_core::Result<()> {
+        let nt = q1 - q0;
+        let mut pb = PackedB::in_buffer(std::mem::take(packed), depth, nt);
+        let img = &pairs_img[b * cpairs * plane..(b + 1) * cpairs * plane];
+        for cp in 0..cpairs {
+            let pl = &img[cp * plane..(cp + 1) * plane];
+            for t in 0..taps {
+                let (ky, kx) = (t / g.kw, t % g.kw);
+                let row_pairs = cp * taps + t;
+                let mut q = q0;
+                while q < q1 {
+                    let (oy, ox) = (q / g.ow, q % g.ow);
+                    let run = (g.ow - ox).min(q1 - q);
+                    let start = (oy * s + ky * d) * wp + kx * d + ox * s;
+                    if s == 1 {
+                        pb.put_pairs(row_pairs, q - q0, &pl[start..start + run]);
+                    } else {
+                        gather.clear();
+                        gather.extend((0..run).map(|i| pl[start + i * s]));
+                        pb.put_pairs(row_pairs, q - q0, gather);
+                    }
+                    q += run;
+                }
+            }
+        }
+        prod.resize(g.co * nt, 0.0);
+        let product = if across {
+            bf16_gemm::matmul(pa, &pb, prod, nt, false)
+        } else {
+            bf16_gemm::matmul_parallel(pa, &pb, prod, nt, false)
+        };
+        *packed = pb.into_buffer();
+        product.map_err(candle_core::Error::wrap)?;
+        for (c, src) in prod.chunks_exact(nt).enumerate() {
+            let add = bias.map_or(0.0, |bs| bs[c]);
+            // SAFETY: channel c's pixels q0..q1 of image b lie inside `out`'s capacity, and no
+            // other tile writes them.
+            let o = unsafe {
+                std::slice::from_raw_parts_mut(dst.get().add((b * g.co + c) * p + q0), nt)
+            };
+            for (o, &v) in o.iter_mut().zip(src) {
+                *o = v + add;
+            }
+        }
+        Ok(())
+    };
+    let scratch = || (Vec::new(), Vec::new(), Vec::new());
+    if across {
+        tiles
+            .par_iter()
+            .try_for_each_init(scratch, |sc, t| tile(t, sc))?;
+    } else {
+        let mut sc = scratch();
+        tiles.iter().try_for_each(|t| tile(t, &mut sc))?;
+    }
+    // SAFETY: the tiles cover every pixel of every channel of every image, each written once.
+    unsafe { out.set_len(len) };
     Ok(out)
 }

@@ -251,3 +251,43 @@ fn linear_with_bf16_weight() {
     let diff = (tracked - plain).unwrap().abs().unwrap().max_all().unwrap();
     assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
 }
+
+/// A right operand filled pair row by pair row (`interleave_pairs` + `put_pairs`, in pieces
+/// that cross panel edges) inside a reused, dirty buffer gives the product of `from_f32_rows`
+/// bit for bit, including the padding columns of a narrow last panel.
+#[test]
+fn bf16_operand_filled_in_a_reused_buffer() {
+    if !bf16_gemm::available() {
+        eprintln!("skipped: this CPU lacks AVX-512 BF16");
+        return;
+    }
+    let mut buf = vec![u32::MAX; 7];
+    for &(m, n, k) in &[(13, 70, 9), (5, 32, 4), (12, 33, 257), (3, 1, 2)] {
+        let a = values(m * k, 5);
+        let b = values(k * n, 6 + n as u64);
+        let pa = PackedA::from_f32_rows(&a, m, k, k);
+        let mut pb = PackedB::in_buffer(std::mem::take(&mut buf), k, n);
+        let mut row = vec![0u32; n];
+        for p in 0..k.div_ceil(2) {
+            let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * n..(2 * p + 2) * n]);
+            bf16_gemm::interleave_pairs(&b[2 * p * n..(2 * p + 1) * n], hi, &mut row);
+            // Pieces of 1, 19, 40, ... columns: some inside a panel, some across its edge.
+            let mut j = 0;
+            for len in [1usize, 19, 40].into_iter().cycle() {
+                if j >= n {
+                    break;
+                }
+                let len = len.min(n - j);
+                pb.put_pairs(p, j, &row[j..j + len]);
+                j += len;
+            }
+        }
+        let want = PackedB::from_f32_rows(&b, k, n, n);
+        let (mut got_c, mut want_c) = (vec![0f32; m * n], vec![0f32; m * n]);
+        bf16_gemm::matmul(&pa, &pb, &mut got_c, n, false).unwrap();
+        bf16_gemm::matmul(&pa, &want, &mut want_c, n, false).unwrap();
+        assert_eq!(got_c, want_c, "m{m} n{n} k{k}");
+        buf = pb.into_buffer();
+        buf.iter_mut().for_each(|v| *v = 0x7fc0_7fc0); // NaN pairs: must not leak into the next
+    }
+}
