@@ -141,9 +141,9 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
     let blocks = s.tq.div_ceil(rows);
     let scale = 1.0 / (s.d as f32).sqrt();
     let dst = SharedOut::new(&mut out);
-    (0..s.bh * blocks)
-        .into_par_iter()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, task| {
+    (0..s.bh * blocks).into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(scores, sums): &mut (Vec<f32>, Vec<f32>), task| {
             let (head, blk) = (task / blocks, task % blocks);
             let r0 = blk * rows;
             let n = rows.min(s.tq - r0);
@@ -170,16 +170,20 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
                     s.k.row as isize,
                     1,
                     0.0,
-                    scale,
+                    1.0,
                     false,
                     false,
                     false,
                     gemm::Parallelism::None,
                 );
             }
-            for row in scores.chunks_exact_mut(s.tk) {
-                softmax_in_place(row);
-            }
+            // Unnormalised weights; the normalisation goes on the n x dv output rows.
+            sums.clear();
+            sums.extend(
+                scores
+                    .chunks_exact_mut(s.tk)
+                    .map(|row| exp_scaled_sum(row, scale)),
+            );
             unsafe {
                 let o = dst.get().add(s.out_at(head, r0));
                 gemm::gemm(
@@ -204,8 +208,23 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
                     gemm::Parallelism::None,
                 );
             }
-        });
+            normalise_rows(s, &dst, head, r0, sums);
+        },
+    );
     out
+}
+
+/// Divides output rows `r0..` of `head` by their softmax sums (one reciprocal each).
+fn normalise_rows(s: &Shape, dst: &SharedOut, head: usize, r0: usize, sums: &[f32]) {
+    for (i, &sum) in sums.iter().enumerate() {
+        let inv = 1.0 / sum;
+        // SAFETY: callers own rows r0..r0+sums.len() of this head's columns in the output.
+        let o =
+            unsafe { std::slice::from_raw_parts_mut(dst.get().add(s.out_at(head, r0 + i)), s.dv) };
+        for x in o {
+            *x *= inv;
+        }
+    }
 }
 
 /// [`run`] with bf16 operands: each head's keys and values are packed once, then blocks of
@@ -261,16 +280,7 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
                 )?;
             }
             // The softmax's normalisation, on the n x dv output instead of the n x tk weights.
-            for (i, &sum) in sums.iter().enumerate() {
-                let inv = 1.0 / sum;
-                // SAFETY: as above, this task's own rows and columns.
-                let o = unsafe {
-                    std::slice::from_raw_parts_mut(dst.get().add(s.out_at(head, r0 + i)), s.dv)
-                };
-                for x in o {
-                    *x *= inv;
-                }
-            }
+            normalise_rows(s, &dst, head, r0, sums);
             Ok::<(), crate::Error>(())
         },
     )?;
