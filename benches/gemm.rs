@@ -128,6 +128,17 @@ fn main() {
             r.1
         );
     }
+    if bf16_gemm::available_f32() {
+        let pa = PackedA::from_f32_rows_exact(&a, m, k, k);
+        let pb = PackedB::from_f32_rows_exact(&b, k, n, n);
+        let r = rate(m, n, k, || {
+            bf16_gemm::matmul(&pa, &pb, &mut c, n, false).expect("f32 matmul")
+        });
+        println!(
+            "f32 packed kernel alone, {m} x {n} x {k}, one thread: {:.1} GFLOP/s",
+            r.1
+        );
+    }
     conv_layers(threads);
 }
 

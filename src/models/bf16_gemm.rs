@@ -7,6 +7,10 @@
 //! and every convolution's output before its bias and residual. PyTorch's CPU bf16 kernels
 //! accumulate in f32 too.
 //!
+//! The same blocking and packing also serve f32 operands ([`Kind::F32`]: one f32 per word
+//! instead of a pair, an FMA kernel, AVX-512F only), so `--dtype f32` gets weights packed once
+//! per model instead of on every call of the `gemm` crate, and no repacked copy of them.
+//!
 //! Operands are packed once per product: the left one row by row (the kernel reads [`MR`] rows
 //! side by side), the right one in panels of [`NR`] columns, both as k-pairs (two bf16 in one
 //! u32, the lower k in the low half) because `vdpbf16ps` multiplies pairs and adds both
@@ -27,7 +31,46 @@ const MC: usize = 32 * MR;
 /// Right columns per block: the 384 x 256 block of C (384 KiB) stays in L2 over the depth.
 const NC: usize = 8 * NR;
 
-/// Whether this CPU runs the kernels (checked at run time; other CPUs keep the f32 path).
+/// What a packed operand's u32 words hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Two bf16 values of consecutive depth (the lower one in the low half).
+    Bf16Pairs,
+    /// One f32 value (its bits).
+    F32,
+}
+
+impl Kind {
+    /// Words per depth of k.
+    fn units(self, k: usize) -> usize {
+        match self {
+            Kind::Bf16Pairs => k.div_ceil(2),
+            Kind::F32 => k,
+        }
+    }
+
+    /// Whether this CPU runs this kind's kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Kind::Bf16Pairs => available(),
+            Kind::F32 => available_f32(),
+        }
+    }
+}
+
+/// Whether this CPU runs the f32 kernel (AVX-512F; other CPUs keep the `gemm` crate).
+pub fn available_f32() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether this CPU runs the bf16 kernels (checked at run time; other CPUs keep the f32 path).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -56,8 +99,10 @@ fn bits(v: f32) -> u16 {
 /// transposition); the kernel reads its `MR` rows side by side.
 #[derive(Debug, Clone)]
 pub struct PackedA {
+    kind: Kind,
     m: usize,
     k: usize,
+    /// Words per row (k-pairs, or k for f32).
     pairs: usize,
     /// u32 per row: `pairs` rounded up to an odd number of 64-byte lines, so the `MR` rows the
     /// kernel reads side by side fall in different L1 sets (a row of 4096 pairs would put all
@@ -69,8 +114,10 @@ pub struct PackedA {
 /// The right operand (k x n) in panels of `NR` columns: `data[(panel * pairs + p) * NR + j]`.
 #[derive(Debug, Clone)]
 pub struct PackedB {
+    kind: Kind,
     k: usize,
     n: usize,
+    /// Words per column (k-pairs, or k for f32).
     pairs: usize,
     data: Vec<u32>,
 }
@@ -88,13 +135,34 @@ impl PackedA {
         self.m.div_ceil(MR)
     }
 
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
     /// From f32 rows: element (i, kk) at `src[i * ld + kk]`.
     pub fn from_f32_rows(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
-        Self::from_lines(src, m, k, ld, convert_pairs)
+        Self::from_lines(Kind::Bf16Pairs, src, m, k, ld, convert_pairs)
+    }
+
+    /// From f32 rows kept in f32 ([`Kind::F32`]): element (i, kk) at `src[i * ld + kk]`.
+    pub fn from_f32_rows_exact(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
+        Self::from_lines(Kind::F32, src, m, k, ld, f32_words)
+    }
+
+    /// The inverse of [`PackedA::from_f32_rows_exact`]: m rows of k values, row-major.
+    pub fn to_f32_rows(&self) -> Vec<f32> {
+        assert_eq!(self.kind, Kind::F32, "to_f32_rows of a bf16 operand");
+        let mut out = Vec::with_capacity(self.m * self.k);
+        for i in 0..self.m {
+            let row = &self.data[i * self.stride..i * self.stride + self.k];
+            out.extend(row.iter().map(|&w| f32::from_bits(w)));
+        }
+        out
     }
 
     /// The inverse of [`PackedA::from_bf16_rows`]: m rows of k bf16 values, row-major.
     pub fn to_bf16_rows(&self) -> Vec<bf16> {
+        assert_eq!(self.kind, Kind::Bf16Pairs, "to_bf16_rows of an f32 operand");
         let mut out = vec![bf16::ZERO; self.m * self.k];
         for (i, row) in out.chunks_exact_mut(self.k.max(1)).enumerate().take(self.m) {
             for (kk, v) in row.iter_mut().enumerate() {
@@ -108,10 +176,11 @@ impl PackedA {
     /// From bf16 rows (weights stored in bf16): element (i, kk) at `src[i * ld + kk]`; a plain
     /// copy of each row.
     pub fn from_bf16_rows(src: &[bf16], m: usize, k: usize, ld: usize) -> Self {
-        Self::from_lines(src, m, k, ld, bf16_pairs)
+        Self::from_lines(Kind::Bf16Pairs, src, m, k, ld, bf16_pairs)
     }
 
     fn from_lines<T>(
+        kind: Kind,
         src: &[T],
         m: usize,
         k: usize,
@@ -119,7 +188,7 @@ impl PackedA {
         to_pairs: impl Fn(&[T], &mut [u32]),
     ) -> Self {
         check_span(src.len(), m, k, ld);
-        let pairs = k.div_ceil(2);
+        let pairs = kind.units(k);
         let lines = pairs.div_ceil(16);
         let stride = 16 * (lines + 1 - lines % 2);
         let mut data = vec![0u32; m.div_ceil(MR) * MR * stride];
@@ -129,6 +198,7 @@ impl PackedA {
             }
         }
         Self {
+            kind,
             m,
             k,
             pairs,
@@ -151,6 +221,45 @@ impl PackedB {
         self.n.div_ceil(NR)
     }
 
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// From f32 rows kept in f32 ([`Kind::F32`]): element (kk, j) at `src[kk * ld + j]`.
+    pub fn from_f32_rows_exact(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
+        check_span(src.len(), k, n, ld);
+        let mut b = Self::in_buffer(Vec::new(), Kind::F32, k, n);
+        for kk in 0..k {
+            b.put_f32(kk, 0, &src[kk * ld..kk * ld + n]);
+        }
+        b
+    }
+
+    /// From f32 columns kept in f32 ([`Kind::F32`]): element (kk, j) at `src[j * ld + kk]`.
+    pub fn from_f32_cols_exact(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
+        let data = pack_lines(src, n, k, ld, NR, Kind::F32, f32_words);
+        Self {
+            kind: Kind::F32,
+            k,
+            n,
+            pairs: k,
+            data,
+        }
+    }
+
+    /// The inverse of [`PackedB::from_f32_cols_exact`]: n lines of k values, row-major.
+    pub fn to_f32_cols(&self) -> Vec<f32> {
+        assert_eq!(self.kind, Kind::F32, "to_f32_cols of a bf16 operand");
+        let mut out = vec![0f32; self.n * self.k];
+        for (j, line) in out.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
+            let (panel, lane) = (j / NR, j % NR);
+            for (kk, v) in line.iter_mut().enumerate() {
+                *v = f32::from_bits(self.data[(panel * self.pairs + kk) * NR + lane]);
+            }
+        }
+        out
+    }
+
     /// From f32 rows: element (kk, j) at `src[kk * ld + j]` (a row-major k x n matrix).
     pub fn from_f32_rows(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
         check_span(src.len(), k, n, ld);
@@ -162,7 +271,13 @@ impl PackedB {
             // SAFETY: the features were just checked; reads stay inside the checked span and
             // writes inside `data`, sized for every panel.
             unsafe { x86::pack_b_rows(src, k, n, ld, pairs, &mut data) };
-            return Self { k, n, pairs, data };
+            return Self {
+                kind: Kind::Bf16Pairs,
+                k,
+                n,
+                pairs,
+                data,
+            };
         }
         for panel in 0..panels {
             let j0 = panel * NR;
@@ -177,15 +292,21 @@ impl PackedB {
                 }
             }
         }
-        Self { k, n, pairs, data }
+        Self {
+            kind: Kind::Bf16Pairs,
+            k,
+            n,
+            pairs,
+            data,
+        }
     }
 
     /// A k x n operand in `buf`'s allocation (a scratch reused from call to call, so nothing is
     /// zeroed or allocated per product), to be filled with [`PackedB::put_pairs`]: every pair
     /// row's n columns must be put before the product; the padding columns of the last panel
     /// are zeroed here.
-    pub fn in_buffer(mut buf: Vec<u32>, k: usize, n: usize) -> Self {
-        let pairs = k.div_ceil(2);
+    pub fn in_buffer(mut buf: Vec<u32>, kind: Kind, k: usize, n: usize) -> Self {
+        let pairs = kind.units(k);
         let panels = n.div_ceil(NR);
         buf.resize(panels * pairs * NR, 0);
         if !n.is_multiple_of(NR) {
@@ -195,6 +316,7 @@ impl PackedB {
             }
         }
         Self {
+            kind,
             k,
             n,
             pairs,
@@ -207,8 +329,16 @@ impl PackedB {
         self.data
     }
 
-    /// Writes already paired values (see [`interleave_pairs`]) into pair row `p` from column
-    /// `j` on.
+    /// Writes f32 values into depth row `p` of an [`Kind::F32`] operand from column `j` on.
+    #[inline]
+    pub fn put_f32(&mut self, p: usize, j: usize, src: &[f32]) {
+        debug_assert_eq!(self.kind, Kind::F32);
+        let words: &[u32] = bytemuck::cast_slice(src);
+        self.put_pairs(p, j, words);
+    }
+
+    /// Writes words into row `p` from column `j` on: already paired values (see
+    /// [`interleave_pairs`]), or f32 bits for a [`Kind::F32`] operand.
     #[inline]
     pub fn put_pairs(&mut self, p: usize, j: usize, src: &[u32]) {
         assert!(
@@ -230,6 +360,7 @@ impl PackedB {
 
     /// The inverse of [`PackedB::from_bf16_cols`]: n lines of k bf16 values, row-major.
     pub fn to_bf16_cols(&self) -> Vec<bf16> {
+        assert_eq!(self.kind, Kind::Bf16Pairs, "to_bf16_cols of an f32 operand");
         let mut out = vec![bf16::ZERO; self.n * self.k];
         for (j, line) in out.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
             let (panel, lane) = (j / NR, j % NR);
@@ -244,8 +375,9 @@ impl PackedB {
     /// From f32 columns: element (kk, j) at `src[j * ld + kk]` (the transpose of a row-major
     /// n x k matrix, e.g. attention keys or a linear layer's `[out, in]` weight).
     pub fn from_f32_cols(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
-        let data = pack_lines(src, n, k, ld, NR, convert_pairs);
+        let data = pack_lines(src, n, k, ld, NR, Kind::Bf16Pairs, convert_pairs);
         Self {
+            kind: Kind::Bf16Pairs,
             k,
             n,
             pairs: k.div_ceil(2),
@@ -255,8 +387,9 @@ impl PackedB {
 
     /// From bf16 columns: element (kk, j) at `src[j * ld + kk]` (a linear layer's bf16 weight).
     pub fn from_bf16_cols(src: &[bf16], k: usize, n: usize, ld: usize) -> Self {
-        let data = pack_lines(src, n, k, ld, NR, bf16_pairs);
+        let data = pack_lines(src, n, k, ld, NR, Kind::Bf16Pairs, bf16_pairs);
         Self {
+            kind: Kind::Bf16Pairs,
             k,
             n,
             pairs: k.div_ceil(2),
@@ -273,10 +406,11 @@ fn pack_lines<T>(
     k: usize,
     ld: usize,
     width: usize,
+    kind: Kind,
     to_pairs: impl Fn(&[T], &mut [u32]),
 ) -> Vec<u32> {
     check_span(src.len(), lines, k, ld);
-    let pairs = k.div_ceil(2);
+    let pairs = kind.units(k);
     let mut data = vec![0u32; lines.div_ceil(width) * pairs * width];
     if pairs == 0 {
         return data;
@@ -298,6 +432,11 @@ fn pack_lines<T>(
         }
     }
     data
+}
+
+/// `dst[p] = src[p]`'s bits: an [`Kind::F32`] operand's words.
+fn f32_words(src: &[f32], dst: &mut [u32]) {
+    dst.copy_from_slice(bytemuck::cast_slice(&src[..dst.len()]));
 }
 
 /// `dst[p] = pair(src[2p], src[2p + 1])` of bf16 values (a missing last element is zero).
@@ -400,10 +539,10 @@ pub unsafe fn matmul_raw(
     accumulate: bool,
     parallel: bool,
 ) -> crate::Result<()> {
-    if a.k != b.k {
+    if a.k != b.k || a.kind != b.kind {
         return Err(crate::Error::msg(format!(
-            "bf16 matmul: inner sizes differ ({} vs {})",
-            a.k, b.k
+            "packed matmul: operands differ ({} of {:?} vs {} of {:?})",
+            a.k, a.kind, b.k, b.kind
         )));
     }
     if b.n > ldc && a.m > 1 {
@@ -412,10 +551,11 @@ pub unsafe fn matmul_raw(
             b.n
         )));
     }
-    if !available() {
-        return Err(crate::Error::msg(
-            "bf16 matmul: this CPU lacks AVX-512 BF16 (use --dtype f32)",
-        ));
+    if !a.kind.available() {
+        return Err(crate::Error::msg(match a.kind {
+            Kind::Bf16Pairs => "bf16 matmul: this CPU lacks AVX-512 BF16 (use --dtype f32)",
+            Kind::F32 => "packed f32 matmul: this CPU lacks AVX-512F",
+        }));
     }
     #[cfg(target_arch = "x86_64")]
     {
@@ -452,7 +592,7 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{PackedA, PackedB, KC_PAIRS, MC, MR, NC, NR};
+    use super::{Kind, PackedA, PackedB, KC_PAIRS, MC, MR, NC, NR};
 
     /// Converts whole groups of 16 pairs; returns how many pairs it wrote.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
@@ -598,10 +738,11 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn panel(a: &PackedA, ip: usize, k0: usize, t: &Tile) {
         let ap = a.data.as_ptr().add(ip * MR * a.stride + k0);
-        if t.cols <= 16 {
-            micro_half(t, ap, a.stride)
-        } else {
-            micro(t, ap, a.stride)
+        match (a.kind, t.cols <= 16) {
+            (Kind::Bf16Pairs, true) => micro_half(t, ap, a.stride),
+            (Kind::Bf16Pairs, false) => micro(t, ap, a.stride),
+            (Kind::F32, true) => micro_half_f32(t, ap, a.stride),
+            (Kind::F32, false) => micro_f32(t, ap, a.stride),
         }
     }
 
@@ -638,17 +779,7 @@ mod x86 {
                 c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
             }
         }
-        let (m0, m1) = (mask(t.cols), mask(t.cols.saturating_sub(16)));
-        for r in 0..t.rows {
-            let row = t.c.add(r * t.ldc);
-            let (mut v0, mut v1) = (c0[r], c1[r]);
-            if t.accumulate {
-                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
-            }
-            _mm512_mask_storeu_ps(row, m0, v0);
-            _mm512_mask_storeu_ps(row.add(16), m1, v1);
-        }
+        store(t, &c0, Some(&c1));
     }
 
     /// [`micro`] for panels with at most 16 valid columns: only the first vector of each pair.
@@ -661,15 +792,60 @@ mod x86 {
                 *acc = _mm512_dpbf16_ps(*acc, a_at(a, rs, r, p), b0);
             }
         }
-        let m0 = mask(t.cols);
-        for (r, &acc) in c0.iter().enumerate().take(t.rows) {
+        store(t, &c0, None);
+    }
+
+    /// [`micro`] for f32 words: one FMA per element instead of a pair's dot product.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro_f32(t: &Tile, a: *const u32, rs: usize) {
+        let mut c0 = [_mm512_setzero_ps(); MR];
+        let mut c1 = [_mm512_setzero_ps(); MR];
+        let (a, b) = (a as *const f32, t.b as *const f32);
+        for p in 0..t.kc {
+            let b0 = _mm512_loadu_ps(b.add(p * NR));
+            let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+            for r in 0..MR {
+                let av = _mm512_set1_ps(*a.add(r * rs + p));
+                c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+                c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+            }
+        }
+        store(t, &c0, Some(&c1));
+    }
+
+    /// [`micro_half`] for f32 words.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro_half_f32(t: &Tile, a: *const u32, rs: usize) {
+        let mut c0 = [_mm512_setzero_ps(); MR];
+        let (a, b) = (a as *const f32, t.b as *const f32);
+        for p in 0..t.kc {
+            let b0 = _mm512_loadu_ps(b.add(p * NR));
+            for (r, acc) in c0.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r * rs + p)), b0, *acc);
+            }
+        }
+        store(t, &c0, None);
+    }
+
+    /// Writes (or adds) the accumulators of one block to C: `hi` holds columns 16..32.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store(t: &Tile, lo: &[__m512; MR], hi: Option<&[__m512; MR]>) {
+        let (m0, m1) = (mask(t.cols), mask(t.cols.saturating_sub(16)));
+        for r in 0..t.rows {
             let row = t.c.add(r * t.ldc);
-            let v0 = if t.accumulate {
-                _mm512_add_ps(acc, _mm512_maskz_loadu_ps(m0, row))
-            } else {
-                acc
-            };
+            let mut v0 = lo[r];
+            if t.accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
+            }
             _mm512_mask_storeu_ps(row, m0, v0);
+            if let Some(hi) = hi {
+                let mut v1 = hi[r];
+                if t.accumulate {
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+                }
+                _mm512_mask_storeu_ps(row.add(16), m1, v1);
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
-use super::bf16_gemm::{self, PackedA, PackedB, NR};
+use super::bf16_gemm::{self, Kind, PackedA, PackedB, NR};
 use super::host::{with_f32, SharedOut};
 use super::linear::with_bf16;
 
@@ -42,24 +42,38 @@ pub struct Conv2d {
 #[derive(Debug, Clone)]
 enum ConvWeight {
     Dense(Tensor),
-    /// The CPU bf16 mode: the weight only in the kernel's packed layout (packed once here
-    /// instead of on every call; no second copy in memory), with its (co, ci, kh, kw) shape.
+    /// The weight only in the kernel's packed layout (packed once here instead of on every
+    /// call; no second copy in memory), with its (co, ci, kh, kw) shape: bf16 in the CPU bf16
+    /// mode, f32 otherwise.
     Packed(Arc<PackedA>, [usize; 4], Device),
 }
 
 impl Conv2d {
-    /// A bf16 CPU weight is packed for `bf16_gemm` where the CPU has AVX-512 BF16.
+    /// A CPU weight that is not a training variable is packed for `bf16_gemm` where the CPU
+    /// has the kernel (bf16: AVX-512 BF16; f32: AVX-512F).
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
-        let packable = weight.dtype() == DType::BF16
-            && weight.device().is_cpu()
+        let kind = match weight.dtype() {
+            DType::BF16 => Some(Kind::Bf16Pairs),
+            DType::F32 => Some(Kind::F32),
+            _ => None,
+        };
+        let packable = weight.device().is_cpu()
             && weight.rank() == 4
-            && bf16_gemm::available();
+            && !weight.is_variable()
+            && !weight.track_op()
+            && kind.is_some_and(|k| k.available());
         let packed = packable
             .then(|| {
                 let (co, ci, kh, kw) = weight.dims4().ok()?;
                 let dims = [co, ci, kh, kw];
                 let w = weight.contiguous().ok()?;
-                let pa = with_bf16(&w, |ws| pack_pair_order(ws, dims)).ok()?;
+                let pa = match weight.dtype() {
+                    DType::BF16 => with_bf16(&w, |ws| pack_pair_order(ws, dims)).ok()?,
+                    _ => {
+                        let k = ci * kh * kw;
+                        with_f32(&w, |ws| PackedA::from_f32_rows_exact(ws, co, k, k)).ok()?
+                    }
+                };
                 Some((pa, dims))
             })
             .flatten();
@@ -74,9 +88,12 @@ impl Conv2d {
     pub fn weight(&self) -> candle_core::Result<Tensor> {
         match &self.weight {
             ConvWeight::Dense(w) => Ok(w.clone()),
-            ConvWeight::Packed(pa, dims, dev) => {
-                Tensor::from_vec(unpack_pair_order(pa, *dims), dims.to_vec(), dev)
-            }
+            ConvWeight::Packed(pa, dims, dev) => match pa.kind() {
+                Kind::Bf16Pairs => {
+                    Tensor::from_vec(unpack_pair_order(pa, *dims), dims.to_vec(), dev)
+                }
+                Kind::F32 => Tensor::from_vec(pa.to_f32_rows(), dims.to_vec(), dev),
+            },
         }
     }
 
@@ -248,7 +265,7 @@ fn conv2d_cpu_with(
                 .unwrap_or_default();
             (bf16, dims, ok)
         }
-        Prepared::Packed(p) => (true, p.dims, true),
+        Prepared::Packed(p) => (p.a.kind() == Kind::Bf16Pairs, p.dims, true),
     };
     let applies = stride > 0
         && dilation > 0
@@ -287,11 +304,11 @@ fn conv2d_cpu_with(
     let b = bias.map(|b| b.contiguous()).transpose()?;
     let owned;
     let weights = match w {
-        Prepared::Packed(p) => Weights::Bf16(p.a),
+        Prepared::Packed(p) => Weights::Packed(p.a),
         Prepared::Tensor(w) if bf16 => {
             let w = w.contiguous()?;
             owned = with_bf16(&w, |ws| pack_pair_order(ws, dims))?;
-            Weights::Bf16(&owned)
+            Weights::Packed(&owned)
         }
         Prepared::Tensor(w) => Weights::F32(w.contiguous()?),
     };
@@ -381,9 +398,10 @@ impl Geometry {
 
 /// A convolution's weight as its kernel wants it.
 enum Weights<'a> {
+    /// For the `gemm` crate.
     F32(Tensor),
-    /// The CPU bf16 mode's weight, packed (by the layer, or once per call for all tiles).
-    Bf16(&'a PackedA),
+    /// For `bf16_gemm` (bf16 pairs in pair order, or f32), packed by the layer or once per call.
+    Packed(&'a PackedA),
 }
 
 /// The convolution of `n` images; tiles of output rows write disjoint parts of the output.
@@ -395,7 +413,7 @@ fn run(
     bias: Option<&[f32]>,
 ) -> candle_core::Result<Vec<f32>> {
     let w = match w {
-        Weights::Bf16(pa) => return run_bf16(g, n, x, pa, bias),
+        Weights::Packed(pa) => return run_packed(g, n, x, pa, bias),
         Weights::F32(w) => w,
     };
     let (k, p) = (g.k(), g.oh * g.ow);
@@ -500,6 +518,14 @@ fn pack_pair_order(w: &[bf16], [co, ci, kh, kw]: [usize; 4]) -> PackedA {
     PackedA::from_bf16_rows(&rows, co, k, k)
 }
 
+/// Words per column of a packed patch matrix of `depth`.
+fn pa_words(kind: Kind, depth: usize) -> usize {
+    match kind {
+        Kind::Bf16Pairs => depth.div_ceil(2),
+        Kind::F32 => depth,
+    }
+}
+
 /// The inverse of [`pack_pair_order`]: the (co, ci, kh, kw) weight, row-major.
 fn unpack_pair_order(pa: &PackedA, [co, ci, kh, kw]: [usize; 4]) -> Vec<bf16> {
     let taps = kh * kw;
@@ -516,12 +542,12 @@ fn unpack_pair_order(pa: &PackedA, [co, ci, kh, kw]: [usize; 4]) -> Vec<bf16> {
     w
 }
 
-/// The CPU bf16 mode's convolution of `n` images. Each image is converted once into planes of
-/// channel pairs (bf16, zero border of the padding's width), so a tile's patch matrix is plain
-/// copies of plane rows in the kernel's layout; tiles are runs of output pixels small enough
-/// that the packed patches stay in cache for the product, which goes to a compact scratch and
-/// then, with the bias, into the NCHW output.
-fn run_bf16(
+/// The convolution of `n` images through `bf16_gemm`. Each image is converted once into planes
+/// (bf16: of channel pairs; f32: of channels) with a zero border of the padding's width, so a
+/// tile's patch matrix is plain copies of plane rows in the kernel's layout; tiles are runs of
+/// output pixels small enough that the packed patches stay in cache for the product, which
+/// goes to a compact scratch and then, with the bias, into the NCHW output.
+fn run_packed(
     g: &Geometry,
     n: usize,
     x: &[f32],
@@ -535,11 +561,15 @@ fn run_bf16(
         return Ok(out);
     }
     let taps = g.kh * g.kw;
-    let cpairs = g.ci.div_ceil(2);
-    let depth = 2 * cpairs * taps;
+    let kind = pa.kind();
+    // Planes per image, and the patch matrix's depth.
+    let (planes, depth) = match kind {
+        Kind::Bf16Pairs => (g.ci.div_ceil(2), 2 * g.ci.div_ceil(2) * taps),
+        Kind::F32 => (g.ci, g.ci * taps),
+    };
     if pa.depth() != depth || pa.rows() != g.co {
         candle_core::bail!(
-            "conv bf16: packed weight is {} x {}, the geometry wants {} x {depth}",
+            "conv: packed weight is {} x {}, the geometry wants {} x {depth}",
             pa.rows(),
             pa.depth(),
             g.co
@@ -547,24 +577,29 @@ fn run_bf16(
     }
     let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
     let plane = hp * wp;
-    let mut pairs_img = vec![0u32; n * cpairs * plane];
-    pairs_img
+    let mut plane_img = vec![0u32; n * planes * plane];
+    plane_img
         .par_chunks_mut(plane)
         .enumerate()
         .for_each(|(i, dst)| {
-            let (b, cp) = (i / cpairs, i % cpairs);
+            let (b, cp) = (i / planes, i % planes);
             let img = &x[b * g.ci * g.h * g.w..(b + 1) * g.ci * g.h * g.w];
             let chan = |c: usize| &img[c * g.h * g.w..(c + 1) * g.h * g.w];
-            let (lo, hi) = (chan(2 * cp), (2 * cp + 1 < g.ci).then(|| chan(2 * cp + 1)));
             for y in 0..g.h {
                 let row = &mut dst[(y + g.pad) * wp + g.pad..][..g.w];
                 let src = y * g.w..(y + 1) * g.w;
-                bf16_gemm::interleave_pairs(&lo[src.clone()], hi.map(|h| &h[src]), row);
+                match kind {
+                    Kind::Bf16Pairs => {
+                        let hi = (2 * cp + 1 < g.ci).then(|| &chan(2 * cp + 1)[src.clone()]);
+                        bf16_gemm::interleave_pairs(&chan(2 * cp)[src], hi, row)
+                    }
+                    Kind::F32 => row.copy_from_slice(bytemuck::cast_slice(&chan(cp)[src])),
+                }
             }
         });
 
     let threads = rayon::current_num_threads().max(1);
-    let cols = (TILE_PAIR_BYTES / (4 * depth / 2).max(1)) / NR * NR;
+    let cols = (TILE_PAIR_BYTES / (4 * pa_words(kind, depth)).max(1)) / NR * NR;
     let cols = cols.clamp(NR, 64 * NR).min(p);
     let per_image = p.div_ceil(cols);
     let tiles: Vec<(usize, usize, usize)> = (0..n)
@@ -578,24 +613,24 @@ fn run_bf16(
                 (packed, prod, gather): &mut (Vec<u32>, Vec<f32>, Vec<u32>)|
      -> candle_core::Result<()> {
         let nt = q1 - q0;
-        let mut pb = PackedB::in_buffer(std::mem::take(packed), depth, nt);
-        let img = &pairs_img[b * cpairs * plane..(b + 1) * cpairs * plane];
-        for cp in 0..cpairs {
+        let mut pb = PackedB::in_buffer(std::mem::take(packed), kind, depth, nt);
+        let img = &plane_img[b * planes * plane..(b + 1) * planes * plane];
+        for cp in 0..planes {
             let pl = &img[cp * plane..(cp + 1) * plane];
             for t in 0..taps {
                 let (ky, kx) = (t / g.kw, t % g.kw);
-                let row_pairs = cp * taps + t;
+                let unit_row = cp * taps + t;
                 let mut q = q0;
                 while q < q1 {
                     let (oy, ox) = (q / g.ow, q % g.ow);
                     let run = (g.ow - ox).min(q1 - q);
                     let start = (oy * s + ky * d) * wp + kx * d + ox * s;
                     if s == 1 {
-                        pb.put_pairs(row_pairs, q - q0, &pl[start..start + run]);
+                        pb.put_pairs(unit_row, q - q0, &pl[start..start + run]);
                     } else {
                         gather.clear();
                         gather.extend((0..run).map(|i| pl[start + i * s]));
-                        pb.put_pairs(row_pairs, q - q0, gather);
+                        pb.put_pairs(unit_row, q - q0, gather);
                     }
                     q += run;
                 }

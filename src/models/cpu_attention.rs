@@ -10,7 +10,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, PackedA, PackedB, MR};
+use super::bf16_gemm::{self, Kind, PackedA, PackedB, MR};
 use super::host::{with_f32, SharedOut};
 
 /// Scores per task block: about 512 KiB, inside a core's L2.
@@ -73,7 +73,10 @@ pub fn attention(
         with_f32(&k, |ks| {
             with_f32(&v, |vs| {
                 if use_bf16 {
-                    run_bf16(&shape, qs, ks, vs).map_err(candle_core::Error::wrap)
+                    run_packed(Kind::Bf16Pairs, &shape, qs, ks, vs)
+                        .map_err(candle_core::Error::wrap)
+                } else if bf16_gemm::available_f32() {
+                    run_packed(Kind::F32, &shape, qs, ks, vs).map_err(candle_core::Error::wrap)
                 } else {
                     Ok(run(&shape, qs, ks, vs))
                 }
@@ -227,9 +230,20 @@ fn normalise_rows(s: &Shape, dst: &SharedOut, head: usize, r0: usize, sums: &[f3
     }
 }
 
-/// [`run`] with bf16 operands: each head's keys and values are packed once, then blocks of
-/// query rows (a multiple of the kernel's row panel) run in parallel.
-fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32>> {
+/// [`run`] through `bf16_gemm` (bf16 operands, or f32 ones with its f32 kernel): each head's
+/// keys and values are packed once, then blocks of query rows (a multiple of the kernel's row
+/// panel) run in parallel.
+fn run_packed(
+    kind: Kind,
+    s: &Shape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> crate::Result<Vec<f32>> {
+    let rows_a = |src: &[f32], m: usize, k: usize, ld: usize| match kind {
+        Kind::Bf16Pairs => PackedA::from_f32_rows(src, m, k, ld),
+        Kind::F32 => PackedA::from_f32_rows_exact(src, m, k, ld),
+    };
     let mut out = vec![0f32; s.bh * s.tq * s.dv];
     if out.is_empty() {
         return Ok(out);
@@ -239,10 +253,16 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
         .map(|head| {
             let kh = &k[s.at(s.k, head, 0)..][..Shape::span(s.tk, s.k.row, s.d)];
             let vh = &v[s.at(s.v, head, 0)..][..Shape::span(s.tk, s.v.row, s.dv)];
-            (
-                PackedB::from_f32_cols(kh, s.d, s.tk, s.k.row),
-                PackedB::from_f32_rows(vh, s.tk, s.dv, s.v.row),
-            )
+            match kind {
+                Kind::Bf16Pairs => (
+                    PackedB::from_f32_cols(kh, s.d, s.tk, s.k.row),
+                    PackedB::from_f32_rows(vh, s.tk, s.dv, s.v.row),
+                ),
+                Kind::F32 => (
+                    PackedB::from_f32_cols_exact(kh, s.d, s.tk, s.k.row),
+                    PackedB::from_f32_rows_exact(vh, s.tk, s.dv, s.v.row),
+                ),
+            }
         })
         .collect();
     let rows = (BLOCK_SCORES / s.tk / MR * MR).clamp(MR.min(s.tq), s.tq);
@@ -258,7 +278,7 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
             let n = rows.min(s.tq - r0);
             scores.resize(n * s.tk, 0.0);
             let qh = &q[s.at(s.q, head, r0)..][..Shape::span(n, s.q.row, s.d)];
-            let qa = PackedA::from_f32_rows(qh, n, s.d, s.q.row);
+            let qa = rows_a(qh, n, s.d, s.q.row);
             bf16_gemm::matmul(&qa, kt, scores, s.tk, false)?;
             sums.clear();
             sums.extend(
@@ -266,7 +286,7 @@ fn run_bf16(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32
                     .chunks_exact_mut(s.tk)
                     .map(|row| exp_scaled_sum(row, scale)),
             );
-            let pa = PackedA::from_f32_rows(scores, n, s.tk, s.tk);
+            let pa = rows_a(scores, n, s.tk, s.tk);
             // SAFETY: rows r0..r0+n, columns of this head, are inside `out` and written by this
             // task alone (other tasks write other columns of the same rows, hence the raw call).
             unsafe {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use super::bf16_gemm::{self, PackedA, PackedB};
+use super::bf16_gemm::{self, Kind, PackedA, PackedB};
 use super::host::with_f32;
 
 #[derive(Debug, Clone)]
@@ -19,25 +19,37 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum Weight {
     Dense(Tensor),
-    /// The CPU bf16 mode: the weight is kept only in the kernel's packed layout (packed once
-    /// here rather than on every call; no second copy in memory).
+    /// The weight kept only in `bf16_gemm`'s packed layout (packed once here rather than on
+    /// every call; no second copy in memory): bf16 in the CPU bf16 mode, f32 otherwise.
     Packed(Arc<PackedB>, Device),
 }
 
 impl Linear {
-    /// A bf16 CPU weight is packed for `bf16_gemm` where the CPU has AVX-512 BF16.
+    /// A CPU weight that is not a training variable is packed for `bf16_gemm` where the CPU
+    /// has the kernel (bf16: AVX-512 BF16; f32: AVX-512F).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let packable = weight.dtype() == DType::BF16
-            && weight.device().is_cpu()
+        let kind = match weight.dtype() {
+            DType::BF16 => Some(Kind::Bf16Pairs),
+            DType::F32 => Some(Kind::F32),
+            _ => None,
+        };
+        let packable = weight.device().is_cpu()
             && weight.rank() == 2
-            && bf16_gemm::available();
+            && !weight.is_variable()
+            && !weight.track_op()
+            && kind.is_some_and(|k| k.available());
         let packed = packable
             .then(|| {
                 let (out_dim, in_dim) = weight.dims2().ok()?;
                 let w = weight.contiguous().ok()?;
-                with_bf16(&w, |ws| {
-                    PackedB::from_bf16_cols(ws, in_dim, out_dim, in_dim)
-                })
+                match weight.dtype() {
+                    DType::BF16 => with_bf16(&w, |ws| {
+                        PackedB::from_bf16_cols(ws, in_dim, out_dim, in_dim)
+                    }),
+                    _ => with_f32(&w, |ws| {
+                        PackedB::from_f32_cols_exact(ws, in_dim, out_dim, in_dim)
+                    }),
+                }
                 .ok()
             })
             .flatten();
@@ -48,13 +60,14 @@ impl Linear {
         Self { weight, bias }
     }
 
-    /// The weight as a tensor (out, in); a packed one is unpacked into a new bf16 tensor.
+    /// The weight as a tensor (out, in); a packed one is unpacked into a new tensor.
     pub fn weight(&self) -> candle_core::Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
-            Weight::Packed(p, dev) => {
-                Tensor::from_vec(p.to_bf16_cols(), (p.cols(), p.depth()), dev)
-            }
+            Weight::Packed(p, dev) => match p.kind() {
+                Kind::Bf16Pairs => Tensor::from_vec(p.to_bf16_cols(), (p.cols(), p.depth()), dev),
+                Kind::F32 => Tensor::from_vec(p.to_f32_cols(), (p.cols(), p.depth()), dev),
+            },
         }
     }
 
@@ -65,7 +78,7 @@ impl Linear {
     /// Whether this layer multiplies in bf16 with f32 activations (the CPU bf16 mode).
     pub fn is_bf16_mixed(&self) -> bool {
         match &self.weight {
-            Weight::Packed(..) => true,
+            Weight::Packed(p, _) => p.kind() == Kind::Bf16Pairs,
             Weight::Dense(w) => w.dtype() == DType::BF16 && w.device().is_cpu(),
         }
     }
@@ -102,7 +115,10 @@ impl Module for Linear {
         }
         let m: usize = lead.iter().product();
         let x = x.contiguous()?;
-        let pa = with_f32(&x, |xs| PackedA::from_f32_rows(xs, m, k, k))?;
+        let pa = with_f32(&x, |xs| match packed.kind() {
+            Kind::Bf16Pairs => PackedA::from_f32_rows(xs, m, k, k),
+            Kind::F32 => PackedA::from_f32_rows_exact(xs, m, k, k),
+        })?;
         let mut out = vec![0f32; m * out_dim];
         let accumulate = match self.bias() {
             Some(b) => {

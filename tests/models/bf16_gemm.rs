@@ -6,7 +6,7 @@
 //! |c - ref_f32| <= (2^-7 + k 2^-24) * sum_k |a b|.
 
 use half::bf16;
-use mcld::models::bf16_gemm::{self, PackedA, PackedB};
+use mcld::models::bf16_gemm::{self, Kind, PackedA, PackedB};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -266,7 +266,7 @@ fn bf16_operand_filled_in_a_reused_buffer() {
         let a = values(m * k, 5);
         let b = values(k * n, 6 + n as u64);
         let pa = PackedA::from_f32_rows(&a, m, k, k);
-        let mut pb = PackedB::in_buffer(std::mem::take(&mut buf), k, n);
+        let mut pb = PackedB::in_buffer(std::mem::take(&mut buf), Kind::Bf16Pairs, k, n);
         let mut row = vec![0u32; n];
         for p in 0..k.div_ceil(2) {
             let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * n..(2 * p + 2) * n]);
@@ -290,4 +290,156 @@ fn bf16_operand_filled_in_a_reused_buffer() {
         buf = pb.into_buffer();
         buf.iter_mut().for_each(|v| *v = 0x7fc0_7fc0); // NaN pairs: must not leak into the next
     }
+}
+
+/// The f32 kernel ([`Kind::F32`]) against an f64 product of the same f32 operands: FMA
+/// accumulation in f32, |c - ref| <= (k + 1) 2^-24 sum |a b|; both right-operand packings,
+/// with and without accumulation and threads; the packed operands unpack bit for bit.
+#[test]
+fn f32_matmul_matches_f64() {
+    if !bf16_gemm::available_f32() {
+        eprintln!("skipped: this CPU lacks AVX-512F");
+        return;
+    }
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (12, 32, 2),
+        (13, 33, 3),
+        (30, 17, 257),
+        (25, 70, 300),
+    ] {
+        let (ld_a, ld_c) = (k + 3, n + 5);
+        let a = values(m * ld_a, 7 + m as u64);
+        let b_rows = values(k * n, 8 + n as u64);
+        let b_cols = values(n * k, 9 + k as u64);
+        let init = values(m * ld_c, 10);
+        let pa = PackedA::from_f32_rows_exact(&a, m, k, ld_a);
+        let pr = PackedB::from_f32_rows_exact(&b_rows, k, n, n);
+        let pc = PackedB::from_f32_cols_exact(&b_cols, k, n, k);
+        assert_eq!(pc.to_f32_cols(), b_cols);
+        let a_dense: Vec<f32> = (0..m)
+            .flat_map(|i| a[i * ld_a..i * ld_a + k].to_vec())
+            .collect();
+        assert_eq!(pa.to_f32_rows(), a_dense);
+        for (pb, by_rows) in [(&pr, true), (&pc, false)] {
+            for accumulate in [false, true] {
+                for parallel in [false, true] {
+                    let mut c = init.clone();
+                    let r = if parallel {
+                        bf16_gemm::matmul_parallel(&pa, pb, &mut c, ld_c, accumulate)
+                    } else {
+                        bf16_gemm::matmul(&pa, pb, &mut c, ld_c, accumulate)
+                    };
+                    r.unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let base = if accumulate {
+                                init[i * ld_c + j] as f64
+                            } else {
+                                0.0
+                            };
+                            let (mut exact, mut mag) = (base, base.abs());
+                            for kk in 0..k {
+                                let bv = if by_rows {
+                                    b_rows[kk * n + j]
+                                } else {
+                                    b_cols[j * k + kk]
+                                };
+                                let t = a[i * ld_a + kk] as f64 * bv as f64;
+                                exact += t;
+                                mag += t.abs();
+                            }
+                            let bound = (k as f64 + 1.0) * 2f64.powi(-24) * mag;
+                            let got = c[i * ld_c + j] as f64;
+                            assert!(
+                                (got - exact).abs() <= bound,
+                                "m{m} n{n} k{k} ({i},{j}) rows={by_rows} acc={accumulate}: {got} vs {exact}"
+                            );
+                        }
+                        assert_eq!(
+                            &c[i * ld_c + n..(i + 1) * ld_c],
+                            &init[i * ld_c + n..(i + 1) * ld_c]
+                        );
+                    }
+                }
+            }
+        }
+        // Mixed kinds are refused.
+        let p16 = PackedB::from_f32_rows(&b_rows, k, n, n);
+        let mut c = vec![0f32; m * n];
+        assert!(bf16_gemm::matmul(&pa, &p16, &mut c, n, false).is_err());
+    }
+}
+
+/// An f32 layer packs its weight for the f32 kernel (AVX-512F): within the f32 summation bound
+/// of an f64 product, weight recoverable bit for bit; a training variable stays unpacked so its
+/// gradient flows.
+#[test]
+fn linear_with_f32_weight() {
+    use candle_core::{DType, Device, Module, Tensor, Var};
+    use mcld::models::linear::Linear;
+    if !bf16_gemm::available_f32() {
+        eprintln!("skipped: this CPU lacks AVX-512F");
+        return;
+    }
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 1.0, (70, 33), &dev).unwrap();
+    let b = Tensor::randn(0f32, 1.0, 70, &dev).unwrap();
+    let lin = Linear::new(w.clone(), Some(b.clone()));
+    assert!(!lin.is_bf16_mixed());
+    assert_eq!(
+        lin.weight().unwrap().to_vec2::<f32>().unwrap(),
+        w.to_vec2::<f32>().unwrap()
+    );
+    let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 33), &dev).unwrap();
+    let xt = Tensor::randn(0f32, 1.0, (2, 33, 7), &dev)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap();
+    for x in [
+        x.clone(),
+        x.flatten_to(1).unwrap(),
+        xt,
+        x.narrow(0, 0, 1).unwrap(),
+    ] {
+        let got = lin.forward(&x).unwrap();
+        let (x64, w64, b64) = (f64_of(&x), f64_of(&w), f64_of(&b));
+        let want = x64
+            .broadcast_matmul(&w64.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b64)
+            .unwrap();
+        let mag = x64
+            .abs()
+            .unwrap()
+            .broadcast_matmul(&w64.abs().unwrap().t().unwrap())
+            .unwrap()
+            .broadcast_add(&b64.abs().unwrap())
+            .unwrap();
+        let excess = (f64_of(&got) - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sub(&(mag * (34.0 * 2f64.powi(-24))).unwrap())
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(excess <= 0.0, "{:?}: {excess} over the bound", x.dims());
+    }
+    let vw = Var::from_tensor(&w).unwrap();
+    let trained = Linear::new(vw.as_tensor().clone(), Some(b));
+    let grads = trained
+        .forward(&x)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(
+        grads.get(vw.as_tensor()).is_some(),
+        "no gradient reached the weight"
+    );
 }

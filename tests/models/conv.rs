@@ -238,3 +238,81 @@ fn packed_layer_matches_per_call_packing() {
         assert!(rel_err(&tracked, &wide) < 1e-6);
     }
 }
+
+/// An f32 layer keeps its weight packed for `bf16_gemm`'s f32 kernel (CPUs with AVX-512F):
+/// within the f32 summation bound of an f64 convolution, (k + 1) 2^-24 sum |w x|, over the
+/// awkward geometries and a many-tile image; the weight recoverable bit for bit; a tracked
+/// input still served by candle.
+#[test]
+fn packed_f32_layer_matches_f64() {
+    if !mcld::models::bf16_gemm::available_f32() {
+        eprintln!("skipped: this CPU lacks AVX-512F");
+        return;
+    }
+    let dev = Device::Cpu;
+    // (n, ci, h, w, co, kh, kw, pad, stride, dilation)
+    let cases = [
+        (1, 4, 8, 8, 5, 3, 3, 1, 1, 1),
+        (2, 3, 9, 7, 4, 3, 3, 1, 2, 1),
+        (3, 6, 10, 11, 3, 1, 1, 0, 2, 1),
+        (1, 3, 13, 9, 4, 5, 5, 2, 1, 1),
+        (1, 2, 14, 10, 3, 3, 3, 4, 2, 3),
+        (1, 3, 17, 7, 2, 7, 1, 0, 1, 1),
+        (1, 2, 3, 3, 2, 3, 3, 5, 1, 1),
+        (1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
+        (2, 64, 60, 64, 13, 3, 3, 1, 1, 1),
+        (1, 40, 33, 35, 30, 3, 3, 1, 2, 1),
+    ];
+    for (i, &(n, ci, h, w, co, kh, kw, pad, s, d)) in cases.iter().enumerate() {
+        let x = Tensor::randn(0f32, 1.0, (n, ci, h, w), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (co, ci, kh, kw), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, co, &dev).unwrap();
+        let cfg = Conv2dConfig {
+            padding: pad,
+            stride: s,
+            dilation: d,
+            ..Default::default()
+        };
+        let conv = Conv2d::new(k.clone(), Some(b.clone()), cfg);
+        assert_eq!(
+            conv.weight()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            k.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "case {i}: weight round trip"
+        );
+        let got = conv.forward(&x).unwrap().to_dtype(DType::F64).unwrap();
+        let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let want = reference(&f64_of(&x), &f64_of(&k), Some(&f64_of(&b)), pad, s, d);
+        let mag = reference(
+            &f64_of(&x).abs().unwrap(),
+            &f64_of(&k).abs().unwrap(),
+            Some(&f64_of(&b).abs().unwrap()),
+            pad,
+            s,
+            d,
+        );
+        let depth = (ci * kh * kw) as f64;
+        let bound = (mag * ((depth + 1.0) * 2f64.powi(-24))).unwrap();
+        let excess = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sub(&bound)
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(excess <= 0.0, "case {i}: {excess} over the bound");
+        if i == 0 {
+            let v = Var::from_tensor(&x).unwrap();
+            let tracked = conv.forward(v.as_tensor()).unwrap();
+            let plain = reference(&x, &k, Some(&b), pad, s, d);
+            assert!(rel_err(&tracked, &plain) < 1e-6);
+        }
+    }
+}
