@@ -149,6 +149,34 @@ impl PackedA {
         Self::from_lines(Kind::F32, src, m, k, ld, f32_words)
     }
 
+    /// An m x k [`Kind::F32`] operand in `buf`'s allocation (a scratch reused from call to
+    /// call), to be written in place through [`PackedA::f32_rows_mut`] (e.g. as a product's
+    /// output) before it is used.
+    pub fn f32_in_buffer(mut buf: Vec<u32>, m: usize, k: usize) -> Self {
+        let stride = row_stride(k);
+        buf.resize(m.div_ceil(MR) * MR * stride, 0);
+        Self {
+            kind: Kind::F32,
+            m,
+            k,
+            pairs: k,
+            stride,
+            data: buf,
+        }
+    }
+
+    /// The rows of an [`Kind::F32`] operand as f32, and their stride: row i is
+    /// `[i * stride..][..k]`.
+    pub fn f32_rows_mut(&mut self) -> (&mut [f32], usize) {
+        assert_eq!(self.kind, Kind::F32, "f32_rows_mut of a bf16 operand");
+        (bytemuck::cast_slice_mut(&mut self.data), self.stride)
+    }
+
+    /// The allocation back, for the next [`PackedA::f32_in_buffer`].
+    pub fn into_buffer(self) -> Vec<u32> {
+        self.data
+    }
+
     /// The inverse of [`PackedA::from_f32_rows_exact`]: m rows of k values, row-major.
     pub fn to_f32_rows(&self) -> Vec<f32> {
         assert_eq!(self.kind, Kind::F32, "to_f32_rows of a bf16 operand");
@@ -189,8 +217,7 @@ impl PackedA {
     ) -> Self {
         check_span(src.len(), m, k, ld);
         let pairs = kind.units(k);
-        let lines = pairs.div_ceil(16);
-        let stride = 16 * (lines + 1 - lines % 2);
+        let stride = row_stride(pairs);
         let mut data = vec![0u32; m.div_ceil(MR) * MR * stride];
         if pairs > 0 {
             for (i, row) in data.chunks_exact_mut(stride).take(m).enumerate() {
@@ -449,6 +476,12 @@ fn bf16_pairs(src: &[bf16], dst: &mut [u32]) {
             dst[src.len() / 2] = pair(last.to_bits(), 0);
         }
     }
+}
+
+/// Words per packed left row: `units` rounded up to an odd number of 64-byte lines.
+fn row_stride(units: usize) -> usize {
+    let lines = units.div_ceil(16);
+    16 * (lines + 1 - lines % 2)
 }
 
 /// Panics on a slice too short for `rows` rows of `cols` at stride `ld` (a caller bug).

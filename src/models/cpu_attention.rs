@@ -233,13 +233,7 @@ fn normalise_rows(s: &Shape, dst: &SharedOut, head: usize, r0: usize, sums: &[f3
 /// [`run`] through `bf16_gemm` (bf16 operands, or f32 ones with its f32 kernel): each head's
 /// keys and values are packed once, then blocks of query rows (a multiple of the kernel's row
 /// panel) run in parallel.
-fn run_packed(
-    kind: Kind,
-    s: &Shape,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-) -> crate::Result<Vec<f32>> {
+fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32>> {
     let rows_a = |src: &[f32], m: usize, k: usize, ld: usize| match kind {
         Kind::Bf16Pairs => PackedA::from_f32_rows(src, m, k, ld),
         Kind::F32 => PackedA::from_f32_rows_exact(src, m, k, ld),
@@ -270,23 +264,42 @@ fn run_packed(
     let scale = 1.0 / (s.d as f32).sqrt();
     let dst = SharedOut::new(&mut out);
     (0..s.bh * blocks).into_par_iter().try_for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(scores, sums): &mut (Vec<f32>, Vec<f32>), task| {
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(scores, sums, words): &mut (Vec<f32>, Vec<f32>, Vec<u32>), task| {
             let (head, blk) = (task / blocks, task % blocks);
             let (kt, vp) = &packed[head];
             let r0 = blk * rows;
             let n = rows.min(s.tq - r0);
-            scores.resize(n * s.tk, 0.0);
             let qh = &q[s.at(s.q, head, r0)..][..Shape::span(n, s.q.row, s.d)];
             let qa = rows_a(qh, n, s.d, s.q.row);
-            bf16_gemm::matmul(&qa, kt, scores, s.tk, false)?;
-            sums.clear();
-            sums.extend(
-                scores
-                    .chunks_exact_mut(s.tk)
-                    .map(|row| exp_scaled_sum(row, scale)),
-            );
-            let pa = rows_a(scores, n, s.tk, s.tk);
+            let pa = match kind {
+                // The scores are rounded to bf16 into the second product's left operand.
+                Kind::Bf16Pairs => {
+                    scores.resize(n * s.tk, 0.0);
+                    bf16_gemm::matmul(&qa, kt, scores, s.tk, false)?;
+                    sums.clear();
+                    sums.extend(
+                        scores
+                            .chunks_exact_mut(s.tk)
+                            .map(|row| exp_scaled_sum(row, scale)),
+                    );
+                    rows_a(scores, n, s.tk, s.tk)
+                }
+                // In f32 they are written in the second product's left operand directly.
+                Kind::F32 => {
+                    let mut pa = PackedA::f32_in_buffer(std::mem::take(words), n, s.tk);
+                    let (rows_f32, ld) = pa.f32_rows_mut();
+                    bf16_gemm::matmul(&qa, kt, rows_f32, ld, false)?;
+                    sums.clear();
+                    sums.extend(
+                        rows_f32
+                            .chunks_mut(ld)
+                            .take(n)
+                            .map(|row| exp_scaled_sum(&mut row[..s.tk], scale)),
+                    );
+                    pa
+                }
+            };
             // SAFETY: rows r0..r0+n, columns of this head, are inside `out` and written by this
             // task alone (other tasks write other columns of the same rows, hence the raw call).
             unsafe {
@@ -298,6 +311,9 @@ fn run_packed(
                     false,
                     false,
                 )?;
+            }
+            if kind == Kind::F32 {
+                *words = pa.into_buffer();
             }
             // The softmax's normalisation, on the n x dv output instead of the n x tk weights.
             normalise_rows(s, &dst, head, r0, sums);
