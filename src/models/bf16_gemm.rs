@@ -49,6 +49,23 @@ impl Kind {
         }
     }
 
+    /// The kind a layer packs its `rank`-dimensional weight as, if any: a bf16 or f32 CPU
+    /// weight that is not a training variable (its gradient needs candle's ops), on a CPU with
+    /// that kind's kernel.
+    pub fn for_weight(w: &candle_core::Tensor, rank: usize) -> Option<Kind> {
+        let kind = match w.dtype() {
+            candle_core::DType::BF16 => Kind::Bf16Pairs,
+            candle_core::DType::F32 => Kind::F32,
+            _ => return None,
+        };
+        let packable = w.device().is_cpu()
+            && w.rank() == rank
+            && !w.is_variable()
+            && !w.track_op()
+            && kind.available();
+        packable.then_some(kind)
+    }
+
     /// Whether this CPU runs this kind's kernel.
     pub fn available(self) -> bool {
         match self {

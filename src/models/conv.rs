@@ -52,31 +52,19 @@ impl Conv2d {
     /// A CPU weight that is not a training variable is packed for `bf16_gemm` where the CPU
     /// has the kernel (bf16: AVX-512 BF16; f32: AVX-512F).
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
-        let kind = match weight.dtype() {
-            DType::BF16 => Some(Kind::Bf16Pairs),
-            DType::F32 => Some(Kind::F32),
-            _ => None,
-        };
-        let packable = weight.device().is_cpu()
-            && weight.rank() == 4
-            && !weight.is_variable()
-            && !weight.track_op()
-            && kind.is_some_and(|k| k.available());
-        let packed = packable
-            .then(|| {
-                let (co, ci, kh, kw) = weight.dims4().ok()?;
-                let dims = [co, ci, kh, kw];
-                let w = weight.contiguous().ok()?;
-                let pa = match weight.dtype() {
-                    DType::BF16 => with_bf16(&w, |ws| pack_pair_order(ws, dims)).ok()?,
-                    _ => {
-                        let k = ci * kh * kw;
-                        with_f32(&w, |ws| PackedA::from_f32_rows_exact(ws, co, k, k)).ok()?
-                    }
-                };
-                Some((pa, dims))
-            })
-            .flatten();
+        let packed = Kind::for_weight(&weight, 4).and_then(|_| {
+            let (co, ci, kh, kw) = weight.dims4().ok()?;
+            let dims = [co, ci, kh, kw];
+            let w = weight.contiguous().ok()?;
+            let pa = match weight.dtype() {
+                DType::BF16 => with_bf16(&w, |ws| pack_pair_order(ws, dims)).ok()?,
+                _ => {
+                    let k = ci * kh * kw;
+                    with_f32(&w, |ws| PackedA::from_f32_rows_exact(ws, co, k, k)).ok()?
+                }
+            };
+            Some((pa, dims))
+        });
         let weight = match packed {
             Some((pa, dims)) => ConvWeight::Packed(Arc::new(pa), dims, weight.device().clone()),
             None => ConvWeight::Dense(weight),

@@ -28,31 +28,19 @@ impl Linear {
     /// A CPU weight that is not a training variable is packed for `bf16_gemm` where the CPU
     /// has the kernel (bf16: AVX-512 BF16; f32: AVX-512F).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let kind = match weight.dtype() {
-            DType::BF16 => Some(Kind::Bf16Pairs),
-            DType::F32 => Some(Kind::F32),
-            _ => None,
-        };
-        let packable = weight.device().is_cpu()
-            && weight.rank() == 2
-            && !weight.is_variable()
-            && !weight.track_op()
-            && kind.is_some_and(|k| k.available());
-        let packed = packable
-            .then(|| {
-                let (out_dim, in_dim) = weight.dims2().ok()?;
-                let w = weight.contiguous().ok()?;
-                match weight.dtype() {
-                    DType::BF16 => with_bf16(&w, |ws| {
-                        PackedB::from_bf16_cols(ws, in_dim, out_dim, in_dim)
-                    }),
-                    _ => with_f32(&w, |ws| {
-                        PackedB::from_f32_cols_exact(ws, in_dim, out_dim, in_dim)
-                    }),
-                }
-                .ok()
-            })
-            .flatten();
+        let packed = Kind::for_weight(&weight, 2).and_then(|_| {
+            let (out_dim, in_dim) = weight.dims2().ok()?;
+            let w = weight.contiguous().ok()?;
+            match weight.dtype() {
+                DType::BF16 => with_bf16(&w, |ws| {
+                    PackedB::from_bf16_cols(ws, in_dim, out_dim, in_dim)
+                }),
+                _ => with_f32(&w, |ws| {
+                    PackedB::from_f32_cols_exact(ws, in_dim, out_dim, in_dim)
+                }),
+            }
+            .ok()
+        });
         let weight = match packed {
             Some(p) => Weight::Packed(Arc::new(p), weight.device().clone()),
             None => Weight::Dense(weight),

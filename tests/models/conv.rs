@@ -25,6 +25,20 @@ fn reference(x: &Tensor, w: &Tensor, b: Option<&Tensor>, pad: usize, s: usize, d
     }
 }
 
+/// The largest amount by which |got - want| exceeds `bound` (all f64); <= 0 within it.
+fn excess_over(got: &Tensor, want: &Tensor, bound: &Tensor) -> f64 {
+    (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sub(bound)
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// The CPU bf16 mode's convolution (bf16 weight, f32 input, `bf16_gemm`) against an f64
 /// convolution of the bf16-rounded operands: products of two bf16 values are exact in f32, so
 /// the error is the f32 summation's, at most (k + 1) 2^-24 sum |w x| (k = ci kh kw, +1 for the
@@ -69,16 +83,7 @@ fn bf16_case(
             d,
         );
         let bound = (mag * ((k + 1.0) * 2f64.powi(-24))).unwrap();
-        let excess = (got.to_dtype(DType::F64).unwrap() - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sub(&bound)
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let excess = excess_over(&got.to_dtype(DType::F64).unwrap(), &want, &bound);
         assert!(
             excess <= 0.0,
             "case {i} bf16 bias {}: {excess} over the bound",
@@ -297,16 +302,7 @@ fn packed_f32_layer_matches_f64() {
         );
         let depth = (ci * kh * kw) as f64;
         let bound = (mag * ((depth + 1.0) * 2f64.powi(-24))).unwrap();
-        let excess = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sub(&bound)
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let excess = excess_over(&got, &want, &bound);
         assert!(excess <= 0.0, "case {i}: {excess} over the bound");
         if i == 0 {
             let v = Var::from_tensor(&x).unwrap();
