@@ -635,12 +635,12 @@ fn run_packed(
         for (c, src) in prod.chunks_exact(nt).enumerate() {
             let add = bias.map_or(0.0, |bs| bs[c]);
             // SAFETY: channel c's pixels q0..q1 of image b lie inside `out`'s capacity, and no
-            // other tile writes them.
-            let o = unsafe {
-                std::slice::from_raw_parts_mut(dst.get().add((b * g.co + c) * p + q0), nt)
-            };
-            for (o, &v) in o.iter_mut().zip(src) {
-                *o = v + add;
+            // other tile writes them; written through the pointer, as they are not initialised.
+            unsafe {
+                let o = dst.get().add((b * g.co + c) * p + q0);
+                for (i, &v) in src.iter().enumerate() {
+                    o.add(i).write(v + add);
+                }
             }
         }
         Ok(())
