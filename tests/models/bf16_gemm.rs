@@ -61,22 +61,25 @@ fn check(
     worst
 }
 
+/// (m, n, k) with edges in every direction: partial panels, odd k, a k over one block,
+/// vector tails.
+const SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (12, 32, 2),
+    (13, 33, 3),
+    (7, 50, 40),
+    (30, 17, 257),
+    (25, 70, 300),
+    (40, 64, 31),
+];
+
 #[test]
 fn bf16_matmul_matches_f64_for_every_packing() {
     if !bf16_gemm::available() {
         eprintln!("skipped: this CPU lacks AVX-512 BF16 (the f32 path is used there)");
         return;
     }
-    // Edges in every direction: partial panels, odd k, a k over one block, vector tails.
-    for &(m, n, k) in &[
-        (1, 1, 1),
-        (12, 32, 2),
-        (13, 33, 3),
-        (7, 50, 40),
-        (30, 17, 257),
-        (25, 70, 300),
-        (40, 64, 31),
-    ] {
+    for &(m, n, k) in SHAPES {
         let ld_a = k + 3;
         let ld_c = n + 5;
         let a = values(m * ld_a, 1 + m as u64);
@@ -301,13 +304,7 @@ fn f32_matmul_matches_f64() {
         eprintln!("skipped: this CPU lacks AVX-512F");
         return;
     }
-    for &(m, n, k) in &[
-        (1, 1, 1),
-        (12, 32, 2),
-        (13, 33, 3),
-        (30, 17, 257),
-        (25, 70, 300),
-    ] {
+    for &(m, n, k) in SHAPES {
         let (ld_a, ld_c) = (k + 3, n + 5);
         let a = values(m * ld_a, 7 + m as u64);
         let b_rows = values(k * n, 8 + n as u64);

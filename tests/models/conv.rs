@@ -92,26 +92,42 @@ fn bf16_case(
     }
 }
 
+/// Geometries the fast paths must match: padding wider than the kernel reach, strides that
+/// skip the last column, dilation, non-square kernels, odd channel counts.
+/// (n, ci, h, w, co, kh, kw, pad, stride, dilation)
+#[allow(clippy::type_complexity)]
+const GEOMETRIES: [(
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+); 14] = [
+    (1, 4, 8, 8, 5, 3, 3, 1, 1, 1),
+    (2, 3, 9, 7, 4, 3, 3, 1, 2, 1),
+    (1, 6, 10, 11, 3, 1, 1, 0, 1, 1),
+    (3, 6, 10, 11, 3, 1, 1, 0, 2, 1),
+    (1, 5, 6, 6, 2, 1, 1, 1, 1, 1),
+    (1, 3, 13, 9, 4, 5, 5, 2, 1, 1),
+    (1, 3, 12, 12, 4, 3, 3, 3, 1, 2),
+    (1, 2, 14, 10, 3, 3, 3, 4, 2, 3),
+    (1, 3, 7, 17, 2, 1, 7, 0, 1, 1),
+    (1, 3, 17, 7, 2, 7, 1, 0, 1, 1),
+    (1, 2, 3, 3, 2, 3, 3, 5, 1, 1),
+    (2, 4, 5, 5, 3, 3, 3, 0, 3, 1),
+    (1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
+    (1, 3, 4, 4, 2, 4, 4, 0, 1, 1),
+];
+
 #[test]
 fn matches_candle_over_geometries() {
     let dev = Device::Cpu;
-    // (n, ci, h, w, co, kh, kw, pad, stride, dilation)
-    let cases = [
-        (1, 4, 8, 8, 5, 3, 3, 1, 1, 1),
-        (2, 3, 9, 7, 4, 3, 3, 1, 2, 1),
-        (1, 6, 10, 11, 3, 1, 1, 0, 1, 1),
-        (3, 6, 10, 11, 3, 1, 1, 0, 2, 1),
-        (1, 5, 6, 6, 2, 1, 1, 1, 1, 1),
-        (1, 3, 13, 9, 4, 5, 5, 2, 1, 1),
-        (1, 3, 12, 12, 4, 3, 3, 3, 1, 2),
-        (1, 2, 14, 10, 3, 3, 3, 4, 2, 3),
-        (1, 3, 7, 17, 2, 1, 7, 0, 1, 1),
-        (1, 3, 17, 7, 2, 7, 1, 0, 1, 1),
-        (1, 2, 3, 3, 2, 3, 3, 5, 1, 1),
-        (2, 4, 5, 5, 3, 3, 3, 0, 3, 1),
-        (1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
-        (1, 3, 4, 4, 2, 4, 4, 0, 1, 1),
-    ];
+    let cases = GEOMETRIES;
     for (i, &(n, ci, h, w, co, kh, kw, pad, s, d)) in cases.iter().enumerate() {
         bf16_case(i, (n, ci, h, w), (co, ci, kh, kw), pad, s, d);
         let x = Tensor::randn(0f32, 1.0, (n, ci, h, w), &dev).unwrap();
@@ -255,19 +271,12 @@ fn packed_f32_layer_matches_f64() {
         return;
     }
     let dev = Device::Cpu;
-    // (n, ci, h, w, co, kh, kw, pad, stride, dilation)
-    let cases = [
-        (1, 4, 8, 8, 5, 3, 3, 1, 1, 1),
-        (2, 3, 9, 7, 4, 3, 3, 1, 2, 1),
-        (3, 6, 10, 11, 3, 1, 1, 0, 2, 1),
-        (1, 3, 13, 9, 4, 5, 5, 2, 1, 1),
-        (1, 2, 14, 10, 3, 3, 3, 4, 2, 3),
-        (1, 3, 17, 7, 2, 7, 1, 0, 1, 1),
-        (1, 2, 3, 3, 2, 3, 3, 5, 1, 1),
-        (1, 1, 1, 1, 1, 1, 1, 0, 1, 1),
+    // The geometries above, then many tiles per image and a strided many-tile case.
+    let mut cases = GEOMETRIES.to_vec();
+    cases.extend([
         (2, 64, 60, 64, 13, 3, 3, 1, 1, 1),
         (1, 40, 33, 35, 30, 3, 3, 1, 2, 1),
-    ];
+    ]);
     for (i, &(n, ci, h, w, co, kh, kw, pad, s, d)) in cases.iter().enumerate() {
         let x = Tensor::randn(0f32, 1.0, (n, ci, h, w), &dev).unwrap();
         let k = Tensor::randn(0f32, 1.0, (co, ci, kh, kw), &dev).unwrap();
