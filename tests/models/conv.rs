@@ -92,22 +92,23 @@ fn bf16_case(
     }
 }
 
+/// (n, ci, h, w, co, kh, kw, pad, stride, dilation)
+type Case = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+);
+
 /// Geometries the fast paths must match: padding wider than the kernel reach, strides that
 /// skip the last column, dilation, non-square kernels, odd channel counts.
-/// (n, ci, h, w, co, kh, kw, pad, stride, dilation)
-#[allow(clippy::type_complexity)]
-const GEOMETRIES: [(
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-); 14] = [
+const GEOMETRIES: [Case; 14] = [
     (1, 4, 8, 8, 5, 3, 3, 1, 1, 1),
     (2, 3, 9, 7, 4, 3, 3, 1, 2, 1),
     (1, 6, 10, 11, 3, 1, 1, 0, 1, 1),
