@@ -68,6 +68,9 @@ pub fn write_tiny_train_base(root: &Path, dataset_root: &Path) -> Result<PathBuf
     cfg.pretrained_vae_path = pre.join("sd-vae-ft-mse");
     cfg.clip_std_path = clip_std;
     cfg.weight_dtype = "fp32".into();
+    cfg.solver.mixed_precision = "no".into();
+    cfg.data.num_processes = 1;
+    cfg.data.val_bs = 4;
     cfg.device = "cpu".into();
     cfg.output_dir = root.join("exp_output");
     cfg.exp_name = "tiny".into();

@@ -1,5 +1,5 @@
 //! The validation grid of `mcld train` (SPEC §4): every `validation_steps`, the pipeline built
-//! from the step's current weights generates a few pairs of the test list (20 DDIM steps,
+//! from the step's current weights generates `data.val_bs` pairs of the test list (20 DDIM steps,
 //! guidance 3.5, the config's seed, the training scheduler config as the reference does), saved
 //! as `{exp_dir}/validation/step-{step}.png`, one row per pair:
 //! source | texture | target pose | generated | ground truth.
@@ -23,8 +23,6 @@ use crate::scheduler::ddim::DdimScheduler;
 use crate::weights::StrictWeights;
 use crate::{Error, Result};
 
-/// Pairs per grid.
-pub const VALIDATION_PAIRS: usize = 4;
 /// DDIM steps and guidance scale of the reference's validation.
 pub const VALIDATION_STEPS: usize = 20;
 pub const VALIDATION_GUIDANCE: f64 = 3.5;
@@ -83,9 +81,9 @@ impl ValidationHook {
         let ucfg_path = self.cfg.base_model_path.join("unet/config.json");
         let ucfg = unet::Config::from_json_file(&ucfg_path)?;
         let enc = super::setup::frozen_encoders(&self.cfg, &self.device, self.precision.compute)?;
-        let mut scheduler = super::setup::train_scheduler(&self.cfg)?;
+        let mut scheduler = super::setup::val_scheduler(&self.cfg)?;
         scheduler.set_timesteps(VALIDATION_STEPS)?;
-        let (pairs, note) = validation_pairs(&self.cfg, VALIDATION_PAIRS)?;
+        let (pairs, note) = validation_pairs(&self.cfg, self.cfg.data.val_bs.max(1))?;
         if self.verbose || note.is_some() {
             eprintln!(
                 "validation grid: {} pairs{}",

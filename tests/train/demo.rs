@@ -9,7 +9,7 @@ use std::process::Command;
 use mcld::train::cmd::TrainCommand;
 use mcld::train::demo::{quarter_means, read_losses, write_demo_dataset};
 use mcld::train::tiny::write_tiny_train_base;
-use mcld::train::validate::{grid_path, GRID_COLUMNS, VALIDATION_PAIRS};
+use mcld::train::validate::{grid_path, GRID_COLUMNS};
 
 fn mcld() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mcld"))
@@ -45,7 +45,7 @@ fn validation_grid_is_written_at_the_validation_steps() {
     let config = write_tiny_train_base(d.path(), &data).unwrap();
     let cfg = mcld::config::TrainConfig::load(&config).unwrap();
     let side = cfg.data.train_height as u32;
-    let test_rows = csv_pairs(&data.join("test.csv")).min(VALIDATION_PAIRS) as u32;
+    let test_rows = csv_pairs(&data.join("test.csv")).min(cfg.data.val_bs) as u32;
     assert!(test_rows >= 1);
 
     // Validation every 2 steps: at steps 1 and 3 of 3.
@@ -95,7 +95,7 @@ fn validation_grid_is_written_at_the_validation_steps() {
     };
     let outcome = mcld::train::cmd::run(&cmd).unwrap();
     assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
-    let train_rows = csv_pairs(&data.join("train.csv")).min(VALIDATION_PAIRS) as u32;
+    let train_rows = csv_pairs(&data.join("train.csv")).min(cfg.data.val_bs) as u32;
     assert_eq!(
         dims(&grid_path(&out2.join(&cfg.exp_name), 1)),
         (GRID_COLUMNS * side, train_rows * side)

@@ -10,5 +10,7 @@ mod grad;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod run_loop;
+mod schedule;
 mod step;
+mod steps;
 mod trainer;

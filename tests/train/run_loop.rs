@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use mcld::data::train_set::{DataPos, Loader, LoaderOptions, TrainSet, Walk};
-use mcld::train::api::{Grads, Net, StepStats, TrainBatch, TrainStep};
+use mcld::train::api::{Grads, Net, StepRngs, StepStats, TrainBatch, TrainStep};
 use mcld::train::checkpoint::{self, CheckpointState};
 use mcld::train::collective::{LocalGroup, RankInfo, SingleProcess, TcpCollective};
+use mcld::train::lr::LrScheduler;
 use mcld::train::run::{train_loop, LoopConfig, NoHooks, Resume, StopReason, TrainOutcome};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -81,7 +82,8 @@ fn features(b: &TrainBatch) -> mcld::Result<Vec<[f64; D]>> {
 }
 
 impl TrainStep for Lin {
-    fn grads(&mut self, batch: &TrainBatch, rng: &mut StdRng) -> mcld::Result<Grads> {
+    fn grads(&mut self, batch: &TrainBatch, rngs: &mut StepRngs) -> mcld::Result<Grads> {
+        let rng = &mut rngs.local;
         if self.fail_grads_at == Some(self.steps) {
             return Err(mcld::Error::msg("stand-in step failure"));
         }
@@ -111,6 +113,7 @@ impl TrainStep for Lin {
         let g: Vec<f32> = g.iter().map(|v| *v as f32).collect();
         Ok(Grads {
             tensors: vec![Tensor::from_vec(g, D, &Device::Cpu)?],
+            has_grad: vec![true],
             loss,
             samples: feats.len(),
         })
@@ -269,8 +272,7 @@ fn loop_cfg(exp: &Path, max: u64, bs: usize) -> LoopConfig {
         train_bs: bs,
         grad_accum: 2,
         max_train_steps: max,
-        learning_rate: 0.05,
-        lr_warmup_steps: 3,
+        lr: lr_schedule("constant_with_warmup", 0.05, 3, max),
         checkpointing_steps: 1,
         checkpoints_total_limit: 3,
         validation_steps: 4,
@@ -279,7 +281,13 @@ fn loop_cfg(exp: &Path, max: u64, bs: usize) -> LoopConfig {
         prefetch: 2,
         progress: false,
         loss_scaling: false,
+        save_model_epoch_interval: 0,
     }
+}
+
+/// A schedule for one rank and no accumulation.
+fn lr_schedule(name: &str, lr: f64, warmup: u64, max: u64) -> LrScheduler {
+    LrScheduler::from_solver(name, lr, false, warmup, max, 1, 1, 1).unwrap()
 }
 
 fn run_single(model: &mut Lin, set: Arc<TrainSet>, cfg: &LoopConfig) -> mcld::Result<TrainOutcome> {
@@ -1277,19 +1285,6 @@ fn checkpoints_are_atomic_complete_and_pruned() {
     );
 }
 
-#[test]
-fn learning_rate_warms_up_linearly_then_stays() {
-    let mut c = loop_cfg(Path::new("x"), 10, 1);
-    c.learning_rate = 1e-5;
-    c.lr_warmup_steps = 4;
-    let v: Vec<f64> = (0..6).map(|s| c.lr_at(s)).collect();
-    for (got, want) in v.iter().zip([0.0, 0.25e-5, 0.5e-5, 0.75e-5, 1e-5, 1e-5]) {
-        assert!((got - want).abs() < 1e-18, "{v:?}");
-    }
-    c.lr_warmup_steps = 0;
-    assert_eq!(c.lr_at(0), 1e-5);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Truncated JPEGs.
 
@@ -1393,7 +1388,7 @@ fn command_line_overrides_the_config_and_checks_the_data_first() {
     };
     let cfg = cmd.load_config().unwrap();
     assert_eq!(cfg.checkpoints_total_limit, 3);
-    let lc = loop_config(&cfg, candle_core::DType::F32, false);
+    let lc = loop_config(&cfg, candle_core::DType::F32, false, 1, &cfg_path).unwrap();
     assert_eq!(
         (
             lc.max_train_steps,
@@ -1411,7 +1406,9 @@ fn command_line_overrides_the_config_and_checks_the_data_first() {
     };
     let base = none.load_config().unwrap();
     assert_eq!(
-        loop_config(&base, candle_core::DType::F32, false).resume,
+        loop_config(&base, candle_core::DType::F32, false, 1, &cfg_path)
+            .unwrap()
+            .resume,
         Resume::No
     );
     assert_eq!(base.data.train_bs, 12);
@@ -1447,8 +1444,7 @@ const REAL_STEPS: u64 = 6;
 fn real_cfg(exp: &Path) -> LoopConfig {
     let mut c = loop_cfg(exp, REAL_STEPS, 2);
     c.grad_accum = 1;
-    c.learning_rate = 1e-3;
-    c.lr_warmup_steps = 1;
+    c.lr = lr_schedule("constant", 1e-3, 1, REAL_STEPS);
     c
 }
 

@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use mcld::config::TrainConfig;
-use mcld::train::api::{step_rng, Grads, Net, TrainBatch, TrainStep};
+use mcld::train::api::{step_rngs, Grads, Net, TrainBatch, TrainStep};
 use mcld::train::init::{initial_weights, InitSources};
 use mcld::train::setup::build_trainer;
 use mcld::train::tiny::write_tiny_train_base;
@@ -62,6 +62,7 @@ fn starting_weights_follow_the_reference() {
     let src = InitSources {
         unet_dir: cfg.base_model_path.join("unet"),
         controlnet: Some(cfg.controlnet_openpose_path.clone()),
+        cond_chan: 3,
         seed: 7,
     };
     let init = initial_weights(&src).unwrap();
@@ -149,7 +150,7 @@ fn a_missing_base_tensor_names_the_file_and_the_tensor() {
 fn run_steps(tr: &mut McldTrainer, cfg: &TrainConfig, from: u64, to: u64) -> Vec<f64> {
     let mut losses = Vec::new();
     for step in from..to {
-        let mut rng = step_rng(cfg.seed, step, 0, 0);
+        let mut rng = step_rngs(cfg.seed, step, 0, 0);
         let g = tr.grads(&batch(cfg, step), &mut rng).unwrap();
         let stats = tr.apply(&g, 1e-3).unwrap();
         assert!(stats.loss.is_finite() && stats.grad_norm.is_finite());
@@ -213,7 +214,7 @@ fn the_step_learns_and_touches_only_trainable_tensors() {
     let b = batch(&cfg, 0);
     let mut losses = Vec::new();
     for step in 0..12 {
-        let mut rng = step_rng(cfg.seed, 0, 0, 0);
+        let mut rng = step_rngs(cfg.seed, 0, 0, 0);
         let g = tr.grads(&b, &mut rng).unwrap();
         losses.push(tr.apply(&g, 2e-3).unwrap().loss);
         assert_eq!(tr.step_count(), step + 1);
@@ -237,7 +238,7 @@ fn half_precision_steps_stay_close_to_f32() {
     let b = batch(&cfg, 3);
     let grads_in = |dt: DType| -> (McldTrainer, Grads) {
         let mut tr = build_trainer(&cfg, &Device::Cpu, dt).unwrap();
-        let mut rng = step_rng(cfg.seed, 5, 0, 0);
+        let mut rng = step_rngs(cfg.seed, 5, 0, 0);
         let g = tr.grads(&b, &mut rng).unwrap();
         (tr, g)
     };
@@ -282,7 +283,7 @@ fn f16_overflow_skips_the_step_and_lowers_the_scale() {
     let scaler = tr.scaler.as_mut().unwrap();
     scaler.scale = 1e30; // beyond f16: the scaled backward overflows
     let before = tr.weights(Net::DenoisingUnet).unwrap();
-    let mut rng = step_rng(cfg.seed, 0, 0, 0);
+    let mut rng = step_rngs(cfg.seed, 0, 0, 0);
     let g = tr.grads(&batch(&cfg, 1), &mut rng).unwrap();
     let stats = tr.apply(&g, 1e-3).unwrap();
     assert!(stats.skipped, "the overflowing step must be skipped");
@@ -298,7 +299,7 @@ fn non_finite_gradients_stop_an_f32_step_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny(dir.path());
     let mut tr = build_trainer(&cfg, &Device::Cpu, DType::F32).unwrap();
-    let mut rng = step_rng(cfg.seed, 0, 0, 0);
+    let mut rng = step_rngs(cfg.seed, 0, 0, 0);
     let mut g = tr.grads(&batch(&cfg, 1), &mut rng).unwrap();
     g.tensors[0] = (g.tensors[0].ones_like().unwrap() * f64::NAN).unwrap();
     let err = tr.apply(&g, 1e-3).unwrap_err().to_string();
