@@ -4,6 +4,7 @@
 pub mod clip;
 pub mod densepose;
 pub mod face;
+pub mod layers;
 pub mod mcld;
 pub mod pose_guider;
 pub mod resampler;

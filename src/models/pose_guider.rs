@@ -66,7 +66,7 @@ fn conv(vb: VarBuilder, cin: usize, cout: usize, stride: usize, name: &str) -> R
         stride,
         ..Default::default()
     };
-    crate::ops::conv::conv2d(cin, cout, 3, cfg, vb.pp(name))
+    crate::models::layers::conv2d(cin, cout, 3, cfg, vb.pp(name))
         .map_err(|e| Error::msg(format!("pose guider: {e}")))
 }
 

@@ -9,7 +9,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::ops::conv::{conv2d, Conv2d};
+use crate::models::layers::conv2d;
+use crate::ops::conv::Conv2d;
 use serde::Deserialize;
 
 use crate::ops::attention::{attention_bf16, merge_heads, split_heads};

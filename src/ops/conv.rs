@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
 use half::bf16;
@@ -132,17 +132,6 @@ impl Module for Conv2d {
             c.groups,
         )
     }
-}
-
-/// `candle_nn::conv2d` returning our `Conv2d`.
-pub fn conv2d(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    cfg: Conv2dConfig,
-    vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
-    candle_nn::conv2d(cin, cout, k, cfg, vb).map(Conv2d::from)
 }
 
 /// `x.conv2d(w, ..)` (+ bias per output channel) through the fast path where it applies.

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::VarBuilder;
 
 use super::host::with_f32;
 use super::packed_gemm::{self, Kind, PackedA, PackedB};
@@ -140,18 +139,4 @@ pub(crate) fn with_bf16<R>(
         }
         _ => candle_core::bail!("CPU kernel: expected a bf16 CPU tensor"),
     }
-}
-
-/// `candle_nn::linear` returning our `Linear`.
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb).map(Linear::from)
-}
-
-/// `candle_nn::linear_no_bias` returning our `Linear`.
-pub fn linear_no_bias(
-    in_dim: usize,
-    out_dim: usize,
-    vb: VarBuilder,
-) -> candle_core::Result<Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear::from)
 }

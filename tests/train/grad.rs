@@ -10,10 +10,10 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use mcld::models::layers::layer_norm;
 use mcld::models::mcld::Mcld;
 use mcld::models::unet::nearest_resize;
 use mcld::ops::attention::{attention, attention_chunked};
-use mcld::ops::norm::LayerNorm;
 use mcld::train::loss::{mcld_loss, LossOptions};
 use mcld::train::trainer::randn;
 
@@ -97,7 +97,7 @@ fn layer_norm_gradients_match_finite_differences() {
             ("bias".to_string(), t[2].clone()),
         ]);
         let vb = VarBuilder::from_tensors(map, DType::F64, &Device::Cpu);
-        let ln = LayerNorm::new(vb, 12, 1e-5).unwrap();
+        let ln = layer_norm(vb, 12, 1e-5).unwrap();
         project(&ln.forward(&t[0]).unwrap(), 4)
     });
 }

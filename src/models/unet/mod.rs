@@ -14,7 +14,8 @@ mod resnet;
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::ops::norm::{group_norm, GroupNorm};
+use crate::models::layers::group_norm;
+use crate::ops::norm::GroupNorm;
 
 use crate::ops::conv::Conv2d;
 use crate::ops::recompute::Tape;

@@ -3,7 +3,6 @@
 //! the one-pass kernels of [`fused`] where no gradient is needed.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
 
 pub mod fused;
 
@@ -16,13 +15,13 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
-    /// Affine LayerNorm with `weight` and `bias` (torch's `nn.LayerNorm(dim)`).
-    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: Some(vb.get(dim, "weight")?),
-            bias: Some(vb.get(dim, "bias")?),
+    /// Affine LayerNorm (torch's `nn.LayerNorm(dim)`).
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self {
+            weight: Some(weight),
+            bias: Some(bias),
             eps,
-        })
+        }
     }
 
     /// LayerNorm without learned parameters (`elementwise_affine=False`).
@@ -109,12 +108,4 @@ impl Module for GroupNorm {
             None => self.composed.forward(x),
         }
     }
-}
-
-/// candle_nn's `group_norm` constructor (weight defaults to ones and bias to zeros where the
-/// builder initialises), as [`GroupNorm`].
-pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
-    let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.))?;
-    let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.))?;
-    GroupNorm::new(weight, bias, channels, groups, eps)
 }
