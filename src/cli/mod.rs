@@ -107,6 +107,37 @@ impl<E: Into<anyhow::Error>> From<E> for CliError {
     }
 }
 
+impl CliError {
+    /// What `main` prints: `error: MESSAGE`, then one `  caused by: ...` line for each cause
+    /// whose text is not already shown (an I/O error's message carries its source, so the
+    /// source would otherwise be printed twice).
+    pub fn report(&self) -> String {
+        let CliError::Failed(e) = self;
+        error_report(e.chain())
+    }
+}
+
+/// The lines of [`CliError::report`] for an error and its chain of causes.
+pub fn error_report<'a>(
+    mut chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let Some(top) = chain.next() else {
+        return "error".into();
+    };
+    let mut shown = vec![top.to_string()];
+    let mut out = format!("error: {}", shown[0]);
+    for cause in chain {
+        let c = cause.to_string();
+        if c.trim().is_empty() || shown.iter().any(|s| s.contains(&c)) {
+            continue;
+        }
+        out.push_str("\n  caused by: ");
+        out.push_str(&c);
+        shown.push(c);
+    }
+    out
+}
+
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
