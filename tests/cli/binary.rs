@@ -83,3 +83,22 @@ fn an_error_prints_each_cause_once() {
         "error: loading the UNet failed\n  caused by: No such file (os error 2)"
     );
 }
+
+#[test]
+fn a_missing_file_is_reported_once_by_the_binary() {
+    let d = tempfile::tempdir().unwrap();
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/train/train.yaml");
+    // The config's dataset root is relative and absent here, so test.csv does not open.
+    let out = mcld()
+        .current_dir(d.path())
+        .args(["test", "--config_path"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("test.csv"), "{err}");
+    // One line, the OS error once (it was printed again as the I/O error's source).
+    assert_eq!(err.matches("(os error 2)").count(), 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
