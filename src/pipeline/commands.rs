@@ -152,6 +152,12 @@ pub fn test(a: &TestArgs) -> Result<()> {
         &Postprocess::reference(),
     )?;
     summary.print();
+    if a.limit.is_some() && shard.is_whole() {
+        let layout = DatasetLayout::new(root, "test");
+        if let Some(p) = crate::pipeline::testset::write_panels(&opts, &layout, &pairs, a.seed)? {
+            println!("panels of the generated pairs: {}", p.display());
+        }
+    }
     if shard.is_whole() {
         println!("all test images are generated!");
     } else {
@@ -193,11 +199,33 @@ pub(crate) fn pose_preview(iuv: &RgbImage) -> RgbImage {
     })
 }
 
-fn panel(img: &RgbImage, size: u32) -> Result<RgbImage> {
-    crate::imageops::pil_resize_rgb(
-        img,
-        (size as usize, size as usize),
-        crate::imageops::Filter::Bicubic,
+/// Columns of `infer`'s panel and contact sheet (and `demo`'s).
+pub const INFER_COLUMNS: [&str; 4] = ["source", "texture", "target pose", "generated"];
+
+/// `infer`'s labelled panel: one row per target pose (a contact sheet when there are several),
+/// in the layout of the validation grid.
+pub(crate) fn infer_sheet(
+    title: &str,
+    input: &PairInputs,
+    results: &[(String, RgbImage, RgbImage)],
+) -> Result<RgbImage> {
+    let rows: Vec<crate::imageops::grid::GridRow> = results
+        .iter()
+        .map(|(label, pose, generated)| crate::imageops::grid::GridRow {
+            label: label.clone(),
+            panels: vec![
+                input.source.clone(),
+                input.texture.clone(),
+                pose_preview(pose),
+                generated.clone(),
+            ],
+        })
+        .collect();
+    crate::imageops::grid::labelled_grid(
+        title,
+        &INFER_COLUMNS,
+        &rows,
+        crate::imageops::grid::MIN_CELL,
     )
 }
 
@@ -289,9 +317,17 @@ pub(crate) fn generate_to_out(
     let gen_s = t1.elapsed().as_secs_f64();
     let img = to_rgb(&out[0])?;
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img.clone()), &a.out)?;
+    let panel_path = beside(&a.out, "panel");
+    let sheet = infer_sheet(
+        &format!("mcld infer - seed {}", a.seed),
+        input,
+        &[(input.pair.label(), input.pose.clone(), img.clone())],
+    )?;
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(sheet), &panel_path)?;
     println!(
-        "wrote {} (load {load_s:.1}s, generate {gen_s:.1}s, precision {})",
+        "wrote {} and its panel {} (load {load_s:.1}s, generate {gen_s:.1}s, precision {})",
         a.out.display(),
+        panel_path.display(),
         pipeline.precision.describe()
     );
     Ok(img)
@@ -405,13 +441,11 @@ pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
     let t1 = Instant::now();
     let img = pipeline.generate(std::slice::from_ref(&input), 42)?;
     let gen_s = t1.elapsed().as_secs_f64();
-    let s = 256;
-    let sheet = strip(&[
-        panel(&photo, s)?,
-        panel(&pose_preview(&tgt_pose), s)?,
-        panel(&texture, s)?,
-        panel(&to_rgb(&img[0])?, s)?,
-    ]);
+    let sheet = infer_sheet(
+        &format!("UNTRAINED demo (tiny random weights) - seed 42 - {steps} DDIM steps"),
+        &input,
+        &[(input.pair.label(), tgt_pose.clone(), to_rgb(&img[0])?)],
+    )?;
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(sheet), out)?;
     if keep {
         // The sample inputs beside the weights, so `infer` can be re-run on them.
@@ -444,7 +478,7 @@ pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
     }
     println!(
-        "wrote {}: source | target pose | texture map | output (512x512, {steps} DDIM steps)",
+        "wrote {}: source | texture map | target pose | output (512x512, {steps} DDIM steps)",
         out.display()
     );
     println!(

@@ -60,6 +60,9 @@ pub fn write_tiny_train_base(root: &Path, dataset_root: &Path) -> Result<PathBuf
     cfg.data.train_width = 64;
     cfg.data.train_height = 64;
     cfg.data.train_bs = 2;
+    // Three validation rows: fewer than train.yaml's 8 keeps the tests quick, and differs
+    // from the former hard-coded 4 so that the key is seen to count.
+    cfg.data.val_bs = 3;
     cfg.base_model_path = base.clone();
     cfg.vae_model_path = pre.join("sd-vae-ft-mse");
     cfg.image_encoder_path = base.join("image_encoder");
