@@ -65,9 +65,18 @@ pub const SMOOTH: RGBColor = RGBColor(20, 60, 160);
 pub const LR: RGBColor = RGBColor(200, 90, 20);
 pub const GRAD: RGBColor = RGBColor(30, 140, 60);
 
-/// Steps the moving average spans: a tenth of the run, between 1 and 20.
+/// Steps the moving average spans: a fifth of the run, between 2 and 20.
 fn ema_span(n: usize) -> usize {
-    (n / 10).clamp(1, 20)
+    (n / 5).clamp(2, 20)
+}
+
+/// Learning rates in scientific notation, zero as `0`.
+fn lr_label(v: &f64) -> String {
+    if *v == 0.0 {
+        "0".into()
+    } else {
+        format!("{v:.1e}")
+    }
 }
 
 /// Throughput over the last 50 entries (mean of the finite figures).
@@ -154,6 +163,7 @@ fn draw(pts: &[LogPoint], title: &str, buf: &mut [u8]) -> DrawResult<CurveRange>
     let label = (FONT, 14.0).into_font();
     let desc = (FONT, 16.0).into_font();
     let grid = RGBColor(225, 225, 225);
+    let fine = RGBColor(244, 244, 244);
 
     // Loss: raw and smoothed, with a legend.
     let mut c = ChartBuilder::on(&loss_area)
@@ -167,7 +177,7 @@ fn draw(pts: &[LogPoint], title: &str, buf: &mut [u8]) -> DrawResult<CurveRange>
         .y_desc("loss")
         .label_style(label.clone())
         .axis_desc_style(desc.clone())
-        .light_line_style(grid)
+        .light_line_style(fine)
         .bold_line_style(grid)
         .y_label_formatter(&|v| format!("{v:.3}"))
         .draw()?;
@@ -209,10 +219,10 @@ fn draw(pts: &[LogPoint], title: &str, buf: &mut [u8]) -> DrawResult<CurveRange>
         .y_desc("learning rate")
         .label_style(label.clone())
         .axis_desc_style(desc.clone())
-        .light_line_style(grid)
+        .light_line_style(fine)
         .bold_line_style(grid)
         .y_labels(4)
-        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .y_label_formatter(&lr_label)
         .draw()?;
     c.draw_series(LineSeries::new(
         pts.iter()
@@ -236,7 +246,7 @@ fn draw(pts: &[LogPoint], title: &str, buf: &mut [u8]) -> DrawResult<CurveRange>
         .y_desc("gradient norm")
         .label_style(label)
         .axis_desc_style(desc)
-        .light_line_style(grid)
+        .light_line_style(fine)
         .bold_line_style(grid)
         .y_labels(4)
         .y_label_formatter(&|v| format!("{v:.2}"))
