@@ -6,6 +6,7 @@ pub mod grid;
 pub mod pillow;
 pub mod text;
 pub mod torch;
+pub mod viz;
 
 use std::path::Path;
 

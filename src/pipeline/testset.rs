@@ -265,7 +265,7 @@ pub fn write_panels(
             panels: vec![
                 inp.source,
                 inp.texture,
-                crate::pipeline::commands::pose_preview(&inp.pose),
+                crate::imageops::viz::pose_preview(&inp.pose),
                 crate::data::read_rgb(&generated)?,
                 inp.target,
             ],
