@@ -381,18 +381,29 @@ fn several_poses_from_iuv_images_and_photos_in_one_run() {
     assert!(ok, "{text}");
     assert_eq!(rgb(&again), second);
 
-    // A photo with nobody in it: an error naming it, and no output.
-    let blank = d.path().join("blank.png");
-    image::RgbImage::from_pixel(200, 300, image::Rgb([250, 250, 250]))
-        .save(&blank)
-        .unwrap();
+    // A photo in which DensePose finds nobody (its detector made to keep no box): an error
+    // naming the photo, and no output.
+    let blind = d.path().join("blind");
+    std::fs::create_dir_all(&blind).unwrap();
+    std::fs::copy(
+        pre.join("model_final_844d15.pkl"),
+        blind.join("model_final_844d15.pkl"),
+    )
+    .unwrap();
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pre.join("densepose_rcnn.json")).unwrap())
+            .unwrap();
+    j["config"]["MODEL"]["ROI_HEADS"]["SCORE_THRESH_TEST"] = serde_json::json!(1.5);
+    std::fs::write(blind.join("densepose_rcnn.json"), j.to_string()).unwrap();
     let none = d.path().join("none.png");
     let mut args = common_args(&none);
-    args.extend(["--pose-from".into(), blank.display().to_string()]);
+    let i = args.iter().position(|a| a == "--pretrained_dir").unwrap();
+    args[i + 1] = blind.display().to_string();
+    args.extend(["--pose-from".into(), source.display().to_string()]);
     let (ok, text) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!ok, "{text}");
     assert!(
-        text.contains("blank.png") && text.contains("no person"),
+        text.contains("input.png") && text.contains("no person"),
         "{text}"
     );
     assert!(!d.path().join("none_0.png").exists());
