@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod prepare;
+pub mod presets;
 pub mod rank;
 pub mod scheduler;
 pub mod train;

@@ -374,7 +374,7 @@ pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("mcld-demo-{}", std::process::id())),
     };
-    let layout = crate::pipeline::tiny::write_tiny_layout(&dir, &dir.join("dataset"), steps)?;
+    let layout = crate::presets::tree::write_tiny_layout(&dir, &dir.join("dataset"), steps)?;
     let photo = demo::sample_photo().to_rgb8();
     let (w, h) = photo.dimensions();
     let src_pose = demo::synthetic_pose(w, h, false);

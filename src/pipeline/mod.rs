@@ -7,4 +7,3 @@ pub mod mcld;
 pub mod preprocess;
 pub mod sampler;
 pub mod testset;
-pub mod tiny;
