@@ -199,24 +199,26 @@ pub fn write_tiny_train_base(root: &Path, dataset_root: &Path) -> Result<PathBuf
     let pre = root.join("pretrained_weights");
     let base = pre.join(files::IMAGE_VARIATIONS_DIR);
     let vae_dir = pre.join(files::VAE_DIR);
-    write_net_dir(
-        &base.join(files::UNET_DIR),
-        Net::Unet,
-        size,
-        RandomWeights::new(11),
-    )?;
-    write_net_dir(
-        &base.join(files::IMAGE_ENCODER_DIR),
-        Net::Clip,
-        size,
-        RandomWeights::new(12),
-    )?;
-    write_net_dir(
-        &vae_dir,
-        Net::Vae,
-        size,
-        vae_weights(13, &super::vae(size)?),
-    )?;
+    let nets = [
+        (
+            base.join(files::UNET_DIR),
+            Net::Unet,
+            RandomWeights::new(11),
+        ),
+        (
+            base.join(files::IMAGE_ENCODER_DIR),
+            Net::Clip,
+            RandomWeights::new(12),
+        ),
+        (
+            vae_dir.clone(),
+            Net::Vae,
+            vae_weights(13, &super::vae(size)?),
+        ),
+    ];
+    for (dir, net, weights) in nets {
+        write_net_dir(&dir, net, size, weights)?;
+    }
     let pcfg = super::mcld(size)?.pose_guider;
     let controlnet = pre
         .join(files::CONTROLNET_SEG_DIR)
