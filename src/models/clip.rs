@@ -8,12 +8,13 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::models::conv::Conv2d;
+use crate::ops::conv::Conv2d;
 use serde::Deserialize;
 
-use super::nn::{attention_bf16, merge_heads, split_heads, LayerNorm};
 use crate::imageops::{Filter, U8Image};
-use crate::models::linear::{linear, linear_no_bias, Linear};
+use crate::ops::attention::{attention_bf16, merge_heads, split_heads};
+use crate::ops::linear::{linear, linear_no_bias, Linear};
+use crate::ops::norm::LayerNorm;
 use crate::{Error, Result};
 
 fn default_act() -> String {

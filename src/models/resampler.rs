@@ -1,7 +1,7 @@
 //! MCLD's face projector (SPEC §3): the IP-Adapter-plus Perceiver resampler ("image_proj_model")
 //! that turns an ArcFace embedding into face tokens for the decoupled cross-attention.
 //!
-//! LayerNorm and softmax come from `models::nn` (built from primitives) because the projector is
+//! LayerNorm and softmax come from `ops::norm` and `ops::attention` (built from primitives) because the projector is
 //! trained and candle's fused versions drop gradients.
 
 use std::collections::HashMap;
@@ -11,8 +11,9 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::models::linear::{linear, linear_no_bias, Linear};
-use crate::models::nn::{attention_bf16, merge_heads, split_heads, LayerNorm};
+use crate::ops::attention::{attention_bf16, merge_heads, split_heads};
+use crate::ops::linear::{linear, linear_no_bias, Linear};
+use crate::ops::norm::LayerNorm;
 use crate::{Error, Result};
 
 const LN_EPS: f64 = 1e-5;

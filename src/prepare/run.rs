@@ -17,7 +17,8 @@ use rayon::prelude::*;
 
 use super::report::{Failure, PrepareReport, StageReport, StageStatus};
 use super::split::SplitLists;
-use super::{densepose, face, pairs, split, stats, texture};
+use super::{densepose, face, pairs, split, stats};
+use crate::person::texture;
 use crate::data::{derived_path, list_photos, Part};
 use crate::rank::Shard;
 use crate::{Error, Result};

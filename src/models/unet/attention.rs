@@ -6,14 +6,13 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::models::conv::Conv2d;
+use crate::ops::conv::Conv2d;
 
 use super::resnet::conv;
 use super::{BankMode, ReferenceBank};
-use crate::models::linear::{linear, linear_no_bias, Linear};
-use crate::models::nn::{
-    attention_bf16, group_norm, merge_heads, split_heads, GroupNorm, LayerNorm,
-};
+use crate::ops::attention::{attention_bf16, merge_heads, split_heads};
+use crate::ops::linear::{linear, linear_no_bias, Linear};
+use crate::ops::norm::{group_norm, GroupNorm, LayerNorm};
 use crate::{Error, Result};
 
 /// IP-adapter settings of a denoising UNet's cross-attentions.
@@ -161,7 +160,7 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        if let Some(y) = crate::models::fused::geglu(&h)? {
+        if let Some(y) = crate::ops::geglu::geglu(&h)? {
             return Ok(self.out.forward(&y)?);
         }
         let inner = h.dim(candle_core::D::Minus1)? / 2;

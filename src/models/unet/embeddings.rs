@@ -3,7 +3,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::models::linear::{linear, Linear};
+use crate::ops::linear::{linear, Linear};
 use crate::Result;
 
 /// Sinusoidal timestep features, computed in f32 as diffusers does (its fixtures depend on the

@@ -3,11 +3,11 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::models::nn::{group_norm, GroupNorm};
+use crate::ops::norm::{group_norm, GroupNorm};
 
-use crate::models::conv::{conv2d, Conv2d};
+use crate::ops::conv::{conv2d, Conv2d};
 
-use crate::models::linear::{linear, Linear};
+use crate::ops::linear::{linear, Linear};
 use crate::Result;
 
 /// 3x3 (or `k`x`k`) convolution with "same" padding, the UNet's default.

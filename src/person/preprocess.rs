@@ -11,7 +11,7 @@ use image::RgbImage;
 use crate::models::densepose::iuv::Image3;
 use crate::models::densepose::{Config as DensePoseConfig, DensePose};
 use crate::models::face::{self, FaceEmbedder};
-use crate::prepare::texture::{self, TextureAssets};
+use crate::person::texture::{self, TextureAssets};
 use crate::{Error, Result};
 
 pub use crate::models::densepose::{
