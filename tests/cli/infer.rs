@@ -8,7 +8,7 @@ use crate::common;
 use std::path::Path;
 use std::process::Command;
 
-use mcld::pipeline::tiny::write_tiny_layout;
+use mcld::presets::tree::write_tiny_layout;
 
 fn run(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
