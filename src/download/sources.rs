@@ -3,7 +3,8 @@
 //! the other commands name its groups and ids.
 //!
 //! Destinations are the paths the commands look up: `pipeline::weight_files` (checkpoints and the
-//! `train.yaml` base-model folders), `models::densepose::WEIGHTS_FILE`,
+//! `train.yaml` base-model folders; the model files are named through `weights::files`, as the
+//! loaders name them), `models::densepose::WEIGHTS_FILE`,
 //! `models::face::{DETECTOR_ONNX, RECOGNISER_ONNX}` under `antelopev2/`, the first names of
 //! `evaluate::{inception_file_names, METRIC_WEIGHTS}` and `metrics::face`'s `buffalo_s/`.
 
@@ -204,6 +205,11 @@ pub fn pick_listed<'a>(listing: &'a [String], keys: &[&str]) -> Option<&'a str> 
 pub const MCLD_DRIVE: &str =
     "https://drive.google.com/drive/folders/18643_1GmWWLcKCruKqrfHaecejy-U93x";
 
+use crate::weights::files::{
+    self, CONTROLNET_SEG_DIR, DENOISING_UNET, IMAGE_PROJECTOR, IMAGE_PROJ_MODEL,
+    IMAGE_VARIATIONS_DIR, POSE_GUIDER, REFERENCE_UNET, SD15_DIR, VAE_DIR,
+};
+
 const SD15: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 const VAE: &str = "stabilityai/sd-vae-ft-mse";
 const SDIV: &str = "lambdalabs/sd-image-variations-diffusers";
@@ -218,107 +224,98 @@ pub const SOURCES: &[Source] = &[
         "sd15",
         Group::Inference,
         "SD-1.5 UNet config (both UNets are built from it)",
-        (Root::Pretrained, "stable-diffusion-v1-5"),
+        (Root::Pretrained, SD15_DIR),
         SD15,
-        &["unet/config.json"],
+        &[files::UNET_CONFIG],
         Size::Unknown,
     ),
     hub(
         "vae",
         Group::Inference,
         "VAE config",
-        (Root::Pretrained, "sd-vae-ft-mse"),
+        (Root::Pretrained, VAE_DIR),
         VAE,
-        &["config.json"],
+        &[files::CONFIG],
         Size::Unknown,
     ),
     hub(
         "vae",
         Group::Inference,
         "VAE weights",
-        (Root::Pretrained, "sd-vae-ft-mse"),
+        (Root::Pretrained, VAE_DIR),
         VAE,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.bin",
-        ],
+        &files::DIFFUSERS_WEIGHTS,
         Size::About(335 * MB),
     ),
     hub(
         "image_encoder",
         Group::Inference,
         "CLIP ViT-L/14 image encoder config",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &["image_encoder/config.json"],
+        &[files::IMAGE_ENCODER_CONFIG],
         Size::Unknown,
     ),
     hub(
         "image_encoder",
         Group::Inference,
         "CLIP ViT-L/14 image encoder weights",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &["image_encoder/model.safetensors", "image_encoder/pytorch_model.bin"],
+        &files::IMAGE_ENCODER_WEIGHTS,
         Size::About(1_220 * MB),
     ),
     listed(
         "MCLD denoising UNet",
-        &["denoising_unet"],
-        &["denoising_unet"],
+        &[DENOISING_UNET.stem],
+        &[DENOISING_UNET.stem],
     ),
     listed(
         "MCLD reference UNet",
-        &["reference_unet"],
-        &["reference_unet"],
+        &[REFERENCE_UNET.stem],
+        &[REFERENCE_UNET.stem],
     ),
-    listed("MCLD pose guider", &["pose_guider"], &["pose_guider"]),
+    listed("MCLD pose guider", &[POSE_GUIDER.stem], &[POSE_GUIDER.stem]),
     listed(
         "MCLD image projector",
-        &["image_projector", "image_proj"],
-        &["image_projector", "image_proj_model"],
+        &[IMAGE_PROJECTOR.stem, "image_proj"],
+        &[IMAGE_PROJECTOR.stem, IMAGE_PROJ_MODEL.stem],
     ),
     // train: base_model_path's unet/ and the pose guider's initialisation.
     hub(
         "unet",
         Group::Train,
         "SD image-variations UNet config",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &["unet/config.json"],
+        &[files::UNET_CONFIG],
         Size::Unknown,
     ),
     hub(
         "unet",
         Group::Train,
         "SD image-variations UNet weights (initialises both UNets)",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &[
-            "unet/diffusion_pytorch_model.safetensors",
-            "unet/diffusion_pytorch_model.bin",
-        ],
+        &files::UNET_WEIGHTS,
         Size::About(3_440 * MB),
     ),
     hub(
         "controlnet_seg",
         Group::Train,
         "ControlNet v1.1 seg config",
-        (Root::Pretrained, "control_v11p_sd15_seg"),
+        (Root::Pretrained, CONTROLNET_SEG_DIR),
         SEG,
-        &["config.json"],
+        &[files::CONFIG],
         Size::Unknown,
     ),
     hub(
         "controlnet_seg",
         Group::Train,
         "ControlNet v1.1 seg weights (initialise the pose guider)",
-        (Root::Pretrained, "control_v11p_sd15_seg"),
+        (Root::Pretrained, CONTROLNET_SEG_DIR),
         SEG,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.bin",
-        ],
+        &files::DIFFUSERS_WEIGHTS,
         Size::About(1_450 * MB),
     ),
     // prepare (and infer without --texture/--face).

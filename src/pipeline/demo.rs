@@ -162,7 +162,7 @@ pub fn run(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("mcld-demo-{}", std::process::id())),
     };
-    let layout = crate::pipeline::tiny::write_tiny_layout(&dir, &dir.join("dataset"), steps)?;
+    let layout = crate::presets::tree::write_tiny_layout(&dir, &dir.join("dataset"), steps)?;
     let photo = sample_photo().to_rgb8();
     let (w, h) = photo.dimensions();
     let src_pose = synthetic_pose(w, h, false);

@@ -80,7 +80,10 @@ impl ValidationHook {
     }
 
     fn load(&self) -> Result<Loaded> {
-        let ucfg_path = self.cfg.base_model_path.join("unet/config.json");
+        let ucfg_path = self
+            .cfg
+            .base_model_path
+            .join(crate::weights::files::UNET_CONFIG);
         let ucfg = unet::Config::from_json_file(&ucfg_path)?;
         let enc = super::setup::frozen_encoders(&self.cfg, &self.device, self.precision.compute)?;
         let mut scheduler = super::setup::train_scheduler(&self.cfg)?;

@@ -8,7 +8,7 @@ use crate::common;
 use std::path::Path;
 use std::process::Command;
 
-use mcld::pipeline::tiny::write_tiny_layout;
+use mcld::presets::tree::write_tiny_layout;
 
 fn run(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
@@ -267,7 +267,7 @@ fn infer_computes_the_face_embedding() {
 }
 
 /// The tiny layout and a pretrained folder holding the DensePose fixture.
-fn densepose_setup(d: &Path) -> (mcld::pipeline::tiny::TinyLayout, std::path::PathBuf) {
+fn densepose_setup(d: &Path) -> (mcld::presets::tree::TinyLayout, std::path::PathBuf) {
     let tiny = write_tiny_layout(&d.join("w"), &d.join("data"), 1).unwrap();
     let pre = d.join("pretrained");
     std::fs::create_dir_all(&pre).unwrap();
