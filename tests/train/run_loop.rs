@@ -1531,7 +1531,7 @@ fn real_cfg(exp: &Path, dtype: candle_core::DType) -> LoopConfig {
 fn real_step(root: &Path, dtype: candle_core::DType) -> (Box<dyn TrainStep>, Arc<TrainSet>) {
     let cfg_path = root.join("train.yaml");
     if !cfg_path.exists() {
-        mcld::train::tiny::write_tiny_train_base(root, &root.join("data")).unwrap();
+        mcld::presets::tree::write_tiny_train_base(root, &root.join("data")).unwrap();
     }
     let cfg = mcld::config::TrainConfig::load(&cfg_path).unwrap();
     let mut step = mcld::train::setup::build_trainer(&cfg, &Device::Cpu, dtype).unwrap();
@@ -1833,7 +1833,7 @@ fn dry_run_checks_everything_and_prints_the_plan_without_training() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     dataset(&root.join("data"), 6);
-    let cfg_path = mcld::train::tiny::write_tiny_train_base(root, &root.join("data")).unwrap();
+    let cfg_path = mcld::presets::tree::write_tiny_train_base(root, &root.join("data")).unwrap();
     let out = assert_cmd::Command::cargo_bin("mcld")
         .unwrap()
         .args(["train", "--dry-run", "--config"])
