@@ -12,9 +12,7 @@ use mcld::train::cmd::TrainCommand;
 use mcld::train::demo::{quarter_means, read_losses, write_demo_dataset};
 use mcld::train::validate::{grid_path, GRID_COLUMNS};
 
-fn mcld() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mcld"))
-}
+use crate::common::mcld;
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
