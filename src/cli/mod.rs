@@ -135,7 +135,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
                 .workdir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("./mcld_demo_train"));
-            Ok(crate::train::demo::run(&dir, a.train_steps).map(|_| ())?)
+            Ok(crate::train::demo::run(&dir, a.train_steps, &a.device).map(|_| ())?)
         }
         Command::Demo(a) => Ok(crate::pipeline::commands::demo_command(&a)?),
         Command::Bench(BenchCommand::Pipeline(a)) => Ok(crate::bench::pipeline::run(&a)?),

@@ -100,6 +100,10 @@ pub struct DemoArgs {
         default_value_t = 40
     )]
     pub train_steps: usize,
+    /// Where the training demo trains: cpu, cuda or cuda:N (the setup is written on the CPU
+    /// either way; the untrained-image demo always runs on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// `mcld demo` (the `--train` variant is `train::demo`'s, dispatched by the CLI).

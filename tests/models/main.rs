@@ -9,6 +9,7 @@ mod clip;
 mod conv;
 mod cpu_attention;
 mod fused;
+mod gpu_memory;
 mod mcld;
 mod nn;
 mod pose_guider;
