@@ -89,7 +89,8 @@ GPU=${GPU:-none ($DEV)}
 say "gpu-run: $GPU, device $DEV, dry run $DRY, setup ${SECONDS}s"
 
 # Step budgets (seconds). Dry runs on a 2-core machine get more for less work.
-if [ "$DRY" = 1 ]; then B=(0 600 900 900 600 600); else B=(0 90 120 140 40 60); fi
+# Dry runs on a 2-core machine get more time per command (CAPX) for less work.
+if [ "$DRY" = 1 ]; then B=(0 600 900 900 600 600); CAPX=5; WU=0; else B=(0 90 120 140 40 60); CAPX=1; WU=1; fi
 PLAN_END=$SECONDS
 step_end=$SECONDS
 begin() { # n title
@@ -100,7 +101,7 @@ begin() { # n title
 }
 # run NAME CAP CMD...: log to $L/NAME.log, at most min(CAP, what the step has left) seconds.
 run() {
-  local name=$1 cap=$2; shift 2
+  local name=$1 cap=$(($2 * CAPX)); shift 2
   local t=$((step_end - SECONDS)); [ "$t" -gt "$cap" ] && t=$cap
   if [ "$t" -lt 10 ]; then say "  $name: SKIPPED (step budget spent)"; echo "skipped" >"$L/$name.status"; return 99; fi
   local t0=$SECONDS
@@ -113,7 +114,7 @@ run() {
 }
 status() { cat "$L/$1.status" 2>/dev/null || echo "not run"; }
 # A figure out of a log: fig LOG REGEX (first group of the last match).
-fig() { [ -f "$L/$1.log" ] && sed -nE "s/.*$2.*/\1/p" "$L/$1.log" | tail -1; }
+fig() { [ -f "$L/$1.log" ] && sed -nE "s#.*$2.*#\1#p" "$L/$1.log" | tail -1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "" && b != "" && b + 0 > 0) printf "%.2f", a / b; else printf "-" }'; }
 row() { # what mcld pytorch unit status
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$STEP" "$1" "${2:--}" "${3:--}" "$(ratio "$2" "$3")" "$4" "$5" >>"$RES"
@@ -166,8 +167,8 @@ if [[ $STEPS == *" 2 "* ]]; then
   if [ "$DRY" = 1 ]; then SZ=64; NS=2; PAIRS="bf16:2"; else SZ=512; NS=20; PAIRS="bf16:1 f16:1 bf16:4 f16:4"; fi
   for p in $PAIRS; do
     dt=${p%:*}; b=${p#*:}; n=pipe-$dt-b$b
-    run "$n-mcld" 100 "$M" bench pipeline --device $DEV --dtype "$dt" --size $SZ --steps $NS --batch-size "$b" --images "$b" --warmup 1
-    run "$n-torch" 80 $PY tools/reference/bench_pipeline_torch.py --device $DEV --dtype "$dt" --size $SZ --steps $NS --batch-size "$b" --images "$b" --warmup 1
+    run "$n-mcld" 100 "$M" bench pipeline --device $DEV --dtype "$dt" --size $SZ --steps $NS --batch-size "$b" --images "$b" --warmup $WU
+    run "$n-torch" 80 $PY tools/reference/bench_pipeline_torch.py --device $DEV --dtype "$dt" --size $SZ --steps $NS --batch-size "$b" --images "$b" --warmup $WU
     s="$(status "$n-mcld")/$(status "$n-torch")"
     row "pipeline $dt batch $b: s/image" "$(fig "$n-mcld" 'per image: ([0-9.]+)s total')" "$(fig "$n-torch" 'per image: ([0-9.]+)s total')" "s" "$s"
     row "pipeline $dt batch $b: s/step (guided)" "$(fig "$n-mcld" '\(([0-9.]+)s/step\)')" "$(fig "$n-torch" '\(([0-9.]+)s/step\)')" "s" "$s"
@@ -182,17 +183,19 @@ fi
 if [[ $STEPS == *" 3 "* ]]; then
   begin 3 "training: mcld bench train vs PyTorch, f16, full width"
   # Most wanted first: the reference's batch 12 (with checkpointing, then without), then 1 and 4.
-  if [ "$DRY" = 1 ]; then SZ=64; WD=half; CFGS="1:ckpt"; OPT=(--optimizer none); else SZ=512; WD=full; CFGS="12:ckpt 1:plain 12:plain 4:plain 4:ckpt 1:ckpt"; OPT=(); fi
+  # (f32 in a dry run: the CPU's f16 is emulated and slow.)
+  TDT=f16
+  if [ "$DRY" = 1 ]; then SZ=64; WD=half; CFGS="1:ckpt"; OPT=(--optimizer none); TDT=f32; else SZ=512; WD=full; CFGS="12:ckpt 1:plain 12:plain 4:plain 4:ckpt 1:ckpt"; OPT=(); fi
   for c in $CFGS; do
     b=${c%:*}; k=${c#*:}; n=train-b$b-$k
     ck=(); [ "$k" = ckpt ] && ck=(--grad-checkpointing)
-    run "$n-mcld" 120 "$M" bench train --device $DEV --dtype f16 --size $SZ --width $WD --batch-size "$b" --steps 2 --warmup 1 "${OPT[@]}" "${ck[@]}"
-    run "$n-torch" 90 $PY tools/reference/bench_train_torch.py --device $DEV --dtype f16 --size $SZ --width $WD --batch-size "$b" --steps 2 --warmup 1 "${OPT[@]}" "${ck[@]}"
+    run "$n-mcld" 120 "$M" bench train --device $DEV --dtype $TDT --size $SZ --width $WD --batch-size "$b" --steps 2 --warmup $WU "${OPT[@]}" "${ck[@]}"
+    run "$n-torch" 90 $PY tools/reference/bench_train_torch.py --device $DEV --dtype $TDT --size $SZ --width $WD --batch-size "$b" --steps 2 --warmup $WU "${OPT[@]}" "${ck[@]}"
     s="$(status "$n-mcld")/$(status "$n-torch")"
-    row "train f16 batch $b $k: steps/s" "$(fig "$n-mcld" '= ([0-9.]+) steps/s')" "$(fig "$n-torch" '= ([0-9.]+) steps/s')" "1/s" "$s"
-    row "train f16 batch $b $k: samples/s" "$(fig "$n-mcld" ', ([0-9.]+) samples/s')" "$(fig "$n-torch" ', ([0-9.]+) samples/s')" "1/s" "$s"
-    row "train f16 batch $b $k: backward s" "$(fig "$n-mcld" 'backward ([0-9.]+) s \| optimizer')" "$(fig "$n-torch" 'backward ([0-9.]+) s \| optimizer')" "s" "$s"
-    row "train f16 batch $b $k: peak GPU memory" "$(fig "$n-mcld" 'peak GPU memory ([0-9.]+) GiB')" "$(fig "$n-torch" 'peak GPU memory ([0-9.]+) GiB')" "GiB" "$s"
+    row "train $TDT batch $b $k: steps/s" "$(fig "$n-mcld" '= ([0-9.]+) steps/s')" "$(fig "$n-torch" '= ([0-9.]+) steps/s')" "1/s" "$s"
+    row "train $TDT batch $b $k: samples/s" "$(fig "$n-mcld" ', ([0-9.]+) samples/s')" "$(fig "$n-torch" ', ([0-9.]+) samples/s')" "1/s" "$s"
+    row "train $TDT batch $b $k: backward s" "$(fig "$n-mcld" 'backward ([0-9.]+) s \| optimizer')" "$(fig "$n-torch" 'backward ([0-9.]+) s \| optimizer')" "s" "$s"
+    row "train $TDT batch $b $k: peak GPU memory" "$(fig "$n-mcld" 'peak GPU memory ([0-9.]+) GiB')" "$(fig "$n-torch" 'peak GPU memory ([0-9.]+) GiB')" "GiB" "$s"
     grep -qiE 'out of memory|CUDA_ERROR_OUT_OF_MEMORY' "$L/$n-mcld.log" 2>/dev/null && say "  $n-mcld: out of GPU memory"
   done
 fi
@@ -226,7 +229,7 @@ if [[ $STEPS == *" 5 "* ]]; then
   # Full width where the helper can write random SD-1.5-size base models (not in a dry run: the
   # full set and AdamW's moments need about 27 GB).
   LW=$W/loop
-  run loop-setup 20 "$M" demo --train --device cpu --train-steps 1 --workdir "$LW"
+  run loop-setup 30 "$M" demo --train --device cpu --train-steps 1 --workdir "$LW"
   wd=demo
   if [ "$DRY" != 1 ] && run loop-full-width 30 $PY tools/reference/full_width_base.py "$LW" --device $DEV; then wd=full; fi
   TR=("$M" train --config "$LW/train.yaml" --device $DEV --max_train_steps 20 --validation_steps 0
@@ -236,12 +239,13 @@ if [[ $STEPS == *" 5 "* ]]; then
   t0=$SECONDS
   "${TR[@]}" >"$L/loop-killed.log" 2>&1 &
   pid=$!
-  while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - t0)) -lt 60 ] \
-    && [ "$(grep -c '"loss"' "$log" 2>/dev/null)" -lt 8 ]; do sleep 0.2; done
+  logged() { cat "$log" 2>/dev/null | grep -c '"loss"'; }
+  while kill -0 "$pid" 2>/dev/null && [ $((SECONDS - t0)) -lt $((60 * CAPX)) ] \
+    && [ "$(logged)" -lt 8 ]; do sleep 0.2; done
   if kill -9 "$pid" 2>/dev/null; then echo "killed" >"$L/loop-killed.status"
   else echo "ended before the kill" >"$L/loop-killed.status"; fi
   wait "$pid" 2>/dev/null
-  before=$(grep -c '"loss"' "$log" 2>/dev/null)
+  before=$(logged)
   cp "$log" "$L/loop-before-kill.jsonl" 2>/dev/null
   say "  loop-killed: $(status loop-killed) after $((SECONDS - t0))s, ${before:-0} steps logged"
   run loop-resumed 60 "${TR[@]}" --resume_from_checkpoint latest
@@ -270,7 +274,7 @@ fi
 # ---------------------------------------------------------------- summary
 tar -czf "$O/logs.tar.gz" -C "$L" . 2>/dev/null
 {
-  echo "GPU run: $GPU; $(date -u +%F); dry run $DRY; $((SECONDS - T0)) s"
+  echo "GPU run: $GPU; $(date -u +%F); dry run $DRY; $((SECONDS - T0)) s; ratio = mcld / PyTorch"
   column -t -s $'\t' "$RES" 2>/dev/null || cat "$RES"
 } >"$O/summary.txt"
 cp "$L/run.log" "$O/run.log"

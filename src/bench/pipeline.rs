@@ -230,7 +230,9 @@ pub(crate) fn print_gpu_peak(device: &Device, fallback: Option<u64>) {
             "peak GPU memory {:.2} GiB (nvidia-smi samples only: peaks between them are missed)",
             gib(b)
         ),
-        (None, None) => println!("peak GPU memory: not reported (no pool statistics, no nvidia-smi)"),
+        (None, None) => {
+            println!("peak GPU memory: not reported (no pool statistics, no nvidia-smi)")
+        }
     }
 }
 

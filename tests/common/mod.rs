@@ -21,8 +21,9 @@ pub fn fixtures_dir() -> PathBuf {
 /// back to the CPU.
 pub fn device() -> Device {
     match std::env::var("MCLD_TEST_DEVICE") {
-        Ok(s) if !s.trim().is_empty() => mcld::device::parse_device(&s)
-            .unwrap_or_else(|e| panic!("MCLD_TEST_DEVICE={s}: {e}")),
+        Ok(s) if !s.trim().is_empty() => {
+            mcld::device::parse_device(&s).unwrap_or_else(|e| panic!("MCLD_TEST_DEVICE={s}: {e}"))
+        }
         _ => Device::Cpu,
     }
 }

@@ -20,7 +20,10 @@ fn weights(case: &Case) -> HashMap<String, Tensor> {
 
 fn model(case: &Case, w: HashMap<String, Tensor>) -> mcld::Result<ClipVisionModelWithProjection> {
     let cfg = Config::from_json_str(&case.json["config"].to_string()).unwrap();
-    ClipVisionModelWithProjection::new(VarBuilder::from_tensors(w, DType::F32, &common::device()), &cfg)
+    ClipVisionModelWithProjection::new(
+        VarBuilder::from_tensors(w, DType::F32, &common::device()),
+        &cfg,
+    )
 }
 
 fn preprocess_cfg(case: &Case) -> Preprocess {

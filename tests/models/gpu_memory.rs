@@ -16,7 +16,10 @@ fn gpu_memory_peak_sees_a_freed_buffer() {
         assert!(!reset_gpu_memory_peak(&dev));
         return;
     }
-    assert!(reset_gpu_memory_peak(&dev), "no pool statistics on this GPU");
+    assert!(
+        reset_gpu_memory_peak(&dev),
+        "no pool statistics on this GPU"
+    );
     let before = gpu_memory_peak(&dev).unwrap();
     const BYTES: u64 = 256 << 20;
     let t = Tensor::ones((BYTES / 4) as usize, DType::F32, &dev).unwrap();

@@ -13,7 +13,11 @@ fn config(case: &Case) -> Config {
 
 fn build(case: &Case) -> Resampler {
     let prefix = case.json["weight_prefix"].as_str().unwrap_or("");
-    let vb = VarBuilder::from_tensors(case.weights_with_prefix(prefix), DType::F32, &common::device());
+    let vb = VarBuilder::from_tensors(
+        case.weights_with_prefix(prefix),
+        DType::F32,
+        &common::device(),
+    );
     Resampler::new(vb, &config(case)).unwrap()
 }
 

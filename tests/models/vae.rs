@@ -19,7 +19,10 @@ fn weights(case: &Case) -> HashMap<String, Tensor> {
 
 fn model(case: &Case, w: HashMap<String, Tensor>) -> mcld::Result<AutoencoderKL> {
     let cfg = Config::from_json_str(&case.json["config"].to_string()).unwrap();
-    AutoencoderKL::new(VarBuilder::from_tensors(w, DType::F32, &common::device()), &cfg)
+    AutoencoderKL::new(
+        VarBuilder::from_tensors(w, DType::F32, &common::device()),
+        &cfg,
+    )
 }
 
 #[test]

@@ -49,8 +49,8 @@ fn write_config(case: &Case, path: &Path, score_thresh: Option<f64>) {
 /// `mcld prepare` on the test device; `MCLD_TEST_BIN` names the binary where this test runs
 /// away from its build tree (scripts/gpu-run.sh on the GPU machine).
 fn mcld_prepare(root: &Path, extra: &[&str]) -> std::process::Output {
-    let bin = std::env::var_os("MCLD_TEST_BIN")
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_mcld").into());
+    let bin =
+        std::env::var_os("MCLD_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_mcld").into());
     let mut cmd = Command::new(bin);
     cmd.args(["prepare", "--only", "densepose", "--dataset_root"])
         .arg(root)
@@ -333,8 +333,7 @@ fn batched_backbone_passes_match_single_ones() {
     // One photo alone, in process.
     let (c, _) = mcld::models::densepose::load_config(Some(&cfg)).unwrap();
     let model =
-        mcld::models::densepose::load_model(&c, &case.safetensors_path, &common::device())
-            .unwrap();
+        mcld::models::densepose::load_model(&c, &case.safetensors_path, &common::device()).unwrap();
     let img = Image3::read_bgr(&root.join("train").join(PHOTO)).unwrap();
     let single = model.iuv(&img).unwrap().unwrap();
     let tmp = root.join("single.png");

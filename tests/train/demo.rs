@@ -201,12 +201,24 @@ fn demo_train_refuses_a_bad_device_before_writing() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("demo");
     let out = mcld()
-        .args(["demo", "--train", "--train-steps", "1", "--device", "tpu", "--workdir"])
+        .args([
+            "demo",
+            "--train",
+            "--train-steps",
+            "1",
+            "--device",
+            "tpu",
+            "--workdir",
+        ])
         .arg(&dir)
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a bad --device was accepted");
     assert!(err.contains("--device") && err.contains("tpu"), "{err}");
-    assert!(!dir.exists(), "the demo wrote {} before refusing", dir.display());
+    assert!(
+        !dir.exists(),
+        "the demo wrote {} before refusing",
+        dir.display()
+    );
 }

@@ -9,6 +9,7 @@ Rewrites under DIR/pretrained_weights/:
                                                 (the UNets' cross-attention width; frozen, so
                                                 its size does not matter to the step)
   control_v11p_sd15_seg/                        controlnet_cond_embedding.* at 320 channels
+and DIR/clip_std.npy (per-dimension CLIP std, now 768 values).
 
     python3 tools/reference/full_width_base.py DIR [--device cuda]
 """
@@ -65,6 +66,10 @@ def main():
     )
     with open(os.path.join(cn, "config.json"), "w") as f:
         json.dump({"_class_name": "ControlNetModel", "block_out_channels": cfg["block_out_channels"]}, f)
+    import numpy as np
+
+    std = np.full((cfg["cross_attention_dim"],), 0.5, dtype=np.float32)
+    np.save(os.path.join(a.dir, "clip_std.npy"), std)
     n = sum(x.numel() for x in unet.parameters())
     print(f"wrote a full-width random UNet ({n / 1e6:.0f} M values), CLIP -> 768 and a 320-channel pose guider under {pre}")
 
