@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Prepares the GPU run (scripts/gpu-run.sh) on a machine without a GPU, so the lease is spent
 # on the GPU work alone. Leaves in the git-ignored .gpu/ (what the device call carries):
-#   bin.tar.xz       mcld and the test binaries models, pipeline, train (and prepare, if it
-#                    fits), built with --features cuda,cudnn,nccl for sm_90, stripped
+#   bin.tar.xz       mcld and the test binaries models, ops, pipeline, train (and prepare, if
+#                    it fits), built with --features cuda,cudnn,nccl for sm_90, stripped
 #   fixtures.tar.xz  the fixture cases those tests read (../shared/fixtures does not travel)
 #   wheels/          diffusers and importlib_metadata (the GPU machine's image lacks both)
 #   MANIFEST         commit, features, sizes, sha256s
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-cuda}
 FEATURES=cuda,cudnn,nccl
-TESTS=${MCLD_GPU_TESTS:-models pipeline train prepare}
+TESTS=${MCLD_GPU_TESTS:-models ops pipeline train prepare}
 RAW=$CARGO_TARGET_DIR/gpu-raw
 LIMIT=$((64 * 1024 * 1024))
 mkdir -p .gpu "$RAW"

@@ -46,7 +46,7 @@ if [ "$DRY" = 1 ]; then
   M=${MCLD_BIN:-$REPO/target/release/mcld}
   BIN=$W/bin; mkdir -p "$BIN"
   # The CPU test binaries cargo built last (`cargo test --release --no-run`).
-  for t in models pipeline train prepare; do
+  for t in models ops pipeline train prepare; do
     f=$(ls -t "$REPO"/target/release/deps/"$t"-* 2>/dev/null | grep -v '\.d$' | head -1)
     [ -n "$f" ] && ln -sf "$f" "$BIN/test-$t"
   done
@@ -151,8 +151,11 @@ if [[ $STEPS == *" 1 "* ]]; then
     row "t-densepose (DensePose stage)" "" "" tests "not packed (64 MiB limit); step 4 runs it"
   fi
   # The custom CUDA ops (issue #24) against their CPU versions: whatever tests name cuda.
-  run t-cuda-ops 60 "${TENV[@]}" "$BIN/test-models" cuda --test-threads=1
-  tests_row t-cuda-ops "models tests named *cuda*"
+  for t in ops models; do
+    [ -x "$BIN/test-$t" ] || continue
+    run "t-cuda-$t" 60 "${TENV[@]}" "$BIN/test-$t" cuda --test-threads=1
+    tests_row "t-cuda-$t" "$t tests named *cuda*"
+  done
   run t-cuda-ops-train 60 "${TENV[@]}" "$BIN/test-train" cuda --test-threads=1
   tests_row t-cuda-ops-train "train tests named *cuda*"
   if [ "$DEV" = cuda ]; then

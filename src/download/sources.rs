@@ -2,8 +2,9 @@
 //! from, where it goes and how it is checked. `--list` prints it; the missing-model messages of
 //! the other commands name its groups and ids.
 //!
-//! Destinations are the paths the commands look up: `pipeline::checkpoints` (checkpoints and the
-//! `train.yaml` base-model folders), `prepare::densepose::stage::WEIGHTS_FILE`,
+//! Destinations are the paths the commands look up: `pipeline::weight_files` (checkpoints and the
+//! `train.yaml` base-model folders; the model files are named through `weights::files`, as the
+//! loaders name them), `prepare::densepose::stage::WEIGHTS_FILE`,
 //! `prepare::face::{DETECTOR_ONNX, RECOGNISER_ONNX}` under `antelopev2/`, the first names of
 //! `cli::evaluate::{inception_file_names, METRIC_WEIGHTS}` and `metrics::face`'s `buffalo_s/`.
 
@@ -142,6 +143,11 @@ const fn hub(
     }
 }
 
+use crate::weights::files::{
+    self, CONTROLNET_SEG_DIR, DENOISING_UNET, IMAGE_PROJECTOR, IMAGE_PROJ_MODEL,
+    IMAGE_VARIATIONS_DIR, POSE_GUIDER, REFERENCE_UNET, SD15_DIR, VAE_DIR,
+};
+
 const SD15: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 const VAE: &str = "stabilityai/sd-vae-ft-mse";
 const SDIV: &str = "lambdalabs/sd-image-variations-diffusers";
@@ -155,48 +161,45 @@ pub const SOURCES: &[Source] = &[
         "sd15",
         Group::Inference,
         "SD-1.5 UNet config (both UNets are built from it)",
-        (Root::Pretrained, "stable-diffusion-v1-5"),
+        (Root::Pretrained, SD15_DIR),
         SD15,
-        &["unet/config.json"],
+        &[files::UNET_CONFIG],
         Size::Unknown,
     ),
     hub(
         "vae",
         Group::Inference,
         "VAE config",
-        (Root::Pretrained, "sd-vae-ft-mse"),
+        (Root::Pretrained, VAE_DIR),
         VAE,
-        &["config.json"],
+        &[files::CONFIG],
         Size::Unknown,
     ),
     hub(
         "vae",
         Group::Inference,
         "VAE weights",
-        (Root::Pretrained, "sd-vae-ft-mse"),
+        (Root::Pretrained, VAE_DIR),
         VAE,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.bin",
-        ],
+        &files::DIFFUSERS_WEIGHTS,
         Size::About(335 * MB),
     ),
     hub(
         "image_encoder",
         Group::Inference,
         "CLIP ViT-L/14 image encoder config",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &["image_encoder/config.json"],
+        &[files::IMAGE_ENCODER_CONFIG],
         Size::Unknown,
     ),
     hub(
         "image_encoder",
         Group::Inference,
         "CLIP ViT-L/14 image encoder weights",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &["image_encoder/model.safetensors", "image_encoder/pytorch_model.bin"],
+        &files::IMAGE_ENCODER_WEIGHTS,
         Size::About(1_220 * MB),
     ),
     hub(
@@ -205,7 +208,7 @@ pub const SOURCES: &[Source] = &[
         "MCLD denoising UNet",
         (Root::Checkpoints, ""),
         MCLD,
-        &["denoising_unet.safetensors", "denoising_unet.pth"],
+        &[DENOISING_UNET.safetensors, DENOISING_UNET.pth],
         Size::Unknown,
     ),
     hub(
@@ -214,7 +217,7 @@ pub const SOURCES: &[Source] = &[
         "MCLD reference UNet",
         (Root::Checkpoints, ""),
         MCLD,
-        &["reference_unet.safetensors", "reference_unet.pth"],
+        &[REFERENCE_UNET.safetensors, REFERENCE_UNET.pth],
         Size::Unknown,
     ),
     hub(
@@ -223,7 +226,7 @@ pub const SOURCES: &[Source] = &[
         "MCLD pose guider",
         (Root::Checkpoints, ""),
         MCLD,
-        &["pose_guider.safetensors", "pose_guider.pth"],
+        &[POSE_GUIDER.safetensors, POSE_GUIDER.pth],
         Size::Unknown,
     ),
     hub(
@@ -233,9 +236,9 @@ pub const SOURCES: &[Source] = &[
         (Root::Checkpoints, ""),
         MCLD,
         &[
-            "image_projector.safetensors",
-            "image_projector.pth",
-            "image_proj_model.pth",
+            IMAGE_PROJECTOR.safetensors,
+            IMAGE_PROJECTOR.pth,
+            IMAGE_PROJ_MODEL.pth,
         ],
         Size::Unknown,
     ),
@@ -244,42 +247,36 @@ pub const SOURCES: &[Source] = &[
         "unet",
         Group::Train,
         "SD image-variations UNet config",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &["unet/config.json"],
+        &[files::UNET_CONFIG],
         Size::Unknown,
     ),
     hub(
         "unet",
         Group::Train,
         "SD image-variations UNet weights (initialises both UNets)",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &[
-            "unet/diffusion_pytorch_model.safetensors",
-            "unet/diffusion_pytorch_model.bin",
-        ],
+        &files::UNET_WEIGHTS,
         Size::About(3_440 * MB),
     ),
     hub(
         "controlnet_seg",
         Group::Train,
         "ControlNet v1.1 seg config",
-        (Root::Pretrained, "control_v11p_sd15_seg"),
+        (Root::Pretrained, CONTROLNET_SEG_DIR),
         SEG,
-        &["config.json"],
+        &[files::CONFIG],
         Size::Unknown,
     ),
     hub(
         "controlnet_seg",
         Group::Train,
         "ControlNet v1.1 seg weights (initialise the pose guider)",
-        (Root::Pretrained, "control_v11p_sd15_seg"),
+        (Root::Pretrained, CONTROLNET_SEG_DIR),
         SEG,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.bin",
-        ],
+        &files::DIFFUSERS_WEIGHTS,
         Size::About(1_450 * MB),
     ),
     // prepare (and infer without --texture/--face).

@@ -80,7 +80,10 @@ impl ValidationHook {
     }
 
     fn load(&self) -> Result<Loaded> {
-        let ucfg_path = self.cfg.base_model_path.join("unet/config.json");
+        let ucfg_path = self
+            .cfg
+            .base_model_path
+            .join(crate::weights::files::UNET_CONFIG);
         let ucfg = unet::Config::from_json_file(&ucfg_path)?;
         let enc = super::setup::frozen_encoders(&self.cfg, &self.device, self.precision.compute)?;
         let mut scheduler = super::setup::train_scheduler(&self.cfg)?;
@@ -142,7 +145,7 @@ impl ValidationHook {
             rows.push([
                 p.source.clone(),
                 p.texture.clone(),
-                crate::pipeline::commands::pose_preview(&p.pose),
+                crate::imageops::viz::pose_preview(&p.pose),
                 crate::imageops::generated_to_rgb(g, (size, size))?,
                 p.target.clone(),
             ]);

@@ -6,9 +6,9 @@
 use std::path::Path;
 use std::process::Command;
 
+use mcld::presets::tree::write_tiny_train_base;
 use mcld::train::cmd::TrainCommand;
 use mcld::train::demo::{quarter_means, read_losses, write_demo_dataset};
-use mcld::train::tiny::write_tiny_train_base;
 use mcld::train::validate::{grid_path, GRID_COLUMNS, VALIDATION_PAIRS};
 
 fn mcld() -> Command {
