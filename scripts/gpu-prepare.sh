@@ -39,6 +39,13 @@ for f in .gpu/mcld .gpu/test-*; do
   [ -f "$f" ] && [ "${f%.gz}" = "$f" ] && mv -f "$f" "$RAW/"
 done
 [ -x "$RAW/mcld" ] || { echo "no CUDA mcld in $RAW: run without MCLD_PREPARE_SKIP_BUILD" >&2; exit 1; }
+# A CPU build would pack and travel just as well, and fail only on the GPU machine.
+# (MCLD_PREPARE_ALLOW_CPU=1 packs one anyway: a check of this script's packing.)
+for b in "$RAW"/*; do
+  if ! readelf -d "$b" | grep -q 'libcuda\.so' && [ "${MCLD_PREPARE_ALLOW_CPU:-0}" != 1 ]; then
+    echo "$b does not link libcuda: not a --features cuda build" >&2; exit 1
+  fi
+done
 
 # 3. The fixtures the GPU tests load.
 FIX=../shared/fixtures
