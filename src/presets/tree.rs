@@ -237,6 +237,9 @@ pub fn write_tiny_train_base(root: &Path, dataset_root: &Path) -> Result<PathBuf
     cfg.data.train_width = 64;
     cfg.data.train_height = 64;
     cfg.data.train_bs = 2;
+    // Three validation rows: fewer than train.yaml's 8 keeps the tests quick, and differs
+    // from the former hard-coded 4 so that the key is seen to count.
+    cfg.data.val_bs = 3;
     cfg.base_model_path = base.clone();
     cfg.vae_model_path = vae_dir.clone();
     cfg.image_encoder_path = base.join(files::IMAGE_ENCODER_DIR);
@@ -245,6 +248,8 @@ pub fn write_tiny_train_base(root: &Path, dataset_root: &Path) -> Result<PathBuf
     cfg.pretrained_vae_path = vae_dir;
     cfg.clip_std_path = clip_std;
     cfg.weight_dtype = "fp32".into();
+    cfg.solver.mixed_precision = "no".into();
+    cfg.data.num_processes = 1;
     cfg.device = "cpu".into();
     cfg.output_dir = root.join("exp_output");
     cfg.exp_name = "tiny".into();

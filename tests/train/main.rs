@@ -9,6 +9,9 @@ mod demo;
 mod grad;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod plot;
 mod run_loop;
+mod schedule;
 mod step;
+mod steps;
 mod trainer;
