@@ -15,6 +15,19 @@ pub fn fixtures_dir() -> PathBuf {
     }
 }
 
+/// Device the fixture cases run on: `MCLD_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`), else the CPU.
+/// scripts/gpu-run.sh sets it to run the model, pipeline and training fixtures on a GPU with
+/// the tolerances they have on the CPU; an unusable value fails the test rather than falling
+/// back to the CPU.
+pub fn device() -> Device {
+    match std::env::var("MCLD_TEST_DEVICE") {
+        Ok(s) if !s.trim().is_empty() => {
+            mcld::device::parse_device(&s).unwrap_or_else(|e| panic!("MCLD_TEST_DEVICE={s}: {e}"))
+        }
+        _ => Device::Cpu,
+    }
+}
+
 /// Path of a file under the fixture root; panics (fails the test) when it is missing.
 pub fn fixture_path(rel: &str) -> PathBuf {
     let p = fixtures_dir().join(rel);
@@ -26,7 +39,7 @@ pub fn fixture_path(rel: &str) -> PathBuf {
     p
 }
 
-/// One fixture case: its JSON and its tensors (all on the CPU).
+/// One fixture case: its JSON and its tensors (all on the test [`device`]).
 pub struct Case {
     pub name: String,
     pub json: serde_json::Value,
@@ -40,7 +53,7 @@ pub fn load_case(group: &str, case: &str) -> Case {
     let sp = fixture_path(&format!("{group}/{case}.safetensors"));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(&sp, &Device::Cpu).unwrap();
+    let tensors = candle_core::safetensors::load(&sp, &device()).unwrap();
     Case {
         name: case.to_string(),
         json,
