@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod prepare;
 pub mod rank;
 pub mod scheduler;
+pub mod serve;
 pub mod train;
 pub mod weights;
 

@@ -46,6 +46,8 @@ pub enum Command {
     Bench(BenchCommand),
     /// Fetch, check and place the models the other commands read (Hugging Face Hub, model zoos).
     Download(crate::download::DownloadArgs),
+    /// A local web page to re-pose and dress people, on networks loaded once.
+    Serve(crate::serve::ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,5 +144,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Bench(BenchCommand::Densepose(a)) => Ok(crate::bench::densepose::run(&a)?),
         Command::Bench(BenchCommand::Train(a)) => Ok(crate::bench::train::run(&a)?),
         Command::Download(a) => Ok(crate::download::run_cli(&a)?),
+        Command::Serve(a) => Ok(crate::serve::run(&a)?),
     }
 }

@@ -12,7 +12,7 @@ use crate::args::{CheckpointArgs, ComputeArgs, PretrainedArgs, ShardArgs};
 use crate::config::TrainConfig;
 use crate::data::{read_face_embedding, read_pairs, read_rgb, DatasetLayout, Pair, PairInputs};
 use crate::pipeline::demo;
-use crate::pipeline::mcld::{McldPipeline, SeededGenerator};
+use crate::pipeline::mcld::{McldPipeline, NoProgress, SampleOptions, SeededGenerator};
 use crate::pipeline::preprocess::{self, FaceOutcome};
 use crate::pipeline::testset::{run_test_set, Postprocess, TestRunOptions};
 use crate::{Error, Result};
@@ -73,8 +73,24 @@ pub struct InferArgs {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// DDIM steps (default: the inference config's `num_inference_steps`).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (default: the inference config's `guidance_scale`).
+    #[arg(long)]
+    pub guidance: Option<f64>,
     #[command(flatten)]
     pub compute: ComputeArgs,
+}
+
+impl InferArgs {
+    /// The overrides of the inference config this command asks for.
+    pub fn sample_options(&self) -> SampleOptions {
+        SampleOptions {
+            steps: self.steps,
+            guidance: self.guidance,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -285,7 +301,12 @@ pub(crate) fn generate_to_out(
     )?;
     let load_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let out = pipeline.generate(std::slice::from_ref(input), a.seed)?;
+    let out = pipeline.generate_with(
+        std::slice::from_ref(input),
+        a.seed,
+        &a.sample_options(),
+        &mut NoProgress,
+    )?;
     let gen_s = t1.elapsed().as_secs_f64();
     let img = to_rgb(&out[0])?;
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img.clone()), &a.out)?;
@@ -428,6 +449,13 @@ pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
             )?;
         }
         crate::data::npy::write_f32(&face, &[512], &input.face)?;
+        // A pose gallery for `mcld serve --poses DIR/poses`.
+        for (img, name) in [(&tgt_pose, "demo_target.png"), (&src_pose, "demo_source.png")] {
+            crate::fsutil::save_image_atomic(
+                &image::DynamicImage::ImageRgb8(img.clone()),
+                &dir.join("poses").join(name),
+            )?;
+        }
         println!(
             "kept the tiny weights and sample inputs in {}; re-run the pipeline on them with\n  \
              mcld infer --ckpt_dir {} --config_path {} --source {} --pose {} --texture {} \
@@ -439,6 +467,12 @@ pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
             inputs.join("pose.png").display(),
             inputs.join("texture.png").display(),
             face.display()
+        );
+        println!(
+            "or open them in the web page:\n  mcld serve --ckpt_dir {} --config_path {} --poses {}",
+            layout.ckpt_dir.display(),
+            layout.config_path.display(),
+            dir.join("poses").display()
         );
     } else {
         let _ = std::fs::remove_dir_all(&dir);

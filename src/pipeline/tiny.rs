@@ -14,6 +14,12 @@ use crate::weights::prefixed_var_builder;
 use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
+/// Written beside the tiny checkpoints, so that `mcld serve` can label what it shows as the
+/// output of untrained weights.
+pub const UNTRAINED_MARKER: &str = "UNTRAINED_DEMO_WEIGHTS.txt";
+const UNTRAINED_NOTE: &str = "These checkpoints are tiny seeded random weights written by `mcld \
+demo`: they exercise the whole pipeline, and what they generate is noise.\n";
+
 /// What [`write_tiny_layout`] produced.
 #[derive(Debug, Clone)]
 pub struct TinyLayout {
@@ -125,6 +131,7 @@ pub fn write_tiny_layout(root: &Path, dataset_root: &Path, steps: usize) -> Resu
     for (_, w, file) in &parts {
         save_recorded(&ckpt.join(file), w)?;
     }
+    crate::fsutil::write_atomic(&ckpt.join(UNTRAINED_MARKER), UNTRAINED_NOTE.as_bytes())?;
     let vcfg: vae::Config =
         serde_json::from_value(vae_json()).map_err(|e| Error::msg(e.to_string()))?;
     write_json(&pre.join("vae/config.json"), &vae_json())?;
