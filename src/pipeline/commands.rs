@@ -450,7 +450,10 @@ pub fn demo(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
         }
         crate::data::npy::write_f32(&face, &[512], &input.face)?;
         // A pose gallery for `mcld serve --poses DIR/poses`.
-        for (img, name) in [(&tgt_pose, "demo_target.png"), (&src_pose, "demo_source.png")] {
+        for (img, name) in [
+            (&tgt_pose, "demo_target.png"),
+            (&src_pose, "demo_source.png"),
+        ] {
             crate::fsutil::save_image_atomic(
                 &image::DynamicImage::ImageRgb8(img.clone()),
                 &dir.join("poses").join(name),

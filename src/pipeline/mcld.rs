@@ -372,14 +372,9 @@ impl McldPipeline {
         progress.phase(Phase::Condition)?;
         let cond = self.condition(batch)?;
         progress.phase(Phase::Sample)?;
-        let (latents, _) = denoise(
-            &self.nets,
-            &scheduler,
-            &cond,
-            &noise,
-            guidance,
-            |i, n| progress.step(i, n),
-        )?;
+        let (latents, _) = denoise(&self.nets, &scheduler, &cond, &noise, guidance, |i, n| {
+            progress.step(i, n)
+        })?;
         progress.phase(Phase::Decode)?;
         let img = decode(&self.vae, &latents, self.dtype)?.to_device(&Device::Cpu)?;
         (0..batch.len()).map(|i| Ok(img.get(i)?)).collect()

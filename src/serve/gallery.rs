@@ -100,7 +100,11 @@ impl Gallery {
         if !valid_name(name) {
             return Err(GalleryError::BadName);
         }
-        if self.names.binary_search_by(|n| n.as_str().cmp(name)).is_err() {
+        if self
+            .names
+            .binary_search_by(|n| n.as_str().cmp(name))
+            .is_err()
+        {
             return Err(GalleryError::NotFound);
         }
         let path =

@@ -61,7 +61,10 @@ type Shr = State<Arc<Shared>>;
 pub fn router(shared: Arc<Shared>) -> Router {
     let limit = shared.max_upload;
     Router::new()
-        .route("/", get(|| async { page(INDEX_HTML, "text/html; charset=utf-8") }))
+        .route(
+            "/",
+            get(|| async { page(INDEX_HTML, "text/html; charset=utf-8") }),
+        )
         .route(
             "/app.js",
             get(|| async { page(APP_JS, "text/javascript; charset=utf-8") }),
@@ -191,9 +194,12 @@ async fn list_poses(
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|_| Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())))
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|_| {
+        Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error".into(),
+        ))
+    })
 }
 
 fn png_response(bytes: Vec<u8>, cache: &'static str) -> Response {
@@ -214,8 +220,8 @@ async fn pose_preview(State(s): Shr, UrlPath(name): UrlPath<String>) -> Result<R
         let iuv = crate::data::read_rgb(&path).map_err(|e| ApiError::bad(e.to_string()))?;
         let prev = crate::pipeline::commands::pose_preview(&iuv);
         let h = 192u32;
-        let w = ((prev.width() as f64 * h as f64 / prev.height().max(1) as f64).round() as u32)
-            .max(1);
+        let w =
+            ((prev.width() as f64 * h as f64 / prev.height().max(1) as f64).round() as u32).max(1);
         let small = image::imageops::resize(&prev, w, h, image::imageops::FilterType::Triangle);
         crate::fsutil::encode_image(
             &image::DynamicImage::ImageRgb8(small),
@@ -248,11 +254,7 @@ fn resolve_pose(s: &Shared, name: &str) -> Result<std::path::PathBuf, ApiError> 
 pub fn clean_name(raw: Option<&str>, fallback: &str) -> String {
     let raw = raw.unwrap_or("");
     let last = raw.rsplit(['/', '\\']).next().unwrap_or("");
-    let cleaned: String = last
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(100)
-        .collect();
+    let cleaned: String = last.chars().filter(|c| !c.is_control()).take(100).collect();
     let cleaned = cleaned.trim();
     if cleaned.is_empty() || cleaned == "." || cleaned == ".." {
         fallback.to_string()
@@ -268,8 +270,16 @@ struct Part {
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
-    let status = e.status();
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
+    // An upload streamed without a length trips the limit while the body is read; the error
+    // then comes wrapped more deeply than axum's own check looks.
+    let mut over = e.status() == StatusCode::PAYLOAD_TOO_LARGE;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        over |= err.is::<http_body_util::LengthLimitError>();
+        source = err.source();
+    }
+    if over {
+        let status = StatusCode::PAYLOAD_TOO_LARGE;
         ApiError(
             status,
             format!(
@@ -278,7 +288,7 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) ->
             ),
         )
     } else {
-        ApiError(status, format!("bad upload: {}", e.body_text()))
+        ApiError(e.status(), format!("bad upload: {}", e.body_text()))
     }
 }
 
@@ -286,7 +296,9 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) ->
 fn decode_upload(field: &str, part: &Part) -> Result<Upload, ApiError> {
     let name = clean_name(part.file_name.as_deref(), field);
     if part.bytes.is_empty() {
-        return Err(ApiError::bad(format!("{field} ({name}): the file is empty")));
+        return Err(ApiError::bad(format!(
+            "{field} ({name}): the file is empty"
+        )));
     }
     let dims = image::ImageReader::new(std::io::Cursor::new(&part.bytes[..]))
         .with_guessed_format()
@@ -421,9 +433,8 @@ fn build_request(s: &Shared, mut parts: HashMap<String, Part>) -> Result<JobRequ
     let seed = match take("seed") {
         Some(p) => {
             let t = text("seed", &p)?;
-            t.parse::<u64>().map_err(|_| {
-                ApiError::bad(format!("seed {t:?}: expected a whole number from 0"))
-            })?
+            t.parse::<u64>()
+                .map_err(|_| ApiError::bad(format!("seed {t:?}: expected a whole number from 0")))?
         }
         None => 42,
     };
@@ -501,7 +512,7 @@ async fn submit(State(s): Shr, mut mp: Multipart) -> Result<Response, ApiError> 
         }
         parts.insert(name, Part { file_name, bytes });
     }
-    let shared = s.0.clone();
+    let shared = s.clone();
     let request = blocking(move || build_request(&shared, parts)).await?;
     let job = s.queue.submit(request).map_err(|full| {
         ApiError(

@@ -20,7 +20,9 @@ const KEEP_FINISHED: usize = 32;
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Event {
     /// Waiting; `position` 1 runs next.
-    Queued { position: usize },
+    Queued {
+        position: usize,
+    },
     /// Running: a preparation phase, or step `step` of `steps` of the sampler.
     Running {
         phase: String,
@@ -42,7 +44,9 @@ pub enum Event {
         seconds: f64,
         untrained: bool,
     },
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
     Cancelled,
 }
 

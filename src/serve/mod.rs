@@ -357,10 +357,9 @@ fn worker(shared: Arc<Shared>, cfg: EngineConfig) {
             engine.run(&request, &mut |what: &str| p.running(what), &mut progress)
         }))
         .unwrap_or_else(|_| Err(Error::msg("internal error: the generation panicked")));
-        shared.loads.store(
-            engine.loads.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
+        shared
+            .loads
+            .store(engine.loads.load(Ordering::Relaxed), Ordering::Relaxed);
         match ran {
             Ok(out) => {
                 let id = &job.id;

@@ -153,10 +153,7 @@ impl Server {
                 continue;
             };
             let ev: Value = serde_json::from_str(data.trim()).unwrap();
-            let terminal = matches!(
-                ev["state"].as_str(),
-                Some("done" | "failed" | "cancelled")
-            );
+            let terminal = matches!(ev["state"].as_str(), Some("done" | "failed" | "cancelled"));
             let halt = stop(&ev);
             events.push(ev);
             if terminal || halt {
@@ -250,7 +247,10 @@ fn demo_form(steps: usize, seed: u64) -> Form {
 }
 
 fn job_id(v: &Value) -> String {
-    v["id"].as_str().unwrap_or_else(|| panic!("no job id in {v}")).to_string()
+    v["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no job id in {v}"))
+        .to_string()
 }
 
 #[test]
@@ -286,7 +286,10 @@ fn page_status_and_gallery() {
     assert_eq!(st["gallery"], 2, "{st}");
     let (code, list) = s.json("/api/poses");
     assert_eq!(code, 200);
-    assert_eq!(list["names"], serde_json::json!(["demo_source.png", "demo_target.png"]));
+    assert_eq!(
+        list["names"],
+        serde_json::json!(["demo_source.png", "demo_target.png"])
+    );
     let (code, list) = s.json("/api/poses?q=TARGET");
     assert_eq!((code, list["total"].as_u64()), (200, Some(1)));
     let (code, png) = s.get("/api/poses/demo_target.png");
@@ -340,7 +343,10 @@ fn generation_equals_infer_and_second_one_reloads_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     let written = std::fs::read(work.path().join("result.png")).unwrap();
-    assert!(written == served, "the served result differs from `{command}`");
+    assert!(
+        written == served,
+        "the served result differs from `{command}`"
+    );
     for flag in ["--seed 7", "--steps 2", "--guidance 2.5", "--pose /"] {
         assert!(command.contains(flag), "{flag} missing from {command}");
     }
@@ -362,7 +368,10 @@ fn generation_equals_infer_and_second_one_reloads_nothing() {
     assert_eq!(before["network_loads"], 1, "{before}");
     assert_eq!(after["network_loads"], 1, "{after}");
     assert_eq!(after["generations"], 2);
-    assert!(!s.log().contains("networks loaded in") || s.log().matches("networks loaded in").count() == 1);
+    assert!(
+        !s.log().contains("networks loaded in")
+            || s.log().matches("networks loaded in").count() == 1
+    );
 }
 
 #[test]
@@ -382,7 +391,10 @@ fn queue_positions_cancel_and_bound() {
     let b = job_id(&b);
     let (code, c) = s.submit(demo_form(1, 3));
     assert_eq!(code, 503, "{c}");
-    assert!(c["error"].as_str().unwrap().contains("queue is full"), "{c}");
+    assert!(
+        c["error"].as_str().unwrap().contains("queue is full"),
+        "{c}"
+    );
 
     let (code, r) = s.post(&format!("/api/jobs/{b}/cancel"));
     assert_eq!(code, 200, "{r}");
@@ -408,6 +420,20 @@ fn queue_positions_cancel_and_bound() {
     assert_eq!(code, 202, "{d}");
     let ev = s.events(&job_id(&d));
     assert_eq!(ev.last().unwrap()["state"], "done", "{ev:?}");
+}
+
+/// The status line of a GET of `path` exactly as written.
+fn raw_get(s: &Server, path: &str) -> String {
+    let mut t = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    write!(
+        t,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
+        s.port
+    )
+    .unwrap();
+    let mut line = String::new();
+    BufReader::new(t).read_line(&mut line).unwrap();
+    line
 }
 
 /// A request whose declared body exceeds the limit, sent without its body: the answer comes
@@ -469,7 +495,10 @@ fn bad_requests_are_refused_and_the_server_stays_up() {
     let mut jpeg = Vec::new();
     photo
         .to_rgb8()
-        .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
         .unwrap();
     let truncated = &jpeg[..jpeg.len() / 2];
     let npy_short = {
@@ -522,10 +551,25 @@ fn bad_requests_are_refused_and_the_server_stays_up() {
             400,
             "one target pose",
         ),
-        ("relative path", gallery("../../etc/passwd"), 400, "not a path"),
+        (
+            "relative path",
+            gallery("../../etc/passwd"),
+            400,
+            "not a path",
+        ),
         ("absolute path", gallery("/etc/passwd"), 400, "not a path"),
-        ("hidden file", gallery(".demo_target.png"), 400, "not a path"),
-        ("unknown pose", gallery("nobody.png"), 404, "not in the gallery"),
+        (
+            "hidden file",
+            gallery(".demo_target.png"),
+            400,
+            "not a path",
+        ),
+        (
+            "unknown pose",
+            gallery("nobody.png"),
+            404,
+            "not in the gallery",
+        ),
         (
             "photo as IUV",
             base().file("pose_iuv", "photo.png", &src),
@@ -591,7 +635,9 @@ fn bad_requests_are_refused_and_the_server_stays_up() {
         ),
         (
             "field twice",
-            gallery("demo_target.png").text("seed", "1").text("seed", "2"),
+            gallery("demo_target.png")
+                .text("seed", "1")
+                .text("seed", "2"),
             400,
             "twice",
         ),
@@ -611,12 +657,7 @@ fn bad_requests_are_refused_and_the_server_stays_up() {
             400,
             "not both",
         ),
-        (
-            "not multipart",
-            Form::default(),
-            400,
-            "",
-        ),
+        ("not multipart", Form::default(), 400, ""),
     ];
     for (what, form, status, needle) in cases {
         let (code, body) = if what == "not multipart" {
@@ -637,27 +678,44 @@ fn bad_requests_are_refused_and_the_server_stays_up() {
     }
 
     // Refused inside the job, reported on the page: a donor texture of the wrong size.
-    let (code, sub) = s.submit(gallery("demo_target.png").file("garment_texture_upper", "small.png", &src));
+    let mut small = Vec::new();
+    image::imageops::crop_imm(&photo.to_rgb8(), 0, 0, 300, 200)
+        .to_image()
+        .write_to(
+            &mut std::io::Cursor::new(&mut small),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    let (code, sub) =
+        s.submit(gallery("demo_target.png").file("garment_texture_upper", "small.png", &small));
     assert_eq!(code, 202, "{sub}");
     let ev = s.events(&job_id(&sub));
     let last = ev.last().unwrap();
     assert_eq!(last["state"], "failed", "{ev:?}");
-    assert!(last["message"].as_str().unwrap().contains("512x512"), "{last}");
+    assert!(
+        last["message"].as_str().unwrap().contains("512x512"),
+        "{last}"
+    );
 
     // Gallery and job routes refuse paths.
     for path in [
         "/api/poses/..%2F..%2Fetc%2Fpasswd",
         "/api/poses/%2Fetc%2Fpasswd",
-        "/api/poses/..",
     ] {
         let (code, b) = s.get(path);
         assert_eq!(code, 400, "{path}: {}", String::from_utf8_lossy(&b));
     }
-    for path in [
-        "/api/poses/../../etc/passwd",
-        "/api/jobs/nope/result.png",
-        "/etc/passwd",
+    // Sent verbatim (an HTTP client would resolve the dots first).
+    for (path, code) in [
+        ("/api/poses/..", 400),
+        ("/api/poses/%2E%2E", 400),
+        ("/api/poses/../../etc/passwd", 404),
+        ("/api/jobs/../../../etc/passwd", 404),
     ] {
+        let line = raw_get(&s, path);
+        assert!(line.contains(&format!(" {code} ")), "{path}: {line}");
+    }
+    for path in ["/api/jobs/nope/result.png", "/etc/passwd"] {
         let (code, _) = s.get(path);
         assert_eq!(code, 404, "{path}");
     }
@@ -675,7 +733,8 @@ fn bad_requests_are_refused_and_the_server_stays_up() {
             .call(),
     );
     assert_eq!(code, 403);
-    let (ct, body) = demo_form(1, 1).finish();
+    // (a small body: the refusal comes before it is read)
+    let (ct, body) = Form::default().text("pose", "demo_target.png").finish();
     let (code, _) = response(
         ureq::post(&format!("{}/api/jobs", s.url))
             .set("Content-Type", &ct)
@@ -688,5 +747,10 @@ fn bad_requests_are_refused_and_the_server_stays_up() {
     let (code, sub) = s.submit(demo_form(1, 5));
     assert_eq!(code, 202, "{sub}");
     let ev = s.events(&job_id(&sub));
-    assert_eq!(ev.last().unwrap()["state"], "done", "{ev:?}; log: {}", s.log());
+    assert_eq!(
+        ev.last().unwrap()["state"],
+        "done",
+        "{ev:?}; log: {}",
+        s.log()
+    );
 }

@@ -50,7 +50,10 @@ fn playwright(here: &Path) -> Result<PathBuf, String> {
         .iter()
         .fold(2166136261u32, |h, b| (h ^ *b as u32).wrapping_mul(16777619));
     let dir = target.join(format!("mcld-test-cache/playwright-{key:08x}"));
-    if dir.join("node_modules/playwright-core/package.json").is_file() {
+    if dir
+        .join("node_modules/playwright-core/package.json")
+        .is_file()
+    {
         return Ok(dir);
     }
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -120,5 +123,6 @@ fn serve_page_in_a_real_browser() {
         .unwrap()
         .starts_with("mcld infer"));
     let png = image::open(&shot).unwrap();
-    assert!(png.width() >= 1000 && png.height() >= 800, "{:?}", png.dimensions());
+    let (w, h) = (png.width(), png.height());
+    assert!(w >= 1000 && h >= 800, "{w}x{h}");
 }

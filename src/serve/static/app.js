@@ -121,7 +121,7 @@ function setSource(file) {
   sourceUrl = file ? URL.createObjectURL(file) : null;
   $('source-preview').hidden = !file;
   if (file) $('source-preview').src = sourceUrl;
-  $('drop-text').textContent = file ? file.name : 'Drop a photo here, or click to pick one';
+  $('drop-text').textContent = file ? 'Drop another photo to replace it' : 'Drop a photo here, or click to pick one';
 }
 
 function fmt(s) {

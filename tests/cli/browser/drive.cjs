@@ -26,7 +26,11 @@ async function main() {
     const page = context.pages()[0] || (await context.newPage());
     page.on('console', (m) => { if (m.type() === 'error') errors.push(`console: ${m.text()}`); });
     page.on('pageerror', (e) => errors.push(`page error: ${e.message}`));
-    page.on('requestfailed', (r) => errors.push(`request failed: ${r.url()} ${r.failure() && r.failure().errorText}`));
+    // The page closes the event stream itself once the job is over (net::ERR_ABORTED).
+    page.on('requestfailed', (r) => {
+      const why = r.failure() && r.failure().errorText;
+      if (!(r.url().endsWith('/events') && why === 'net::ERR_ABORTED')) errors.push(`request failed: ${r.url()} ${why}`);
+    });
     await page.goto(url, { waitUntil: 'load' });
     const firstPageMs = Date.now() - t0;
     await page.waitForFunction(() => document.getElementById('model').textContent.startsWith('ready'), null, { timeout: 120000 });
