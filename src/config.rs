@@ -17,6 +17,42 @@ pub fn load_yaml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
     parse_yaml(&text, path)
 }
 
+/// A config shipped in `configs/`, compiled into the binary: what the demos, the random trees
+/// and the benches start from.
+#[derive(Debug, Clone, Copy)]
+pub struct BuiltinYaml {
+    /// From the crate root; messages name it.
+    pub path: &'static str,
+    pub text: &'static str,
+}
+
+macro_rules! builtin_yaml {
+    ($path:literal) => {
+        BuiltinYaml {
+            path: $path,
+            text: include_str!(concat!("../", $path)),
+        }
+    };
+}
+
+pub const TRAIN_YAML: BuiltinYaml = builtin_yaml!("configs/train/train.yaml");
+pub const INFERENCE_YAML: BuiltinYaml = builtin_yaml!("configs/inference/inference.yaml");
+
+impl BuiltinYaml {
+    pub fn parse<T: for<'de> Deserialize<'de>>(&self) -> Result<T> {
+        parse_yaml(
+            self.text,
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join(self.path),
+        )
+    }
+}
+
+/// Writes `value` as YAML to `path`, atomically.
+pub fn write_yaml<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = serde_yaml::to_string(value).map_err(|e| Error::msg(e.to_string()))?;
+    crate::fsutil::write_atomic(path, text.as_bytes())
+}
+
 /// Like [`load_yaml`] on text already in memory; `path` is only used in messages.
 pub fn parse_yaml<T: for<'de> Deserialize<'de>>(text: &str, path: &Path) -> Result<T> {
     let de = serde_yaml::Deserializer::from_str(text);

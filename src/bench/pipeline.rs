@@ -14,100 +14,34 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use clap::Args;
 
-use crate::args::ComputeArgs;
 use crate::data::{Pair, PairInputs};
-use crate::device::{parse_device, parse_dtype};
-use crate::models::clip::{self, ClipVisionModelWithProjection};
-use crate::models::mcld::{Mcld, McldConfig};
-use crate::models::resampler;
-use crate::models::unet;
-use crate::models::vae::{self, AutoencoderKL};
+use crate::models::clip::ClipVisionModelWithProjection;
+use crate::models::mcld::Mcld;
+use crate::models::vae::AutoencoderKL;
 use crate::pipeline::mcld::{McldPipeline, Precision};
 use crate::pipeline::sampler;
+use crate::presets::tree::RandomPipeline;
+use crate::presets::Size;
 use crate::scheduler::ddim::DdimScheduler;
-use crate::weights::prefixed_var_builder;
-use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, Args)]
-pub struct PipelineBenchArgs {
+#[derive(Debug, Clone)]
+pub struct PipelineBench {
     /// Images to time (after the warm-up batch).
-    #[arg(long, default_value_t = 2)]
     pub images: usize,
     /// DDIM steps per image (MCLD uses 20).
-    #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Square image size the networks run at (MCLD: 512; a multiple of 64).
-    #[arg(long, default_value_t = 512)]
     pub size: usize,
     /// Pairs per forward pass (the loop runs twice that for guidance).
-    #[arg(long = "batch-size", visible_alias = "batch_size", default_value_t = 1)]
     pub batch_size: usize,
     /// Untimed warm-up batches before timing (0 skips it; useful on a slow CPU).
-    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Seed of the random weights and noise.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
-}
-
-/// `stable-diffusion-v1-5/unet/config.json` (the keys that differ from nothing are all given).
-const SD15_UNET: &str = r#"{
-  "_class_name": "UNet2DConditionModel",
-  "act_fn": "silu",
-  "attention_head_dim": 8,
-  "block_out_channels": [320, 640, 1280, 1280],
-  "center_input_sample": false,
-  "cross_attention_dim": 768,
-  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-  "downsample_padding": 1,
-  "flip_sin_to_cos": true,
-  "freq_shift": 0,
-  "in_channels": 4,
-  "layers_per_block": 2,
-  "mid_block_scale_factor": 1,
-  "norm_eps": 1e-05,
-  "norm_num_groups": 32,
-  "out_channels": 4,
-  "sample_size": 64,
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-}"#;
-
-/// `sd-vae-ft-mse/config.json`.
-const SD_VAE_FT_MSE: &str = r#"{
-  "_class_name": "AutoencoderKL",
-  "act_fn": "silu",
-  "block_out_channels": [128, 256, 512, 512],
-  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-  "in_channels": 3,
-  "latent_channels": 4,
-  "layers_per_block": 2,
-  "norm_num_groups": 32,
-  "out_channels": 3,
-  "sample_size": 256,
-  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
-}"#;
-
-/// `sd-image-variations-diffusers/image_encoder/config.json` (CLIP ViT-L/14 vision tower).
-const CLIP_VIT_L14: &str = r#"{
-  "hidden_size": 1024,
-  "intermediate_size": 4096,
-  "projection_dim": 768,
-  "num_hidden_layers": 24,
-  "num_attention_heads": 16,
-  "num_channels": 3,
-  "image_size": 224,
-  "patch_size": 14,
-  "hidden_act": "quick_gelu",
-  "layer_norm_eps": 1e-05
-}"#;
-
-fn parse<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| Error::msg(format!("built-in {what} config: {e}")))
+    pub device: candle_core::Device,
+    pub dtype: candle_core::DType,
 }
 
 /// Every network of the pipeline at full size with random weights; `steps` DDIM steps at
@@ -128,35 +62,20 @@ pub fn random_pipeline(
     // Rounding random weights through bf16 changes nothing measurable in a timing run; where
     // the CPU multiplies in bf16, the weights go through the same bf16 view as real ones.
     let dt = prec.compute;
-    let rw = |s: u64| RandomWeights::new(seed.wrapping_mul(31).wrapping_add(s));
-    let ucfg: unet::Config = parse("SD-1.5 UNet", SD15_UNET)?;
-    // Seeds 1-4 in PARTS order (reference UNet, denoising UNet, pose guider, projector).
-    let parts = Mcld::PARTS
-        .iter()
-        .zip(1u64..)
-        .map(|(p, s)| (*p, rw(s).var_builder(dt, device)));
+    let set = RandomPipeline::new(Size::Full, seed)?;
     let nets = Mcld::new(
-        prec.var_builder(prefixed_var_builder(parts, dt, device)),
-        &McldConfig::new(ucfg, resampler::Config::mcld()),
+        prec.var_builder(set.mcld_var_builder(dt, device)),
+        &set.mcld,
     )?;
-    let vcfg: vae::Config = parse("sd-vae-ft-mse", SD_VAE_FT_MSE)?;
-    let bottleneck = *vcfg.block_out_channels.last().unwrap_or(&512);
     let vae = AutoencoderKL::new(
-        prec.var_builder(
-            rw(5)
-                .with_vae_mid_attention("", bottleneck)
-                .var_builder(dt, device),
-        ),
-        &vcfg,
+        prec.var_builder(set.vae_weights().var_builder(dt, device)),
+        &set.vae,
     )?;
-    let ccfg = clip::Config::from_json_str(CLIP_VIT_L14)?;
-    let image_encoder =
-        ClipVisionModelWithProjection::new(prec.var_builder(rw(6).var_builder(dt, device)), &ccfg)?;
-    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let infer: crate::config::InferenceConfig = crate::config::parse_yaml(
-        include_str!("../../configs/inference/inference.yaml"),
-        &here.join("configs/inference/inference.yaml"),
+    let image_encoder = ClipVisionModelWithProjection::new(
+        prec.var_builder(set.clip_weights().var_builder(dt, device)),
+        &set.clip,
     )?;
+    let infer: crate::config::InferenceConfig = crate::config::INFERENCE_YAML.parse()?;
     let mut scheduler = DdimScheduler::from_config_kwargs(&infer.noise_scheduler_kwargs)?;
     scheduler.set_timesteps(steps)?;
     Ok(McldPipeline {
@@ -180,8 +99,8 @@ fn sample_batch(n: usize, seed: u64) -> Result<Vec<PairInputs>> {
     let (w, h) = photo.dimensions();
     let src_pose = crate::pipeline::demo::synthetic_pose(w, h, false);
     let pose = crate::pipeline::demo::synthetic_pose(w, h, true);
-    let assets = crate::prepare::texture::TextureAssets::builtin()?;
-    let texture = crate::prepare::texture::texture_map(&photo, &src_pose, &assets)?;
+    let assets = crate::person::texture::TextureAssets::builtin()?;
+    let texture = crate::person::texture::texture_map(&photo, &src_pose, &assets)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let face: Vec<f32> = (0..512).map(|_| StandardNormal.sample(&mut rng)).collect();
     Ok((0..n)
@@ -302,9 +221,8 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-pub fn run(args: &PipelineBenchArgs) -> Result<()> {
-    let device = parse_device(&args.compute.device)?;
-    let dtype = parse_dtype(&args.compute.dtype)?;
+pub fn run(args: &PipelineBench) -> Result<()> {
+    let (device, dtype) = (args.device.clone(), args.dtype);
     if args.images == 0 || args.batch_size == 0 {
         return Err(Error::msg("--images and --batch-size must be at least 1"));
     }
@@ -320,7 +238,7 @@ pub fn run(args: &PipelineBenchArgs) -> Result<()> {
         args.steps,
         p.guidance_scale,
         args.batch_size,
-        args.compute.device,
+        crate::device::device_name(&args.device),
         p.precision.describe()
     );
     println!("built the networks in {build_s:.1}s");

@@ -9,17 +9,15 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use clap::{Args, ValueEnum};
+use clap::ValueEnum;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::peak_rss_bytes;
-use crate::args::ComputeArgs;
-use crate::device::{parse_device, parse_dtype};
-use crate::models::checkpoint::Tape;
-use crate::models::mcld::{Mcld, McldConfig};
-use crate::models::unet;
+use crate::models::mcld::Mcld;
+use crate::ops::recompute::Tape;
 use crate::pipeline::mcld::Precision;
+use crate::presets::Size;
 use crate::scheduler::ddim::{DdimConfig, DdimScheduler, PredictionType, TimestepSpacing};
 use crate::train::adamw::{AdamW, AdamWConfig};
 use crate::train::loss::{denoise_loss, reference_bank, LossInputs, LossOptions};
@@ -40,43 +38,25 @@ pub enum Optimizer {
     None,
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct TrainBenchArgs {
+#[derive(Debug, Clone)]
+pub struct TrainBench {
     /// Square image size (latents are size / 8; MCLD trains at 512).
-    #[arg(long, default_value_t = 512)]
     pub size: usize,
     /// Samples per step.
-    #[arg(long = "batch-size", visible_alias = "batch_size", default_value_t = 1)]
     pub batch_size: usize,
     /// Timed steps (after one untimed warm-up step).
-    #[arg(long, default_value_t = 3)]
     pub steps: usize,
     /// UNet channel widths: full (SD-1.5) or half.
-    #[arg(long, value_enum, default_value_t = Width::Full)]
     pub width: Width,
     /// Include the AdamW update (with grad-norm clipping) or stop after the backward pass.
-    #[arg(long, value_enum, default_value_t = Optimizer::Adamw)]
     pub optimizer: Optimizer,
     /// Recompute each UNet block in the backward pass instead of keeping its activations.
-    #[arg(long = "grad-checkpointing", visible_alias = "gradient_checkpointing")]
     pub grad_checkpointing: bool,
     /// Untimed warm-up steps.
-    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
-}
-
-/// SD-1.5's UNet config, channels scaled for `width`.
-fn unet_config(width: Width) -> Result<unet::Config> {
-    let mut c = unet::Config::sd15();
-    if width == Width::Half {
-        c.block_out_channels = c.block_out_channels.iter().map(|x| x / 2).collect();
-    }
-    c.validate()?;
-    Ok(c)
+    pub device: candle_core::Device,
+    pub dtype: candle_core::DType,
 }
 
 fn sync(device: &Device) -> Result<()> {
@@ -95,16 +75,17 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-pub fn run(args: &TrainBenchArgs) -> Result<()> {
-    let device = parse_device(&args.compute.device)?;
-    let dtype = parse_dtype(&args.compute.dtype)?;
+pub fn run(args: &TrainBench) -> Result<()> {
+    let (device, dtype) = (args.device.clone(), args.dtype);
     if args.size == 0 || !args.size.is_multiple_of(8) || args.batch_size == 0 {
         return Err(Error::msg(
             "bench train: --size must be a positive multiple of 8 and --batch-size positive",
         ));
     }
-    let ucfg = unet_config(args.width)?;
-    let cfg = McldConfig::new(ucfg.clone(), crate::models::resampler::Config::mcld());
+    let cfg = crate::presets::mcld(match args.width {
+        Width::Full => Size::Full,
+        Width::Half => Size::Half,
+    })?;
     let rw = RandomWeights::new(args.seed).recording();
     Mcld::new(rw.clone().var_builder(DType::F32, &Device::Cpu), &cfg)?;
     let params = Params::new(rw.recorded(), is_trainable, &device)?;
@@ -143,8 +124,8 @@ pub fn run(args: &TrainBenchArgs) -> Result<()> {
     let latents = r(&[b, 4, h, h])?;
     let noise = r(&[b, 4, h, h])?;
     let ref_latents = r(&[b, 4, h, h])?;
-    let clip_src = r(&[b, 1, ucfg.cross_attention_dim])?;
-    let clip_tex = r(&[b, 1, ucfg.cross_attention_dim])?;
+    let clip_src = r(&[b, 1, cfg.unet.cross_attention_dim])?;
+    let clip_tex = r(&[b, 1, cfg.unet.cross_attention_dim])?;
     let face = r(&[b, 1, cfg.image_proj.embedding_dim])?;
     let pose = (r(&[b, 3, args.size, args.size])?.abs()?.clamp(0f32, 1f32))?;
     let t: Vec<i64> = (0..b as i64).map(|i| (137 + 311 * i) % 1000).collect();

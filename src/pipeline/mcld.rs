@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use super::checkpoints::PipelineFiles;
 use super::sampler::{decode, denoise, Conditioning, VAE_SCALE};
+use super::weight_files::PipelineFiles;
 use crate::config::{InferenceConfig, TrainConfig};
 use crate::data::PairInputs;
 use crate::imageops::{pil_resize_rgb, Filter, U8Image};
@@ -42,14 +42,14 @@ pub struct McldPipeline {
 ///
 /// candle 0.11.1's CPU matmul has no bf16 kernel. On CPUs with AVX-512 BF16, `bf16` keeps
 /// activations in f32 and runs every matmul, convolution and attention product with bf16
-/// operands and f32 accumulation (`models::bf16_gemm`), weights stored in bf16 (as PyTorch's
+/// operands and f32 accumulation (`ops::packed_gemm`), weights stored in bf16 (as PyTorch's
 /// CPU bf16 accumulates); elsewhere it means bf16-rounded weights with f32 arithmetic. f16 runs
 /// natively everywhere, bf16 natively on CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Precision {
     pub compute: DType,
     pub round_weights: Option<DType>,
-    /// Matmul and convolution weights in bf16 through `bf16_gemm` (CPU with AVX-512 BF16);
+    /// Matmul and convolution weights in bf16 through `ops::packed_gemm` (CPU with AVX-512 BF16);
     /// training keeps the rounding only, since these kernels have no backward pass.
     pub bf16_matmuls: bool,
     /// What the user should know about this choice on this device, if anything.
@@ -62,7 +62,7 @@ impl Precision {
             Self {
                 compute: DType::F32,
                 round_weights: Some(DType::BF16),
-                bf16_matmuls: crate::models::bf16_gemm::available(),
+                bf16_matmuls: crate::ops::packed_gemm::available(),
                 caveat: None,
             }
         } else {
@@ -132,8 +132,7 @@ impl Precision {
         if self.round_weights.is_none() {
             return Ok(w);
         }
-        let src = w.source().to_path_buf();
-        Ok(StrictWeights::new(self.round(w.tensors().clone())?, src))
+        Ok(w.with_tensors(self.round(w.tensors().clone())?))
     }
 }
 
@@ -168,6 +167,9 @@ pub fn build_nets(
     )?;
     for (_, w) in &parts {
         w.finish()?;
+        if let Some(msg) = w.warning() {
+            eprintln!("warning: {msg}");
+        }
     }
     Ok(nets)
 }
@@ -184,8 +186,9 @@ impl McldPipeline {
         let prec = Precision::new(device, dtype);
         let dtype = prec.compute;
         let ucfg = unet::Config::from_json_file(&files.unet_config)?;
-        // One file per part, each checked strictly against its own file: a missing tensor, a
-        // wrong shape or an unexpected key is an error naming that file.
+        // One file per part, each checked against its own file: a missing tensor or a wrong
+        // shape is an error naming that file; unexpected keys are a warning, as the reference
+        // loads `denoising_unet` with `strict=False`.
         let parts = [
             (Mcld::REFERENCE_UNET, &files.reference_unet),
             (Mcld::DENOISING_UNET, &files.denoising_unet),
@@ -193,7 +196,7 @@ impl McldPipeline {
             (Mcld::IMAGE_PROJ, &files.image_proj),
         ]
         .into_iter()
-        .map(|(p, path)| Ok((p, StrictWeights::from_file(path)?)))
+        .map(|(p, path)| Ok((p, StrictWeights::from_file(path)?.unexpected_warns())))
         .collect::<Result<Vec<_>>>()?;
         let nets = build_nets(parts, ucfg, &prec, device)?;
         let vdir = crate::weights::ModelDir::open(&files.vae_dir)?;

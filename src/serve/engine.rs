@@ -9,15 +9,15 @@ use candle_core::Device;
 use image::RgbImage;
 
 use crate::data::{Pair, PairInputs};
-use crate::edit::command::{single_outfit_donor, DonorFile, GarmentSpec};
 use crate::edit::compose::{check_texture, Region, TexelParts};
+use crate::edit::run::{single_outfit_donor, DonorFile, GarmentSpec};
 use crate::edit::{apply_edit, EditPlan};
+use crate::imageops::viz::{pose_preview, tensor_to_rgb as to_rgb};
 use crate::models::densepose::DensePose;
 use crate::models::face::FaceEmbedder;
-use crate::pipeline::commands::{pose_preview, to_rgb};
+use crate::person::preprocess::{self, FaceOutcome};
+use crate::person::texture::TextureAssets;
 use crate::pipeline::mcld::{McldPipeline, Progress, SampleOptions};
-use crate::pipeline::preprocess::{self, FaceOutcome};
-use crate::prepare::texture::TextureAssets;
 use crate::{Error, Result};
 
 /// An uploaded image, decoded. `name` is the file name the browser sent, cleaned for display
@@ -141,7 +141,7 @@ impl Engine {
             (p, true)
         } else {
             let p = McldPipeline::from_config(&cfg.ckpt_dir, &cfg.config_path, &device, dtype)?;
-            let marker = cfg.ckpt_dir.join(crate::pipeline::tiny::UNTRAINED_MARKER);
+            let marker = cfg.ckpt_dir.join(crate::presets::tree::UNTRAINED_MARKER);
             (p, marker.is_file())
         };
         Ok(Self {
@@ -301,7 +301,7 @@ impl Engine {
                             ),
                         )
                     })?;
-                    crate::prepare::texture::texture_map(&u.image, &iuv, &self.assets)
+                    crate::person::texture::texture_map(&u.image, &iuv, &self.assets)
                         .map_err(|e| Error::input(&u.name, format!("donor texture map: {e}")))?
                 }
             };

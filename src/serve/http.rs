@@ -218,7 +218,7 @@ async fn pose_preview(State(s): Shr, UrlPath(name): UrlPath<String>) -> Result<R
     let path = resolve_pose(&s, &name)?;
     let png = blocking(move || {
         let iuv = crate::data::read_rgb(&path).map_err(|e| ApiError::bad(e.to_string()))?;
-        let prev = crate::pipeline::commands::pose_preview(&iuv);
+        let prev = crate::imageops::viz::pose_preview(&iuv);
         let h = 192u32;
         let w =
             ((prev.width() as f64 * h as f64 / prev.height().max(1) as f64).round() as u32).max(1);

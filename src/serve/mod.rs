@@ -15,48 +15,32 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use clap::Args;
-
-use crate::args::{CheckpointArgs, ComputeArgs, PretrainedArgs};
 use crate::pipeline::mcld::{Phase, Progress};
 use crate::{Error, Result};
 use engine::{Engine, EngineConfig};
 use gallery::Gallery;
 use jobs::{Event, Job, Queue};
 
-#[derive(Debug, Clone, Args)]
-pub struct ServeArgs {
-    /// Address to listen on. Anything but a loopback address lets other machines use the page
-    /// (there is no login): a warning is printed.
-    #[arg(long, default_value = "127.0.0.1")]
+/// Everything `mcld serve` needs, as plain values.
+#[derive(Debug, Clone)]
+pub struct ServeRequest {
+    /// Address to listen on (anything but loopback prints a warning).
     pub host: String,
-    /// Port (0 picks a free one; the address is printed).
-    #[arg(long, default_value_t = 7860)]
+    /// 0 picks a free port.
     pub port: u16,
-    #[command(flatten)]
-    pub checkpoints: CheckpointArgs,
-    /// DensePose and antelopev2 for photos without a precomputed texture map, pose or face.
-    #[command(flatten)]
-    pub pretrained: PretrainedArgs,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
-    /// Folder of target poses (DensePose IUV images) offered as the gallery; default the
-    /// config's dataset `test_densepose/` when it exists.
-    #[arg(long)]
+    pub ckpt_dir: PathBuf,
+    pub config_path: PathBuf,
+    pub pretrained_dir: PathBuf,
+    /// As given on the command line (`cpu`, `cuda:0`; `f32`, `bf16`), for the reproducing line.
+    pub device: String,
+    pub dtype: String,
+    /// The pose gallery; `None`: the config's dataset `test_densepose/` when it exists.
     pub poses: Option<PathBuf>,
-    /// Jobs that may wait behind the running one; more are refused until one starts.
-    #[arg(long = "max-queue", visible_alias = "max_queue", default_value_t = 8)]
+    /// Jobs that may wait behind the running one.
     pub max_queue: usize,
-    /// Largest request accepted (all uploads of one generation together), in MB.
-    #[arg(
-        long = "max-upload-mb",
-        visible_alias = "max_upload_mb",
-        default_value_t = 20
-    )]
-    pub max_upload_mb: usize,
-    /// Full-size networks on random weights instead of checkpoints (as `mcld bench pipeline`):
-    /// measures memory and speed with nothing downloaded.
-    #[arg(long = "random-weights", hide = true)]
+    /// Largest request body, in bytes.
+    pub max_upload: usize,
+    /// Full-size networks on random weights instead of checkpoints.
     pub random_weights: bool,
 }
 
@@ -108,19 +92,19 @@ fn is_loopback(host: &str) -> bool {
 }
 
 /// The default gallery: the config's `test_densepose/`, when the config reads and it exists.
-fn default_poses(a: &ServeArgs) -> Option<PathBuf> {
-    let cfg = crate::config::TrainConfig::load(&a.checkpoints.config_path).ok()?;
+fn default_poses(a: &ServeRequest) -> Option<PathBuf> {
+    let cfg = crate::config::TrainConfig::load(&a.config_path).ok()?;
     let dir = cfg.data.root_dir.join("test_densepose");
     dir.is_dir().then_some(dir)
 }
 
 /// `mcld serve`.
-pub fn run(a: &ServeArgs) -> Result<()> {
-    // Flags are checked before anything is loaded or bound.
-    crate::device::parse_device(&a.compute.device)?;
-    crate::device::parse_dtype(&a.compute.dtype)?;
-    if a.max_upload_mb == 0 {
-        return Err(Error::msg("--max-upload-mb must be at least 1"));
+pub fn run(a: &ServeRequest) -> Result<()> {
+    // Settings are checked before anything is loaded or bound.
+    crate::device::parse_device(&a.device)?;
+    crate::device::parse_dtype(&a.dtype)?;
+    if a.max_upload == 0 {
+        return Err(Error::msg("the upload limit must be at least 1 MB"));
     }
     let poses = match &a.poses {
         Some(p) => Some(p.clone()),
@@ -145,12 +129,12 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         queue: Queue::new(a.max_queue),
         model: Mutex::new(ModelState::Loading),
         gallery,
-        max_upload: a.max_upload_mb * 1024 * 1024,
+        max_upload: a.max_upload,
         loads: Default::default(),
         generations: Default::default(),
         started: Instant::now(),
-        device: a.compute.device.clone(),
-        dtype: a.compute.dtype.clone(),
+        device: a.device.clone(),
+        dtype: a.dtype.clone(),
         allowed_hosts: None,
     });
 
@@ -185,11 +169,11 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     }
 
     let cfg = EngineConfig {
-        ckpt_dir: a.checkpoints.ckpt_dir.clone(),
-        config_path: a.checkpoints.config_path.clone(),
-        pretrained_dir: a.pretrained.pretrained_dir.clone(),
-        device: a.compute.device.clone(),
-        dtype: a.compute.dtype.clone(),
+        ckpt_dir: a.ckpt_dir.clone(),
+        config_path: a.config_path.clone(),
+        pretrained_dir: a.pretrained_dir.clone(),
+        device: a.device.clone(),
+        dtype: a.dtype.clone(),
         random_weights: a.random_weights,
     };
     let worker = {

@@ -9,6 +9,7 @@ use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use crate::weights::files;
 use crate::Result;
 
 pub use crate::data::train_set::TrainBatch;
@@ -95,10 +96,10 @@ impl Net {
     /// File name inside `checkpoint-N/` (what `mcld test --ckpt_dir` reads).
     pub fn file_name(self) -> &'static str {
         match self {
-            Net::ReferenceUnet => "reference_unet.safetensors",
-            Net::DenoisingUnet => "denoising_unet.safetensors",
-            Net::PoseGuider => "pose_guider.safetensors",
-            Net::ImageProj => "image_projector.safetensors",
+            Net::ReferenceUnet => files::REFERENCE_UNET.safetensors,
+            Net::DenoisingUnet => files::DENOISING_UNET.safetensors,
+            Net::PoseGuider => files::POSE_GUIDER.safetensors,
+            Net::ImageProj => files::IMAGE_PROJECTOR.safetensors,
         }
     }
 }

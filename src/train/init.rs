@@ -165,20 +165,17 @@ fn controlnet_file(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    [
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.bin",
-    ]
-    .iter()
-    .map(|n| dir.join(n))
-    .find(|p| p.is_file())
-    .ok_or_else(|| {
-        Error::weights(
-            path,
-            "ControlNet weights not found (nor diffusion_pytorch_model.safetensors/.bin \
+    crate::weights::files::DIFFUSERS_WEIGHTS
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::weights(
+                path,
+                "ControlNet weights not found (nor diffusion_pytorch_model.safetensors/.bin \
                  beside it); `mcld download --only train` fetches control_v11p_sd15_seg",
-        )
-    })
+            )
+        })
 }
 
 /// Loads and assembles the starting weights.
@@ -196,10 +193,7 @@ pub fn initial_weights(src: &InitSources) -> Result<InitialWeights> {
         _ => dir.dir.clone(),
     };
     let mut rng = StdRng::seed_from_u64(src.seed);
-    let proj = resampler::Config {
-        output_dim: ucfg.cross_attention_dim,
-        ..resampler::Config::mcld()
-    };
+    let proj = crate::presets::projector(crate::presets::Size::Full, ucfg.cross_attention_dim);
     let mut cfg = McldConfig::new(ucfg.clone(), proj);
     let mut out = HashMap::new();
     let mut fresh = Vec::new();

@@ -18,7 +18,6 @@ pub mod run;
 pub mod scaler;
 pub mod setup;
 pub mod state;
-pub mod tiny;
 pub mod trainer;
 pub mod validate;
 

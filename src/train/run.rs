@@ -57,7 +57,8 @@ pub struct LoopConfig {
     /// Checkpoint every this many steps (0: only at the end and on a stop).
     pub checkpointing_steps: u64,
     pub checkpoints_total_limit: usize,
-    /// Validation hook and loss curve every this many steps, at steps 1, 1 + n, ... (0: never).
+    /// Validation hook every this many steps, at steps 1, 1 + n, ... (0: never); the loss curve
+    /// is redrawn after every log line.
     pub validation_steps: u64,
     /// `{output_dir}/{exp_name}`.
     pub exp_dir: PathBuf,
@@ -260,6 +261,13 @@ pub fn train_loop(
         // The log continues from the checkpoint: later lines belong to steps to be redone.
         trim_log(&log_path, model.step_count())?;
     }
+    // The curve's points, kept here so that redrawing after each log line does not re-read
+    // the log.
+    let mut curve = if main {
+        super::plot::read_log(&log_path)?
+    } else {
+        Vec::new()
+    };
 
     let mut loader = Loader::start(
         set.clone(),
@@ -401,6 +409,10 @@ pub fn train_loop(
             f.write_all(s.as_bytes())
                 .and_then(|()| f.flush())
                 .map_err(|e| Error::io(&log_path, e))?;
+            if let Some(p) = super::plot::parse_line(&s) {
+                curve.push(p);
+            }
+            refresh_curve(cfg, &curve, &mut outcome.warnings);
         }
         bar.set_position(step);
         bar.set_message(format!(
@@ -455,7 +467,6 @@ pub fn train_loop(
                 bar.suspend(|| eprintln!("warning: {msg}"));
                 outcome.warnings.push(msg);
             }
-            refresh_curve(cfg, &log_path, &mut outcome.warnings);
         }
         outcome.step = step;
         steps_run += 1;
@@ -488,7 +499,7 @@ pub fn train_loop(
                 outcome.step, cfg.max_train_steps
             ));
         }
-        refresh_curve(cfg, &log_path, &mut outcome.warnings);
+        refresh_curve(cfg, &curve, &mut outcome.warnings);
         let json = serde_json::to_vec_pretty(&outcome)
             .map_err(|e| Error::msg(format!("train report: {e}")))?;
         crate::fsutil::write_atomic(&cfg.exp_dir.join(REPORT_FILE), &json)?;
@@ -526,9 +537,18 @@ fn save(model: &dyn TrainStep, cfg: &LoopConfig, state: &CheckpointState) -> Res
     Ok(p)
 }
 
-fn refresh_curve(cfg: &LoopConfig, log: &Path, warnings: &mut Vec<String>) {
-    if let Err(e) = super::plot::write_loss_curve(log, &cfg.exp_dir.join(LOSS_CURVE)) {
-        warnings.push(format!("loss curve: {e}"));
+/// Redraws the loss curve (atomically); a failure is a warning of the run, reported once.
+fn refresh_curve(cfg: &LoopConfig, pts: &[super::plot::LogPoint], warnings: &mut Vec<String>) {
+    let name = cfg
+        .exp_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "train".into());
+    if let Err(e) = super::plot::write_curve(pts, &name, &cfg.exp_dir.join(LOSS_CURVE)) {
+        let msg = format!("loss curve: {e}");
+        if !warnings.contains(&msg) {
+            warnings.push(msg);
+        }
     }
 }
 

@@ -33,7 +33,8 @@ pub fn train_scheduler(cfg: &TrainConfig) -> Result<DdimScheduler> {
 pub fn frozen_encoders(cfg: &TrainConfig, device: &Device, dtype: DType) -> Result<FrozenEncoders> {
     let hint = |e: Error| {
         Error::msg(format!(
-            "{e} (`mcld download --only inference,train` fetches the VAE and image encoder)"
+            "{e} (`mcld download --only vae,image_encoder,train` fetches the VAE, the image \
+             encoder and the base models)"
         ))
     };
     let vdir = ModelDir::open(&cfg.vae_model_path).map_err(hint)?;

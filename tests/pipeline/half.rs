@@ -7,14 +7,14 @@ use candle_core::{DType, Device, Tensor};
 use mcld::data::{Pair, PairInputs};
 use mcld::pipeline::demo;
 use mcld::pipeline::mcld::McldPipeline;
-use mcld::pipeline::tiny::write_tiny_layout;
+use mcld::presets::tree::write_tiny_layout;
 
 fn input() -> PairInputs {
     let photo = demo::sample_photo().to_rgb8();
     let (w, h) = photo.dimensions();
-    let assets = mcld::prepare::texture::TextureAssets::builtin().unwrap();
+    let assets = mcld::person::texture::TextureAssets::builtin().unwrap();
     let texture =
-        mcld::prepare::texture::texture_map(&photo, &demo::synthetic_pose(w, h, false), &assets)
+        mcld::person::texture::texture_map(&photo, &demo::synthetic_pose(w, h, false), &assets)
             .unwrap();
     PairInputs {
         pair: Pair {

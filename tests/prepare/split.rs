@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use mcld::data::npy::{read_f32 as read_npy_f32, write_f32 as write_npy_f32};
+use mcld::person::texture::TextureAssets;
 use mcld::prepare::pairs::{outfit_key, parse_pairs, read_pairs, train_pairs};
 use mcld::prepare::report::StageStatus;
 use mcld::prepare::run::load_texture_inputs;
 use mcld::prepare::split::{flat_name, SplitLists};
 use mcld::prepare::stats::per_dim_std;
-use mcld::prepare::texture::TextureAssets;
 use mcld::prepare::{run_prepare, PrepareOptions, PrepareReport, Stage};
 
 /// Raw relative path -> flat name, the cases of SPEC §2 and names with several underscores.
@@ -481,7 +481,7 @@ fn stats_stage_writes_clip_std_with_an_encoder() {
     run_prepare(&opts(root, &lists, &[Stage::Split])).unwrap();
     // A tiny random CLIP encoder in the real folder layout.
     let w = tempfile::tempdir().unwrap();
-    mcld::pipeline::tiny::write_tiny_layout(w.path(), root, 1).unwrap();
+    mcld::presets::tree::write_tiny_layout(w.path(), root, 1).unwrap();
     let pre = tempfile::tempdir().unwrap();
     let enc = mcld::prepare::stats::clip_encoder_dir(pre.path());
     std::fs::create_dir_all(&enc).unwrap();

@@ -9,6 +9,7 @@ mod demo;
 mod grad;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod plot;
 mod run_loop;
 mod step;
 mod trainer;

@@ -1456,7 +1456,7 @@ fn real_cfg(exp: &Path) -> LoopConfig {
 fn real_step(root: &Path) -> (Box<dyn TrainStep>, Arc<TrainSet>) {
     let cfg_path = root.join("train.yaml");
     if !cfg_path.exists() {
-        mcld::train::tiny::write_tiny_train_base(root, &root.join("data")).unwrap();
+        mcld::presets::tree::write_tiny_train_base(root, &root.join("data")).unwrap();
     }
     let cfg = mcld::config::TrainConfig::load(&cfg_path).unwrap();
     let step = mcld::train::build_step(&cfg, &Device::Cpu, candle_core::DType::F32).unwrap();

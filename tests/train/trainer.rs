@@ -10,10 +10,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use mcld::config::TrainConfig;
+use mcld::presets::tree::write_tiny_train_base;
 use mcld::train::api::{step_rng, Grads, Net, TrainBatch, TrainStep};
 use mcld::train::init::{initial_weights, InitSources};
 use mcld::train::setup::build_trainer;
-use mcld::train::tiny::write_tiny_train_base;
 use mcld::train::trainer::{randn, McldTrainer};
 
 fn tiny(dir: &Path) -> TrainConfig {

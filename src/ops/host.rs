@@ -1,0 +1,41 @@
+//! Raw access to f32 CPU tensors for the hand-written CPU kernels (`conv`, `attention::cpu`, the norms).
+
+use candle_core::Tensor;
+
+/// Values per parallel task of the elementwise kernels (norms, GEGLU): large enough to amortise
+/// the task, small enough to split a 64x64 UNet activation across threads.
+pub(crate) const CHUNK: usize = 1 << 15;
+
+/// Runs `f` on a contiguous f32 CPU tensor's data (from its start offset).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+            Ok(f(&v[layout.start_offset()..]))
+        }
+        _ => candle_core::bail!("CPU kernel: expected an f32 CPU tensor"),
+    }
+}
+
+/// An output buffer shared by parallel tasks that each write a disjoint part of it.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedOut(*mut f32);
+
+// SAFETY: users guarantee that tasks write disjoint elements and that the buffer outlives them.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub(crate) fn new(buf: &mut [f32]) -> Self {
+        Self(buf.as_mut_ptr())
+    }
+
+    pub(crate) fn from_ptr(ptr: *mut f32) -> Self {
+        Self(ptr)
+    }
+
+    /// A method, so closures capture the `Sync` wrapper rather than its raw field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
