@@ -248,6 +248,9 @@ impl McldPipeline {
         let cfg = TrainConfig::load(cfg_path)?;
         let files = PipelineFiles::resolve(ckpt_dir, &cfg)?;
         let infer = InferenceConfig::load(&cfg.inference_config)?;
+        for n in infer.notes() {
+            eprintln!("note: {n} ({})", cfg.inference_config.display());
+        }
         Self::load(&files, &infer, device, dtype)
     }
 

@@ -255,6 +255,8 @@ pub fn write_tiny_train_base(root: &Path, dataset_root: &Path) -> Result<PathBuf
     cfg.pretrained_vae_path = vae_dir;
     cfg.clip_std_path = clip_std;
     cfg.weight_dtype = "fp32".into();
+    cfg.solver.mixed_precision = "no".into();
+    cfg.data.num_processes = 1;
     cfg.device = "cpu".into();
     cfg.output_dir = root.join("exp_output");
     cfg.exp_name = "tiny".into();

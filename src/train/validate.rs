@@ -1,5 +1,5 @@
 //! The validation grid of `mcld train` (SPEC §4): every `validation_steps`, the pipeline built
-//! from the step's current weights generates a few pairs of the test list (20 DDIM steps,
+//! from the step's current weights generates `data.val_bs` pairs of the test list (20 DDIM steps,
 //! guidance 3.5, the config's seed, the training scheduler config as the reference does), saved
 //! as `{exp_dir}/validation/step-{step}.png`: `val_bs` rows, one per pair and labelled with it,
 //! under a header naming the columns (source | texture | target pose | generated | ground
@@ -86,7 +86,7 @@ impl ValidationHook {
             .join(crate::weights::files::UNET_CONFIG);
         let ucfg = unet::Config::from_json_file(&ucfg_path)?;
         let enc = super::setup::frozen_encoders(&self.cfg, &self.device, self.precision.compute)?;
-        let mut scheduler = super::setup::train_scheduler(&self.cfg)?;
+        let mut scheduler = super::setup::val_scheduler(&self.cfg)?;
         scheduler.set_timesteps(VALIDATION_STEPS)?;
         let (pairs, note) = validation_pairs(&self.cfg, self.cfg.data.val_bs.max(1))?;
         if self.verbose || note.is_some() {

@@ -11,5 +11,7 @@ mod grad;
 mod nccl;
 mod plot;
 mod run_loop;
+mod schedule;
 mod step;
+mod steps;
 mod trainer;
