@@ -218,7 +218,7 @@ fn run_batch(
         &prep,
         &noise,
         p.guidance_scale,
-        |_, _| {},
+        |_, _| Ok(()),
     )?;
     dev.synchronize()?;
     ph.denoise = t.elapsed().as_secs_f64();

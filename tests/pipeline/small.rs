@@ -88,7 +88,7 @@ fn run_case(case: &common::Case, dtype: DType) -> (Vec<StepRecord>, Tensor, Tens
         &cond,
         &case.f32("input.init_noise"),
         guidance,
-        |_, _| {},
+        |_, _| Ok(()),
     )
     .unwrap();
     let image = decode(&vae, &latents, dtype).unwrap();
