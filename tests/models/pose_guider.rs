@@ -61,7 +61,9 @@ fn missing_weight_is_named() {
 fn wrong_weight_shape_is_named() {
     let case = load_case("model", "pose_guider");
     let mut cfg = config(&case);
-    cfg.conditioning_channels += 1;
+    // conv_in's output width: its weight in the file then has the wrong shape. (Changing the
+    // input channels would look for MCLD's `conv_in1` instead, a missing tensor.)
+    cfg.block_out_channels[0] += 1;
     let vb = VarBuilder::from_tensors(case.weights_with_prefix(""), DType::F32, &common::device());
     let e = PoseGuider::new(vb, &cfg).unwrap_err().to_string();
     assert!(e.contains("conv_in.weight"), "{e}");
