@@ -15,6 +15,7 @@ pub mod fsutil;
 pub mod imageops;
 pub mod metrics;
 pub mod models;
+pub mod ops;
 pub mod pipeline;
 pub mod prepare;
 pub mod rank;

@@ -129,7 +129,8 @@ pub const ATTENTION_CHUNK_ELEMS: usize = 1 << 26;
 /// [`ATTENTION_CHUNK_ELEMS`] scores (each row's result is independent of the slicing). Without
 /// gradient tracking the fused softmax is used; with it, the softmax from primitives, because
 /// the fused one has no backward pass. f32 on the CPU without gradients takes the fused kernel
-/// of `cpu_attention` instead.
+/// of `cpu_attention` instead, and f32 or f64 on the CPU with gradients the custom op of
+/// `ops::attention_grad` (its backward pass recomputes the probabilities block by block).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     attention_bf16(q, k, v, false)
 }
@@ -139,6 +140,12 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Tensor> {
     if let Some(out) = super::cpu_attention::attention(q, k, v, bf16)? {
         return Ok(out);
+    }
+    // With gradient tracking: our op, whose backward pass keeps no score matrix.
+    if (q.track_op() || k.track_op() || v.track_op()) && crate::ops::enabled() {
+        if let Some(out) = crate::ops::attention_grad::attention(q, k, v)? {
+            return Ok(out);
+        }
     }
     attention_chunked(q, k, v, ATTENTION_CHUNK_ELEMS)
 }
