@@ -40,6 +40,14 @@ impl Module for LayerNorm {
         {
             return Ok(y);
         }
+        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
+            let tracked = x.track_op() || w.track_op() || b.track_op();
+            if tracked && crate::ops::enabled() {
+                if let Some(y) = crate::ops::norm_grad::layer_norm(x, self.eps, w, b)? {
+                    return Ok(y);
+                }
+            }
+        }
         let dtype = x.dtype();
         // Statistics in f32 at least: f16/bf16 means over 1280 channels lose too much.
         let xf = if dtype == DType::F64 {
@@ -95,16 +103,30 @@ impl GroupNorm {
 
     /// `silu(group_norm(x))`, the resnet blocks' pre-activation.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        match super::fused::group_norm(x, self.groups, self.eps, &self.weight, &self.bias, true)? {
+        match self.fused(x, true)? {
             Some(y) => Ok(y),
             None => candle_nn::ops::silu(&self.composed.forward(x)?),
         }
+    }
+
+    /// The fused inference kernel, or with gradient tracking the custom op of
+    /// `ops::norm_grad`; `None` where neither applies.
+    fn fused(&self, x: &Tensor, act: bool) -> Result<Option<Tensor>> {
+        let (w, b) = (&self.weight, &self.bias);
+        if let Some(y) = super::fused::group_norm(x, self.groups, self.eps, w, b, act)? {
+            return Ok(Some(y));
+        }
+        let tracked = x.track_op() || w.track_op() || b.track_op();
+        if tracked && crate::ops::enabled() {
+            return crate::ops::norm_grad::group_norm(x, self.groups, self.eps, w, b, act);
+        }
+        Ok(None)
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match super::fused::group_norm(x, self.groups, self.eps, &self.weight, &self.bias, false)? {
+        match self.fused(x, false)? {
             Some(y) => Ok(y),
             None => self.composed.forward(x),
         }

@@ -44,6 +44,11 @@ pub(crate) trait Elem: WithDType {
         }
     }
 
+    /// The logistic function (SiLU's gate).
+    fn sigmoid(x: Self) -> Self {
+        Self::from_f64(1.0 / (1.0 + (-x.to_f64()).exp()))
+    }
+
     /// `c = a b` (or `c += a b` with `accumulate`) for an m x k by k x n product into the
     /// row-major block `c` of row stride `ldc`, in parallel.
     fn mm(
@@ -74,6 +79,17 @@ pub(crate) trait Elem: WithDType {
 impl Elem for f64 {}
 
 impl Elem for f32 {
+    #[inline(always)]
+    fn sigmoid(x: f32) -> f32 {
+        let e = cpu_attention::exp_approx(-x.abs());
+        let s = 1.0 / (1.0 + e);
+        if x >= 0.0 {
+            s
+        } else {
+            e * s
+        }
+    }
+
     fn exp_shifted(xs: &mut [f32], shift: f32) {
         cpu_attention::exp_shifted(xs, shift)
     }

@@ -4,6 +4,7 @@
 pub mod attention_grad;
 pub mod conv_grad;
 mod elem;
+pub mod norm_grad;
 
 /// Whether the training path takes these ops (the default) or candle's composed ones
 /// (`MCLD_TRAIN_OPS=candle`, kept for side-by-side measurements in one sitting).

@@ -261,3 +261,130 @@ fn attention_op_f32_matches_candle_composed_gradients() {
         }
     }
 }
+
+fn op_group_norm(t: &[Tensor], groups: usize, act: bool) -> Tensor {
+    mcld::ops::norm_grad::group_norm(&t[0], groups, 1e-5, &t[1], &t[2], act)
+        .unwrap()
+        .expect("the group norm op applies")
+}
+
+fn op_layer_norm(t: &[Tensor]) -> Tensor {
+    mcld::ops::norm_grad::layer_norm(&t[0], 1e-5, &t[1], &t[2])
+        .unwrap()
+        .expect("the layer norm op applies")
+}
+
+/// The norm ops in f64 against finite differences: GroupNorm with and without SiLU (several
+/// channels per group), LayerNorm.
+#[test]
+fn norm_op_gradients_match_finite_differences() {
+    for (i, act) in [false, true].into_iter().enumerate() {
+        let seed = 700 + 10 * i as u64;
+        let x = rand64(seed, &[2, 6, 3, 5]);
+        let w = rand64(seed + 1, &[6]).affine(0.5, 1.0).unwrap();
+        let b = rand64(seed + 2, &[6]);
+        check_op(&format!("group_norm_op_act_{act}"), &[x, w, b], 30, &|t| {
+            project(&op_group_norm(t, 3, act), seed + 3)
+        });
+    }
+    let x = rand64(720, &[2, 5, 12]);
+    let w = rand64(721, &[12]).affine(0.5, 1.0).unwrap();
+    let b = rand64(722, &[12]);
+    check_op("layer_norm_op", &[x, w, b], 30, &|t| {
+        project(&op_layer_norm(t), 723)
+    });
+}
+
+/// Gradients of a random projection of `f(x, w, b)` with respect to x, w, b, and the output.
+fn grads_of(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&t);
+    let r = rand64(997, y.dims()).to_dtype(y.dtype()).unwrap();
+    let store = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let grads = vars
+        .iter()
+        .map(|v| store.get(v.as_tensor()).unwrap().clone())
+        .collect();
+    (y, grads)
+}
+
+/// LayerNorm from candle's primitives (the reference of the op).
+fn composed_layer_norm(t: &[Tensor]) -> Tensor {
+    use candle_core::D;
+    let mean = t[0].mean_keepdim(D::Minus1).unwrap();
+    let xc = t[0].broadcast_sub(&mean).unwrap();
+    let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(&t[1])
+        .unwrap()
+        .broadcast_add(&t[2])
+        .unwrap()
+}
+
+/// The f32 norm ops against candle's composed ops in f64, on UNet-like shapes (planes longer
+/// than the op's summation chunk included). Bound: max |ours - candle| <= 1e-5 max |candle|
+/// for the output and each gradient.
+#[test]
+fn norm_ops_f32_match_candle_composed_gradients() {
+    use candle_core::Module;
+    type Case<'a> = (&'a str, Vec<usize>, usize, bool);
+    let cases: [Case; 4] = [
+        ("group_norm_silu", vec![2, 64, 16, 16], 32, true),
+        ("group_norm", vec![1, 32, 64, 64], 32, false),
+        ("group_norm_silu_wide_groups", vec![2, 40, 9, 7], 4, true),
+        ("layer_norm", vec![2, 100, 320], 0, false),
+    ];
+    for (i, (name, dims, groups, act)) in cases.into_iter().enumerate() {
+        let seed = 800 + 10 * i as u64;
+        let c = if groups == 0 { dims[2] } else { dims[1] };
+        let inputs = [
+            rand64(seed, &dims).affine(2.0, 0.5).unwrap(),
+            rand64(seed + 1, &[c]).affine(0.5, 1.0).unwrap(),
+            rand64(seed + 2, &[c]),
+        ];
+        let f32s: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_dtype(DType::F32).unwrap())
+            .collect();
+        let f64s: Vec<Tensor> = f32s
+            .iter()
+            .map(|t| t.to_dtype(DType::F64).unwrap())
+            .collect();
+        let (y, g) = grads_of(&f32s, &|t| {
+            if groups == 0 {
+                op_layer_norm(t)
+            } else {
+                op_group_norm(t, groups, act)
+            }
+        });
+        let (y_ref, g_ref) = grads_of(&f64s, &|t| {
+            if groups == 0 {
+                return composed_layer_norm(t);
+            }
+            let gn =
+                candle_nn::GroupNorm::new(t[1].clone(), t[2].clone(), c, groups, 1e-5).unwrap();
+            let y = gn.forward(&t[0]).unwrap();
+            if act {
+                candle_nn::ops::silu(&y).unwrap()
+            } else {
+                y
+            }
+        });
+        for (what, got, want) in [
+            ("y", &y, &y_ref),
+            ("dx", &g[0], &g_ref[0]),
+            ("dw", &g[1], &g_ref[1]),
+            ("db", &g[2], &g_ref[2]),
+        ] {
+            let (err, mx) = max_errs(got, want);
+            let rel = err / mx.max(1e-30);
+            println!("{name} {dims:?} {what}: relative {rel:.2e}");
+            assert!(rel <= 1e-5, "{name} {what}: relative error {rel:.2e}");
+        }
+    }
+}
