@@ -1,11 +1,12 @@
-//! `models::cpu_attention` whole (both products and the softmax) on the UNet's attention shapes
+//! `ops::attention::cpu` whole (both products and the softmax) on the UNet's attention shapes
 //! at 512x512: f32 and bf16. `cargo bench --bench attention`; figures are printed, never
 //! asserted.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use mcld::models::{bf16_gemm, cpu_attention};
+use mcld::ops::attention::cpu as cpu_attention;
+use mcld::ops::packed_gemm;
 
 /// CPU time this process has used, all threads together.
 fn cpu_seconds() -> f64 {
@@ -22,7 +23,7 @@ fn main() -> candle_core::Result<()> {
     println!(
         "{} threads; AVX-512 BF16: {}",
         rayon::current_num_threads(),
-        bf16_gemm::available()
+        packed_gemm::available()
     );
     // (name, batch x heads, query tokens, key tokens, head width)
     let shapes = [
@@ -42,7 +43,7 @@ fn main() -> candle_core::Result<()> {
         let v = Tensor::randn(0f32, 1.0, (1, bh, tk, d), &dev)?;
         let mut cells = Vec::new();
         for bf16 in [false, true] {
-            if bf16 && !bf16_gemm::available() {
+            if bf16 && !packed_gemm::available() {
                 cells.push("n/a".to_string());
                 continue;
             }

@@ -1,13 +1,13 @@
 //! The matmul kernels side by side on the shapes that dominate the MCLD pipeline at 512x512:
 //! f32 through the `gemm` crate (what `--dtype f32` uses) and bf16 through
-//! `models::bf16_gemm` (what `--dtype bf16` uses on CPUs with AVX-512 BF16), packing included.
+//! `ops::packed_gemm` (what `--dtype bf16` uses on CPUs with AVX-512 BF16), packing included.
 //! `cargo bench --bench gemm`; figures are printed, never asserted.
 
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};
-use mcld::models::bf16_gemm::{self, PackedA, PackedB};
-use mcld::models::conv::Conv2d;
+use mcld::ops::conv::Conv2d;
+use mcld::ops::packed_gemm::{self, PackedA, PackedB};
 
 fn values(n: usize) -> Vec<f32> {
     (0..n)
@@ -49,7 +49,7 @@ fn main() {
     let threads = rayon::current_num_threads();
     println!(
         "{threads} threads; AVX-512 BF16: {}",
-        bf16_gemm::available()
+        packed_gemm::available()
     );
     let shapes = [
         ("conv 3x3 320ch 64x64", 320, 4096, 2880),
@@ -95,11 +95,11 @@ fn main() {
                 gemm::Parallelism::Rayon(threads),
             )
         });
-        let bf16_rate = if bf16_gemm::available() {
+        let bf16_rate = if packed_gemm::available() {
             rate(m, n, k, || {
                 let pa = PackedA::from_f32_rows(&a, m, k, k);
                 let pb = PackedB::from_f32_rows(&b, k, n, n);
-                bf16_gemm::matmul_parallel(&pa, &pb, &mut c, n, false).expect("bf16 matmul");
+                packed_gemm::matmul_parallel(&pa, &pb, &mut c, n, false).expect("bf16 matmul");
             })
         } else {
             (f64::NAN, f64::NAN)
@@ -119,20 +119,20 @@ fn main() {
     let pa = PackedA::from_f32_rows(&a, m, k, k);
     let pb = PackedB::from_f32_rows(&b, k, n, n);
     let mut c = vec![0f32; m * n];
-    if bf16_gemm::available() {
+    if packed_gemm::available() {
         let r = rate(m, n, k, || {
-            bf16_gemm::matmul(&pa, &pb, &mut c, n, false).expect("bf16 matmul")
+            packed_gemm::matmul(&pa, &pb, &mut c, n, false).expect("bf16 matmul")
         });
         println!(
             "bf16 kernel alone, {m} x {n} x {k}, one thread: {:.1} GFLOP/s",
             r.1
         );
     }
-    if bf16_gemm::available_f32() {
+    if packed_gemm::available_f32() {
         let pa = PackedA::from_f32_rows_exact(&a, m, k, k);
         let pb = PackedB::from_f32_rows_exact(&b, k, n, n);
         let r = rate(m, n, k, || {
-            bf16_gemm::matmul(&pa, &pb, &mut c, n, false).expect("f32 matmul")
+            packed_gemm::matmul(&pa, &pb, &mut c, n, false).expect("f32 matmul")
         });
         println!(
             "f32 packed kernel alone, {m} x {n} x {k}, one thread: {:.1} GFLOP/s",
@@ -166,7 +166,7 @@ fn conv_layers(threads: usize) {
         let (m, n) = (ch, size * size);
         let mut row = format!("{name:34}");
         for dt in [DType::F32, DType::BF16] {
-            if dt == DType::BF16 && !bf16_gemm::available() {
+            if dt == DType::BF16 && !packed_gemm::available() {
                 continue;
             }
             let conv = Conv2d::new(w.to_dtype(dt).expect("cast"), Some(b.clone()), cfg);

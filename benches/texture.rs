@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use image::imageops::{resize, FilterType};
-use mcld::prepare::texture::{texture_map, TextureAssets};
+use mcld::person::texture::{texture_map, TextureAssets};
 use rayon::prelude::*;
 
 fn fixture(rel: &str) -> image::RgbImage {

@@ -30,6 +30,15 @@ pub fn parse_device(s: &str) -> Result<Device> {
     Ok(Device::new_cuda(ordinal)?)
 }
 
+/// A device as `--device` spells it (`cpu`, `cuda:N`).
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
 /// Parses `f32`, `f16`, `bf16` (also `fp32`, `fp16`, the reference's spellings).
 pub fn parse_dtype(s: &str) -> Result<DType> {
     match s.trim().to_ascii_lowercase().as_str() {

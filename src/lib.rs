@@ -1,9 +1,9 @@
 //! mcld: Multi-focal Conditioned Latent Diffusion for pose-guided person image synthesis,
 //! on candle. The binary in `main.rs` is a thin CLI over these modules.
 
-pub mod args;
 pub mod bench;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -16,6 +16,7 @@ pub mod imageops;
 pub mod metrics;
 pub mod models;
 pub mod ops;
+pub mod person;
 pub mod pipeline;
 pub mod prepare;
 pub mod rank;

@@ -6,31 +6,24 @@
 
 use std::time::{Duration, Instant};
 
-use clap::Args;
-
-use crate::args::ComputeArgs;
 use crate::models::densepose::iuv::{self, Image3};
 use crate::models::densepose::{self, DensePose};
 use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, Args)]
-pub struct DenseposeBenchArgs {
+#[derive(Debug, Clone)]
+pub struct DenseposeBench {
     /// Images to time (after one warm-up image).
-    #[arg(long, default_value_t = 2)]
     pub images: usize,
     /// Also time `prepare`'s own path (`iuv_batch`) with this many same-size photos per
     /// backbone pass; it runs the DensePose branch only where random weights detect something.
-    #[arg(long, default_value_t = 1)]
     pub batch: usize,
     /// Seed of the random weights.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// detectron2 YAML; default the shipped densepose_rcnn_R_101_FPN_DL_s1x.yaml.
-    #[arg(long)]
     pub config: Option<std::path::PathBuf>,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    pub device: candle_core::Device,
+    pub dtype: candle_core::DType,
 }
 
 /// A DeepFashion-sized BGR photo: smooth gradients and a bright upright blob on a pale ground.
@@ -130,12 +123,11 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-pub fn run(args: &DenseposeBenchArgs) -> Result<()> {
+pub fn run(args: &DenseposeBench) -> Result<()> {
     if args.images == 0 {
         return Err(Error::msg("--images must be at least 1"));
     }
-    let device = crate::device::parse_device(&args.compute.device)?;
-    let dtype = crate::device::parse_dtype(&args.compute.dtype)?;
+    let (device, dtype) = (args.device.clone(), args.dtype);
     if dtype != candle_core::DType::F32 {
         println!("note: DensePose runs in float32 (as `prepare` does); --dtype {dtype:?} ignored");
     }

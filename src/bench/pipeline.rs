@@ -14,11 +14,8 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use clap::Args;
 
-use crate::args::ComputeArgs;
 use crate::data::{Pair, PairInputs};
-use crate::device::{parse_device, parse_dtype};
 use crate::models::clip::{self, ClipVisionModelWithProjection};
 use crate::models::mcld::{Mcld, McldConfig};
 use crate::models::resampler;
@@ -31,28 +28,22 @@ use crate::weights::prefixed_var_builder;
 use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, Args)]
-pub struct PipelineBenchArgs {
+#[derive(Debug, Clone)]
+pub struct PipelineBench {
     /// Images to time (after the warm-up batch).
-    #[arg(long, default_value_t = 2)]
     pub images: usize,
     /// DDIM steps per image (MCLD uses 20).
-    #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Square image size the networks run at (MCLD: 512; a multiple of 64).
-    #[arg(long, default_value_t = 512)]
     pub size: usize,
     /// Pairs per forward pass (the loop runs twice that for guidance).
-    #[arg(long = "batch-size", visible_alias = "batch_size", default_value_t = 1)]
     pub batch_size: usize,
     /// Untimed warm-up batches before timing (0 skips it; useful on a slow CPU).
-    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     /// Seed of the random weights and noise.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    pub device: candle_core::Device,
+    pub dtype: candle_core::DType,
 }
 
 /// `stable-diffusion-v1-5/unet/config.json` (the keys that differ from nothing are all given).
@@ -180,8 +171,8 @@ fn sample_batch(n: usize, seed: u64) -> Result<Vec<PairInputs>> {
     let (w, h) = photo.dimensions();
     let src_pose = crate::pipeline::demo::synthetic_pose(w, h, false);
     let pose = crate::pipeline::demo::synthetic_pose(w, h, true);
-    let assets = crate::prepare::texture::TextureAssets::builtin()?;
-    let texture = crate::prepare::texture::texture_map(&photo, &src_pose, &assets)?;
+    let assets = crate::person::texture::TextureAssets::builtin()?;
+    let texture = crate::person::texture::texture_map(&photo, &src_pose, &assets)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let face: Vec<f32> = (0..512).map(|_| StandardNormal.sample(&mut rng)).collect();
     Ok((0..n)
@@ -302,9 +293,8 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-pub fn run(args: &PipelineBenchArgs) -> Result<()> {
-    let device = parse_device(&args.compute.device)?;
-    let dtype = parse_dtype(&args.compute.dtype)?;
+pub fn run(args: &PipelineBench) -> Result<()> {
+    let (device, dtype) = (args.device.clone(), args.dtype);
     if args.images == 0 || args.batch_size == 0 {
         return Err(Error::msg("--images and --batch-size must be at least 1"));
     }
@@ -320,7 +310,7 @@ pub fn run(args: &PipelineBenchArgs) -> Result<()> {
         args.steps,
         p.guidance_scale,
         args.batch_size,
-        args.compute.device,
+        crate::device::device_name(&args.device),
         p.precision.describe()
     );
     println!("built the networks in {build_s:.1}s");

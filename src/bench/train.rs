@@ -9,16 +9,14 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use clap::{Args, ValueEnum};
+use clap::ValueEnum;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::{cpu_seconds, peak_rss_bytes};
-use crate::args::ComputeArgs;
-use crate::device::{parse_device, parse_dtype};
-use crate::models::checkpoint::Tape;
 use crate::models::mcld::{Mcld, McldConfig};
 use crate::models::unet;
+use crate::ops::recompute::Tape;
 use crate::pipeline::mcld::Precision;
 use crate::scheduler::ddim::{DdimConfig, DdimScheduler, PredictionType, TimestepSpacing};
 use crate::train::adamw::{AdamW, AdamWConfig};
@@ -40,33 +38,25 @@ pub enum Optimizer {
     None,
 }
 
-#[derive(Debug, Clone, Args)]
-pub struct TrainBenchArgs {
+#[derive(Debug, Clone)]
+pub struct TrainBench {
     /// Square image size (latents are size / 8; MCLD trains at 512).
-    #[arg(long, default_value_t = 512)]
     pub size: usize,
     /// Samples per step.
-    #[arg(long = "batch-size", visible_alias = "batch_size", default_value_t = 1)]
     pub batch_size: usize,
     /// Timed steps (after one untimed warm-up step).
-    #[arg(long, default_value_t = 3)]
     pub steps: usize,
     /// UNet channel widths: full (SD-1.5) or half.
-    #[arg(long, value_enum, default_value_t = Width::Full)]
     pub width: Width,
     /// Include the AdamW update (with grad-norm clipping) or stop after the backward pass.
-    #[arg(long, value_enum, default_value_t = Optimizer::Adamw)]
     pub optimizer: Optimizer,
     /// Recompute each UNet block in the backward pass instead of keeping its activations.
-    #[arg(long = "grad-checkpointing", visible_alias = "gradient_checkpointing")]
     pub grad_checkpointing: bool,
     /// Untimed warm-up steps.
-    #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[command(flatten)]
-    pub compute: ComputeArgs,
+    pub device: candle_core::Device,
+    pub dtype: candle_core::DType,
 }
 
 /// SD-1.5's UNet config, channels scaled for `width`.
@@ -95,9 +85,8 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-pub fn run(args: &TrainBenchArgs) -> Result<()> {
-    let device = parse_device(&args.compute.device)?;
-    let dtype = parse_dtype(&args.compute.dtype)?;
+pub fn run(args: &TrainBench) -> Result<()> {
+    let (device, dtype) = (args.device.clone(), args.dtype);
     if args.size == 0 || !args.size.is_multiple_of(8) || args.batch_size == 0 {
         return Err(Error::msg(
             "bench train: --size must be a positive multiple of 8 and --batch-size positive",

@@ -2,7 +2,7 @@
 //! from, where it goes and how it is checked. `--list` prints it; the missing-model messages of
 //! the other commands name its groups and ids.
 //!
-//! Destinations are the paths the commands look up: `pipeline::checkpoints` (checkpoints and the
+//! Destinations are the paths the commands look up: `pipeline::weight_files` (checkpoints and the
 //! `train.yaml` base-model folders), `prepare::densepose::stage::WEIGHTS_FILE`,
 //! `prepare::face::{DETECTOR_ONNX, RECOGNISER_ONNX}` under `antelopev2/`, the first names of
 //! `cli::evaluate::{inception_file_names, METRIC_WEIGHTS}` and `metrics::face`'s `buffalo_s/`.

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use image::RgbImage;
 
-use crate::prepare::texture::{TextureAssets, NORMAL, PARTS};
+use crate::person::texture::{TextureAssets, NORMAL, PARTS};
 use crate::{Error, Result};
 
 /// A body region: a fixed set of DensePose parts (I = 1..=24).

@@ -18,10 +18,10 @@
 //! An identity swap alone changes only the face embedding: it equals `infer` given the donor's
 //! embedding. Add `--garment head=PHOTO` to take the head's texels (hair, face skin) too.
 
-pub mod command;
 pub mod compose;
+pub mod run;
 
-pub use command::{run, EditArgs};
+pub use run::{run, EditRequest};
 
 use image::RgbImage;
 

@@ -4,6 +4,7 @@
 
 pub mod pillow;
 pub mod torch;
+pub mod viz;
 
 use std::path::Path;
 

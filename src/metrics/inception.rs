@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::ChwImage;
-use crate::models::conv::conv2d_forward;
+use crate::ops::conv::conv2d_forward;
 use crate::{Error, Result};
 
 /// BatchNorm epsilon of torchvision's BasicConv2d.

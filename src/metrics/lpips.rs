@@ -7,7 +7,8 @@
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Conv2dConfig, Module, VarBuilder};
 
-use crate::models::conv::{conv2d, conv2d_forward, Conv2d};
+use crate::models::layers::conv2d;
+use crate::ops::conv::{conv2d_forward, Conv2d};
 
 use crate::Result;
 

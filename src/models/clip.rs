@@ -8,12 +8,15 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::models::conv::Conv2d;
+use crate::ops::conv::Conv2d;
 use serde::Deserialize;
 
-use super::nn::{attention_bf16, merge_heads, split_heads, LayerNorm};
 use crate::imageops::{Filter, U8Image};
-use crate::models::linear::{linear, linear_no_bias, Linear};
+use crate::models::layers::layer_norm;
+use crate::models::layers::{linear, linear_no_bias};
+use crate::ops::attention::{attention_bf16, merge_heads, split_heads};
+use crate::ops::linear::Linear;
+use crate::ops::norm::LayerNorm;
 use crate::{Error, Result};
 
 fn default_act() -> String {
@@ -130,12 +133,12 @@ impl EncoderLayer {
         let (d, i) = (c.hidden_size, c.intermediate_size);
         let a = vb.pp("self_attn");
         Ok(Self {
-            ln1: LayerNorm::new(vb.pp("layer_norm1"), d, c.layer_norm_eps)?,
+            ln1: layer_norm(vb.pp("layer_norm1"), d, c.layer_norm_eps)?,
             q: linear(d, d, a.pp("q_proj"))?,
             k: linear(d, d, a.pp("k_proj"))?,
             v: linear(d, d, a.pp("v_proj"))?,
             out: linear(d, d, a.pp("out_proj"))?,
-            ln2: LayerNorm::new(vb.pp("layer_norm2"), d, c.layer_norm_eps)?,
+            ln2: layer_norm(vb.pp("layer_norm2"), d, c.layer_norm_eps)?,
             fc1: linear(d, i, vb.pp("mlp.fc1"))?,
             fc2: linear(i, d, vb.pp("mlp.fc2"))?,
             heads: c.num_attention_heads,
@@ -204,11 +207,11 @@ impl ClipVisionModelWithProjection {
             .map(Conv2d::from)?,
             class_embedding: emb.get(d, "class_embedding")?,
             position_embedding: emb.get((cfg.num_positions(), d), "position_embedding.weight")?,
-            pre_ln: LayerNorm::new(vm.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
+            pre_ln: layer_norm(vm.pp("pre_layrnorm"), d, cfg.layer_norm_eps)?,
             layers: (0..cfg.num_hidden_layers)
                 .map(|i| EncoderLayer::new(vm.pp(format!("encoder.layers.{i}")), cfg))
                 .collect::<Result<Vec<_>>>()?,
-            post_ln: LayerNorm::new(vm.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
+            post_ln: layer_norm(vm.pp("post_layernorm"), d, cfg.layer_norm_eps)?,
             projection: linear_no_bias(d, cfg.projection_dim, vb.pp("visual_projection"))?,
             config: cfg.clone(),
         })

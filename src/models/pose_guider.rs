@@ -7,7 +7,7 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::models::conv::Conv2d;
+use crate::ops::conv::Conv2d;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -57,7 +57,7 @@ fn conv(vb: VarBuilder, cin: usize, cout: usize, stride: usize, name: &str) -> R
         stride,
         ..Default::default()
     };
-    crate::models::conv::conv2d(cin, cout, 3, cfg, vb.pp(name))
+    crate::models::layers::conv2d(cin, cout, 3, cfg, vb.pp(name))
         .map_err(|e| Error::msg(format!("pose guider: {e}")))
 }
 

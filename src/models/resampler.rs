@@ -1,7 +1,7 @@
 //! MCLD's face projector (SPEC §3): the IP-Adapter-plus Perceiver resampler ("image_proj_model")
 //! that turns an ArcFace embedding into face tokens for the decoupled cross-attention.
 //!
-//! LayerNorm and softmax come from `models::nn` (built from primitives) because the projector is
+//! LayerNorm and softmax come from `ops::norm` and `ops::attention` (built from primitives) because the projector is
 //! trained and candle's fused versions drop gradients.
 
 use std::collections::HashMap;
@@ -11,8 +11,11 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::models::linear::{linear, linear_no_bias, Linear};
-use crate::models::nn::{attention_bf16, merge_heads, split_heads, LayerNorm};
+use crate::models::layers::layer_norm;
+use crate::models::layers::{linear, linear_no_bias};
+use crate::ops::attention::{attention_bf16, merge_heads, split_heads};
+use crate::ops::linear::Linear;
+use crate::ops::norm::LayerNorm;
 use crate::{Error, Result};
 
 const LN_EPS: f64 = 1e-5;
@@ -116,8 +119,8 @@ impl PerceiverAttention {
     fn new(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
         let inner = cfg.dim_head * cfg.heads;
         Ok(Self {
-            norm1: LayerNorm::new(vb.pp("norm1"), cfg.dim, LN_EPS)?,
-            norm2: LayerNorm::new(vb.pp("norm2"), cfg.dim, LN_EPS)?,
+            norm1: layer_norm(vb.pp("norm1"), cfg.dim, LN_EPS)?,
+            norm2: layer_norm(vb.pp("norm2"), cfg.dim, LN_EPS)?,
             to_q: linear_no_bias(cfg.dim, inner, vb.pp("to_q"))?,
             to_kv: linear_no_bias(cfg.dim, 2 * inner, vb.pp("to_kv"))?,
             to_out: linear_no_bias(inner, cfg.dim, vb.pp("to_out"))?,
@@ -157,7 +160,7 @@ impl FeedForward {
     fn new(vb: VarBuilder, cfg: &Config) -> candle_core::Result<Self> {
         let hidden = cfg.dim * cfg.ff_mult;
         Ok(Self {
-            norm: LayerNorm::new(vb.pp("0"), cfg.dim, LN_EPS)?,
+            norm: layer_norm(vb.pp("0"), cfg.dim, LN_EPS)?,
             fc1: linear_no_bias(cfg.dim, hidden, vb.pp("1"))?,
             fc2: linear_no_bias(hidden, cfg.dim, vb.pp("3"))?,
         })
@@ -190,7 +193,7 @@ impl Resampler {
             let latents = vb.get((1, cfg.num_queries, cfg.dim), "latents")?;
             let proj_in = linear(cfg.embedding_dim, cfg.dim, vb.pp("proj_in"))?;
             let proj_out = linear(cfg.dim, cfg.output_dim, vb.pp("proj_out"))?;
-            let norm_out = LayerNorm::new(vb.pp("norm_out"), cfg.output_dim, LN_EPS)?;
+            let norm_out = layer_norm(vb.pp("norm_out"), cfg.output_dim, LN_EPS)?;
             let vbl = vb.pp("layers");
             let layers = (0..cfg.depth)
                 .map(|i| {

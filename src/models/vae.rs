@@ -9,11 +9,13 @@ use std::path::Path;
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::models::conv::{conv2d, Conv2d};
+use crate::models::layers::conv2d;
+use crate::ops::conv::Conv2d;
 use serde::Deserialize;
 
-use super::nn::{attention_bf16, merge_heads, split_heads, GroupNorm};
-use crate::models::linear::Linear;
+use crate::ops::attention::{attention_bf16, merge_heads, split_heads};
+use crate::ops::linear::Linear;
+use crate::ops::norm::GroupNorm;
 use crate::{Error, Result};
 
 fn default_true() -> bool {

@@ -21,8 +21,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::conv::Geometry;
 use super::elem::{slice, with_data, Elem, Operand};
-use crate::models::conv::Geometry;
 
 /// A tile's patch matrix holds at most this many values (8 MiB of f32).
 const TILE_VALUES: usize = 1 << 21;

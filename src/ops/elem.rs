@@ -2,11 +2,11 @@
 
 use candle_core::{CpuStorage, Layout, Tensor, WithDType};
 
-use crate::models::bf16_gemm::{self, PackedA, PackedB};
-use crate::models::conv::{run_packed, Geometry};
-use crate::models::cpu_attention;
-
+use super::attention::cpu as cpu_attention;
+use super::conv::{run_packed, Geometry};
 use super::conv_grad::conv_forward_im2col;
+use super::geglu;
+use super::packed_gemm::{self, PackedA, PackedB};
 
 /// An operand of [`Elem::mm`]: element (i, j) at `data[i * rs + j * cs]`, one stride being 1.
 #[derive(Clone, Copy)]
@@ -44,6 +44,14 @@ pub(crate) trait Elem: WithDType {
         }
     }
 
+    /// Exact-form GELU and its derivative `Phi(x) + x phi(x)`.
+    fn gelu_and_grad(x: Self) -> (Self, Self) {
+        let v = x.to_f64();
+        let cdf = 0.5 * (1.0 + candle_core::cpu::erf::erf_f64(v * std::f64::consts::FRAC_1_SQRT_2));
+        let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        (Self::from_f64(v * cdf), Self::from_f64(cdf + v * pdf))
+    }
+
     /// The logistic function (SiLU's gate).
     fn sigmoid(x: Self) -> Self {
         Self::from_f64(1.0 / (1.0 + (-x.to_f64()).exp()))
@@ -51,6 +59,7 @@ pub(crate) trait Elem: WithDType {
 
     /// `c = a b` (or `c += a b` with `accumulate`) for an m x k by k x n product into the
     /// row-major block `c` of row stride `ldc`, in parallel.
+    #[allow(clippy::too_many_arguments)]
     fn mm(
         m: usize,
         n: usize,
@@ -79,6 +88,18 @@ pub(crate) trait Elem: WithDType {
 impl Elem for f64 {}
 
 impl Elem for f32 {
+    /// The forward value is `geglu::gelu_erf` (the inference kernel's arithmetic).
+    #[inline(always)]
+    fn gelu_and_grad(x: f32) -> (f32, f32) {
+        let w = geglu::erfc_abs(x * std::f32::consts::FRAC_1_SQRT_2);
+        // 1 + erf(x / sqrt 2), without cancellation on either side.
+        let one_plus_erf = if x >= 0.0 { 2.0 - w } else { w };
+        let cdf = 0.5 * one_plus_erf;
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
+        let pdf = INV_SQRT_2PI * cpu_attention::exp_approx(-0.5 * x * x);
+        (geglu::gelu_erf(x), cdf + x * pdf)
+    }
+
     #[inline(always)]
     fn sigmoid(x: f32) -> f32 {
         let e = cpu_attention::exp_approx(-x.abs());
@@ -94,6 +115,7 @@ impl Elem for f32 {
         cpu_attention::exp_shifted(xs, shift)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn mm(
         m: usize,
         n: usize,
@@ -104,7 +126,7 @@ impl Elem for f32 {
         ldc: usize,
         accumulate: bool,
     ) -> candle_core::Result<()> {
-        if !bf16_gemm::available_f32() || m == 0 || n == 0 {
+        if !packed_gemm::available_f32() || m == 0 || n == 0 {
             return mm_gemm(m, n, k, a, b, c, ldc, accumulate);
         }
         let pa = if a.cs == 1 {
@@ -124,7 +146,7 @@ impl Elem for f32 {
         } else {
             PackedB::from_f32_cols_exact(b.data, k, n, b.cs)
         };
-        bf16_gemm::matmul_parallel(&pa, &pb, c, ldc, accumulate).map_err(candle_core::Error::wrap)
+        packed_gemm::matmul_parallel(&pa, &pb, c, ldc, accumulate).map_err(candle_core::Error::wrap)
     }
 
     fn conv_forward(
@@ -134,7 +156,7 @@ impl Elem for f32 {
         w: &[f32],
         bias: Option<&[f32]>,
     ) -> candle_core::Result<Vec<f32>> {
-        if !bf16_gemm::available_f32() {
+        if !packed_gemm::available_f32() {
             return conv_forward_im2col(g, n, x, w, bias);
         }
         let k = g.ci * g.kh * g.kw;

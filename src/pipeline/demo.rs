@@ -1,7 +1,17 @@
-//! The built-in sample for `mcld demo`: a public-domain photo and a generated DensePose-style
-//! pose, so the whole pipeline can be seen running before any weights are downloaded.
+//! `mcld demo`: the built-in sample (a public-domain photo and a generated DensePose-style
+//! pose) through the whole pipeline with tiny random weights, so it can be seen running before
+//! any weights are downloaded.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use image::{Rgb, RgbImage};
+
+use crate::config::TrainConfig;
+use crate::data::{Pair, PairInputs};
+use crate::imageops::viz::{pose_preview, square, strip, tensor_to_rgb};
+use crate::pipeline::mcld::McldPipeline;
+use crate::Result;
 
 /// One limb of the synthetic figure: a capsule from `a` to `b` (fractions of the image) with a
 /// half-width, painted with DensePose part index `part`.
@@ -161,4 +171,102 @@ mod tests {
         assert_ne!(synthetic_pose(176, 256, true), p);
         assert_eq!(sample_photo().width(), 512);
     }
+}
+
+/// `mcld demo`: the full pipeline on the built-in sample with tiny random weights written on
+/// the fly; shows what runs, not what a trained model produces.
+pub fn run(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
+    let t0 = Instant::now();
+    let keep = work.is_some();
+    let dir = match work {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("mcld-demo-{}", std::process::id())),
+    };
+    let layout = crate::pipeline::tiny::write_tiny_layout(&dir, &dir.join("dataset"), steps)?;
+    let photo = sample_photo().to_rgb8();
+    let (w, h) = photo.dimensions();
+    let src_pose = synthetic_pose(w, h, false);
+    let tgt_pose = synthetic_pose(w, h, true);
+    let assets = crate::person::texture::TextureAssets::builtin()?;
+    let texture = crate::person::texture::texture_map(&photo, &src_pose, &assets)?;
+    let cfg = TrainConfig::load(&layout.config_path)?;
+    let infer = crate::config::InferenceConfig::load(&cfg.inference_config)?;
+    let files = crate::pipeline::weight_files::PipelineFiles::resolve(&layout.ckpt_dir, &cfg)?;
+    let pipeline = McldPipeline::load(
+        &files,
+        &infer,
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+    )?;
+    let input = PairInputs {
+        pair: Pair {
+            from: "astronaut.png".into(),
+            to: "pose.png".into(),
+        },
+        source: photo.clone(),
+        target: photo.clone(),
+        pose: tgt_pose.clone(),
+        texture: texture.clone(),
+        face: vec![0f32; 512],
+        face_missing: true,
+    };
+    let t1 = Instant::now();
+    let img = pipeline.generate(std::slice::from_ref(&input), 42)?;
+    let gen_s = t1.elapsed().as_secs_f64();
+    let s = 256;
+    let sheet = strip(&[
+        square(&photo, s)?,
+        square(&pose_preview(&tgt_pose), s)?,
+        square(&texture, s)?,
+        square(&tensor_to_rgb(&img[0])?, s)?,
+    ]);
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(sheet), out)?;
+    if keep {
+        // The sample inputs beside the weights, so `infer` can be re-run on them.
+        let inputs = dir.join("inputs");
+        let face = inputs.join("face.npy");
+        for (img, name) in [
+            (&photo, "source.png"),
+            (&tgt_pose, "pose.png"),
+            (&texture, "texture.png"),
+        ] {
+            crate::fsutil::save_image_atomic(
+                &image::DynamicImage::ImageRgb8(img.clone()),
+                &inputs.join(name),
+            )?;
+        }
+        crate::data::npy::write_f32(&face, &[512], &input.face)?;
+        println!(
+            "kept the tiny weights and sample inputs in {}; re-run the pipeline on them with\n  \
+             mcld infer --ckpt_dir {} --config_path {} --source {} --pose {} --texture {} \
+             --face {} --out out.png",
+            dir.display(),
+            layout.ckpt_dir.display(),
+            layout.config_path.display(),
+            inputs.join("source.png").display(),
+            inputs.join("pose.png").display(),
+            inputs.join("texture.png").display(),
+            face.display()
+        );
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!(
+        "wrote {}: source | target pose | texture map | output (512x512, {steps} DDIM steps)",
+        out.display()
+    );
+    println!(
+        "UNTRAINED: tiny random weights, so the output panel is noise by design. \
+         generation {gen_s:.2}s, total {:.2}s on CPU",
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "with real weights: `mcld download --only inference,prepare` fetches the checkpoints \
+         into ./checkpoints and the base models into ./pretrained_weights, then\n  mcld \
+         infer --source PHOTO \
+         --pose TARGET_IUV.png --out out.png\n(the texture map and face embedding are computed \
+         from the photo with model_final_844d15.pkl and antelopev2/ in ./pretrained_weights, \
+         or given with --texture TEXTURE.png --face EMB.npy)"
+    );
+    Ok(())
 }

@@ -8,8 +8,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use super::checkpoints::PipelineFiles;
 use super::sampler::{decode, denoise, Conditioning, VAE_SCALE};
+use super::weight_files::PipelineFiles;
 use crate::config::{InferenceConfig, TrainConfig};
 use crate::data::PairInputs;
 use crate::imageops::{pil_resize_rgb, Filter, U8Image};
@@ -42,14 +42,14 @@ pub struct McldPipeline {
 ///
 /// candle 0.11.1's CPU matmul has no bf16 kernel. On CPUs with AVX-512 BF16, `bf16` keeps
 /// activations in f32 and runs every matmul, convolution and attention product with bf16
-/// operands and f32 accumulation (`models::bf16_gemm`), weights stored in bf16 (as PyTorch's
+/// operands and f32 accumulation (`ops::packed_gemm`), weights stored in bf16 (as PyTorch's
 /// CPU bf16 accumulates); elsewhere it means bf16-rounded weights with f32 arithmetic. f16 runs
 /// natively everywhere, bf16 natively on CUDA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Precision {
     pub compute: DType,
     pub round_weights: Option<DType>,
-    /// Matmul and convolution weights in bf16 through `bf16_gemm` (CPU with AVX-512 BF16);
+    /// Matmul and convolution weights in bf16 through `ops::packed_gemm` (CPU with AVX-512 BF16);
     /// training keeps the rounding only, since these kernels have no backward pass.
     pub bf16_matmuls: bool,
     /// What the user should know about this choice on this device, if anything.
@@ -62,7 +62,7 @@ impl Precision {
             Self {
                 compute: DType::F32,
                 round_weights: Some(DType::BF16),
-                bf16_matmuls: crate::models::bf16_gemm::available(),
+                bf16_matmuls: crate::ops::packed_gemm::available(),
                 caveat: None,
             }
         } else {

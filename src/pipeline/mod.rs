@@ -1,10 +1,10 @@
-//! The MCLD inference pipeline (SPEC §5) and the commands built on it (`test`, `infer`).
+//! The MCLD inference pipeline (SPEC §5): the networks loaded from their weight files, the
+//! guided sampler, and what runs on it (`infer`'s one pair, the test set, the demo).
 
-pub mod checkpoints;
-pub mod commands;
 pub mod demo;
+pub mod infer;
 pub mod mcld;
-pub mod preprocess;
 pub mod sampler;
 pub mod testset;
 pub mod tiny;
+pub mod weight_files;

@@ -1,6 +1,5 @@
 //! `mcld prepare` (SPEC §2): split, pairs, DensePose IUV, texture maps, face embeddings, stats.
 
-pub mod command;
 pub mod densepose;
 pub mod face;
 pub mod pairs;
@@ -8,8 +7,6 @@ pub mod report;
 pub mod run;
 pub mod split;
 pub mod stats;
-pub mod telea;
-pub mod texture;
 
 pub use report::{PrepareReport, StageReport, StageStatus};
 pub use run::{run_prepare, PrepareOptions, Stage};

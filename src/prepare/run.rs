@@ -17,8 +17,9 @@ use rayon::prelude::*;
 
 use super::report::{Failure, PrepareReport, StageReport, StageStatus};
 use super::split::SplitLists;
-use super::{densepose, face, pairs, split, stats, texture};
+use super::{densepose, face, pairs, split, stats};
 use crate::data::{derived_path, list_photos, Part};
+use crate::person::texture;
 use crate::rank::Shard;
 use crate::{Error, Result};
 

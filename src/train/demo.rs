@@ -12,8 +12,8 @@ use super::cmd::TrainCommand;
 use super::run::{TrainOutcome, LOG_FILE};
 use crate::config::TrainConfig;
 use crate::data::{npy, DatasetLayout};
+use crate::person::texture::{texture_map, TextureAssets};
 use crate::pipeline::demo::{sample_photo, synthetic_pose};
-use crate::prepare::texture::{texture_map, TextureAssets};
 use crate::{Error, Result};
 
 /// Side of the stored demo photos (the training config squashes them to 64x64).

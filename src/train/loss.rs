@@ -6,9 +6,9 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::imageops::interpolate_nearest;
-use crate::models::checkpoint::Tape;
 use crate::models::mcld::Mcld;
 use crate::models::unet::{BankGuidance, DenoiseInput, ReferenceBank};
+use crate::ops::recompute::Tape;
 use crate::scheduler::ddim::DdimScheduler;
 use crate::{Error, Result};
 

@@ -142,7 +142,7 @@ impl ValidationHook {
             rows.push([
                 p.source.clone(),
                 p.texture.clone(),
-                crate::pipeline::commands::pose_preview(&p.pose),
+                crate::imageops::viz::pose_preview(&p.pose),
                 crate::imageops::generated_to_rgb(g, (size, size))?,
                 p.target.clone(),
             ]);

@@ -1,6 +1,6 @@
 //! The weight view of the CPU bf16 mode: matmul and convolution weights are handed out in bf16,
 //! everything else (biases, norms, embedding tables) in the builder's f32. The layers that take
-//! those weights (`models::linear`, `models::conv`, and through them attention) multiply bf16
+//! those weights (`ops::linear`, `ops::conv`, and through them attention) multiply bf16
 //! operands with f32 accumulation; a weight handed to any other op fails loudly on the dtype.
 
 use candle_core::{DType, Device, Shape, Tensor};

@@ -453,7 +453,7 @@ fn inference_files_land_where_the_pipeline_reads_them_then_come_from_the_cache()
         cfg.pretrained_base_model_path = rebase(&cfg.pretrained_base_model_path, &env.pw);
         cfg.pretrained_vae_path = rebase(&cfg.pretrained_vae_path, &env.pw);
         cfg.image_encoder_path = rebase(&cfg.image_encoder_path, &env.pw);
-        let files = mcld::pipeline::checkpoints::PipelineFiles::resolve(&env.ck, &cfg)
+        let files = mcld::pipeline::weight_files::PipelineFiles::resolve(&env.ck, &cfg)
             .unwrap_or_else(|e| panic!("{e}"));
         for (p, key) in [
             (&files.denoising_unet, "Lotior/mcld/denoising_unet.pth"),

@@ -146,8 +146,8 @@ fn infer_computes_the_texture_with_densepose() {
     // a U/V truncation as within rounding of a tie), and the texture is the one built from it.
     let iuv = rgb(&d.path().join("out_source_iuv.png"));
     check_iuv_against_fixture(&iuv);
-    let assets = mcld::prepare::texture::TextureAssets::builtin().unwrap();
-    let want_tex = mcld::prepare::texture::texture_map(&photo, &iuv, &assets).unwrap();
+    let assets = mcld::person::texture::TextureAssets::builtin().unwrap();
+    let want_tex = mcld::person::texture::texture_map(&photo, &iuv, &assets).unwrap();
     assert_eq!(rgb(&d.path().join("out_texture.png")), want_tex);
 
     // --save-texture puts it elsewhere.

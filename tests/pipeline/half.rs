@@ -12,9 +12,9 @@ use mcld::pipeline::tiny::write_tiny_layout;
 fn input() -> PairInputs {
     let photo = demo::sample_photo().to_rgb8();
     let (w, h) = photo.dimensions();
-    let assets = mcld::prepare::texture::TextureAssets::builtin().unwrap();
+    let assets = mcld::person::texture::TextureAssets::builtin().unwrap();
     let texture =
-        mcld::prepare::texture::texture_map(&photo, &demo::synthetic_pose(w, h, false), &assets)
+        mcld::person::texture::texture_map(&photo, &demo::synthetic_pose(w, h, false), &assets)
             .unwrap();
     PairInputs {
         pair: Pair {

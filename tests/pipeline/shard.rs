@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use image::{Rgb, RgbImage};
-use mcld::args::{CheckpointArgs, ComputeArgs, ShardArgs};
-use mcld::pipeline::commands::{test as mcld_test, TestArgs};
+use mcld::commands::args::{CheckpointArgs, ComputeArgs, ShardArgs};
+use mcld::commands::test::{run as mcld_test, TestArgs};
 use mcld::pipeline::tiny::write_tiny_layout;
 use mcld::rank::Shard;
 

@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 
 use mcld::data::npy::{read_f32 as read_npy_f32, write_f32 as write_npy_f32};
+use mcld::person::texture::TextureAssets;
 use mcld::prepare::pairs::{outfit_key, parse_pairs, read_pairs, train_pairs};
 use mcld::prepare::report::StageStatus;
 use mcld::prepare::run::load_texture_inputs;
 use mcld::prepare::split::{flat_name, SplitLists};
 use mcld::prepare::stats::per_dim_std;
-use mcld::prepare::texture::TextureAssets;
 use mcld::prepare::{run_prepare, PrepareOptions, PrepareReport, Stage};
 
 /// Raw relative path -> flat name, the cases of SPEC §2 and names with several underscores.

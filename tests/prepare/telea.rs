@@ -3,7 +3,7 @@
 
 use crate::common;
 
-use mcld::prepare::telea::{inpaint_gray, inpaint_rgb, inpaint_telea};
+use mcld::person::telea::{inpaint_gray, inpaint_rgb, inpaint_telea};
 
 fn read_json(rel: &str) -> serde_json::Value {
     let p = common::fixture_path(rel);
@@ -150,7 +150,7 @@ fn telea_handles_degenerate_shapes() {
 /// Stopping early must not change any needed pixel: compare with the full run on every item.
 #[test]
 fn telea_needed_pixels_match_the_full_run() {
-    use mcld::prepare::telea::inpaint_telea_needed;
+    use mcld::person::telea::inpaint_telea_needed;
     let case = read_json("metrics/telea.json");
     for item in case["items"].as_array().expect("items") {
         let name = item["name"].as_str().unwrap();

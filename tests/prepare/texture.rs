@@ -4,7 +4,7 @@
 use crate::common;
 
 use image::{GrayImage, RgbImage};
-use mcld::prepare::texture::{
+use mcld::person::texture::{
     atlas_to_normal, texture_atlas, texture_map, AtlasStages, TextureAssets, PARTS, TILE,
 };
 
@@ -160,7 +160,7 @@ fn texture_intermediates_match() {
     // TextureInd = dilated * template, on the atlas (absent parts: dilated is 0).
     let mut ind = GrayImage::new(dilated.width(), dilated.height());
     for p in 1..=PARTS {
-        let (r0, c0) = mcld::prepare::texture::tile_origin(p);
+        let (r0, c0) = mcld::person::texture::tile_origin(p);
         let tpl = assets.template(p);
         for y in 0..TILE {
             for x in 0..TILE {

@@ -10,9 +10,10 @@ use candle_nn::VarBuilder;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+use mcld::models::layers::layer_norm;
 use mcld::models::mcld::Mcld;
-use mcld::models::nn::{attention, attention_chunked, LayerNorm};
 use mcld::models::unet::nearest_resize;
+use mcld::ops::attention::{attention, attention_chunked};
 use mcld::train::loss::{mcld_loss, LossOptions};
 use mcld::train::trainer::randn;
 
@@ -107,7 +108,7 @@ fn layer_norm_gradients_match_finite_differences() {
             ("bias".to_string(), t[2].clone()),
         ]);
         let vb = VarBuilder::from_tensors(map, DType::F64, &Device::Cpu);
-        let ln = LayerNorm::new(vb, 12, 1e-5).unwrap();
+        let ln = layer_norm(vb, 12, 1e-5).unwrap();
         project(&ln.forward(&t[0]).unwrap(), 4)
     });
 }
@@ -168,7 +169,7 @@ fn conv_geglu_silu_gradients_match_finite_differences() {
         };
         // Our convolution (height 6 and width 7 leave different remainders at stride 2, the
         // case candle's own backward gets wrong).
-        let conv = mcld::models::conv::Conv2d::new(t[1].clone(), Some(t[2].clone()), cfg);
+        let conv = mcld::ops::conv::Conv2d::new(t[1].clone(), Some(t[2].clone()), cfg);
         project(&conv.forward(&t[0]).unwrap().silu().unwrap(), 20)
     });
     let h = rand64(21, &[2, 3, 8]);
@@ -349,7 +350,7 @@ fn every_trainable_tensor_gets_a_gradient_and_no_frozen_one_does() {
 /// be those of the plain backward pass, with and without the reference bank.
 #[test]
 fn checkpointed_gradients_equal_plain_ones() {
-    use mcld::models::checkpoint::Tape;
+    use mcld::ops::recompute::Tape;
     let case = load_case("model", "train_step");
     let (params, cfg, sched) = fixture_setup(&case, DType::F32);
     let vb = params.var_builder(DType::F32, true).unwrap();

@@ -1,4 +1,4 @@
-//! Our own ops' backward passes (`mcld::ops`): finite differences in f64 through the same code,
+//! Our own ops' backward passes (`mcld::ops`: conv_grad, attention::grad, norm::grad): finite differences in f64 through the same code,
 //! and the f32 kernels against candle's composed ops computed in f64.
 
 use candle_core::{DType, Tensor, Var};
@@ -160,7 +160,7 @@ fn conv_op_f32_matches_f64_op_on_uneven_stride2() {
 }
 
 fn op_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
-    mcld::ops::attention_grad::attention(q, k, v)
+    mcld::ops::attention::grad::attention(q, k, v)
         .unwrap()
         .expect("the attention op applies")
 }
@@ -215,7 +215,7 @@ fn attention_grads(inputs: &[Tensor], ours: bool) -> (Tensor, Vec<Tensor>) {
     let y = if ours {
         op_attention(&t[0], &t[1], &t[2])
     } else {
-        mcld::models::nn::attention_chunked(&t[0], &t[1], &t[2], 1 << 26).unwrap()
+        mcld::ops::attention::attention_chunked(&t[0], &t[1], &t[2], 1 << 26).unwrap()
     };
     let r = rand64(998, y.dims()).to_dtype(y.dtype()).unwrap();
     let store = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
@@ -263,13 +263,13 @@ fn attention_op_f32_matches_candle_composed_gradients() {
 }
 
 fn op_group_norm(t: &[Tensor], groups: usize, act: bool) -> Tensor {
-    mcld::ops::norm_grad::group_norm(&t[0], groups, 1e-5, &t[1], &t[2], act)
+    mcld::ops::norm::grad::group_norm(&t[0], groups, 1e-5, &t[1], &t[2], act)
         .unwrap()
         .expect("the group norm op applies")
 }
 
 fn op_layer_norm(t: &[Tensor]) -> Tensor {
-    mcld::ops::norm_grad::layer_norm(&t[0], 1e-5, &t[1], &t[2])
+    mcld::ops::norm::grad::layer_norm(&t[0], 1e-5, &t[1], &t[2])
         .unwrap()
         .expect("the layer norm op applies")
 }
@@ -386,5 +386,41 @@ fn norm_ops_f32_match_candle_composed_gradients() {
             println!("{name} {dims:?} {what}: relative {rel:.2e}");
             assert!(rel <= 1e-5, "{name} {what}: relative error {rel:.2e}");
         }
+    }
+}
+
+fn op_geglu(h: &Tensor) -> Tensor {
+    mcld::ops::geglu_grad::geglu(h)
+        .unwrap()
+        .expect("the geglu op applies")
+}
+
+/// GEGLU from candle's primitives (the reference of the op).
+fn composed_geglu(h: &Tensor) -> Tensor {
+    let inner = h.dim(2).unwrap() / 2;
+    let a = h.narrow(2, 0, inner).unwrap();
+    let gate = h.narrow(2, inner, inner).unwrap();
+    (a * gate.gelu_erf().unwrap()).unwrap()
+}
+
+/// The GEGLU op in f64 against finite differences, and in f32 against candle's composed ops in
+/// f64 (bound: max |ours - candle| <= 1e-5 max |candle| for the output and the gradient).
+#[test]
+fn geglu_op_gradients_match_finite_differences_and_candle() {
+    let h = rand64(900, &[2, 3, 16]).affine(2.0, 0.0).unwrap();
+    check_op("geglu_op", &[h], 40, &|t| project(&op_geglu(&t[0]), 901));
+    let h = rand64(902, &[2, 300, 640])
+        .affine(2.0, 0.0)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let (y, g) = grads_of(std::slice::from_ref(&h), &|t| op_geglu(&t[0]));
+    let h64 = h.to_dtype(DType::F64).unwrap();
+    let (y_ref, g_ref) = grads_of(&[h64], &|t| composed_geglu(&t[0]));
+    for (what, got, want) in [("y", &y, &y_ref), ("dh", &g[0], &g_ref[0])] {
+        let (err, mx) = max_errs(got, want);
+        let rel = err / mx.max(1e-30);
+        println!("geglu {what}: relative {rel:.2e}");
+        assert!(rel <= 1e-5, "geglu {what}: relative error {rel:.2e}");
     }
 }

@@ -4,7 +4,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::Config;
-use crate::models::conv::conv2d_forward;
+use crate::ops::conv::conv2d_forward;
 use crate::{Error, Result};
 
 /// detectron2 `FrozenBatchNorm2d` at inference: a fixed per-channel affine.

@@ -6,14 +6,15 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use crate::models::conv::Conv2d;
+use crate::ops::conv::Conv2d;
 
 use super::resnet::conv;
 use super::{BankMode, ReferenceBank};
-use crate::models::linear::{linear, linear_no_bias, Linear};
-use crate::models::nn::{
-    attention_bf16, group_norm, merge_heads, split_heads, GroupNorm, LayerNorm,
-};
+use crate::models::layers::{group_norm, layer_norm};
+use crate::models::layers::{linear, linear_no_bias};
+use crate::ops::attention::{attention_bf16, merge_heads, split_heads};
+use crate::ops::linear::Linear;
+use crate::ops::norm::{GroupNorm, LayerNorm};
 use crate::{Error, Result};
 
 /// IP-adapter settings of a denoising UNet's cross-attentions.
@@ -161,7 +162,7 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        if let Some(y) = crate::models::fused::geglu(&h)? {
+        if let Some(y) = crate::ops::geglu::geglu(&h)? {
             return Ok(self.out.forward(&y)?);
         }
         let inner = h.dim(candle_core::D::Minus1)? / 2;
@@ -194,11 +195,11 @@ impl BasicTransformerBlock {
     ) -> Result<Self> {
         Ok(Self {
             name,
-            norm1: LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
+            norm1: layer_norm(vb.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::new(vb.pp("attn1"), dim, dim, heads, None)?,
-            norm2: LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
+            norm2: layer_norm(vb.pp("norm2"), dim, 1e-5)?,
             attn2: Attention::new(vb.pp("attn2"), dim, ctx_dim, heads, ip)?,
-            norm3: LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
+            norm3: layer_norm(vb.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::new(vb.pp("ff"), dim)?,
         })
     }

@@ -3,7 +3,8 @@
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::models::linear::{linear, Linear};
+use crate::models::layers::linear;
+use crate::ops::linear::Linear;
 use crate::Result;
 
 /// Sinusoidal timestep features, computed in f32 as diffusers does (its fixtures depend on the

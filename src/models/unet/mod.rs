@@ -6,18 +6,19 @@
 
 mod attention;
 mod blocks;
-mod ckpt;
 mod config;
 mod embeddings;
+mod recompute;
 mod resnet;
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::models::nn::{group_norm, GroupNorm};
+use crate::models::layers::group_norm;
+use crate::ops::norm::GroupNorm;
 
-use crate::models::checkpoint::Tape;
-use crate::models::conv::Conv2d;
+use crate::ops::conv::Conv2d;
+use crate::ops::recompute::Tape;
 
 pub use attention::IpAdapter;
 use attention::{RunCtx, TransformerSpec};
@@ -519,7 +520,7 @@ impl UNet2DConditionModel {
                 None => blk.forward(&h, &temb, &ctx.down, run)?,
                 Some(tape) => {
                     let inputs = vec![h.clone(), temb.clone(), ctx.down.clone()];
-                    ckpt::block(tape, run, &format!("down_blocks.{i}."), inputs, |x, r| {
+                    recompute::block(tape, run, &format!("down_blocks.{i}."), inputs, |x, r| {
                         blk.forward(&x[0], &x[1], &x[2], r)
                     })?
                 }
@@ -533,7 +534,7 @@ impl UNet2DConditionModel {
             Some(tape) => {
                 let mid = &self.mid_block;
                 let inputs = vec![h.clone(), temb.clone(), ctx.mid.clone()];
-                ckpt::block(tape, run, "mid_block.", inputs, |x, r| {
+                recompute::block(tape, run, "mid_block.", inputs, |x, r| {
                     Ok((mid.forward(&x[0], &x[1], &x[2], r)?, Vec::new()))
                 })?
                 .0
@@ -559,7 +560,7 @@ impl UNet2DConditionModel {
                 Some(tape) => {
                     let mut inputs = vec![h.clone(), temb.clone(), ctx.up.clone()];
                     inputs.extend(skips.split_off(skips.len() - k));
-                    ckpt::block(
+                    recompute::block(
                         tape,
                         run,
                         &format!("up_blocks.{i}."),

@@ -3,11 +3,14 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use crate::models::nn::{group_norm, GroupNorm};
+use crate::models::layers::group_norm;
+use crate::ops::norm::GroupNorm;
 
-use crate::models::conv::{conv2d, Conv2d};
+use crate::models::layers::conv2d;
+use crate::ops::conv::Conv2d;
 
-use crate::models::linear::{linear, Linear};
+use crate::models::layers::linear;
+use crate::ops::linear::Linear;
 use crate::Result;
 
 /// 3x3 (or `k`x`k`) convolution with "same" padding, the UNet's default.

@@ -1,10 +1,10 @@
-//! `mcld prepare`'s arguments and body.
+//! `mcld prepare`: split, pairs, DensePose IUV, texture maps, face embeddings, stats.
 
 use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::args::{ComputeArgs, PretrainedArgs, ShardArgs};
+use super::args::{ComputeArgs, PretrainedArgs, ShardArgs};
 use crate::prepare::run::{run_prepare, PrepareOptions, Stage};
 use crate::{Error, Result};
 

@@ -1,7 +1,6 @@
-//! The per-photo preprocessing `mcld infer` runs when it is not handed precomputed files: the
-//! source's texture map (DensePose IUV -> UV atlas) and its face embedding (SCRFD + ArcFace),
-//! exactly as `mcld prepare` makes them for the dataset (SPEC §2). The DensePose loading is the
-//! prepare stage's; only the search of `--pretrained_dir` is infer's own.
+//! The models behind `person`: DensePose R-CNN found in the pretrained folder (with its config)
+//! for the photo's IUV and texture map, and antelopev2 (SCRFD + ArcFace) for its face embedding,
+//! exactly as `mcld prepare` makes them for the dataset (SPEC §2).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +10,7 @@ use image::RgbImage;
 use crate::models::densepose::iuv::Image3;
 use crate::models::densepose::{Config as DensePoseConfig, DensePose};
 use crate::models::face::{self, FaceEmbedder};
-use crate::prepare::texture::{self, TextureAssets};
+use crate::person::texture::{self, TextureAssets};
 use crate::{Error, Result};
 
 pub use crate::models::densepose::{

@@ -1,6 +1,10 @@
-//! Raw access to f32 CPU tensors for the hand-written CPU kernels (`conv`, `cpu_attention`).
+//! Raw access to f32 CPU tensors for the hand-written CPU kernels (`conv`, `attention::cpu`, the norms).
 
 use candle_core::Tensor;
+
+/// Values per parallel task of the elementwise kernels (norms, GEGLU): large enough to amortise
+/// the task, small enough to split a 64x64 UNet activation across threads.
+pub(crate) const CHUNK: usize = 1 << 15;
 
 /// Runs `f` on a contiguous f32 CPU tensor's data (from its start offset).
 pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {

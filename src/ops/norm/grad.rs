@@ -13,7 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::elem::{slice, with_data, Elem};
+use crate::ops::elem::{slice, with_data, Elem};
 
 /// Values summed in `T` before they are added into an f64 total.
 const SUM_CHUNK: usize = 256;

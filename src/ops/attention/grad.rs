@@ -18,7 +18,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::elem::Elem;
+use crate::ops::elem::Elem;
 
 /// Scores per block: about 512 KiB of f32, inside a core's L2.
 const BLOCK_SCORES: usize = 1 << 17;

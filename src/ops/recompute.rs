@@ -1,4 +1,4 @@
-//! Activation checkpointing for candle, which has none: a [`Tape`] of segments (UNet blocks)
+//! Activation recomputation ("gradient checkpointing" in PyTorch) for candle, which has none: a [`Tape`] of segments (UNet blocks)
 //! whose forward pass keeps only each segment's inputs and outputs, and whose backward pass
 //! recomputes one segment at a time with its graph, pushes the incoming gradient through it and
 //! moves on. Peak memory holds one segment's activations instead of the whole network's.

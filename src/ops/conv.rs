@@ -13,14 +13,14 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2dConfig, VarBuilder};
+use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
 use half::bf16;
 
-use super::bf16_gemm::{self, Kind, PackedA, PackedB, NR};
 use super::host::{with_f32, SharedOut};
 use super::linear::with_bf16;
+use super::packed_gemm::{self, Kind, PackedA, PackedB, NR};
 
 /// A bf16 tile's packed patches take about this many bytes: small enough to stay in L2 beside
 /// the weight block while the kernel runs over them right after packing.
@@ -50,7 +50,7 @@ enum ConvWeight {
 }
 
 impl Conv2d {
-    /// A CPU weight that is not a training variable is packed for `bf16_gemm` where the CPU
+    /// A CPU weight that is not a training variable is packed for `ops::packed_gemm` where the CPU
     /// has the kernel (bf16: AVX-512 BF16; f32: AVX-512F).
     pub fn new(weight: Tensor, bias: Option<Tensor>, cfg: Conv2dConfig) -> Self {
         let packed = Kind::for_weight(&weight, 4).and_then(|_| {
@@ -135,17 +135,6 @@ impl Module for Conv2d {
     }
 }
 
-/// `candle_nn::conv2d` returning our `Conv2d`.
-pub fn conv2d(
-    cin: usize,
-    cout: usize,
-    k: usize,
-    cfg: Conv2dConfig,
-    vb: VarBuilder,
-) -> candle_core::Result<Conv2d> {
-    candle_nn::conv2d(cin, cout, k, cfg, vb).map(Conv2d::from)
-}
-
 /// `x.conv2d(w, ..)` (+ bias per output channel) through the fast path where it applies.
 pub fn conv2d_forward(
     x: &Tensor,
@@ -160,10 +149,8 @@ pub fn conv2d_forward(
         return Ok(y);
     }
     // With gradient tracking: our op with its own backward pass (f32, f64 on the CPU).
-    if crate::ops::enabled() {
-        if let Some(y) =
-            crate::ops::conv_grad::conv2d(x, w, bias, padding, stride, dilation, groups)?
-        {
+    if super::train_ops_enabled() {
+        if let Some(y) = super::conv_grad::conv2d(x, w, bias, padding, stride, dilation, groups)? {
             return Ok(y);
         }
     }
@@ -253,7 +240,7 @@ fn conv2d_cpu_with(
     // A bf16 weight with f32 activations is the CPU bf16 mode (`weights::bf16_matmul_weights`).
     let (bf16, dims, weight_ok) = match w {
         Prepared::Tensor(w) => {
-            let bf16 = w.dtype() == DType::BF16 && bf16_gemm::available();
+            let bf16 = w.dtype() == DType::BF16 && packed_gemm::available();
             let dtype_ok = w.dtype() == DType::F32 || bf16;
             let ok = w.device().is_cpu() && dtype_ok && !w.track_op() && w.rank() == 4;
             let dims = w
@@ -398,7 +385,7 @@ impl Geometry {
 enum Weights<'a> {
     /// For the `gemm` crate.
     F32(Tensor),
-    /// For `bf16_gemm` (bf16 pairs in pair order, or f32), packed by the layer or once per call.
+    /// For `ops::packed_gemm` (bf16 pairs in pair order, or f32), packed by the layer or once per call.
     Packed(&'a PackedA),
 }
 
@@ -540,7 +527,7 @@ fn unpack_pair_order(pa: &PackedA, [co, ci, kh, kw]: [usize; 4]) -> Vec<bf16> {
     w
 }
 
-/// The convolution of `n` images through `bf16_gemm`. Each image is converted once into planes
+/// The convolution of `n` images through `ops::packed_gemm`. Each image is converted once into planes
 /// (bf16: of channel pairs; f32: of channels) with a zero border of the padding's width, so a
 /// tile's patch matrix is plain copies of plane rows in the kernel's layout; tiles are runs of
 /// output pixels small enough that the packed patches stay in cache for the product, which
@@ -589,7 +576,7 @@ pub(crate) fn run_packed(
                 match kind {
                     Kind::Bf16Pairs => {
                         let hi = (2 * cp + 1 < g.ci).then(|| &chan(2 * cp + 1)[src.clone()]);
-                        bf16_gemm::interleave_pairs(&chan(2 * cp)[src], hi, row)
+                        packed_gemm::interleave_pairs(&chan(2 * cp)[src], hi, row)
                     }
                     Kind::F32 => row.copy_from_slice(bytemuck::cast_slice(&chan(cp)[src])),
                 }
@@ -636,9 +623,9 @@ pub(crate) fn run_packed(
         }
         prod.resize(g.co * nt, 0.0);
         let product = if across {
-            bf16_gemm::matmul(pa, &pb, prod, nt, false)
+            packed_gemm::matmul(pa, &pb, prod, nt, false)
         } else {
-            bf16_gemm::matmul_parallel(pa, &pb, prod, nt, false)
+            packed_gemm::matmul_parallel(pa, &pb, prod, nt, false)
         };
         *packed = pb.into_buffer();
         product.map_err(candle_core::Error::wrap)?;

@@ -1,14 +1,13 @@
 //! Drop-in for `candle_nn::Linear` whose weight may be stored in bf16 while activations stay
 //! f32: on CPUs with AVX-512 BF16 that is how `--dtype bf16` runs (see
-//! `weights::bf16_matmul_weights`), through `bf16_gemm`; everything else goes to candle.
+//! `weights::bf16_matmul_weights`), through `ops::packed_gemm`; everything else goes to candle.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::VarBuilder;
 
-use super::bf16_gemm::{self, Kind, PackedA, PackedB};
 use super::host::with_f32;
+use super::packed_gemm::{self, Kind, PackedA, PackedB};
 
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -19,13 +18,13 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum Weight {
     Dense(Tensor),
-    /// The weight kept only in `bf16_gemm`'s packed layout (packed once here rather than on
+    /// The weight kept only in `ops::packed_gemm`'s packed layout (packed once here rather than on
     /// every call; no second copy in memory): bf16 in the CPU bf16 mode, f32 otherwise.
     Packed(Arc<PackedB>, Device),
 }
 
 impl Linear {
-    /// A CPU weight that is not a training variable is packed for `bf16_gemm` where the CPU
+    /// A CPU weight that is not a training variable is packed for `ops::packed_gemm` where the CPU
     /// has the kernel (bf16: AVX-512 BF16; f32: AVX-512F).
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         let packed = Kind::for_weight(&weight, 2).and_then(|_| {
@@ -120,7 +119,7 @@ impl Module for Linear {
             }
             None => false,
         };
-        bf16_gemm::matmul_parallel(&pa, packed, &mut out, out_dim, accumulate)
+        packed_gemm::matmul_parallel(&pa, packed, &mut out, out_dim, accumulate)
             .map_err(candle_core::Error::wrap)?;
         let mut shape = lead.to_vec();
         shape.push(out_dim);
@@ -140,18 +139,4 @@ pub(crate) fn with_bf16<R>(
         }
         _ => candle_core::bail!("CPU kernel: expected a bf16 CPU tensor"),
     }
-}
-
-/// `candle_nn::linear` returning our `Linear`.
-pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb).map(Linear::from)
-}
-
-/// `candle_nn::linear_no_bias` returning our `Linear`.
-pub fn linear_no_bias(
-    in_dim: usize,
-    out_dim: usize,
-    vb: VarBuilder,
-) -> candle_core::Result<Linear> {
-    candle_nn::linear_no_bias(in_dim, out_dim, vb).map(Linear::from)
 }

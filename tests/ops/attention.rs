@@ -4,7 +4,7 @@ use crate::common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_errs, naive_attention as naive};
-use mcld::models::cpu_attention::{
+use mcld::ops::attention::cpu::{
     attention, exp_approx, exp_shifted, softmax_in_place, softmax_scaled_in_place,
 };
 
@@ -117,7 +117,7 @@ fn strided_heads_give_the_contiguous_result_bit_for_bit() {
     let vt = vh.contiguous().unwrap().transpose(2, 3).unwrap();
     let vt = vt.contiguous().unwrap().transpose(2, 3).unwrap();
     assert_ne!(vt.stride()[3], 1);
-    for bf16 in [false, mcld::models::bf16_gemm::available()] {
+    for bf16 in [false, mcld::ops::packed_gemm::available()] {
         let dense = |x: &Tensor| x.contiguous().unwrap();
         let want = attention(&dense(&qh), &dense(&kh), &dense(&vh), bf16)
             .unwrap()
@@ -143,7 +143,7 @@ fn strided_heads_give_the_contiguous_result_bit_for_bit() {
 /// 2^-9 x sum_j p_j |v_j| <= 2^-9 max|v|.
 #[test]
 fn bf16_path_matches_f64_of_rounded_inputs() {
-    if !mcld::models::bf16_gemm::available() {
+    if !mcld::ops::packed_gemm::available() {
         eprintln!("skipped: this CPU lacks AVX-512 BF16");
         return;
     }

@@ -1,6 +1,6 @@
 //! Fused scaled dot-product attention for f32 on the CPU.
 //!
-//! The generic path (`nn::attention_chunked`) materialises up to 2^26 scores per slice and makes
+//! The generic path (`ops::attention::attention_chunked`) materialises up to 2^26 scores per slice and makes
 //! four passes over them through memory (scale, softmax's max/exp/sum, cast, matmul), with
 //! glibc's scalar `expf` taking 11% of a SD-1.5 UNet forward. Here each task takes a block of
 //! query rows of one head whose scores fit in the cache (about 128k floats): one matmul writes
@@ -10,8 +10,8 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, Kind, PackedA, PackedB, MR};
-use super::host::{with_f32, SharedOut};
+use crate::ops::host::{with_f32, SharedOut};
+use crate::ops::packed_gemm::{self, Kind, PackedA, PackedB, MR};
 
 /// Scores per task block: about 512 KiB, inside a core's L2.
 const BLOCK_SCORES: usize = 1 << 17;
@@ -68,14 +68,14 @@ pub fn attention(
         k: strides(&k),
         v: strides(&v),
     };
-    let use_bf16 = bf16 && bf16_gemm::available();
+    let use_bf16 = bf16 && packed_gemm::available();
     let out = with_f32(&q, |qs| {
         with_f32(&k, |ks| {
             with_f32(&v, |vs| {
                 if use_bf16 {
                     run_packed(Kind::Bf16Pairs, &shape, qs, ks, vs)
                         .map_err(candle_core::Error::wrap)
-                } else if bf16_gemm::available_f32() {
+                } else if packed_gemm::available_f32() {
                     run_packed(Kind::F32, &shape, qs, ks, vs).map_err(candle_core::Error::wrap)
                 } else {
                     Ok(run(&shape, qs, ks, vs))
@@ -230,7 +230,7 @@ fn normalise_rows(s: &Shape, dst: &SharedOut, head: usize, r0: usize, sums: &[f3
     }
 }
 
-/// [`run`] through `bf16_gemm` (bf16 operands, or f32 ones with its f32 kernel): each head's
+/// [`run`] through `ops::packed_gemm` (bf16 operands, or f32 ones with its f32 kernel): each head's
 /// keys and values are packed once, then blocks of query rows (a multiple of the kernel's row
 /// panel) run in parallel.
 fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32>> {
@@ -276,7 +276,7 @@ fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::
                 // The scores are rounded to bf16 into the second product's left operand.
                 Kind::Bf16Pairs => {
                     scores.resize(n * s.tk, 0.0);
-                    bf16_gemm::matmul(&qa, kt, scores, s.tk, false)?;
+                    packed_gemm::matmul(&qa, kt, scores, s.tk, false)?;
                     sums.clear();
                     sums.extend(
                         scores
@@ -289,7 +289,7 @@ fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::
                 Kind::F32 => {
                     let mut pa = PackedA::f32_in_buffer(std::mem::take(words), n, s.tk);
                     let (rows_f32, ld) = pa.f32_rows_mut();
-                    bf16_gemm::matmul(&qa, kt, rows_f32, ld, false)?;
+                    packed_gemm::matmul(&qa, kt, rows_f32, ld, false)?;
                     sums.clear();
                     sums.extend(
                         rows_f32
@@ -303,7 +303,7 @@ fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::
             // SAFETY: rows r0..r0+n, columns of this head, are inside `out` and written by this
             // task alone (other tasks write other columns of the same rows, hence the raw call).
             unsafe {
-                bf16_gemm::matmul_raw(
+                packed_gemm::matmul_raw(
                     &pa,
                     vp,
                     dst.get().add(s.out_at(head, r0)),

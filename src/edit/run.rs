@@ -3,63 +3,33 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::Args;
 use image::RgbImage;
 use serde_json::json;
 
 use super::compose::{check_texture, Coverage, Region, TexelParts};
 use super::{apply_edit, EditPlan};
 use crate::data::{read_face_embedding, read_rgb};
-use crate::device::{parse_device, parse_dtype};
-use crate::models::densepose::DensePose;
-use crate::pipeline::commands::{self, beside, InferArgs};
-use crate::pipeline::preprocess::{self, FaceOutcome};
-use crate::prepare::texture::TextureAssets;
+use crate::imageops::viz::{fit_height, pose_preview, strip};
+use crate::person::texture::TextureAssets;
+use crate::person::{FaceOutcome, FaceSource, PersonInputs, Preprocessor};
+use crate::pipeline::infer::{beside, generate_to_out, InferRequest};
 use crate::{Error, Result};
 
-#[derive(Debug, Args)]
-#[command(
-    after_help = "Files: OUT (the image), OUT_edit.json (what came from whom, and how \
-much of each region the donor's photo covered), the texture the networks saw (--save-texture, \
-default OUT_texture.png when garments are swapped), OUT_donorN_texture.png per donor photo, \
-OUT_source_texture.png and OUT_source_iuv.png when the source's texture is computed. Where \
-regions overlap (outfit and upper) the narrower one wins. A texel the donor's photo never \
-showed keeps the source's."
-)]
-#[command(mut_arg("save_texture", |a| a.help(
-    "Where to write the texture map the networks see (the composed one; default \
-     OUT_texture.png when garments are swapped, none otherwise)"
-)))]
-pub struct EditArgs {
-    #[command(flatten)]
-    pub infer: InferArgs,
-    /// Identity of another person: the face embedding of this photo (antelopev2 in
-    /// --pretrained_dir) replaces the source's.
-    #[arg(long = "face-from", visible_alias = "face_from", conflicts_with_all = ["face", "face_emb"])]
+/// An edit as plain values: `infer`'s request plus what to swap in.
+#[derive(Debug, Clone)]
+pub struct EditRequest {
+    pub infer: InferRequest,
+    /// A photo whose face embedding replaces the source's identity.
     pub face_from: Option<PathBuf>,
-    /// Identity of another person as a precomputed (512,) float32 .npy ArcFace embedding.
-    #[arg(long = "face-emb", visible_alias = "face_emb", conflicts_with = "face")]
+    /// A precomputed face embedding replacing the source's identity.
     pub face_emb: Option<PathBuf>,
-    /// REGION=PHOTO (repeatable): that region of the texture map comes from the person in PHOTO
-    /// (its texture map computed with DensePose). Regions: head, upper, lower, hands, feet,
-    /// outfit (= upper + lower).
-    #[arg(long = "garment", value_name = "REGION=PHOTO")]
+    /// `--garment REGION=PHOTO` values.
     pub garment: Vec<String>,
-    /// REGION=TEXTURE.png (repeatable): as --garment, from a 512x512 texture map.
-    #[arg(
-        long = "garment-texture",
-        visible_alias = "garment_texture",
-        value_name = "REGION=TEXTURE.png"
-    )]
+    /// `--garment-texture REGION=TEXTURE.png` values.
     pub garment_texture: Vec<String>,
     /// Side-by-side PNG: source | donor(s) | composed texture | target pose | result.
-    #[arg(long)]
     pub panel: Option<PathBuf>,
-    /// CLIP's first input (the photo of the person): `auto` shows it the donor's photo when
-    /// the whole outfit comes from one donor photo and the source's otherwise; `source` or
-    /// `donor` force it.
-    #[arg(long = "source-clip", visible_alias = "source_clip", default_value = "auto",
-          value_parser = ["auto", "source", "donor"])]
+    /// CLIP's photo input: `auto`, `source` or `donor`.
     pub source_clip: String,
 }
 
@@ -161,29 +131,11 @@ pub fn single_outfit_donor(specs: &[GarmentSpec]) -> Option<&Path> {
     }
 }
 
-/// DensePose, loaded on first use and shared by the source and every donor photo.
-struct LazyDensePose<'a> {
-    pretrained: &'a Path,
-    device: &'a candle_core::Device,
-    dp: Option<DensePose>,
-}
-
-impl LazyDensePose<'_> {
-    fn get(&mut self, why: impl FnOnce() -> String) -> Result<&DensePose> {
-        if self.dp.is_none() {
-            let dp = preprocess::load_densepose(self.pretrained, self.device)
-                .map_err(|e| Error::msg(format!("{}: {e}", why())))?;
-            self.dp = Some(dp);
-        }
-        Ok(self.dp.as_ref().expect("loaded above"))
-    }
-}
-
 /// The face embedding of a donor photo; unlike the source's, a missing face or missing models
 /// is an error: the user asked for that identity.
-fn donor_face(pretrained: &Path, path: &Path) -> Result<Vec<f32>> {
+fn donor_face(pre: &Preprocessor, path: &Path) -> Result<Vec<f32>> {
     let photo = read_rgb(path)?;
-    match preprocess::face_of_photo(pretrained, &photo)? {
+    match pre.face(&photo)? {
         FaceOutcome::Found(v) => Ok(v),
         FaceOutcome::NoFace => Err(Error::input(
             path,
@@ -230,19 +182,19 @@ fn donor_texture(
     region: Region,
     path: &Path,
     photo: &RgbImage,
-    dp: &mut LazyDensePose,
+    pre: &Preprocessor,
     assets: &TextureAssets,
     saved: &Path,
 ) -> Result<RgbImage> {
-    let dp = dp.get(|| {
-        format!(
+    let iuv = pre.iuv(photo, |e| {
+        Error::msg(format!(
             "--garment {region}={} needs the donor's texture map, computed with DensePose (or \
              pass --garment-texture {region}=TEXTURE.png, e.g. one written by `mcld infer \
-             --save-texture`)",
+             --save-texture`): {e}",
             path.display()
-        )
+        ))
     })?;
-    let iuv = preprocess::source_iuv(dp, photo)?.ok_or_else(|| {
+    let iuv = iuv.ok_or_else(|| {
         Error::input(
             path,
             format!(
@@ -251,7 +203,7 @@ fn donor_texture(
             ),
         )
     })?;
-    let texture = crate::prepare::texture::texture_map(photo, &iuv, assets)
+    let texture = crate::person::texture::texture_map(photo, &iuv, assets)
         .map_err(|e| Error::input(path, format!("donor texture map: {e}")))?;
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(texture.clone()), saved)?;
     eprintln!(
@@ -283,23 +235,11 @@ fn parts_text(parts: &[u8]) -> String {
         .join(", ")
 }
 
-/// An image scaled to `h` rows, keeping its aspect ratio.
-fn fit_height(img: &RgbImage, h: u32) -> Result<RgbImage> {
-    let w = ((img.width() as f64 * h as f64 / img.height().max(1) as f64).round() as u32).max(1);
-    crate::imageops::pil_resize_rgb(
-        img,
-        (h as usize, w as usize),
-        crate::imageops::Filter::Bicubic,
-    )
-}
-
 /// `mcld edit`.
-pub fn run(a: &EditArgs) -> Result<()> {
+pub fn run(a: &EditRequest) -> Result<()> {
     let i = &a.infer;
     // Flags first: a typo in a region must not cost a DensePose run.
     let specs = garment_specs(&a.garment, &a.garment_texture)?;
-    let device = parse_device(&i.compute.device)?;
-    let dtype = parse_dtype(&i.compute.dtype)?;
     let source = read_rgb(&i.source)?;
     let pose = read_rgb(&i.pose)?;
     // Every donor file is read first, so that a missing or wrong-sized one fails before any
@@ -310,35 +250,28 @@ pub fn run(a: &EditArgs) -> Result<()> {
             donors.push(read_donor(s)?);
         }
     }
-    let mut dp = LazyDensePose {
-        pretrained: &i.pretrained.pretrained_dir,
-        device: &device,
-        dp: None,
+    if let (Some(p), false) = (&i.texture, specs.is_empty()) {
+        check_texture(&read_rgb(p)?, p, "the source's texture map (--texture)")?;
+    }
+    let mut pre = Preprocessor::new(&i.pretrained_dir, &i.device);
+    // The donor's identity replaces the source's, which is then not computed.
+    let face_source = if a.face_emb.is_some() || a.face_from.is_some() {
+        FaceSource::Replaced
+    } else {
+        i.face_source()
     };
-    let texture = match &i.texture {
-        Some(p) => {
-            let t = read_rgb(p)?;
-            if !specs.is_empty() {
-                check_texture(&t, p, "the source's texture map (--texture)")?;
-            }
-            t
-        }
-        None => {
-            let d = dp.dp.insert(commands::source_densepose(i, &device)?);
-            let (tex, iuv) = (
-                beside(&i.out, "source_texture"),
-                beside(&i.out, "source_iuv"),
-            );
-            commands::computed_texture(i, d, &source, &tex, &iuv)?
-        }
+    let saves = crate::person::TextureOutputs {
+        texture: beside(&i.out, "source_texture"),
+        iuv: beside(&i.out, "source_iuv"),
     };
+    let person = PersonInputs::with_photo(&i.person(face_source, saves), source, &pre)?;
     let (face, identity) = match (&a.face_emb, &a.face_from) {
         (Some(p), _) => (
             Some(read_face_embedding(p)?),
             json!({"from": "embedding", "file": p}),
         ),
         (None, Some(p)) => {
-            let v = donor_face(&i.pretrained.pretrained_dir, p)?;
+            let v = donor_face(&pre, p)?;
             eprintln!(
                 "computed the face embedding of {} (antelopev2)",
                 p.display()
@@ -346,12 +279,6 @@ pub fn run(a: &EditArgs) -> Result<()> {
             (Some(v), json!({"from": "photo", "file": p}))
         }
         (None, None) => (None, json!({"from": "source"})),
-    };
-    let (src_face, src_face_missing) = if face.is_some() {
-        // Not computed: the donor's identity replaces it.
-        (vec![0f32; 512], false)
-    } else {
-        commands::source_face(i, &source)?
     };
 
     let assets = TextureAssets::builtin()?;
@@ -365,14 +292,14 @@ pub fn run(a: &EditArgs) -> Result<()> {
         if donors[k].texture.is_none() {
             let saved = beside(&i.out, &format!("donor{}_texture", k + 1));
             let d = &donors[k];
-            let t = donor_texture(s.region, s.donor.path(), &d.shown, &mut dp, &assets, &saved)?;
+            let t = donor_texture(s.region, s.donor.path(), &d.shown, &pre, &assets, &saved)?;
             donors[k].texture = Some(t);
         }
         let t = donors[k].texture.clone().expect("computed above");
         garments.push((s.region, t));
     }
     // DensePose's memory goes back before the diffusion networks load.
-    drop(dp);
+    pre.release();
 
     let outfit_donor = single_outfit_donor(&specs);
     let clip_from: Option<&Path> = match a.source_clip.as_str() {
@@ -412,7 +339,7 @@ pub fn run(a: &EditArgs) -> Result<()> {
         garments,
         clip_source,
     };
-    let input = commands::infer_pair(i, source, pose, texture, src_face, src_face_missing);
+    let input = i.pair(person, pose);
     let (edited, coverage) = apply_edit(&input, &plan, &parts)?;
     let report_rows = report_coverage(&specs, &coverage);
     match clip_from {
@@ -436,7 +363,7 @@ pub fn run(a: &EditArgs) -> Result<()> {
         println!("wrote the composed texture map {}", p.display());
     }
 
-    let result = commands::generate_to_out(i, &device, dtype, &edited)?;
+    let result = generate_to_out(i, &edited)?;
 
     let stem = i
         .out
@@ -472,7 +399,7 @@ pub fn run(a: &EditArgs) -> Result<()> {
             cols.push(fit_height(&d.shown, h)?);
         }
         cols.push(fit_height(&edited.texture, h)?);
-        let pose_img = commands::pose_preview(&edited.pose);
+        let pose_img = pose_preview(&edited.pose);
         cols.push(fit_height(&pose_img, h)?);
         // The networks work on a 512x512 squash of the pose; shown at the pose's aspect.
         let w = (edited.pose.width() as f64 * h as f64 / edited.pose.height().max(1) as f64)
@@ -483,10 +410,7 @@ pub fn run(a: &EditArgs) -> Result<()> {
             (h as usize, w),
             crate::imageops::Filter::Bicubic,
         )?);
-        crate::fsutil::save_image_atomic(
-            &image::DynamicImage::ImageRgb8(commands::strip(&cols)),
-            panel,
-        )?;
+        crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(strip(&cols)), panel)?;
         println!(
             "wrote {}: source | donor(s) | composed texture | target pose | result",
             panel.display()

@@ -2,7 +2,8 @@
 //! they replace.
 
 use candle_core::{DType, Device, Tensor, Var};
-use mcld::models::fused::{geglu, gelu_erf, group_norm, layer_norm, silu};
+use mcld::ops::geglu::{geglu, gelu_erf};
+use mcld::ops::norm::fused::{group_norm, layer_norm, silu};
 
 fn gelu64(x: f64) -> f64 {
     0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))

@@ -6,7 +6,7 @@
 //! |c - ref_f32| <= (2^-7 + k 2^-24) * sum_k |a b|.
 
 use half::bf16;
-use mcld::models::bf16_gemm::{self, Kind, PackedA, PackedB};
+use mcld::ops::packed_gemm::{self, Kind, PackedA, PackedB};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -75,7 +75,7 @@ const SHAPES: &[(usize, usize, usize)] = &[
 
 #[test]
 fn bf16_matmul_matches_f64_for_every_packing() {
-    if !bf16_gemm::available() {
+    if !packed_gemm::available() {
         eprintln!("skipped: this CPU lacks AVX-512 BF16 (the f32 path is used there)");
         return;
     }
@@ -106,9 +106,9 @@ fn bf16_matmul_matches_f64_for_every_packing() {
                 for parallel in [false, true] {
                     let mut c = init.clone();
                     let r = if parallel {
-                        bf16_gemm::matmul_parallel(pa, pb, &mut c, ld_c, accumulate)
+                        packed_gemm::matmul_parallel(pa, pb, &mut c, ld_c, accumulate)
                     } else {
-                        bf16_gemm::matmul(pa, pb, &mut c, ld_c, accumulate)
+                        packed_gemm::matmul(pa, pb, &mut c, ld_c, accumulate)
                     };
                     r.unwrap();
                     let base = if accumulate { &init } else { &zero };
@@ -136,7 +136,7 @@ fn bf16_matmul_matches_f64_for_every_packing() {
 
 #[test]
 fn bf16_packing_rounds_to_nearest_even() {
-    if !bf16_gemm::available() {
+    if !packed_gemm::available() {
         eprintln!("skipped: this CPU lacks AVX-512 BF16");
         return;
     }
@@ -157,7 +157,7 @@ fn bf16_packing_rounds_to_nearest_even() {
     let want: Vec<f32> = v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect();
     let run = |a: &PackedA, b: &PackedB| {
         let mut c = vec![0f32; a.rows() * b.cols()];
-        bf16_gemm::matmul(a, b, &mut c, b.cols(), false).unwrap();
+        packed_gemm::matmul(a, b, &mut c, b.cols(), false).unwrap();
         c
     };
     let id_a = PackedA::from_f32_rows(&eye, n, n, n);
@@ -184,14 +184,14 @@ fn bf16_packing_rounds_to_nearest_even() {
     assert_eq!(&c[n..], &neg[..]);
 }
 
-/// `models::linear::Linear` with a bf16 weight (the CPU bf16 mode) on f32 inputs of rank 2-4,
+/// `ops::linear::Linear` with a bf16 weight (the CPU bf16 mode) on f32 inputs of rank 2-4,
 /// contiguous or not, against f64 of the rounded operands; tracked inputs fall back to candle
 /// with the weight widened, so training never meets the kernel.
 #[test]
 fn linear_with_bf16_weight() {
     use candle_core::{DType, Device, Module, Tensor, Var};
-    use mcld::models::linear::Linear;
-    if !bf16_gemm::available() {
+    use mcld::ops::linear::Linear;
+    if !packed_gemm::available() {
         eprintln!("skipped: this CPU lacks AVX-512 BF16");
         return;
     }
@@ -260,7 +260,7 @@ fn linear_with_bf16_weight() {
 /// bit for bit, including the padding columns of a narrow last panel.
 #[test]
 fn bf16_operand_filled_in_a_reused_buffer() {
-    if !bf16_gemm::available() {
+    if !packed_gemm::available() {
         eprintln!("skipped: this CPU lacks AVX-512 BF16");
         return;
     }
@@ -273,7 +273,7 @@ fn bf16_operand_filled_in_a_reused_buffer() {
         let mut row = vec![0u32; n];
         for p in 0..k.div_ceil(2) {
             let hi = (2 * p + 1 < k).then(|| &b[(2 * p + 1) * n..(2 * p + 2) * n]);
-            bf16_gemm::interleave_pairs(&b[2 * p * n..(2 * p + 1) * n], hi, &mut row);
+            packed_gemm::interleave_pairs(&b[2 * p * n..(2 * p + 1) * n], hi, &mut row);
             // Pieces of 1, 19, 40, ... columns: some inside a panel, some across its edge.
             let mut j = 0;
             for len in [1usize, 19, 40].into_iter().cycle() {
@@ -287,8 +287,8 @@ fn bf16_operand_filled_in_a_reused_buffer() {
         }
         let want = PackedB::from_f32_rows(&b, k, n, n);
         let (mut got_c, mut want_c) = (vec![0f32; m * n], vec![0f32; m * n]);
-        bf16_gemm::matmul(&pa, &pb, &mut got_c, n, false).unwrap();
-        bf16_gemm::matmul(&pa, &want, &mut want_c, n, false).unwrap();
+        packed_gemm::matmul(&pa, &pb, &mut got_c, n, false).unwrap();
+        packed_gemm::matmul(&pa, &want, &mut want_c, n, false).unwrap();
         assert_eq!(got_c, want_c, "m{m} n{n} k{k}");
         buf = pb.into_buffer();
         buf.iter_mut().for_each(|v| *v = 0x7fc0_7fc0); // NaN pairs: must not leak into the next
@@ -300,7 +300,7 @@ fn bf16_operand_filled_in_a_reused_buffer() {
 /// with and without accumulation and threads; the packed operands unpack bit for bit.
 #[test]
 fn f32_matmul_matches_f64() {
-    if !bf16_gemm::available_f32() {
+    if !packed_gemm::available_f32() {
         eprintln!("skipped: this CPU lacks AVX-512F");
         return;
     }
@@ -323,9 +323,9 @@ fn f32_matmul_matches_f64() {
                 for parallel in [false, true] {
                     let mut c = init.clone();
                     let r = if parallel {
-                        bf16_gemm::matmul_parallel(&pa, pb, &mut c, ld_c, accumulate)
+                        packed_gemm::matmul_parallel(&pa, pb, &mut c, ld_c, accumulate)
                     } else {
-                        bf16_gemm::matmul(&pa, pb, &mut c, ld_c, accumulate)
+                        packed_gemm::matmul(&pa, pb, &mut c, ld_c, accumulate)
                     };
                     r.unwrap();
                     for i in 0..m {
@@ -364,7 +364,7 @@ fn f32_matmul_matches_f64() {
         // Mixed kinds are refused.
         let p16 = PackedB::from_f32_rows(&b_rows, k, n, n);
         let mut c = vec![0f32; m * n];
-        assert!(bf16_gemm::matmul(&pa, &p16, &mut c, n, false).is_err());
+        assert!(packed_gemm::matmul(&pa, &p16, &mut c, n, false).is_err());
     }
 }
 
@@ -374,8 +374,8 @@ fn f32_matmul_matches_f64() {
 #[test]
 fn linear_with_f32_weight() {
     use candle_core::{DType, Device, Module, Tensor, Var};
-    use mcld::models::linear::Linear;
-    if !bf16_gemm::available_f32() {
+    use mcld::ops::linear::Linear;
+    if !packed_gemm::available_f32() {
         eprintln!("skipped: this CPU lacks AVX-512F");
         return;
     }

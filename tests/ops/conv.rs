@@ -7,7 +7,7 @@ use crate::common;
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::Conv2dConfig;
 use common::max_errs;
-use mcld::models::conv::{conv2d_cpu, conv2d_forward, Conv2d};
+use mcld::ops::conv::{conv2d_cpu, conv2d_forward, Conv2d};
 
 /// Relative to the reference's largest magnitude.
 fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
@@ -39,7 +39,7 @@ fn excess_over(got: &Tensor, want: &Tensor, bound: &Tensor) -> f64 {
         .unwrap()
 }
 
-/// The CPU bf16 mode's convolution (bf16 weight, f32 input, `bf16_gemm`) against an f64
+/// The CPU bf16 mode's convolution (bf16 weight, f32 input, `ops::packed_gemm`) against an f64
 /// convolution of the bf16-rounded operands: products of two bf16 values are exact in f32, so
 /// the error is the f32 summation's, at most (k + 1) 2^-24 sum |w x| (k = ci kh kw, +1 for the
 /// bias), sum |w x| being the f64 convolution of the magnitudes.
@@ -51,7 +51,7 @@ fn bf16_case(
     s: usize,
     d: usize,
 ) {
-    if !mcld::models::bf16_gemm::available() {
+    if !mcld::ops::packed_gemm::available() {
         return;
     }
     let dev = Device::Cpu;
@@ -219,7 +219,7 @@ fn falls_back_where_it_does_not_apply() {
 /// (tracked, f16) still served by candle with the unpacked weight.
 #[test]
 fn packed_layer_matches_per_call_packing() {
-    if !mcld::models::bf16_gemm::available() {
+    if !mcld::ops::packed_gemm::available() {
         eprintln!("skipped: this CPU lacks AVX-512 BF16");
         return;
     }
@@ -261,13 +261,13 @@ fn packed_layer_matches_per_call_packing() {
     }
 }
 
-/// An f32 layer keeps its weight packed for `bf16_gemm`'s f32 kernel (CPUs with AVX-512F):
+/// An f32 layer keeps its weight packed for `ops::packed_gemm`'s f32 kernel (CPUs with AVX-512F):
 /// within the f32 summation bound of an f64 convolution, (k + 1) 2^-24 sum |w x|, over the
 /// awkward geometries and a many-tile image; the weight recoverable bit for bit; a tracked
 /// input still served by candle.
 #[test]
 fn packed_f32_layer_matches_f64() {
-    if !mcld::models::bf16_gemm::available_f32() {
+    if !mcld::ops::packed_gemm::available_f32() {
         eprintln!("skipped: this CPU lacks AVX-512F");
         return;
     }

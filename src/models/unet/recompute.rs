@@ -1,4 +1,4 @@
-//! One UNet block as a checkpointed segment (see `models::checkpoint`): its inputs are the
+//! One UNet block as a recomputed segment (see `ops::recompute`): its inputs are the
 //! hidden states, the time embedding, the stage context, any skips and the bank entries the
 //! block reads; its outputs the block's result, its skips and the bank entries it records.
 
@@ -9,7 +9,7 @@ use candle_core::Tensor;
 
 use super::attention::RunCtx;
 use super::{BankMode, ReferenceBank};
-use crate::models::checkpoint::Tape;
+use crate::ops::recompute::Tape;
 use crate::Result;
 
 /// What the first run of a segment learnt about the shape of its outputs.

@@ -5,7 +5,7 @@ use crate::common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{max_errs, naive_attention as naive};
-use mcld::models::nn::{attention, attention_chunked};
+use mcld::ops::attention::{attention, attention_chunked};
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     max_errs(a, b).0

@@ -1,0 +1,11 @@
+//! The compute layer (`mcld::ops`): the packed GEMM, convolution, attention, norm and GEGLU
+//! kernels against f64 references and candle's composed ops.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod attention;
+mod attention_chunked;
+mod conv;
+mod fused;
+mod packed_gemm;
