@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use mcld::models::unet::{Config, UNet2DConditionModel};
+use mcld::models::unet::UNet2DConditionModel;
 use mcld::weights::random::RandomWeights;
 
 fn gib(bytes: Option<u64>) -> String {
@@ -19,7 +19,7 @@ fn gib(bytes: Option<u64>) -> String {
 fn main() {
     mcld::device::retain_freed_memory();
     let dev = Device::Cpu;
-    let cfg = Config::sd15();
+    let cfg = mcld::presets::unet(mcld::presets::Size::Full).expect("SD-1.5 config");
     let t0 = Instant::now();
     let bf16 = std::env::var("MCLD_BENCH_DTYPE").is_ok_and(|d| d == "bf16");
     let mut vb = RandomWeights::new(0).var_builder(DType::F32, &dev);

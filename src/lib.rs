@@ -19,6 +19,7 @@ pub mod ops;
 pub mod person;
 pub mod pipeline;
 pub mod prepare;
+pub mod presets;
 pub mod rank;
 pub mod scheduler;
 pub mod train;

@@ -6,8 +6,8 @@ fn main() {
     let args = Cli::parse();
     match cli::run(args) {
         Ok(()) => {}
-        Err(CliError::Failed(e)) => {
-            eprintln!("error: {e:#}");
+        Err(e @ CliError::Failed(_)) => {
+            eprintln!("{}", e.report());
             std::process::exit(1);
         }
     }

@@ -16,16 +16,14 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::{Pair, PairInputs};
-use crate::models::clip::{self, ClipVisionModelWithProjection};
-use crate::models::mcld::{Mcld, McldConfig};
-use crate::models::resampler;
-use crate::models::unet;
-use crate::models::vae::{self, AutoencoderKL};
+use crate::models::clip::ClipVisionModelWithProjection;
+use crate::models::mcld::Mcld;
+use crate::models::vae::AutoencoderKL;
 use crate::pipeline::mcld::{McldPipeline, Precision};
 use crate::pipeline::sampler;
+use crate::presets::tree::RandomPipeline;
+use crate::presets::Size;
 use crate::scheduler::ddim::DdimScheduler;
-use crate::weights::prefixed_var_builder;
-use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -46,61 +44,6 @@ pub struct PipelineBench {
     pub dtype: candle_core::DType,
 }
 
-/// `stable-diffusion-v1-5/unet/config.json` (the keys that differ from nothing are all given).
-const SD15_UNET: &str = r#"{
-  "_class_name": "UNet2DConditionModel",
-  "act_fn": "silu",
-  "attention_head_dim": 8,
-  "block_out_channels": [320, 640, 1280, 1280],
-  "center_input_sample": false,
-  "cross_attention_dim": 768,
-  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-  "downsample_padding": 1,
-  "flip_sin_to_cos": true,
-  "freq_shift": 0,
-  "in_channels": 4,
-  "layers_per_block": 2,
-  "mid_block_scale_factor": 1,
-  "norm_eps": 1e-05,
-  "norm_num_groups": 32,
-  "out_channels": 4,
-  "sample_size": 64,
-  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-}"#;
-
-/// `sd-vae-ft-mse/config.json`.
-const SD_VAE_FT_MSE: &str = r#"{
-  "_class_name": "AutoencoderKL",
-  "act_fn": "silu",
-  "block_out_channels": [128, 256, 512, 512],
-  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
-  "in_channels": 3,
-  "latent_channels": 4,
-  "layers_per_block": 2,
-  "norm_num_groups": 32,
-  "out_channels": 3,
-  "sample_size": 256,
-  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
-}"#;
-
-/// `sd-image-variations-diffusers/image_encoder/config.json` (CLIP ViT-L/14 vision tower).
-const CLIP_VIT_L14: &str = r#"{
-  "hidden_size": 1024,
-  "intermediate_size": 4096,
-  "projection_dim": 768,
-  "num_hidden_layers": 24,
-  "num_attention_heads": 16,
-  "num_channels": 3,
-  "image_size": 224,
-  "patch_size": 14,
-  "hidden_act": "quick_gelu",
-  "layer_norm_eps": 1e-05
-}"#;
-
-fn parse<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
-    serde_json::from_str(s).map_err(|e| Error::msg(format!("built-in {what} config: {e}")))
-}
-
 /// Every network of the pipeline at full size with random weights; `steps` DDIM steps at
 /// `size` x `size`.
 pub fn random_pipeline(
@@ -119,35 +62,20 @@ pub fn random_pipeline(
     // Rounding random weights through bf16 changes nothing measurable in a timing run; where
     // the CPU multiplies in bf16, the weights go through the same bf16 view as real ones.
     let dt = prec.compute;
-    let rw = |s: u64| RandomWeights::new(seed.wrapping_mul(31).wrapping_add(s));
-    let ucfg: unet::Config = parse("SD-1.5 UNet", SD15_UNET)?;
-    // Seeds 1-4 in PARTS order (reference UNet, denoising UNet, pose guider, projector).
-    let parts = Mcld::PARTS
-        .iter()
-        .zip(1u64..)
-        .map(|(p, s)| (*p, rw(s).var_builder(dt, device)));
+    let set = RandomPipeline::new(Size::Full, seed)?;
     let nets = Mcld::new(
-        prec.var_builder(prefixed_var_builder(parts, dt, device)),
-        &McldConfig::new(ucfg, resampler::Config::mcld()),
+        prec.var_builder(set.mcld_var_builder(dt, device)),
+        &set.mcld,
     )?;
-    let vcfg: vae::Config = parse("sd-vae-ft-mse", SD_VAE_FT_MSE)?;
-    let bottleneck = *vcfg.block_out_channels.last().unwrap_or(&512);
     let vae = AutoencoderKL::new(
-        prec.var_builder(
-            rw(5)
-                .with_vae_mid_attention("", bottleneck)
-                .var_builder(dt, device),
-        ),
-        &vcfg,
+        prec.var_builder(set.vae_weights().var_builder(dt, device)),
+        &set.vae,
     )?;
-    let ccfg = clip::Config::from_json_str(CLIP_VIT_L14)?;
-    let image_encoder =
-        ClipVisionModelWithProjection::new(prec.var_builder(rw(6).var_builder(dt, device)), &ccfg)?;
-    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let infer: crate::config::InferenceConfig = crate::config::parse_yaml(
-        include_str!("../../configs/inference/inference.yaml"),
-        &here.join("configs/inference/inference.yaml"),
+    let image_encoder = ClipVisionModelWithProjection::new(
+        prec.var_builder(set.clip_weights().var_builder(dt, device)),
+        &set.clip,
     )?;
+    let infer: crate::config::InferenceConfig = crate::config::INFERENCE_YAML.parse()?;
     let mut scheduler = DdimScheduler::from_config_kwargs(&infer.noise_scheduler_kwargs)?;
     scheduler.set_timesteps(steps)?;
     Ok(McldPipeline {

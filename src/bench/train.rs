@@ -14,10 +14,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::{cpu_seconds, peak_rss_bytes};
-use crate::models::mcld::{Mcld, McldConfig};
-use crate::models::unet;
+use crate::models::mcld::Mcld;
 use crate::ops::recompute::Tape;
 use crate::pipeline::mcld::Precision;
+use crate::presets::Size;
 use crate::scheduler::ddim::{DdimConfig, DdimScheduler, PredictionType, TimestepSpacing};
 use crate::train::adamw::{AdamW, AdamWConfig};
 use crate::train::loss::{denoise_loss, reference_bank, LossInputs, LossOptions};
@@ -59,16 +59,6 @@ pub struct TrainBench {
     pub dtype: candle_core::DType,
 }
 
-/// SD-1.5's UNet config, channels scaled for `width`.
-fn unet_config(width: Width) -> Result<unet::Config> {
-    let mut c = unet::Config::sd15();
-    if width == Width::Half {
-        c.block_out_channels = c.block_out_channels.iter().map(|x| x / 2).collect();
-    }
-    c.validate()?;
-    Ok(c)
-}
-
 fn sync(device: &Device) -> Result<()> {
     Ok(device.synchronize()?)
 }
@@ -92,8 +82,10 @@ pub fn run(args: &TrainBench) -> Result<()> {
             "bench train: --size must be a positive multiple of 8 and --batch-size positive",
         ));
     }
-    let ucfg = unet_config(args.width)?;
-    let cfg = McldConfig::new(ucfg.clone(), crate::models::resampler::Config::mcld());
+    let cfg = crate::presets::mcld(match args.width {
+        Width::Full => Size::Full,
+        Width::Half => Size::Half,
+    })?;
     let rw = RandomWeights::new(args.seed).recording();
     Mcld::new(rw.clone().var_builder(DType::F32, &Device::Cpu), &cfg)?;
     let params = Params::new(rw.recorded(), is_trainable, &device)?;
@@ -132,8 +124,8 @@ pub fn run(args: &TrainBench) -> Result<()> {
     let latents = r(&[b, 4, h, h])?;
     let noise = r(&[b, 4, h, h])?;
     let ref_latents = r(&[b, 4, h, h])?;
-    let clip_src = r(&[b, 1, ucfg.cross_attention_dim])?;
-    let clip_tex = r(&[b, 1, ucfg.cross_attention_dim])?;
+    let clip_src = r(&[b, 1, cfg.unet.cross_attention_dim])?;
+    let clip_tex = r(&[b, 1, cfg.unet.cross_attention_dim])?;
     let face = r(&[b, 1, cfg.image_proj.embedding_dim])?;
     let pose = (r(&[b, 3, args.size, args.size])?.abs()?.clamp(0f32, 1f32))?;
     let t: Vec<i64> = (0..b as i64).map(|i| (137 + 311 * i) % 1000).collect();

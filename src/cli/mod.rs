@@ -54,9 +54,40 @@ impl<E: Into<anyhow::Error>> From<E> for CliError {
     }
 }
 
+impl CliError {
+    /// What `main` prints: `error: MESSAGE`, then one `  caused by: ...` line for each cause
+    /// whose text is not already shown (an I/O error's message carries its source, so the
+    /// source would otherwise be printed twice).
+    pub fn report(&self) -> String {
+        let CliError::Failed(e) = self;
+        error_report(e.chain())
+    }
+}
+
+/// The lines of [`CliError::report`] for an error and its chain of causes.
+pub fn error_report<'a>(
+    mut chain: impl Iterator<Item = &'a (dyn std::error::Error + 'static)>,
+) -> String {
+    let Some(top) = chain.next() else {
+        return "error".into();
+    };
+    let mut shown = vec![top.to_string()];
+    let mut out = format!("error: {}", shown[0]);
+    for cause in chain {
+        let c = cause.to_string();
+        if c.trim().is_empty() || shown.iter().any(|s| s.contains(&c)) {
+            continue;
+        }
+        out.push_str("\n  caused by: ");
+        out.push_str(&c);
+        shown.push(c);
+    }
+    out
+}
+
 /// Runs one parsed command.
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    Ok(match cli.command {
+    match cli.command {
         Command::Prepare(a) => commands::prepare::run(&a)?,
         Command::Train(a) => commands::train::run(&a)?,
         Command::Test(a) => commands::test::run(&a)?,
@@ -66,5 +97,6 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Demo(a) => commands::demo::run(&a)?,
         Command::Bench(c) => commands::bench::run(&c)?,
         Command::Download(a) => commands::download::run(&a)?,
-    })
+    }
+    Ok(())
 }

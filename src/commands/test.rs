@@ -84,6 +84,12 @@ pub fn run(a: &TestArgs) -> Result<()> {
         &Postprocess::reference(),
     )?;
     summary.print();
+    if a.limit.is_some() && shard.is_whole() {
+        let layout = DatasetLayout::new(root, "test");
+        if let Some(p) = crate::pipeline::testset::write_panels(&opts, &layout, &pairs, a.seed)? {
+            println!("panels of the generated pairs: {}", p.display());
+        }
+    }
     if shard.is_whole() {
         println!("all test images are generated!");
     } else {

@@ -36,9 +36,15 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N; default the config's `device`.
     #[arg(long)]
     pub device: Option<String>,
-    /// f32, f16 or bf16; default the config's `weight_dtype`.
+    /// f32, f16 or bf16 for networks and encoders; default `solver.mixed_precision` for the
+    /// trained networks and `weight_dtype` for the frozen VAE and CLIP.
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Check the config, data lists, weights and output folder and print the plan (steps,
+    /// epochs, batch, learning rates, trained/frozen counts, checkpoints, memory) without
+    /// training.
+    #[arg(long = "dry-run", visible_alias = "dry_run")]
+    pub dry_run: bool,
     /// Start N local ranks (one process each, torchrun's variables); not needed under torchrun.
     #[arg(long = "nproc-per-node", visible_alias = "nproc_per_node")]
     pub nproc_per_node: Option<usize>,
@@ -57,6 +63,7 @@ impl TrainArgs {
             train_bs: self.train_bs,
             device: self.device.clone(),
             dtype: self.dtype.clone(),
+            dry_run: self.dry_run,
             nproc_per_node: self.nproc_per_node,
         }
     }

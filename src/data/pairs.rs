@@ -21,6 +21,11 @@ impl Pair {
     pub fn out_name(&self) -> String {
         format!("{}_2_{}.png", stem(&self.from), stem(&self.to))
     }
+
+    /// How a labelled grid names the pair's row: source image -> target image.
+    pub fn label(&self) -> String {
+        format!("{}  ->  {}", self.from, self.to)
+    }
 }
 
 /// Reads a pairs CSV with header `from,to`; errors name the file and the line.

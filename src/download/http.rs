@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::sources::{name_hash_prefix, Check, Member};
+use super::sources::{name_hash_prefix, Check, Member, Size};
 use super::{sha256_file, temp_beside, Failure, FileBar};
 
 pub(super) struct Http {
@@ -61,7 +61,7 @@ impl Http {
     pub(super) fn fetch_file(
         &self,
         url: &str,
-        check: Check,
+        (check, size): (Check, Size),
         dest: &Path,
         offline: bool,
         bar: &mut FileBar,
@@ -74,7 +74,7 @@ impl Http {
         };
         let part = temp_beside(dest, "part");
         self.transfer(&from, &part, bar).map_err(fail)?;
-        if let Err(r) = check_file(&part, check, url) {
+        if let Err(r) = check_file(&part, check, url).and_then(|()| check_size(&part, size)) {
             let _ = std::fs::remove_file(&part);
             return Err(fail(r));
         }
@@ -266,6 +266,23 @@ fn extract(zip_path: &Path, members: &[Member], root: &Path) -> Result<Vec<PathB
         out.push(dest);
     }
     Ok(out)
+}
+
+/// A size the source publishes exactly must be the file's.
+fn check_size(path: &Path, size: Size) -> Result<(), String> {
+    let Size::Exact(want) = size else {
+        return Ok(());
+    };
+    let got = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!(
+            "size mismatch: the file has {got} bytes, the source publishes {want}"
+        ))
+    }
 }
 
 #[cfg(test)]

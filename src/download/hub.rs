@@ -73,12 +73,12 @@ impl Hub {
         })
     }
 
-    /// Places the first of `choices` that the cache or the repo has at `dest_dir/CHOICE`.
+    /// Places the first of `choices` (a file of the repo, where it goes) that the cache or the
+    /// repo has.
     pub(super) fn fetch(
         &self,
         repo: &str,
-        choices: &[&str],
-        dest_dir: &Path,
+        choices: &[(&str, PathBuf)],
         bar: &mut FileBar,
     ) -> Result<PathBuf, Failure> {
         let url = |file: &str| resolve_url(&self.settings.endpoint, repo, file);
@@ -86,22 +86,22 @@ impl Hub {
             url: url(file),
             reason,
         };
+        let first = choices.first().map(|c| c.0).unwrap_or_default();
         let cached = self.cache.model(repo.to_string());
-        for c in choices {
+        for (c, dest) in choices {
             if let Some(p) = cached.get(c) {
-                let dest = dest_dir.join(c);
-                place(&p, &dest).map_err(|e| {
+                place(&p, dest).map_err(|e| {
                     fail(
                         c,
                         format!("cannot place {} from the cache: {e}", dest.display()),
                     )
                 })?;
-                return Ok(dest);
+                return Ok(dest.clone());
             }
         }
         let Some(api) = &self.api else {
             return Err(fail(
-                choices[0],
+                first,
                 format!(
                     "not in the Hugging Face cache {} and HF_HUB_OFFLINE is set",
                     self.settings.cache_dir.display()
@@ -109,14 +109,13 @@ impl Hub {
             ));
         };
         let remote = api.repo(Repo::model(repo.to_string()));
-        for c in choices {
+        for (c, dest) in choices {
             match remote.download_with_progress(c, HubProgress::new(bar)) {
                 Ok(pointer) => {
                     verify_lfs(&pointer).map_err(|r| fail(c, r))?;
-                    let dest = dest_dir.join(c);
-                    place(&pointer, &dest)
+                    place(&pointer, dest)
                         .map_err(|e| fail(c, format!("cannot place {}: {e}", dest.display())))?;
-                    return Ok(dest);
+                    return Ok(dest.clone());
                 }
                 Err(ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => {
                     continue
@@ -125,22 +124,76 @@ impl Hub {
             }
         }
         Err(fail(
-            choices[0],
+            first,
             format!(
                 "HTTP 404: the repo has none of {} (on branch main)",
-                choices.join(", ")
+                choices.iter().map(|c| c.0).collect::<Vec<_>>().join(", ")
             ),
         ))
     }
+
+    /// The paths of every file in the repo (branch main): the Hub's repo info, or offline the
+    /// cached snapshot of main.
+    pub(super) fn list(&self, repo: &str) -> Result<Vec<String>, Failure> {
+        let fail = |reason: String| Failure {
+            url: info_url(&self.settings.endpoint, repo),
+            reason,
+        };
+        let Some(api) = &self.api else {
+            return self.cached_listing(repo).ok_or_else(|| {
+                fail(format!(
+                    "no snapshot of {repo} in the Hugging Face cache {} and HF_HUB_OFFLINE is \
+                     set, so its files cannot be listed",
+                    self.settings.cache_dir.display()
+                ))
+            });
+        };
+        let info = api
+            .repo(Repo::model(repo.to_string()))
+            .info()
+            .map_err(|e| fail(describe(e, &self.settings.cache_dir)))?;
+        Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    }
+
+    /// Files of the cached snapshot `refs/main` points to (as hf-hub and huggingface_hub lay
+    /// it out: `models--OWNER--NAME/{refs,snapshots}`).
+    fn cached_listing(&self, repo: &str) -> Option<Vec<String>> {
+        let dir = self
+            .settings
+            .cache_dir
+            .join(format!("models--{}", repo.replace('/', "--")));
+        let commit = std::fs::read_to_string(dir.join("refs/main")).ok()?;
+        let snap = dir.join("snapshots").join(commit.trim());
+        let files: Vec<String> = walkdir::WalkDir::new(&snap)
+            .follow_links(true)
+            .into_iter()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_file())
+            .filter_map(|e| {
+                let rel = e.path().strip_prefix(&snap).ok()?;
+                Some(rel.to_string_lossy().replace('\\', "/"))
+            })
+            .collect();
+        (!files.is_empty()).then_some(files)
+    }
+}
+
+/// The Hub API address of a model repo's info (which lists its files).
+pub(super) fn info_url(endpoint: &str, repo: &str) -> String {
+    format!("{endpoint}/api/models/{repo}/revision/main")
 }
 
 fn describe(e: ApiError, cache: &Path) -> String {
     match e {
         ApiError::RequestError(e) => match *e {
-            ureq::Error::Status(code @ (401 | 403), _) => format!(
-                "HTTP {code}: the repo is gated or private; set HF_TOKEN to a token of an \
-                 account that has accepted its terms"
-            ),
+            // The Hub answers 401, not 404, for a repo that does not exist.
+            ureq::Error::Status(401, _) => "HTTP 401: the repo is gated, private, or the repo id \
+                 is wrong (the Hub answers 401 for a repo that does not exist); for a gated or \
+                 private repo set HF_TOKEN to a token of an account that has access"
+                .to_string(),
+            ureq::Error::Status(403, _) => "HTTP 403: the repo is gated or private; set HF_TOKEN \
+                 to a token of an account that has accepted its terms"
+                .to_string(),
             ureq::Error::Status(code, r) => format!("HTTP {code} {}", r.status_text()),
             other => other.to_string(),
         },

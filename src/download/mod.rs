@@ -19,7 +19,10 @@ use std::path::{Path, PathBuf};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-pub use sources::{name_hash_prefix, Check, Group, Member, Origin, Root, Size, Source, SOURCES};
+pub use sources::{
+    name_hash_prefix, pick_listed, Check, Group, Member, Origin, Root, Size, Source, MCLD_DRIVE,
+    MCLD_REPO, SOURCES, WEIGHT_EXTENSIONS,
+};
 
 use crate::{Error, Result};
 
@@ -168,6 +171,14 @@ pub fn destinations(s: &Source, opts: &Options) -> Vec<PathBuf> {
     let root = opts.root(s.root);
     match s.origin {
         Origin::Hub { choices, .. } => choices.iter().map(|c| root.join(s.dest).join(c)).collect(),
+        Origin::HubListed { names, .. } => names
+            .iter()
+            .flat_map(|n| {
+                WEIGHT_EXTENSIONS
+                    .iter()
+                    .map(move |e| root.join(s.dest).join(format!("{n}.{e}")))
+            })
+            .collect(),
         Origin::Url { .. } => vec![root.join(s.dest)],
         Origin::Zip { members, .. } => members.iter().map(|m| root.join(m.dest)).collect(),
     }
@@ -177,7 +188,9 @@ pub fn destinations(s: &Source, opts: &Options) -> Vec<PathBuf> {
 fn present(s: &Source, opts: &Options) -> Option<Vec<PathBuf>> {
     let dests = destinations(s, opts);
     match s.origin {
-        Origin::Hub { .. } => dests.into_iter().find(|p| p.is_file()).map(|p| vec![p]),
+        Origin::Hub { .. } | Origin::HubListed { .. } => {
+            dests.into_iter().find(|p| p.is_file()).map(|p| vec![p])
+        }
         Origin::Url { .. } => {
             let p = &dests[0];
             let ok = match (p.metadata(), s.size) {
@@ -195,6 +208,7 @@ fn present(s: &Source, opts: &Options) -> Option<Vec<PathBuf>> {
 pub fn source_url(s: &Source, hub_endpoint: &str) -> String {
     match s.origin {
         Origin::Hub { repo, choices } => hub::resolve_url(hub_endpoint, repo, choices[0]),
+        Origin::HubListed { repo, .. } => hub::info_url(hub_endpoint, repo),
         Origin::Url { url, .. } | Origin::Zip { url, .. } => url.to_string(),
     }
 }
@@ -339,11 +353,15 @@ pub fn run(sources: &[Source], opts: &Options) -> Outcome {
         ));
     }
     let mut hub_client: Option<std::result::Result<hub::Hub, String>> = None;
+    // One listing per repo, shared by the networks picked from it.
+    let mut listings: std::collections::HashMap<&str, std::result::Result<Vec<String>, Failure>> =
+        Default::default();
     let http_client = http::Http::new(opts.mirror.clone());
     for s in &todo {
         let url = source_url(s, &opts.hub.endpoint);
         let label = match s.origin {
             Origin::Hub { choices, .. } => choices[0].rsplit('/').next().unwrap_or(s.id),
+            Origin::HubListed { names, .. } => names[0],
             Origin::Url { url, .. } | Origin::Zip { url, .. } => {
                 url.rsplit('/').next().unwrap_or(s.id)
             }
@@ -354,9 +372,41 @@ pub fn run(sources: &[Source], opts: &Options) -> Outcome {
                 let client = hub_client
                     .get_or_insert_with(|| hub::Hub::new(&opts.hub).map_err(|e| e.to_string()));
                 match client {
-                    Ok(h) => h
-                        .fetch(repo, choices, &opts.root(s.root).join(s.dest), &mut bar)
-                        .map(|p| vec![p]),
+                    Ok(h) => {
+                        let dir = opts.root(s.root).join(s.dest);
+                        let choices: Vec<(&str, PathBuf)> =
+                            choices.iter().map(|c| (*c, dir.join(c))).collect();
+                        h.fetch(repo, &choices, &mut bar).map(|p| vec![p])
+                    }
+                    Err(e) => Err(Failure {
+                        url: url.clone(),
+                        reason: e.clone(),
+                    }),
+                }
+            }
+            Origin::HubListed { repo, keys, names } => {
+                let client = hub_client
+                    .get_or_insert_with(|| hub::Hub::new(&opts.hub).map_err(|e| e.to_string()));
+                match client {
+                    Ok(h) => listings
+                        .entry(repo)
+                        .or_insert_with(|| h.list(repo))
+                        .clone()
+                        .and_then(|listing| match pick_listed(&listing, keys) {
+                            Some(file) => {
+                                let ext = file.rsplit('.').next().unwrap_or_default();
+                                let dest = opts.root(s.root).join(s.dest).join(format!(
+                                    "{}.{}",
+                                    names[0],
+                                    ext.to_ascii_lowercase()
+                                ));
+                                h.fetch(repo, &[(file, dest)], &mut bar).map(|p| vec![p])
+                            }
+                            None => Err(Failure {
+                                url: url.clone(),
+                                reason: none_listed(s, keys, &listing, opts.root(s.root)),
+                            }),
+                        }),
                     Err(e) => Err(Failure {
                         url: url.clone(),
                         reason: e.clone(),
@@ -366,7 +416,7 @@ pub fn run(sources: &[Source], opts: &Options) -> Outcome {
             Origin::Url { url: u, check } => {
                 let dest = opts.root(s.root).join(s.dest);
                 http_client
-                    .fetch_file(u, check, &dest, opts.hub.offline, &mut bar)
+                    .fetch_file(u, (check, s.size), &dest, opts.hub.offline, &mut bar)
                     .map(|()| vec![dest])
             }
             Origin::Zip {
@@ -398,6 +448,33 @@ pub fn run(sources: &[Source], opts: &Options) -> Outcome {
     }
     bars.overall.finish_and_clear();
     out
+}
+
+/// Why a listed repo gave nothing for one network: what it holds, and the other way in.
+fn none_listed(s: &Source, keys: &[&str], listing: &[String], root: &Path) -> String {
+    const SHOWN: usize = 12;
+    let mut found = listing
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if listing.len() > SHOWN {
+        found.push_str(&format!(", ... ({} files in all)", listing.len()));
+    }
+    if listing.is_empty() {
+        found = "no files".into();
+    }
+    format!(
+        "the repo has no file for the {} (a name containing {} ending in .{}); it lists: \
+         {found}. The authors publish the checkpoints in a Google Drive folder linked from \
+         their README ({MCLD_DRIVE}): put denoising_unet.pth, reference_unet.pth, \
+         pose_guider.pth and image_projector.pth in {} or point --ckpt_dir at their folder",
+        s.what,
+        keys.join(" or "),
+        WEIGHT_EXTENSIONS.join(", ."),
+        root.display()
+    )
 }
 
 fn human(bytes: u64) -> String {
@@ -465,6 +542,24 @@ pub fn list_table(sources: &[Source], opts_dir: &Path, ckpt_dir: &Path, endpoint
                     t,
                     "    to     {}{fallback}",
                     root.join(s.dest).join(choices[0]).display()
+                );
+                let _ = writeln!(t, "    check  sha256 = the Hub's ETag (LFS files)");
+            }
+            Origin::HubListed { repo, keys, names } => {
+                let _ = writeln!(t, "    from   {endpoint}/{repo}");
+                let _ = writeln!(
+                    t,
+                    "    file   the listed file whose name contains {} (.{}, in that order; any \
+                     folder)",
+                    keys.join(" or "),
+                    WEIGHT_EXTENSIONS.join(", .")
+                );
+                let _ = writeln!(
+                    t,
+                    "    to     {} (or the .pth / .bin the repo has)",
+                    root.join(s.dest)
+                        .join(format!("{}.{}", names[0], WEIGHT_EXTENSIONS[0]))
+                        .display()
                 );
                 let _ = writeln!(t, "    check  sha256 = the Hub's ETag (LFS files)");
             }

@@ -3,9 +3,10 @@
 //! the other commands name its groups and ids.
 //!
 //! Destinations are the paths the commands look up: `pipeline::weight_files` (checkpoints and the
-//! `train.yaml` base-model folders), `prepare::densepose::stage::WEIGHTS_FILE`,
-//! `prepare::face::{DETECTOR_ONNX, RECOGNISER_ONNX}` under `antelopev2/`, the first names of
-//! `cli::evaluate::{inception_file_names, METRIC_WEIGHTS}` and `metrics::face`'s `buffalo_s/`.
+//! `train.yaml` base-model folders; the model files are named through `weights::files`, as the
+//! loaders name them), `models::densepose::WEIGHTS_FILE`,
+//! `models::face::{DETECTOR_ONNX, RECOGNISER_ONNX}` under `antelopev2/`, the first names of
+//! `evaluate::{inception_file_names, METRIC_WEIGHTS}` and `metrics::face`'s `buffalo_s/`.
 
 /// Which of the two output folders a destination is relative to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +78,16 @@ pub enum Origin {
         repo: &'static str,
         choices: &'static [&'static str],
     },
+    /// One network's weights in a Hub repo whose layout is not known in advance (the MCLD
+    /// release): the repo's file listing is read and the file whose name contains one of `keys`
+    /// is fetched (`.safetensors` before `.pth` before `.bin`, from any folder), then placed at
+    /// `dest/NAME.EXT` with `NAME = names[0]`, the name the loaders read. A file under any of
+    /// `names` (any of those extensions) already there counts as present.
+    HubListed {
+        repo: &'static str,
+        keys: &'static [&'static str],
+        names: &'static [&'static str],
+    },
     /// A plain HTTP(S) file, written to `dest`.
     Url { url: &'static str, check: Check },
     /// A zip of which only `members` are kept (`dest` is unused).
@@ -142,10 +153,68 @@ const fn hub(
     }
 }
 
+/// An MCLD network picked from the listing of the release repo (its file names were never
+/// published, so none is assumed).
+const fn listed(
+    what: &'static str,
+    keys: &'static [&'static str],
+    names: &'static [&'static str],
+) -> Source {
+    Source {
+        id: "mcld",
+        group: Group::Inference,
+        optional: false,
+        what,
+        root: Root::Checkpoints,
+        dest: "",
+        origin: Origin::HubListed {
+            repo: MCLD_REPO,
+            keys,
+            names,
+        },
+        size: Size::Unknown,
+    }
+}
+
+/// The extensions the checkpoint loaders read, in the order a listing is searched.
+pub const WEIGHT_EXTENSIONS: [&str; 3] = ["safetensors", "pth", "bin"];
+
+/// The file of `listing` (paths in the repo) holding the weights `keys` name: a weight file
+/// whose name contains a key; ties go to `.safetensors` before `.pth` before `.bin`, then to a
+/// name that is exactly a key, then to the shallower and alphabetically first path.
+pub fn pick_listed<'a>(listing: &'a [String], keys: &[&str]) -> Option<&'a str> {
+    listing
+        .iter()
+        .filter_map(|path| {
+            let name = path.rsplit('/').next()?.to_ascii_lowercase();
+            let (stem, ext) = name.rsplit_once('.')?;
+            let ext_rank = WEIGHT_EXTENSIONS.iter().position(|e| *e == ext)?;
+            if !keys.iter().any(|k| stem.contains(k)) {
+                return None;
+            }
+            let inexact = !keys.contains(&stem);
+            let depth = path.matches('/').count();
+            Some(((ext_rank, inexact, depth, path.as_str()), path.as_str()))
+        })
+        .min()
+        .map(|(_, p)| p)
+}
+
+/// The authors' Google Drive folder of the trained checkpoints (linked in their README), the
+/// way in when the Hub repo is missing or holds something else.
+pub const MCLD_DRIVE: &str =
+    "https://drive.google.com/drive/folders/18643_1GmWWLcKCruKqrfHaecejy-U93x";
+
+use crate::weights::files::{
+    self, CONTROLNET_SEG_DIR, DENOISING_UNET, IMAGE_PROJECTOR, IMAGE_PROJ_MODEL,
+    IMAGE_VARIATIONS_DIR, POSE_GUIDER, REFERENCE_UNET, SD15_DIR, VAE_DIR,
+};
+
 const SD15: &str = "stable-diffusion-v1-5/stable-diffusion-v1-5";
 const VAE: &str = "stabilityai/sd-vae-ft-mse";
 const SDIV: &str = "lambdalabs/sd-image-variations-diffusers";
-const MCLD: &str = "Lotior/mcld";
+/// The Hub repo the MCLD checkpoints are fetched from.
+pub const MCLD_REPO: &str = "Lotior/mcld";
 const SEG: &str = "lllyasviel/control_v11p_sd15_seg";
 
 /// Everything `mcld download` knows. Sizes marked `About` are rough (for the progress bar only).
@@ -155,131 +224,98 @@ pub const SOURCES: &[Source] = &[
         "sd15",
         Group::Inference,
         "SD-1.5 UNet config (both UNets are built from it)",
-        (Root::Pretrained, "stable-diffusion-v1-5"),
+        (Root::Pretrained, SD15_DIR),
         SD15,
-        &["unet/config.json"],
+        &[files::UNET_CONFIG],
         Size::Unknown,
     ),
     hub(
         "vae",
         Group::Inference,
         "VAE config",
-        (Root::Pretrained, "sd-vae-ft-mse"),
+        (Root::Pretrained, VAE_DIR),
         VAE,
-        &["config.json"],
+        &[files::CONFIG],
         Size::Unknown,
     ),
     hub(
         "vae",
         Group::Inference,
         "VAE weights",
-        (Root::Pretrained, "sd-vae-ft-mse"),
+        (Root::Pretrained, VAE_DIR),
         VAE,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.bin",
-        ],
+        &files::DIFFUSERS_WEIGHTS,
         Size::About(335 * MB),
     ),
     hub(
         "image_encoder",
         Group::Inference,
         "CLIP ViT-L/14 image encoder config",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &["image_encoder/config.json"],
+        &[files::IMAGE_ENCODER_CONFIG],
         Size::Unknown,
     ),
     hub(
         "image_encoder",
         Group::Inference,
         "CLIP ViT-L/14 image encoder weights",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &["image_encoder/model.safetensors", "image_encoder/pytorch_model.bin"],
+        &files::IMAGE_ENCODER_WEIGHTS,
         Size::About(1_220 * MB),
     ),
-    hub(
-        "mcld",
-        Group::Inference,
+    listed(
         "MCLD denoising UNet",
-        (Root::Checkpoints, ""),
-        MCLD,
-        &["denoising_unet.safetensors", "denoising_unet.pth"],
-        Size::Unknown,
+        &[DENOISING_UNET.stem],
+        &[DENOISING_UNET.stem],
     ),
-    hub(
-        "mcld",
-        Group::Inference,
+    listed(
         "MCLD reference UNet",
-        (Root::Checkpoints, ""),
-        MCLD,
-        &["reference_unet.safetensors", "reference_unet.pth"],
-        Size::Unknown,
+        &[REFERENCE_UNET.stem],
+        &[REFERENCE_UNET.stem],
     ),
-    hub(
-        "mcld",
-        Group::Inference,
-        "MCLD pose guider",
-        (Root::Checkpoints, ""),
-        MCLD,
-        &["pose_guider.safetensors", "pose_guider.pth"],
-        Size::Unknown,
-    ),
-    hub(
-        "mcld",
-        Group::Inference,
+    listed("MCLD pose guider", &[POSE_GUIDER.stem], &[POSE_GUIDER.stem]),
+    listed(
         "MCLD image projector",
-        (Root::Checkpoints, ""),
-        MCLD,
-        &[
-            "image_projector.safetensors",
-            "image_projector.pth",
-            "image_proj_model.pth",
-        ],
-        Size::Unknown,
+        &[IMAGE_PROJECTOR.stem, "image_proj"],
+        &[IMAGE_PROJECTOR.stem, IMAGE_PROJ_MODEL.stem],
     ),
     // train: base_model_path's unet/ and the pose guider's initialisation.
     hub(
         "unet",
         Group::Train,
         "SD image-variations UNet config",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &["unet/config.json"],
+        &[files::UNET_CONFIG],
         Size::Unknown,
     ),
     hub(
         "unet",
         Group::Train,
         "SD image-variations UNet weights (initialises both UNets)",
-        (Root::Pretrained, "sd-image-variations-diffusers"),
+        (Root::Pretrained, IMAGE_VARIATIONS_DIR),
         SDIV,
-        &[
-            "unet/diffusion_pytorch_model.safetensors",
-            "unet/diffusion_pytorch_model.bin",
-        ],
+        &files::UNET_WEIGHTS,
         Size::About(3_440 * MB),
     ),
     hub(
         "controlnet_seg",
         Group::Train,
         "ControlNet v1.1 seg config",
-        (Root::Pretrained, "control_v11p_sd15_seg"),
+        (Root::Pretrained, CONTROLNET_SEG_DIR),
         SEG,
-        &["config.json"],
+        &[files::CONFIG],
         Size::Unknown,
     ),
     hub(
         "controlnet_seg",
         Group::Train,
         "ControlNet v1.1 seg weights (initialise the pose guider)",
-        (Root::Pretrained, "control_v11p_sd15_seg"),
+        (Root::Pretrained, CONTROLNET_SEG_DIR),
         SEG,
-        &[
-            "diffusion_pytorch_model.safetensors",
-            "diffusion_pytorch_model.bin",
-        ],
+        &files::DIFFUSERS_WEIGHTS,
         Size::About(1_450 * MB),
     ),
     // prepare (and infer without --texture/--face).
@@ -334,7 +370,7 @@ pub const SOURCES: &[Source] = &[
             url: "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth",
             check: Check::NamePrefix,
         },
-        size: Size::About(104 * MB),
+        size: Size::Exact(108_949_747),
     },
     Source {
         id: "alexnet",
@@ -431,6 +467,35 @@ pub fn name_hash_prefix(url: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_weights_prefer_safetensors_then_exact_names() {
+        let l: Vec<String> = [
+            "README.md",
+            "ckpt/denoising_unet-30000.pth",
+            "ckpt/denoising_unet.pth",
+            "old/denoising_unet.bin",
+            "ckpt/reference_unet.pth",
+            "image_proj_model.pth",
+            "pose_guider.safetensors",
+            "ckpt/pose_guider.pth",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            pick_listed(&l, &["denoising_unet"]),
+            Some("ckpt/denoising_unet.pth")
+        );
+        assert_eq!(
+            pick_listed(&l, &["pose_guider"]),
+            Some("pose_guider.safetensors")
+        );
+        assert_eq!(
+            pick_listed(&l, &["image_projector", "image_proj"]),
+            Some("image_proj_model.pth")
+        );
+        assert_eq!(pick_listed(&l[..1], &["denoising_unet"]), None);
+    }
 
     #[test]
     fn hash_prefix_follows_torch_hub() {

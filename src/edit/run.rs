@@ -12,7 +12,7 @@ use crate::data::{read_face_embedding, read_rgb};
 use crate::imageops::viz::{fit_height, pose_preview, strip};
 use crate::person::texture::TextureAssets;
 use crate::person::{FaceOutcome, FaceSource, PersonInputs, Preprocessor};
-use crate::pipeline::infer::{beside, generate_to_out, InferRequest};
+use crate::pipeline::infer::{beside, generate_to_out, target_poses, InferRequest};
 use crate::{Error, Result};
 
 /// An edit as plain values: `infer`'s request plus what to swap in.
@@ -241,7 +241,6 @@ pub fn run(a: &EditRequest) -> Result<()> {
     // Flags first: a typo in a region must not cost a DensePose run.
     let specs = garment_specs(&a.garment, &a.garment_texture)?;
     let source = read_rgb(&i.source)?;
-    let pose = read_rgb(&i.pose)?;
     // Every donor file is read first, so that a missing or wrong-sized one fails before any
     // model runs. Donors are numbered in the order their regions are applied.
     let mut donors: Vec<Donor> = Vec::new();
@@ -254,6 +253,10 @@ pub fn run(a: &EditRequest) -> Result<()> {
         check_texture(&read_rgb(p)?, p, "the source's texture map (--texture)")?;
     }
     let mut pre = Preprocessor::new(&i.pretrained_dir, &i.device);
+    // The target poses before the edit: a photo without a person fails before any texture
+    // work.
+    let poses = target_poses(i, &pre)?;
+    let pose = poses[0].iuv.clone();
     // The donor's identity replaces the source's, which is then not computed.
     let face_source = if a.face_emb.is_some() || a.face_from.is_some() {
         FaceSource::Replaced
@@ -363,7 +366,8 @@ pub fn run(a: &EditRequest) -> Result<()> {
         println!("wrote the composed texture map {}", p.display());
     }
 
-    let result = generate_to_out(i, &edited)?;
+    let results = generate_to_out(i, &edited, &poses)?;
+    let result = &results[0];
 
     let stem = i
         .out
@@ -374,7 +378,7 @@ pub fn run(a: &EditRequest) -> Result<()> {
     let report = json!({
         "output": i.out,
         "source": i.source,
-        "pose": i.pose,
+        "poses": i.poses.iter().map(|p| p.path()).collect::<Vec<_>>(),
         "seed": i.seed,
         "identity": identity,
         "garments": report_rows,
@@ -406,7 +410,7 @@ pub fn run(a: &EditRequest) -> Result<()> {
             .round()
             .max(1.0) as usize;
         cols.push(crate::imageops::pil_resize_rgb(
-            &result,
+            result,
             (h as usize, w),
             crate::imageops::Filter::Bicubic,
         )?);

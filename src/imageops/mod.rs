@@ -2,7 +2,9 @@
 //! torch's `F.interpolate` kernels), plus image file reading. Exactness matters because the
 //! evaluated numbers (FID, SSIM, ...) are computed on these resized bytes.
 
+pub mod grid;
 pub mod pillow;
+pub mod text;
 pub mod torch;
 pub mod viz;
 

@@ -39,11 +39,6 @@ impl McldConfig {
         }
     }
 
-    /// The released sizes: SD-1.5 UNets and the 1280-wide projector.
-    pub fn sd15() -> Self {
-        Self::new(unet::Config::sd15(), resampler::Config::mcld())
-    }
-
     /// Rejects parts that cannot work together, naming both sides.
     pub fn validate(&self) -> Result<()> {
         self.unet.validate()?;

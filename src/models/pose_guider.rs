@@ -33,6 +33,15 @@ fn default_block_out_channels() -> Vec<usize> {
 }
 
 impl Config {
+    /// The class defaults (train.py with `pose_guider_pretrain: false`): (16, 32, 64, 128).
+    pub fn class_default(unet_channels: usize) -> Self {
+        Self {
+            conditioning_embedding_channels: unet_channels,
+            conditioning_channels: default_conditioning_channels(),
+            block_out_channels: vec![16, 32, 64, 128],
+        }
+    }
+
     /// The configuration MCLD trains with, for a UNet whose first block has `unet_channels`.
     pub fn mcld(unet_channels: usize) -> Self {
         Self {
@@ -69,7 +78,13 @@ impl PoseGuider {
                 "pose guider: block_out_channels and conditioning_channels must be non-empty",
             ));
         }
-        let conv_in = conv(vb.clone(), cfg.conditioning_channels, ch[0], 1, "conv_in")?;
+        // MCLD names the first conv `conv_in1` when the input is not 3-channel.
+        let name = if cfg.conditioning_channels == 3 {
+            "conv_in"
+        } else {
+            "conv_in1"
+        };
+        let conv_in = conv(vb.clone(), cfg.conditioning_channels, ch[0], 1, name)?;
         let vbb = vb.pp("blocks");
         let mut blocks = Vec::with_capacity(2 * (ch.len() - 1));
         for (i, w) in ch.windows(2).enumerate() {

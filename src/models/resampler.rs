@@ -44,23 +44,6 @@ fn default_ff_mult() -> usize {
 }
 
 impl Config {
-    /// The projector MCLD trains: 16 queries of width 1280, 4 layers of 20 heads x 64,
-    /// 512-d ArcFace input, 768-d tokens.
-    pub fn mcld() -> Self {
-        Self {
-            dim: 1280,
-            depth: 4,
-            dim_head: 64,
-            heads: 20,
-            num_queries: 16,
-            embedding_dim: 512,
-            output_dim: 768,
-            ff_mult: 4,
-            apply_pos_emb: false,
-            num_latents_mean_pooled: 0,
-        }
-    }
-
     /// The projector's shape read off its weights (the released file has no config): width and
     /// queries from `latents`, depth from the layer count, heads of 64 as IP-Adapter uses.
     /// `prefix` is prepended to every key; errors name `source`.
@@ -99,7 +82,8 @@ impl Config {
             embedding_dim: proj_in[1],
             output_dim: proj_out[0],
             ff_mult: ff[0] / lat[2],
-            ..Self::mcld()
+            apply_pos_emb: false,
+            num_latents_mean_pooled: 0,
         })
     }
 }

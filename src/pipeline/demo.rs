@@ -9,7 +9,7 @@ use image::{Rgb, RgbImage};
 
 use crate::config::TrainConfig;
 use crate::data::{Pair, PairInputs};
-use crate::imageops::viz::{pose_preview, square, strip, tensor_to_rgb};
+use crate::imageops::viz::tensor_to_rgb;
 use crate::pipeline::mcld::McldPipeline;
 use crate::Result;
 
@@ -153,26 +153,6 @@ pub fn sample_photo() -> image::DynamicImage {
         .expect("the embedded sample photo is a valid PNG")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pose_has_all_drawn_parts_and_background() {
-        let p = synthetic_pose(176, 256, false);
-        let mut seen = [false; 25];
-        for px in p.pixels() {
-            seen[px[2] as usize] = true;
-        }
-        for part in [2, 23, 7, 8, 11, 12, 5, 6, 15, 16, 19, 20, 3, 4] {
-            assert!(seen[part], "part {part} missing");
-        }
-        assert!(seen[0], "no background");
-        assert_ne!(synthetic_pose(176, 256, true), p);
-        assert_eq!(sample_photo().width(), 512);
-    }
-}
-
 /// `mcld demo`: the full pipeline on the built-in sample with tiny random weights written on
 /// the fly; shows what runs, not what a trained model produces.
 pub fn run(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
@@ -182,7 +162,7 @@ pub fn run(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("mcld-demo-{}", std::process::id())),
     };
-    let layout = crate::pipeline::tiny::write_tiny_layout(&dir, &dir.join("dataset"), steps)?;
+    let layout = crate::presets::tree::write_tiny_layout(&dir, &dir.join("dataset"), steps)?;
     let photo = sample_photo().to_rgb8();
     let (w, h) = photo.dimensions();
     let src_pose = synthetic_pose(w, h, false);
@@ -213,13 +193,15 @@ pub fn run(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
     let t1 = Instant::now();
     let img = pipeline.generate(std::slice::from_ref(&input), 42)?;
     let gen_s = t1.elapsed().as_secs_f64();
-    let s = 256;
-    let sheet = strip(&[
-        square(&photo, s)?,
-        square(&pose_preview(&tgt_pose), s)?,
-        square(&texture, s)?,
-        square(&tensor_to_rgb(&img[0])?, s)?,
-    ]);
+    let sheet = crate::pipeline::infer::sheet(
+        &format!("UNTRAINED demo (tiny random weights) - seed 42 - {steps} DDIM steps"),
+        &input,
+        &[(
+            input.pair.label(),
+            tgt_pose.clone(),
+            tensor_to_rgb(&img[0])?,
+        )],
+    )?;
     crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(sheet), out)?;
     if keep {
         // The sample inputs beside the weights, so `infer` can be re-run on them.
@@ -228,6 +210,7 @@ pub fn run(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
         for (img, name) in [
             (&photo, "source.png"),
             (&tgt_pose, "pose.png"),
+            (&src_pose, "source_pose.png"),
             (&texture, "texture.png"),
         ] {
             crate::fsutil::save_image_atomic(
@@ -269,4 +252,24 @@ pub fn run(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
          or given with --texture TEXTURE.png --face EMB.npy)"
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pose_has_all_drawn_parts_and_background() {
+        let p = synthetic_pose(176, 256, false);
+        let mut seen = [false; 25];
+        for px in p.pixels() {
+            seen[px[2] as usize] = true;
+        }
+        for part in [2, 23, 7, 8, 11, 12, 5, 6, 15, 16, 19, 20, 3, 4] {
+            assert!(seen[part], "part {part} missing");
+        }
+        assert!(seen[0], "no background");
+        assert_ne!(synthetic_pose(176, 256, true), p);
+        assert_eq!(sample_photo().width(), 512);
+    }
 }

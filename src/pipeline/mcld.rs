@@ -132,8 +132,7 @@ impl Precision {
         if self.round_weights.is_none() {
             return Ok(w);
         }
-        let src = w.source().to_path_buf();
-        Ok(StrictWeights::new(self.round(w.tensors().clone())?, src))
+        Ok(w.with_tensors(self.round(w.tensors().clone())?))
     }
 }
 
@@ -168,6 +167,9 @@ pub fn build_nets(
     )?;
     for (_, w) in &parts {
         w.finish()?;
+        if let Some(msg) = w.warning() {
+            eprintln!("warning: {msg}");
+        }
     }
     Ok(nets)
 }
@@ -184,8 +186,9 @@ impl McldPipeline {
         let prec = Precision::new(device, dtype);
         let dtype = prec.compute;
         let ucfg = unet::Config::from_json_file(&files.unet_config)?;
-        // One file per part, each checked strictly against its own file: a missing tensor, a
-        // wrong shape or an unexpected key is an error naming that file.
+        // One file per part, each checked against its own file: a missing tensor or a wrong
+        // shape is an error naming that file; unexpected keys are a warning, as the reference
+        // loads `denoising_unet` with `strict=False`.
         let parts = [
             (Mcld::REFERENCE_UNET, &files.reference_unet),
             (Mcld::DENOISING_UNET, &files.denoising_unet),
@@ -193,7 +196,7 @@ impl McldPipeline {
             (Mcld::IMAGE_PROJ, &files.image_proj),
         ]
         .into_iter()
-        .map(|(p, path)| Ok((p, StrictWeights::from_file(path)?)))
+        .map(|(p, path)| Ok((p, StrictWeights::from_file(path)?.unexpected_warns())))
         .collect::<Result<Vec<_>>>()?;
         let nets = build_nets(parts, ucfg, &prec, device)?;
         let vdir = crate::weights::ModelDir::open(&files.vae_dir)?;
@@ -245,6 +248,9 @@ impl McldPipeline {
         let cfg = TrainConfig::load(cfg_path)?;
         let files = PipelineFiles::resolve(ckpt_dir, &cfg)?;
         let infer = InferenceConfig::load(&cfg.inference_config)?;
+        for n in infer.notes() {
+            eprintln!("note: {n} ({})", cfg.inference_config.display());
+        }
         Self::load(&files, &infer, device, dtype)
     }
 

@@ -6,5 +6,4 @@ pub mod infer;
 pub mod mcld;
 pub mod sampler;
 pub mod testset;
-pub mod tiny;
 pub mod weight_files;

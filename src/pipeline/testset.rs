@@ -230,3 +230,63 @@ fn save_pair(
     }
     Ok(())
 }
+
+/// Rows of the `test --limit` panel at most (a longer list still gets its images, not rows).
+pub const PANEL_ROWS: usize = 16;
+
+/// Where `test --limit` puts its panel: `SAVE_PATH/EXP/panels.png`.
+pub fn panels_path(opts: &TestRunOptions) -> PathBuf {
+    opts.save_path.join(&opts.exp_name).join("panels.png")
+}
+
+/// `mcld test --limit N`: the first pairs (up to [`PANEL_ROWS`]) whose 512 output exists, in
+/// the labelled layout of the validation grid; `None` when no pair has one.
+pub fn write_panels(
+    opts: &TestRunOptions,
+    layout: &DatasetLayout,
+    pairs: &[Pair],
+    seed: u64,
+) -> Result<Option<PathBuf>> {
+    let limited = &pairs[..opts.limit.unwrap_or(pairs.len()).min(pairs.len())];
+    let mut rows = Vec::new();
+    for (i, p) in limited.iter().enumerate() {
+        if rows.len() == PANEL_ROWS {
+            break;
+        }
+        let generated = out_path(&opts.save_path, &opts.exp_name, OUTPUT_SIZES[1].1, p);
+        if !generated.is_file() {
+            continue;
+        }
+        let Ok(inp) = load_pair(layout, p) else {
+            continue;
+        };
+        rows.push(crate::imageops::grid::GridRow {
+            label: format!("#{i}  {}", p.label()),
+            panels: vec![
+                inp.source,
+                inp.texture,
+                crate::imageops::viz::pose_preview(&inp.pose),
+                crate::data::read_rgb(&generated)?,
+                inp.target,
+            ],
+        });
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let title = format!(
+        "{} - mcld test - seed {seed} (pair #i uses seed + i) - {} of {} pairs",
+        opts.exp_name,
+        rows.len(),
+        limited.len()
+    );
+    let img = crate::imageops::grid::labelled_grid(
+        &title,
+        &crate::imageops::grid::PAIR_COLUMNS,
+        &rows,
+        crate::imageops::grid::MIN_CELL,
+    )?;
+    let path = panels_path(opts);
+    crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img), &path)?;
+    Ok(Some(path))
+}

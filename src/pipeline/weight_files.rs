@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::TrainConfig;
+use crate::weights::files;
 use crate::{Error, Result};
 
 /// Paths of every file the inference pipeline loads.
@@ -50,32 +51,35 @@ impl PipelineFiles {
             })
         };
         let denoising_unet = need(
-            find_ckpt(ckpt_dir, &["denoising_unet"]),
+            find_ckpt(ckpt_dir, &[files::DENOISING_UNET.stem]),
             format!(
                 "{}/denoising_unet.pth (or .safetensors)",
                 ckpt_dir.display()
             ),
         );
         let reference_unet = need(
-            find_ckpt(ckpt_dir, &["reference_unet"]),
+            find_ckpt(ckpt_dir, &[files::REFERENCE_UNET.stem]),
             format!(
                 "{}/reference_unet.pth (or .safetensors)",
                 ckpt_dir.display()
             ),
         );
         let pose_guider = need(
-            find_ckpt(ckpt_dir, &["pose_guider"]),
+            find_ckpt(ckpt_dir, &[files::POSE_GUIDER.stem]),
             format!("{}/pose_guider.pth (or .safetensors)", ckpt_dir.display()),
         );
         let image_proj = need(
-            find_ckpt(ckpt_dir, &["image_projector", "image_proj_model"]),
+            find_ckpt(
+                ckpt_dir,
+                &[files::IMAGE_PROJECTOR.stem, files::IMAGE_PROJ_MODEL.stem],
+            ),
             format!(
                 "{}/image_projector.pth or image_proj_model.pth (or .safetensors)",
                 ckpt_dir.display()
             ),
         );
         let base = &cfg.pretrained_base_model_path;
-        let unet_config = [base.join("unet/config.json"), base.join("config.json")]
+        let unet_config = [base.join(files::UNET_CONFIG), base.join(files::CONFIG)]
             .into_iter()
             .find(|p| p.is_file());
         let unet_config = need(
@@ -83,14 +87,8 @@ impl PipelineFiles {
             format!("{}/unet/config.json (SD-1.5)", base.display()),
         );
         let vae_dir = cfg.pretrained_vae_path.clone();
-        if !(vae_dir.join("config.json").is_file()
-            && has_weights(
-                &vae_dir,
-                &[
-                    "diffusion_pytorch_model.safetensors",
-                    "diffusion_pytorch_model.bin",
-                ],
-            ))
+        if !(vae_dir.join(files::CONFIG).is_file()
+            && has_weights(&vae_dir, &files::DIFFUSERS_WEIGHTS))
         {
             missing.push(format!(
                 "{}/config.json + diffusion_pytorch_model.safetensors|.bin (sd-vae-ft-mse)",
@@ -98,11 +96,8 @@ impl PipelineFiles {
             ));
         }
         let image_encoder_dir = cfg.image_encoder_path.clone();
-        if !(image_encoder_dir.join("config.json").is_file()
-            && has_weights(
-                &image_encoder_dir,
-                &["model.safetensors", "pytorch_model.bin"],
-            ))
+        if !(image_encoder_dir.join(files::CONFIG).is_file()
+            && has_weights(&image_encoder_dir, &files::TRANSFORMERS_WEIGHTS))
         {
             missing.push(format!(
                 "{}/config.json + model.safetensors|pytorch_model.bin (CLIP ViT-L/14 image encoder)",

@@ -133,7 +133,7 @@ pub fn run_stats(
         rep.skipped += 1;
         rep.notes
             .push(format!("kept existing {} {shape:?}", std_path.display()));
-    } else if enc.join("config.json").is_file() {
+    } else if enc.join(crate::weights::files::CONFIG).is_file() {
         let emb = clip_embeddings(root, &enc, bar)?;
         let std = per_dim_std(&emb)?;
         write_npy_f32(&std_path, &[std.len()], &std)?;

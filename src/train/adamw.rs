@@ -1,6 +1,10 @@
 //! AdamW with global grad-norm clipping, on f32 master weights, in the order of operations of
 //! torch's single-tensor `AdamW` and `clip_grad_norm_` so one step matches the reference to
 //! float noise.
+//!
+//! As in torch, a parameter without a gradient in a step (the reference UNet in an
+//! unconditional step) is left out entirely: not in the clipping norm, no weight decay, no
+//! moment update, and its own step count (bias correction) stays behind.
 
 use candle_core::{DType, Tensor, Var};
 
@@ -28,13 +32,16 @@ impl Default for AdamWConfig {
     }
 }
 
-/// First and second moments of every trainable tensor, and the step count.
+/// First and second moments of every trainable tensor, and the step counts.
 #[derive(Debug, Clone)]
 pub struct AdamW {
     pub cfg: AdamWConfig,
     pub m: Vec<Tensor>,
     pub v: Vec<Tensor>,
+    /// Updates applied (steps the f16 scaler skipped not counted): the lr schedule's count.
     pub step: u64,
+    /// Per-parameter step counts (torch's `state[p]["step"]`), for the bias correction.
+    pub param_steps: Vec<u64>,
 }
 
 /// Global L2 norm of a set of gradients, accumulated in f64 over per-tensor f32 norms (torch
@@ -67,40 +74,69 @@ impl AdamW {
                 .map(|(_, v)| zeros(v))
                 .collect::<Result<_>>()?,
             step: 0,
+            param_steps: vec![0; params.len()],
         })
     }
 
-    /// Clips `grads` to `max_grad_norm` and applies one AdamW step at `lr`. Returns the
-    /// pre-clip global norm. Gradients must be finite (the caller checks, see the loss scaler).
+    /// [`AdamW::step_masked`] with every parameter holding a gradient.
     pub fn step(&mut self, params: &[(String, Var)], grads: &[Tensor], lr: f64) -> Result<f64> {
-        if grads.len() != params.len() || self.m.len() != params.len() {
+        self.step_masked(params, grads, &vec![true; grads.len()], lr)
+    }
+
+    /// Clips the gradients of the parameters marked in `has_grad` to `max_grad_norm` and
+    /// applies one AdamW step at `lr` to those parameters only. Returns the pre-clip global
+    /// norm. Gradients must be finite (the caller checks, see the loss scaler).
+    pub fn step_masked(
+        &mut self,
+        params: &[(String, Var)],
+        grads: &[Tensor],
+        has_grad: &[bool],
+        lr: f64,
+    ) -> Result<f64> {
+        if grads.len() != params.len()
+            || self.m.len() != params.len()
+            || has_grad.len() != params.len()
+            || self.param_steps.len() != params.len()
+        {
             return Err(Error::msg(format!(
-                "AdamW: {} gradients for {} parameters ({} moments)",
+                "AdamW: {} gradients ({} flags) for {} parameters ({} moments, {} step counts)",
                 grads.len(),
+                has_grad.len(),
                 params.len(),
-                self.m.len()
+                self.m.len(),
+                self.param_steps.len()
             )));
         }
         let c = self.cfg;
-        let norm = global_norm(grads)?;
+        let present: Vec<Tensor> = grads
+            .iter()
+            .zip(has_grad)
+            .filter(|(_, h)| **h)
+            .map(|(g, _)| g.clone())
+            .collect();
+        let norm = global_norm(&present)?;
         // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1, always multiplied.
         let coef = ((c.max_grad_norm as f32) / (norm as f32 + 1e-6)).min(1.0) as f64;
         self.step += 1;
-        let t = self.step as i32;
-        let bc1 = 1.0 - c.beta1.powi(t);
-        let bc2 = 1.0 - c.beta2.powi(t);
-        let step_size = lr / bc1;
-        let bc2_sqrt = bc2.sqrt();
-        let k = Coefs {
-            coef: coef as f32,
-            decay: (1.0 - lr * c.weight_decay) as f32,
-            b1: c.beta1 as f32,
-            b2: c.beta2 as f32,
-            bc2_sqrt: bc2_sqrt as f32,
-            eps: c.eps as f32,
-            step_size: step_size as f32,
-        };
         for (i, ((_, p), g)) in params.iter().zip(grads).enumerate() {
+            if !has_grad[i] {
+                continue;
+            }
+            self.param_steps[i] += 1;
+            let t = self.param_steps[i] as i32;
+            let bc1 = 1.0 - c.beta1.powi(t);
+            let bc2 = 1.0 - c.beta2.powi(t);
+            let step_size = lr / bc1;
+            let bc2_sqrt = bc2.sqrt();
+            let k = Coefs {
+                coef: coef as f32,
+                decay: (1.0 - lr * c.weight_decay) as f32,
+                b1: c.beta1 as f32,
+                b2: c.beta2 as f32,
+                bc2_sqrt: bc2_sqrt as f32,
+                eps: c.eps as f32,
+                step_size: step_size as f32,
+            };
             if let Some((new, m, v)) = fused_cpu(p.as_tensor(), &self.m[i], &self.v[i], g, &k)? {
                 p.set(&new)?;
                 self.m[i] = m;

@@ -3,6 +3,10 @@
 //! step's own state (`train_state/`: weights, AdamW moments, loss scale) and `state.json` (where
 //! the loop stands: step, data positions, seed).
 //!
+//! Resuming from a checkpoint while later ones exist (a run that went on from there and is
+//! being abandoned) moves the later ones into `abandoned-{step}-{time}/`, so `latest` never
+//! picks a state of another timeline.
+//!
 //! A folder exists complete or not at all: it is built as `checkpoint-{step}.tmp`, every file
 //! and folder synced, then renamed; old folders are renamed away before they are deleted. Only
 //! names `checkpoint-<digits>` holding `state.json` count as checkpoints.
@@ -207,4 +211,102 @@ pub fn prune(exp_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
         removed.push(p.clone());
     }
     Ok(removed)
+}
+
+/// Moves every checkpoint of `exp_dir` that does not continue `from` (step `step`) into
+/// `exp_dir/abandoned-{step}-{unix time}/`: those with a later step, and, when `from` lies
+/// outside `exp_dir`, all of them. Returns the folder when anything moved.
+pub fn set_aside_after(exp_dir: &Path, from: &Path, step: u64) -> Result<Option<PathBuf>> {
+    let same = |p: &Path| match (p.canonicalize(), from.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    let inside = list_checkpoints(exp_dir)?.iter().any(|(_, p)| same(p));
+    let moving: Vec<(u64, PathBuf)> = list_checkpoints(exp_dir)?
+        .into_iter()
+        .filter(|(s, p)| !same(p) && (*s > step || !inside))
+        .collect();
+    if moving.is_empty() {
+        return Ok(None);
+    }
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut dest = exp_dir.join(format!("abandoned-{step}-{time}"));
+    let mut k = 1;
+    while dest.exists() {
+        dest = exp_dir.join(format!("abandoned-{step}-{time}-{k}"));
+        k += 1;
+    }
+    std::fs::create_dir_all(&dest).map_err(|e| Error::io(&dest, e))?;
+    for (_, p) in moving {
+        let name = p.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        let to = dest.join(name);
+        std::fs::rename(&p, &to).map_err(|e| Error::io(&p, e))?;
+    }
+    sync_dir(&dest)?;
+    sync_dir(exp_dir)?;
+    Ok(Some(dest))
+}
+
+/// The file stem of a network's epoch saves (`denoising_unet-{step}.safetensors`).
+pub fn epoch_stem(net: Net) -> &'static str {
+    net.file_name().trim_end_matches(".safetensors")
+}
+
+/// Writes the four networks as `exp_dir/{stem}-{step}.safetensors` (atomically), then keeps
+/// the newest `keep` of each stem, as train.py's `save_checkpoint(..., total_limit=3)`.
+pub fn write_epoch_weights(
+    exp_dir: &Path,
+    model: &dyn TrainStep,
+    step: u64,
+    keep: usize,
+) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(exp_dir).map_err(|e| Error::io(exp_dir, e))?;
+    let mut written = Vec::new();
+    for net in Net::ALL {
+        let w = model.weights(net)?;
+        let host: HashMap<String, Tensor> = w
+            .into_iter()
+            .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let stem = epoch_stem(net);
+        let p = exp_dir.join(format!("{stem}-{step}.safetensors"));
+        let bytes = safetensors::serialize(host.iter().map(|(k, v)| (k.clone(), v)), None)
+            .map_err(|e| Error::weights(&p, format!("cannot serialise: {e}")))?;
+        crate::fsutil::write_atomic(&p, &bytes)?;
+        written.push(p);
+        let mut saved = epoch_saves(exp_dir, stem)?;
+        while saved.len() > keep.max(1) {
+            let (_, old) = saved.remove(0);
+            remove_any(&old)?;
+        }
+    }
+    Ok(written)
+}
+
+/// `exp_dir/{stem}-{step}.safetensors` files, oldest first.
+pub fn epoch_saves(exp_dir: &Path, stem: &str) -> Result<Vec<(u64, PathBuf)>> {
+    let rd = match std::fs::read_dir(exp_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(exp_dir, e)),
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let e = e.map_err(|e| Error::io(exp_dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let step = name
+            .strip_prefix(stem)
+            .and_then(|r| r.strip_prefix('-'))
+            .and_then(|r| r.strip_suffix(".safetensors"))
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse::<u64>().ok());
+        if let Some(s) = step {
+            out.push((s, e.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
 }

@@ -2,13 +2,14 @@
 //! overrides, the rank from the launcher's environment, the data, the step, SIGINT/SIGTERM, then
 //! the loop.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use candle_core::DType;
 
 use super::collective::{Backend, Collective, RankInfo, SingleProcess, TcpCollective};
+use super::lr::LrScheduler;
 use super::run::{train_loop, LoopConfig, Resume, StopReason, TrainOutcome};
 use super::validate::ValidationHook;
 use crate::config::TrainConfig;
@@ -27,8 +28,11 @@ pub struct TrainCommand {
     pub train_bs: Option<usize>,
     /// cpu, cuda, cuda:N; default the config's `device` (cuda = the GPU of LOCAL_RANK).
     pub device: Option<String>,
-    /// f32, f16, bf16; default the config's `weight_dtype`.
+    /// f32, f16, bf16 for the trained networks and the frozen encoders alike; default
+    /// `solver.mixed_precision` for the networks and `weight_dtype` for the encoders.
     pub dtype: Option<String>,
+    /// Check everything and print the plan without training.
+    pub dry_run: bool,
     /// Start this many local ranks (processes) and wait for them; ignored inside a launched
     /// rank (WORLD_SIZE set).
     pub nproc_per_node: Option<usize>,
@@ -60,25 +64,55 @@ impl TrainCommand {
             }
             cfg.data.train_bs = v;
         }
-        if cfg.solver.gradient_accumulation_steps == 0 {
-            return Err(Error::config(
-                &self.config,
-                "key `solver.gradient_accumulation_steps`: expected >= 1",
-            ));
-        }
         Ok(cfg)
+    }
+
+    /// The compute dtype of the trained networks and the dtype of the frozen encoders.
+    pub fn dtypes(&self, cfg: &TrainConfig) -> Result<(DType, DType)> {
+        match &self.dtype {
+            Some(d) => {
+                let d = crate::device::parse_dtype(d)?;
+                Ok((d, d))
+            }
+            None => Ok((
+                super::setup::mixed_precision_dtype(cfg),
+                super::setup::config_dtype(cfg),
+            )),
+        }
     }
 }
 
-/// The loop's settings from a training config.
-pub fn loop_config(cfg: &TrainConfig, dtype: DType, progress: bool) -> LoopConfig {
-    LoopConfig {
+/// The learning-rate schedule of a config for `world` ranks (an unknown `lr_scheduler` is an
+/// error naming the key and the valid ones).
+pub fn lr_scheduler(cfg: &TrainConfig, world: usize, path: &Path) -> Result<LrScheduler> {
+    let s = &cfg.solver;
+    LrScheduler::from_solver(
+        &s.lr_scheduler,
+        s.learning_rate,
+        s.scale_lr,
+        s.lr_warmup_steps as u64,
+        s.max_train_steps as u64,
+        s.gradient_accumulation_steps,
+        cfg.data.train_bs,
+        world,
+    )
+    .map_err(|e| Error::config(path, format!("key `solver.lr_scheduler`: {e}")))
+}
+
+/// The loop's settings from a training config, for `world` ranks.
+pub fn loop_config(
+    cfg: &TrainConfig,
+    dtype: DType,
+    progress: bool,
+    world: usize,
+    path: &Path,
+) -> Result<LoopConfig> {
+    Ok(LoopConfig {
         seed: cfg.seed,
         train_bs: cfg.data.train_bs,
         grad_accum: cfg.solver.gradient_accumulation_steps,
         max_train_steps: cfg.solver.max_train_steps as u64,
-        learning_rate: cfg.solver.learning_rate,
-        lr_warmup_steps: cfg.solver.lr_warmup_steps as u64,
+        lr: lr_scheduler(cfg, world, path)?,
         checkpointing_steps: cfg.checkpointing_steps as u64,
         checkpoints_total_limit: cfg.checkpoints_total_limit,
         validation_steps: cfg.val.validation_steps as u64,
@@ -87,20 +121,46 @@ pub fn loop_config(cfg: &TrainConfig, dtype: DType, progress: bool) -> LoopConfi
         prefetch: 2 * cfg.solver.gradient_accumulation_steps.max(1),
         progress,
         loss_scaling: dtype == DType::F16,
-    }
+        save_model_epoch_interval: if cfg.no_save {
+            0
+        } else {
+            cfg.save_model_epoch_interval as u64
+        },
+    })
 }
 
-fn config_dtype(cfg: &TrainConfig) -> &'static str {
-    match cfg.weight_dtype.as_str() {
-        "fp16" => "f16",
-        "bf16" => "bf16",
-        _ => "f32",
+/// What rank 0 says at start-up about the config: keys it does not follow (and what happens
+/// instead), and a launched world size other than `data.num_processes`.
+pub fn startup_notes(cfg: &TrainConfig, world: usize, lr: &LrScheduler) -> Vec<String> {
+    let mut out = cfg.notes();
+    if cfg.data.num_processes != world {
+        out.push(format!(
+            "warning: config `data.num_processes` is {} but {world} rank(s) were launched; the \
+             run uses {world} (effective batch {} = train_bs {} x {world} x accumulation {})",
+            cfg.data.num_processes,
+            cfg.data.train_bs * world * cfg.solver.gradient_accumulation_steps,
+            cfg.data.train_bs,
+            cfg.solver.gradient_accumulation_steps
+        ));
     }
+    if world > 1 && lr.schedule != super::lr::Schedule::Constant {
+        out.push(format!(
+            "lr_scheduler {}: as under accelerate, the schedule advances {world} steps per \
+             update (one per process)",
+            lr.schedule.name()
+        ));
+    }
+    out
 }
 
 /// `mcld train`: starts the local ranks with `--nproc-per-node N` (outside a launcher), else
 /// runs this process's rank.
 pub fn run_or_launch(cmd: &TrainCommand) -> Result<()> {
+    if cmd.dry_run {
+        let plan = super::dry_run::dry_run(cmd)?;
+        println!("{}", plan.text);
+        return Ok(());
+    }
     match cmd.nproc_per_node.filter(|n| *n > 1) {
         Some(n) if std::env::var_os("WORLD_SIZE").is_none() => launch_local(n),
         _ => run(cmd).map(|_| ()),
@@ -118,11 +178,13 @@ pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
         device_name
     };
     let device = crate::device::parse_device(&device_name)?;
-    let dtype_name = cmd
-        .dtype
-        .clone()
-        .unwrap_or_else(|| config_dtype(&cfg).to_string());
-    let dtype = crate::device::parse_dtype(&dtype_name)?;
+    let (dtype, enc_dtype) = cmd.dtypes(&cfg)?;
+    let lc = loop_config(&cfg, dtype, rank.is_main(), rank.world, &cmd.config)?;
+    if rank.is_main() {
+        for n in startup_notes(&cfg, rank.world, &lc.lr) {
+            eprintln!("{n}");
+        }
+    }
     let backend = Backend::from_vars(|k| std::env::var(k).ok(), rank.world, device.is_cuda())?;
     let coll: Box<dyn Collective> = match backend {
         Backend::Single => Box::new(SingleProcess),
@@ -142,11 +204,12 @@ pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
             set.skipped[0].path.display()
         );
     }
-    let mut step = super::build_step(&cfg, &device, dtype)?;
+    let mut step: Box<dyn super::api::TrainStep> = Box::new(super::setup::build_trainer_with(
+        &cfg, &device, dtype, enc_dtype,
+    )?);
 
     let stop = install_stop_signals()?;
 
-    let lc = loop_config(&cfg, dtype, progress);
     let outcome = train_loop(
         step.as_mut(),
         Arc::new(set),

@@ -137,7 +137,7 @@ pub struct DemoTrainLayout {
 pub fn prepare(dir: &Path, steps: usize) -> Result<DemoTrainLayout> {
     let dataset = dir.join("dataset");
     let train_pairs = write_demo_dataset(&dataset)?;
-    let config = super::tiny::write_tiny_train_base(dir, &dataset)?;
+    let config = crate::presets::tree::write_tiny_train_base(dir, &dataset)?;
     let mut cfg = TrainConfig::load(&config)?;
     cfg.solver.learning_rate = DEMO_LEARNING_RATE;
     cfg.solver.max_train_steps = steps;
@@ -148,17 +148,11 @@ pub fn prepare(dir: &Path, steps: usize) -> Result<DemoTrainLayout> {
     cfg.resume_from_checkpoint = String::new();
     // The inference config next to it, so `mcld infer --config_path DIR/train.yaml` works from
     // any directory.
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let infer: crate::config::InferenceConfig = crate::config::parse_yaml(
-        include_str!("../../configs/inference/inference.yaml"),
-        &here.join("configs/inference/inference.yaml"),
-    )?;
+    let infer: crate::config::InferenceConfig = crate::config::INFERENCE_YAML.parse()?;
     let infer_path = dir.join("inference.yaml");
-    let text = serde_yaml::to_string(&infer).map_err(|e| Error::msg(e.to_string()))?;
-    crate::fsutil::write_atomic(&infer_path, text.as_bytes())?;
+    crate::config::write_yaml(&infer_path, &infer)?;
     cfg.inference_config = infer_path;
-    let text = serde_yaml::to_string(&cfg).map_err(|e| Error::msg(e.to_string()))?;
-    crate::fsutil::write_atomic(&config, text.as_bytes())?;
+    crate::config::write_yaml(&config, &cfg)?;
     Ok(DemoTrainLayout {
         config,
         dataset,

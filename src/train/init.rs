@@ -28,6 +28,9 @@ pub struct InitSources {
     /// ControlNet weights whose `controlnet_cond_embedding.*` seed the pose guider; `None`
     /// initialises the pose guider as torch would (the reference's `pose_guider_pretrain: false`).
     pub controlnet: Option<PathBuf>,
+    /// Input channels of the pose guider with ControlNet weights (`cond_chan`, train.py line
+    /// 357); without, the class default 3 (line 369).
+    pub cond_chan: usize,
     /// Seed of the fresh tensors (IP projections, projector, pose guider without ControlNet).
     pub seed: u64,
 }
@@ -165,20 +168,17 @@ fn controlnet_file(path: &Path) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    [
-        "diffusion_pytorch_model.safetensors",
-        "diffusion_pytorch_model.bin",
-    ]
-    .iter()
-    .map(|n| dir.join(n))
-    .find(|p| p.is_file())
-    .ok_or_else(|| {
-        Error::weights(
-            path,
-            "ControlNet weights not found (nor diffusion_pytorch_model.safetensors/.bin \
+    crate::weights::files::DIFFUSERS_WEIGHTS
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::weights(
+                path,
+                "ControlNet weights not found (nor diffusion_pytorch_model.safetensors/.bin \
                  beside it); `mcld download --only train` fetches control_v11p_sd15_seg",
-        )
-    })
+            )
+        })
 }
 
 /// Loads and assembles the starting weights.
@@ -196,10 +196,7 @@ pub fn initial_weights(src: &InitSources) -> Result<InitialWeights> {
         _ => dir.dir.clone(),
     };
     let mut rng = StdRng::seed_from_u64(src.seed);
-    let proj = resampler::Config {
-        output_dim: ucfg.cross_attention_dim,
-        ..resampler::Config::mcld()
-    };
+    let proj = crate::presets::projector(crate::presets::Size::Full, ucfg.cross_attention_dim);
     let mut cfg = McldConfig::new(ucfg.clone(), proj);
     let mut out = HashMap::new();
     let mut fresh = Vec::new();
@@ -254,19 +251,47 @@ pub fn initial_weights(src: &InitSources) -> Result<InitialWeights> {
                     "no controlnet_cond_embedding.* tensors (is this a ControlNet checkpoint?)",
                 ));
             }
-            for (k, t) in pg.iter_mut() {
-                if k.starts_with("conv_out.") {
-                    *t = t.zeros_like()?;
+            // The seg ControlNet's embedding is MCLD's pose guider with cond_chan 3. As train.py
+            // (load_state_dict(strict=False) without conv_out), what the ControlNet does not
+            // hold in the right shape stays freshly initialised: conv_out zero, and `conv_in1`
+            // for another cond_chan.
+            cfg.pose_guider = pose_guider::Config {
+                conditioning_channels: src.cond_chan,
+                ..pose_guider::Config::mcld(ucfg.block_out_channels[0])
+            };
+            // Its own generator: the other fresh tensors draw as they did before.
+            let mut pg_rng = StdRng::seed_from_u64(src.seed ^ 0x706F_7365);
+            let fresh_pg = fresh_pose_guider(&cfg.pose_guider, &mut pg_rng)?;
+            let mut used = HashMap::new();
+            for (k, t) in fresh_pg {
+                match pg.remove(&k) {
+                    Some(w) if !k.starts_with("conv_out.") && w.dims() == t.dims() => {
+                        used.insert(k, w);
+                    }
+                    Some(w) if !k.starts_with("conv_out.") => {
+                        return Err(Error::weights(
+                            path,
+                            format!(
+                                "controlnet_cond_embedding.{k} has shape {:?}, the pose guider \
+                                 wants {:?}",
+                                w.dims(),
+                                t.dims()
+                            ),
+                        ));
+                    }
+                    Some(_) => {
+                        used.insert(k, t);
+                    }
+                    None => {
+                        fresh.push(format!("pose_guider.{k}"));
+                        used.insert(k, t);
+                    }
                 }
             }
-            // The seg ControlNet's embedding is exactly MCLD's pose guider.
-            cfg.pose_guider = pose_guider::Config::mcld(ucfg.block_out_channels[0]);
-            let pcfg = cfg.pose_guider.clone();
-            strict_subset(pg, path, &[], |vb| {
-                pose_guider::PoseGuider::new(vb, &pcfg).map(|_| ())
-            })?
+            used
         }
         None => {
+            cfg.pose_guider = pose_guider::Config::class_default(ucfg.block_out_channels[0]);
             let t = fresh_pose_guider(&cfg.pose_guider, &mut rng)?;
             fresh.extend(t.keys().map(|k| format!("pose_guider.{k}")));
             t

@@ -1,5 +1,7 @@
-//! MCLD's training objective on network inputs (SPEC §4, the reference's `train.py`):
-//! v-prediction target, min-SNR weights, and a second MSE term inside the face mask.
+//! MCLD's training objective on network inputs (SPEC §4, the reference's `train.py`): the
+//! scheduler's target (velocity for v-prediction, the noise for epsilon), and with
+//! `snr_gamma > 0` min-SNR weights and a second MSE term inside the face mask; with
+//! `snr_gamma == 0` train.py's plain branch, the mean squared error over everything.
 //! Everything random is drawn by the caller, so this function is deterministic and is what the
 //! `train_step` fixture checks.
 
@@ -9,7 +11,7 @@ use crate::imageops::interpolate_nearest;
 use crate::models::mcld::Mcld;
 use crate::models::unet::{BankGuidance, DenoiseInput, ReferenceBank};
 use crate::ops::recompute::Tape;
-use crate::scheduler::ddim::DdimScheduler;
+use crate::scheduler::ddim::{DdimScheduler, PredictionType};
 use crate::{Error, Result};
 
 /// DensePose part indices of the head, the face-mask parts.
@@ -79,7 +81,7 @@ pub fn face_mask_from_pose(pose: &Tensor, latent: (usize, usize)) -> Result<Tens
 /// Settings of the objective.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossOptions {
-    /// Min-SNR gamma (`snr_gamma`, 5).
+    /// Min-SNR gamma (`snr_gamma`, 5); 0 selects the plain mean squared error.
     pub snr_gamma: f64,
     /// Round the bank through f16 as the reference does (its gradient is rounded too). Off
     /// only for finite-difference checks, where rounding makes the loss piecewise constant.
@@ -154,7 +156,16 @@ pub fn denoise_loss<'a>(
     let latents = inp.latents.to_dtype(ldt)?;
     let noise = inp.noise.to_dtype(ldt)?;
     let noisy = scheduler.add_noise(&latents, &noise, inp.timesteps)?;
-    let target = scheduler.get_velocity(&latents, &noise, inp.timesteps)?;
+    let target = match scheduler.config().prediction_type {
+        PredictionType::Epsilon => noise.clone(),
+        PredictionType::VPrediction => scheduler.get_velocity(&latents, &noise, inp.timesteps)?,
+        other => {
+            return Err(Error::msg(format!(
+                "training: prediction type {other:?} has no target (train.py knows epsilon and \
+                 v_prediction)"
+            )))
+        }
+    };
 
     let face_tokens = nets.face_tokens(inp.face_emb)?;
     let contexts = nets.contexts(inp.clip_src, inp.clip_tex, &face_tokens)?;
@@ -173,6 +184,21 @@ pub fn denoise_loss<'a>(
 
     let mask = face_mask_from_pose(inp.pose, (h, w))?.to_dtype(ldt)?;
     let diff = (&pred - &target)?;
+    if opts.snr_gamma == 0.0 {
+        // train.py: F.mse_loss(pred, target) over every element, no weights, no face term.
+        let per_sample = diff.sqr()?.flatten_from(1)?.mean(D::Minus1)?;
+        let loss = diff.sqr()?.mean_all()?;
+        let weights = per_sample.ones_like()?;
+        return Ok(LossOutputs {
+            loss,
+            loss_per_sample: per_sample,
+            model_pred: pred,
+            target,
+            noisy_latents: noisy,
+            weights,
+            face_mask: mask,
+        });
+    }
     let masked = (pred.broadcast_mul(&mask)? - target.broadcast_mul(&mask)?)?;
     let per_elem = (diff.sqr()? + masked.sqr()?)?;
     let per_sample = per_elem.flatten_from(1)?.mean(D::Minus1)?;

@@ -8,8 +8,10 @@ pub mod checkpoint;
 pub mod cmd;
 pub mod collective;
 pub mod demo;
+pub mod dry_run;
 pub mod init;
 pub mod loss;
+pub mod lr;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod params;
@@ -18,7 +20,6 @@ pub mod run;
 pub mod scaler;
 pub mod setup;
 pub mod state;
-pub mod tiny;
 pub mod trainer;
 pub mod validate;
 

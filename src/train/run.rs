@@ -1,11 +1,11 @@
 //! The training loop of `mcld train` (SPEC §4), around any [`TrainStep`]: seeded epochs sharded
-//! over ranks, gradient accumulation, warm-up then constant learning rate, gradients averaged
-//! over ranks, a JSON line per optimizer step, atomic checkpoints kept to the last N, exact
-//! resume, a non-finite loss stop and a clean stop on a signal.
+//! over ranks, gradient accumulation, diffusers' learning-rate schedules, gradients averaged
+//! over ranks, a JSON line per optimizer step, atomic checkpoints kept to the last N, the four
+//! networks every N epochs, exact resume, a non-finite loss stop and a clean stop on a signal.
 //!
 //! Resume is exact because nothing the loop does depends on history it does not store: the
 //! data order is a function of (seed, epoch, rank), the position in it is in `state.json`, and
-//! every random draw of a step comes from `step_rng(seed, step, rank, micro)`.
+//! every random draw of a step comes from `step_rngs(seed, step, rank, micro)`.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -16,9 +16,10 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::api::{step_rng, Grads, TrainStep};
+use super::api::{step_rngs, Grads, TrainStep};
 use super::checkpoint::{self, CheckpointState};
 use super::collective::Collective;
+use super::lr::LrScheduler;
 use crate::data::train_set::{DataPos, Loader, LoaderOptions, SkippedPair, TrainSet};
 use crate::{Error, Result};
 
@@ -29,7 +30,8 @@ pub enum Resume {
     No,
     /// From the newest checkpoint of the experiment folder, from scratch when there is none.
     Latest,
-    /// From this checkpoint folder.
+    /// From this checkpoint folder, or from the newest `checkpoint-N` inside this folder (what
+    /// the reference's train.py takes).
     Path(PathBuf),
 }
 
@@ -42,6 +44,32 @@ impl Resume {
             p => Resume::Path(PathBuf::from(p)),
         }
     }
+
+    /// The checkpoint folder this resume starts from, if any (`exp_dir` for `latest`).
+    pub fn resolve(&self, exp_dir: &Path) -> Result<Option<PathBuf>> {
+        match self {
+            Resume::No => Ok(None),
+            Resume::Latest => checkpoint::latest(exp_dir),
+            Resume::Path(p) => {
+                if p.join(checkpoint::STATE_FILE).is_file() {
+                    return Ok(Some(p.clone()));
+                }
+                if !p.is_dir() {
+                    return Err(Error::input(p, "resume_from_checkpoint: no such folder"));
+                }
+                checkpoint::latest(p)?.map(Some).ok_or_else(|| {
+                    Error::input(
+                        p,
+                        format!(
+                            "resume_from_checkpoint: neither a checkpoint folder (no {}) nor a \
+                             folder holding checkpoint-N folders",
+                            checkpoint::STATE_FILE
+                        ),
+                    )
+                })
+            }
+        }
+    }
 }
 
 /// Everything the loop needs besides the step and the data.
@@ -52,12 +80,13 @@ pub struct LoopConfig {
     pub train_bs: usize,
     pub grad_accum: usize,
     pub max_train_steps: u64,
-    pub learning_rate: f64,
-    pub lr_warmup_steps: u64,
+    /// Learning rate per applied update.
+    pub lr: LrScheduler,
     /// Checkpoint every this many steps (0: only at the end and on a stop).
     pub checkpointing_steps: u64,
     pub checkpoints_total_limit: usize,
-    /// Validation hook and loss curve every this many steps, at steps 1, 1 + n, ... (0: never).
+    /// Validation hook every this many steps, at steps 1, 1 + n, ... (0: never); the loss curve
+    /// is redrawn after every log line.
     pub validation_steps: u64,
     /// `{output_dir}/{exp_name}`.
     pub exp_dir: PathBuf,
@@ -68,21 +97,20 @@ pub struct LoopConfig {
     pub progress: bool,
     /// f16 with loss scaling: a non-finite loss is the scaler's business (the step skips).
     pub loss_scaling: bool,
+    /// Write the four networks every this many epochs (`save_model_epoch_interval`; 0 or
+    /// `no_save`: never), keeping the newest [`EPOCH_SAVES_KEPT`] of each.
+    pub save_model_epoch_interval: u64,
 }
 
 impl LoopConfig {
-    /// Learning rate of the step after `done` steps: diffusers' `constant_with_warmup`
-    /// (`base * done / warmup` while `done < warmup`, so the very first step has lr 0 as in the
-    /// reference; `base` after).
-    pub fn lr_at(&self, done: u64) -> f64 {
-        if done < self.lr_warmup_steps {
-            // torch's LambdaLR: base * lambda, lambda = done / warmup.
-            self.learning_rate * (done as f64 / self.lr_warmup_steps as f64)
-        } else {
-            self.learning_rate
-        }
+    /// Learning rate of the update after `updates` applied updates.
+    pub fn lr_at(&self, updates: u64) -> f64 {
+        self.lr.lr(updates)
     }
 }
+
+/// Epoch saves kept per network (the reference's `total_limit=3`).
+pub const EPOCH_SAVES_KEPT: usize = 3;
 
 /// Called by rank 0 at each validation step (the validation grid); failures are reported, not
 /// fatal.
@@ -173,29 +201,17 @@ pub fn train_loop(
     };
 
     // Where to start.
-    let from = match &cfg.resume {
-        Resume::No => {
-            if let Some(p) = checkpoint::latest(&cfg.exp_dir)? {
-                return Err(Error::msg(format!(
-                    "{} already holds checkpoints (newest {}); continue it with \
-                     --resume_from_checkpoint latest, or choose another output_dir/exp_name",
-                    cfg.exp_dir.display(),
-                    p.display()
-                )));
-            }
-            None
+    if cfg.resume == Resume::No {
+        if let Some(p) = checkpoint::latest(&cfg.exp_dir)? {
+            return Err(Error::msg(format!(
+                "{} already holds checkpoints (newest {}); continue it with \
+                 --resume_from_checkpoint latest, or choose another output_dir/exp_name",
+                cfg.exp_dir.display(),
+                p.display()
+            )));
         }
-        Resume::Latest => checkpoint::latest(&cfg.exp_dir)?,
-        Resume::Path(p) => {
-            if !p.join(checkpoint::STATE_FILE).is_file() {
-                return Err(Error::input(
-                    p,
-                    format!("not a checkpoint folder (no {})", checkpoint::STATE_FILE),
-                ));
-            }
-            Some(p.clone())
-        }
-    };
+    }
+    let from = cfg.resume.resolve(&cfg.exp_dir)?;
     let mut pos = DataPos::default();
     let mut samples_seen = 0u64;
     let mut loss_scale = None;
@@ -223,6 +239,23 @@ pub fn train_loop(
             ));
         }
         model.load_state(&dir.join(checkpoint::TRAIN_STATE_DIR))?;
+        if main {
+            // Newer checkpoints belong to the abandoned continuation of this one: keep them
+            // out of `latest`'s reach.
+            if let Some(moved) = checkpoint::set_aside_after(&cfg.exp_dir, dir, st.step)? {
+                say(&format!(
+                    "resuming from step {}: the later checkpoints of the run that went on from \
+                     there were moved to {}",
+                    st.step,
+                    moved.display()
+                ));
+                outcome.warnings.push(format!(
+                    "later checkpoints moved to {} (resumed from step {})",
+                    moved.display(),
+                    st.step
+                ));
+            }
+        }
         if model.step_count() != st.step {
             return Err(bad(format!(
                 "state.json says step {}, the saved training state is at step {}",
@@ -260,6 +293,13 @@ pub fn train_loop(
         // The log continues from the checkpoint: later lines belong to steps to be redone.
         trim_log(&log_path, model.step_count())?;
     }
+    // The curve's points, kept here so that redrawing after each log line does not re-read
+    // the log.
+    let mut curve = if main {
+        super::plot::read_log(&log_path)?
+    } else {
+        Vec::new()
+    };
 
     let mut loader = Loader::start(
         set.clone(),
@@ -306,12 +346,24 @@ pub fn train_loop(
         None
     };
 
+    // The epoch of the last batch read: a batch from a later one means an epoch ended.
+    let mut batch_epoch = pos.epoch;
+    let mut last_epoch_save: Option<u64> = None;
     while model.step_count() < cfg.max_train_steps {
         let t0 = Instant::now();
         let done = model.step_count();
         let mut acc: Option<Grads> = None;
         for micro in 0..cfg.grad_accum {
             let lb = loader.next_batch()?;
+            if lb.after.epoch > batch_epoch {
+                // Epoch `batch_epoch` ended with the last step (train.py saves the networks
+                // after each epoch's loop).
+                if main && epoch_save_due(cfg, batch_epoch) && last_epoch_save != Some(done) {
+                    epoch_save(model, cfg, done, &bar, &mut outcome.warnings);
+                    last_epoch_save = Some(done);
+                }
+                batch_epoch = lb.after.epoch;
+            }
             for s in lb.skipped {
                 if seen_skips.insert((s.from.clone(), s.to.clone())) {
                     if main && cfg.progress {
@@ -323,8 +375,8 @@ pub fn train_loop(
                 }
             }
             pos = lb.after;
-            let mut rng = step_rng(cfg.seed, done, rank, micro);
-            let g = model.grads(&lb.batch, &mut rng)?;
+            let mut rngs = step_rngs(cfg.seed, done, rank, micro);
+            let g = model.grads(&lb.batch, &mut rngs)?;
             acc = Some(match acc {
                 None => g,
                 Some(a) => a.add(&g)?,
@@ -332,10 +384,27 @@ pub fn train_loop(
         }
         let acc = acc.ok_or_else(|| Error::msg("no micro-batch"))?;
         let local = acc.scale(1.0 / cfg.grad_accum as f64)?;
-        // One exchange carries the loss and whether any rank was asked to stop.
-        let flags = coll.all_gather_f64(&[local.loss, f64::from(stop.load(Ordering::SeqCst))])?;
+        // One exchange carries the loss, whether any rank was asked to stop, and which tensors
+        // got a gradient (DDP with find_unused_parameters: a tensor without one on every rank
+        // stays untouched).
+        let mut mine = vec![local.loss, f64::from(stop.load(Ordering::SeqCst))];
+        if world > 1 {
+            mine.extend(local.flags().iter().map(|&h| f64::from(h)));
+        }
+        let flags = coll.all_gather_f64(&mine)?;
         let loss = flags.iter().map(|v| v[0]).sum::<f64>() / world as f64;
         let stop_now = flags.iter().any(|v| v[1] != 0.0);
+        let has_grad: Vec<bool> = if world > 1 {
+            (0..local.tensors.len())
+                .map(|i| {
+                    flags
+                        .iter()
+                        .any(|v| v.get(2 + i).is_some_and(|&h| h != 0.0))
+                })
+                .collect()
+        } else {
+            local.flags()
+        };
         if !loss.is_finite() && !cfg.loss_scaling {
             bar.abandon();
             return Err(Error::msg(format!(
@@ -351,6 +420,7 @@ pub fn train_loop(
             let summed = coll.all_reduce_sum(&local.tensors)?;
             Grads {
                 tensors: summed,
+                has_grad: has_grad.clone(),
                 loss,
                 samples: local.samples * world,
             }
@@ -362,7 +432,7 @@ pub fn train_loop(
         } else {
             local
         };
-        let lr = cfg.lr_at(done);
+        let lr = cfg.lr_at(model.updates_applied());
         let stats = model.apply(&grads, lr)?;
         if !stats.grad_norm.is_finite() && !cfg.loss_scaling {
             bar.abandon();
@@ -401,6 +471,10 @@ pub fn train_loop(
             f.write_all(s.as_bytes())
                 .and_then(|()| f.flush())
                 .map_err(|e| Error::io(&log_path, e))?;
+            if let Some(p) = super::plot::parse_line(&s) {
+                curve.push(p);
+            }
+            refresh_curve(cfg, &curve, &mut outcome.warnings);
         }
         bar.set_position(step);
         bar.set_message(format!(
@@ -409,6 +483,11 @@ pub fn train_loop(
         ));
 
         let last = step >= cfg.max_train_steps;
+        if main && last && epoch_save_due(cfg, pos.epoch) && last_epoch_save != Some(step) {
+            // The run ends inside an epoch: train.py still saves after breaking out of it.
+            epoch_save(model, cfg, step, &bar, &mut outcome.warnings);
+            last_epoch_save = Some(step);
+        }
         let periodic = cfg.checkpointing_steps > 0 && step.is_multiple_of(cfg.checkpointing_steps);
         if main && (periodic || last || stop_now) {
             let state = CheckpointState {
@@ -455,7 +534,6 @@ pub fn train_loop(
                 bar.suspend(|| eprintln!("warning: {msg}"));
                 outcome.warnings.push(msg);
             }
-            refresh_curve(cfg, &log_path, &mut outcome.warnings);
         }
         outcome.step = step;
         steps_run += 1;
@@ -488,7 +566,7 @@ pub fn train_loop(
                 outcome.step, cfg.max_train_steps
             ));
         }
-        refresh_curve(cfg, &log_path, &mut outcome.warnings);
+        refresh_curve(cfg, &curve, &mut outcome.warnings);
         let json = serde_json::to_vec_pretty(&outcome)
             .map_err(|e| Error::msg(format!("train report: {e}")))?;
         crate::fsutil::write_atomic(&cfg.exp_dir.join(REPORT_FILE), &json)?;
@@ -520,15 +598,45 @@ fn gather_skipped(coll: &dyn Collective, mine: Vec<SkippedPair>) -> Result<Vec<S
     Ok(all)
 }
 
+/// Whether the end of (0-based) `epoch` writes the networks.
+fn epoch_save_due(cfg: &LoopConfig, epoch: u64) -> bool {
+    cfg.save_model_epoch_interval > 0 && (epoch + 1).is_multiple_of(cfg.save_model_epoch_interval)
+}
+
+/// The four networks as `{exp_dir}/{name}-{step}.safetensors`, the newest
+/// [`EPOCH_SAVES_KEPT`] of each kept; a failure is a warning of the run.
+fn epoch_save(
+    model: &dyn TrainStep,
+    cfg: &LoopConfig,
+    step: u64,
+    bar: &indicatif::ProgressBar,
+    warnings: &mut Vec<String>,
+) {
+    if let Err(e) = checkpoint::write_epoch_weights(&cfg.exp_dir, model, step, EPOCH_SAVES_KEPT) {
+        let msg = format!("networks of step {step} (epoch save) could not be written: {e}");
+        bar.suspend(|| eprintln!("warning: {msg}"));
+        warnings.push(msg);
+    }
+}
+
 fn save(model: &dyn TrainStep, cfg: &LoopConfig, state: &CheckpointState) -> Result<PathBuf> {
     let p = checkpoint::write_checkpoint(&cfg.exp_dir, model, state)?;
     checkpoint::prune(&cfg.exp_dir, cfg.checkpoints_total_limit)?;
     Ok(p)
 }
 
-fn refresh_curve(cfg: &LoopConfig, log: &Path, warnings: &mut Vec<String>) {
-    if let Err(e) = super::plot::write_loss_curve(log, &cfg.exp_dir.join(LOSS_CURVE)) {
-        warnings.push(format!("loss curve: {e}"));
+/// Redraws the loss curve (atomically); a failure is a warning of the run, reported once.
+fn refresh_curve(cfg: &LoopConfig, pts: &[super::plot::LogPoint], warnings: &mut Vec<String>) {
+    let name = cfg
+        .exp_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "train".into());
+    if let Err(e) = super::plot::write_curve(pts, &name, &cfg.exp_dir.join(LOSS_CURVE)) {
+        let msg = format!("loss curve: {e}");
+        if !warnings.contains(&msg) {
+            warnings.push(msg);
+        }
     }
 }
 

@@ -13,27 +13,44 @@ use super::trainer::{FrozenEncoders, McldTrainer, StepConfig};
 use crate::config::TrainConfig;
 use crate::models::clip::{self, ClipVisionModelWithProjection};
 use crate::models::vae::{self, AutoencoderKL};
-use crate::scheduler::ddim::{DdimConfig, DdimScheduler, PredictionType, TimestepSpacing};
+use crate::scheduler::ddim::{
+    BetaSchedule, DdimConfig, DdimScheduler, PredictionType, TimestepSpacing,
+};
 use crate::weights::ModelDir;
 use crate::{Error, Result};
 
-/// The training scheduler: the config's kwargs, plus, with `enable_zero_snr`, what the
-/// reference's train.py adds (zero-terminal-SNR rescale, trailing spacing, v-prediction).
-pub fn train_scheduler(cfg: &TrainConfig) -> Result<DdimScheduler> {
+/// The validation scheduler (train.py lines 326-334): the config's kwargs, plus, with
+/// `enable_zero_snr`, zero-terminal-SNR rescale, trailing spacing and v-prediction; without,
+/// the kwargs alone (epsilon prediction unless they say otherwise).
+pub fn val_scheduler_config(cfg: &TrainConfig) -> Result<DdimConfig> {
     let mut c = DdimConfig::from_config_kwargs(&cfg.noise_scheduler_kwargs)?;
     if cfg.enable_zero_snr {
         c.rescale_betas_zero_snr = true;
         c.timestep_spacing = TimestepSpacing::Trailing;
         c.prediction_type = PredictionType::VPrediction;
     }
+    Ok(c)
+}
+
+/// The training scheduler: the validation one with `beta_schedule` forced to scaled_linear,
+/// as train.py line 335 does whatever the config says.
+pub fn train_scheduler(cfg: &TrainConfig) -> Result<DdimScheduler> {
+    let mut c = val_scheduler_config(cfg)?;
+    c.beta_schedule = BetaSchedule::ScaledLinear;
     DdimScheduler::new(c)
+}
+
+/// The scheduler of the validation grid.
+pub fn val_scheduler(cfg: &TrainConfig) -> Result<DdimScheduler> {
+    DdimScheduler::new(val_scheduler_config(cfg)?)
 }
 
 /// The frozen VAE and image encoder, in `dtype`.
 pub fn frozen_encoders(cfg: &TrainConfig, device: &Device, dtype: DType) -> Result<FrozenEncoders> {
     let hint = |e: Error| {
         Error::msg(format!(
-            "{e} (`mcld download --only inference,train` fetches the VAE and image encoder)"
+            "{e} (`mcld download --only vae,image_encoder,train` fetches the VAE, the image \
+             encoder and the base models)"
         ))
     };
     let vdir = ModelDir::open(&cfg.vae_model_path).map_err(hint)?;
@@ -74,9 +91,20 @@ pub fn read_clip_std(path: &Path) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, shape[0], &Device::Cpu)?)
 }
 
-/// The compute dtype a config's `weight_dtype` asks for.
+/// The dtype of the frozen VAE and CLIP: the config's `weight_dtype` (train.py casts them to
+/// it).
 pub fn config_dtype(cfg: &TrainConfig) -> DType {
     match cfg.weight_dtype.as_str() {
+        "fp16" => DType::F16,
+        "bf16" => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+/// The compute dtype of the trained networks: `solver.mixed_precision` (accelerate's autocast;
+/// f16 brings the loss scaler). Master weights and AdamW stay f32 either way.
+pub fn mixed_precision_dtype(cfg: &TrainConfig) -> DType {
+    match cfg.solver.mixed_precision.as_str() {
         "fp16" => DType::F16,
         "bf16" => DType::BF16,
         _ => DType::F32,
@@ -88,13 +116,33 @@ pub fn build_step(cfg: &TrainConfig, device: &Device, dtype: DType) -> Result<Bo
     Ok(Box::new(build_trainer(cfg, device, dtype)?))
 }
 
-/// The whole training step for `cfg`, computing in `dtype` on `device`.
+/// The whole training step for `cfg`, computing in `dtype` on `device` (the frozen encoders in
+/// [`config_dtype`]).
 pub fn build_trainer(cfg: &TrainConfig, device: &Device, dtype: DType) -> Result<McldTrainer> {
+    build_trainer_with(cfg, device, dtype, config_dtype(cfg))
+}
+
+/// [`build_trainer`] with the frozen encoders' dtype given.
+pub fn build_trainer_with(
+    cfg: &TrainConfig,
+    device: &Device,
+    dtype: DType,
+    encoder_dtype: DType,
+) -> Result<McldTrainer> {
+    if cfg.pose_guider_pretrain && cfg.cond_chan != 3 {
+        return Err(Error::msg(format!(
+            "config `cond_chan`: {} input channels for the pose guider, but the training pose \
+             images are 3-channel DensePose IUV images it could not read (train.py builds the \
+             guider the same way and fails at its first step)",
+            cfg.cond_chan
+        )));
+    }
     let init = initial_weights(&InitSources {
         unet_dir: cfg.base_model_path.join("unet"),
         controlnet: cfg
             .pose_guider_pretrain
             .then(|| cfg.controlnet_openpose_path.clone()),
+        cond_chan: cfg.cond_chan,
         seed: cfg.seed,
     })?;
     let params = Params::new(init.tensors, is_trainable, device)?;
@@ -111,12 +159,12 @@ pub fn build_trainer(cfg: &TrainConfig, device: &Device, dtype: DType) -> Result
     step.noise_offset = cfg.noise_offset;
     step.snr_gamma = cfg.snr_gamma;
     step.gradient_checkpointing = s.gradient_checkpointing;
-    // Frozen encoders in the compute dtype, as the reference casts VAE and CLIP to
-    // weight_dtype (half precision on the CPU falls back to f32 there: no half matmul).
-    let enc_dtype = if device.is_cpu() && dtype != DType::F32 {
+    // Frozen encoders in weight_dtype, as the reference casts VAE and CLIP (half precision
+    // on the CPU falls back to f32 there: no half matmul).
+    let enc_dtype = if device.is_cpu() && encoder_dtype != DType::F32 {
         DType::F32
     } else {
-        dtype
+        encoder_dtype
     };
     let encoders = frozen_encoders(cfg, device, enc_dtype)?;
     let clip_std = read_clip_std(&cfg.clip_std_path)?;

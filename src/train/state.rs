@@ -1,5 +1,6 @@
 //! The trainable state on disk: one safetensors file with every trainable tensor (f32), its
-//! AdamW moments, the step count and the loss scale, written atomically. Loading checks every
+//! AdamW moments and per-tensor step counts, the step counts and the loss scale, written
+//! atomically. Loading checks every
 //! name and shape against the running model, so a state from another configuration is an error
 //! naming the tensor, not a silent partial load.
 
@@ -16,7 +17,21 @@ use crate::{Error, Result};
 /// File name of the trainable state inside a checkpoint folder.
 pub const STATE_FILE: &str = "train_state.safetensors";
 
-pub fn save(dir: &Path, params: &Params, opt: &AdamW, scaler: Option<&LossScaler>) -> Result<()> {
+/// Keys of the scalars besides the per-tensor entries: training steps taken (f16 skips
+/// included), optimizer updates applied, per-tensor AdamW step counts, loss scale.
+const META_STEP: &str = "meta.step";
+const META_UPDATES: &str = "meta.updates";
+const META_PARAM_STEPS: &str = "meta.param_steps";
+const META_LOSS_SCALE: &str = "meta.loss_scale";
+const METAS: [&str; 4] = [META_STEP, META_UPDATES, META_PARAM_STEPS, META_LOSS_SCALE];
+
+pub fn save(
+    dir: &Path,
+    params: &Params,
+    opt: &AdamW,
+    steps_taken: u64,
+    scaler: Option<&LossScaler>,
+) -> Result<()> {
     let mut map: HashMap<String, Tensor> = HashMap::new();
     for (i, (name, var)) in params.trainable().iter().enumerate() {
         let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?) };
@@ -25,12 +40,21 @@ pub fn save(dir: &Path, params: &Params, opt: &AdamW, scaler: Option<&LossScaler
         map.insert(format!("adam_v.{name}"), host(&opt.v[i])?);
     }
     map.insert(
-        "meta.step".into(),
+        META_STEP.into(),
+        Tensor::new(&[steps_taken as i64], &Device::Cpu)?,
+    );
+    map.insert(
+        META_UPDATES.into(),
         Tensor::new(&[opt.step as i64], &Device::Cpu)?,
+    );
+    let counts: Vec<i64> = opt.param_steps.iter().map(|&s| s as i64).collect();
+    map.insert(
+        META_PARAM_STEPS.into(),
+        Tensor::from_vec(counts, opt.param_steps.len(), &Device::Cpu)?,
     );
     if let Some(s) = scaler {
         map.insert(
-            "meta.loss_scale".into(),
+            META_LOSS_SCALE.into(),
             Tensor::new(&[s.scale, s.tracker as f64], &Device::Cpu)?,
         );
     }
@@ -40,12 +64,15 @@ pub fn save(dir: &Path, params: &Params, opt: &AdamW, scaler: Option<&LossScaler
     crate::fsutil::write_atomic(&path, &bytes)
 }
 
+/// Reads what [`save`] wrote into `params`, `opt` and `scaler`; returns the training steps
+/// taken. A state written before the per-tensor counts existed gives every tensor the step
+/// count (then the same for all).
 pub fn load(
     dir: &Path,
     params: &Params,
     opt: &mut AdamW,
     scaler: Option<&mut LossScaler>,
-) -> Result<()> {
+) -> Result<u64> {
     let path = dir.join(STATE_FILE);
     let map = candle_core::safetensors::load(&path, &Device::Cpu)
         .map_err(|e| Error::input(&path, format!("not a readable training state: {e}")))?;
@@ -53,14 +80,20 @@ pub fn load(
         map.get(k)
             .ok_or_else(|| Error::input(&path, format!("tensor {k} missing")))
     };
-    let expected =
-        3 * params.trainable().len() + 1 + usize::from(map.contains_key("meta.loss_scale"));
-    if map.len() != expected {
+    if let Some(k) = map
+        .keys()
+        .find(|k| k.starts_with("meta.") && !METAS.contains(&k.as_str()))
+    {
+        return Err(Error::input(&path, format!("unknown entry {k}")));
+    }
+    let n = params.trainable().len();
+    let tensors = map.keys().filter(|k| !k.starts_with("meta.")).count();
+    if tensors != 3 * n {
         return Err(Error::input(
             &path,
             format!(
-                "{} tensors, the model's state has {expected}: saved by another configuration",
-                map.len()
+                "{tensors} tensors, the model's state has {}: saved by another configuration",
+                3 * n
             ),
         ));
     }
@@ -80,13 +113,32 @@ pub fn load(
         opt.m[i] = m.to_dtype(DType::F32)?.to_device(&dev)?;
         opt.v[i] = v.to_dtype(DType::F32)?.to_device(&dev)?;
     }
-    opt.step = get("meta.step")?.to_vec1::<i64>()?[0] as u64;
+    let scalar =
+        |t: &Tensor| -> Result<u64> { Ok(t.to_dtype(DType::I64)?.to_vec1::<i64>()?[0] as u64) };
+    let steps = scalar(get(META_STEP)?)?;
+    opt.step = match map.get(META_UPDATES) {
+        Some(t) => scalar(t)?,
+        None => steps,
+    };
+    opt.param_steps = match map.get(META_PARAM_STEPS) {
+        Some(t) => {
+            let v = t.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+            if v.len() != n {
+                return Err(Error::input(
+                    &path,
+                    format!("{} AdamW step counts for {n} tensors", v.len()),
+                ));
+            }
+            v.into_iter().map(|s| s as u64).collect()
+        }
+        None => vec![opt.step; n],
+    };
     if let Some(s) = scaler {
-        if let Some(t) = map.get("meta.loss_scale") {
+        if let Some(t) = map.get(META_LOSS_SCALE) {
             let v = t.to_dtype(DType::F64)?.to_vec1::<f64>()?;
             s.scale = v[0];
             s.tracker = v[1] as u64;
         }
     }
-    Ok(())
+    Ok(steps)
 }

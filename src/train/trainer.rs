@@ -10,8 +10,8 @@ use rand::Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use super::adamw::{AdamW, AdamWConfig};
-use super::api::{Grads, Net, StepStats, TrainBatch, TrainStep};
-use super::loss::{mcld_loss, LossInputs, LossOptions};
+use super::api::{Grads, Net, StepRngs, StepStats, TrainBatch, TrainStep};
+use super::loss::{mcld_loss, LossInputs, LossOptions, LossOutputs};
 use super::params::Params;
 use super::scaler::LossScaler;
 use crate::models::clip::ClipVisionModelWithProjection;
@@ -74,11 +74,14 @@ pub struct McldTrainer {
     pub cfg: StepConfig,
     pub params: Params,
     pub opt: AdamW,
-    pub encoders: FrozenEncoders,
+    /// `None` for a step fed with encoded inputs only ([`McldTrainer::step_inputs`]).
+    pub encoders: Option<FrozenEncoders>,
     pub scheduler: DdimScheduler,
-    /// Per-dimension std of CLIP image embeddings, (D,).
-    pub clip_std: Tensor,
+    /// Per-dimension std of CLIP image embeddings, (D,); with the encoders.
+    pub clip_std: Option<Tensor>,
     pub scaler: Option<LossScaler>,
+    /// Training steps taken, skipped f16 steps included (the loop's position).
+    pub steps_taken: u64,
 }
 
 /// Standard normal values drawn on the host from `rng` (device-independent draws).
@@ -86,6 +89,31 @@ pub fn randn(rng: &mut StdRng, dims: &[usize], device: &Device) -> Result<Tensor
     let n: usize = dims.iter().product();
     let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
     Ok(Tensor::from_vec(v, dims, &Device::Cpu)?.to_device(device)?)
+}
+
+/// The step-level decisions of one micro-batch (train.py lines 614 and 649: Python's
+/// `random`, seeded alike on every rank). Both are always drawn, in this order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepDraws {
+    /// Unconditional step: the reference UNet is skipped and both CLIP inputs are zeroed.
+    pub uncond: bool,
+    /// The source CLIP input is zeroed.
+    pub drop_src: bool,
+}
+
+impl StepDraws {
+    /// Draws from the generator all ranks share.
+    pub fn draw(shared: &mut StdRng, uncond_ratio: f64, src_drop_ratio: f64) -> Self {
+        let uncond = shared.random::<f64>() < uncond_ratio;
+        let drop_src = shared.random::<f64>() < src_drop_ratio;
+        Self { uncond, drop_src }
+    }
+}
+
+/// What one forward and backward pass gives: the loss outputs (detached) and the gradients.
+pub struct StepResult {
+    pub outputs: LossOutputs,
+    pub grads: Grads,
 }
 
 impl McldTrainer {
@@ -96,20 +124,34 @@ impl McldTrainer {
         scheduler: DdimScheduler,
         clip_std: Tensor,
     ) -> Result<Self> {
-        let opt = AdamW::new(cfg.adamw, params.trainable())?;
-        let scaler = (cfg.dtype == DType::F16).then(LossScaler::default);
         let clip_std = clip_std
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_device(params.device())?;
+        let mut t = Self::without_encoders(cfg, params, scheduler)?;
+        t.encoders = Some(encoders);
+        t.clip_std = Some(clip_std);
+        Ok(t)
+    }
+
+    /// A step without VAE and CLIP: it takes encoded inputs ([`McldTrainer::step_inputs`]), as
+    /// the parity fixtures give them.
+    pub fn without_encoders(
+        cfg: StepConfig,
+        params: Params,
+        scheduler: DdimScheduler,
+    ) -> Result<Self> {
+        let opt = AdamW::new(cfg.adamw, params.trainable())?;
+        let scaler = (cfg.dtype == DType::F16).then(LossScaler::default);
         Ok(Self {
             cfg,
             params,
             opt,
-            encoders,
+            encoders: None,
             scheduler,
-            clip_std,
+            clip_std: None,
             scaler,
+            steps_taken: 0,
         })
     }
 
@@ -117,9 +159,15 @@ impl McldTrainer {
         self.params.device()
     }
 
+    fn encoders(&self) -> Result<&FrozenEncoders> {
+        self.encoders
+            .as_ref()
+            .ok_or_else(|| Error::msg("this training step was built without VAE and CLIP"))
+    }
+
     /// VAE posterior sample x 0.18215 of images in [-1, 1], in f32.
     fn latents(&self, images: &Tensor, rng: &mut StdRng) -> Result<Tensor> {
-        let e = &self.encoders;
+        let e = self.encoders()?;
         let x = images.to_device(self.device())?.to_dtype(e.dtype)?;
         let (mean, logvar) = e.vae.encode(&x)?;
         let mean = mean.to_dtype(DType::F32)?;
@@ -131,7 +179,7 @@ impl McldTrainer {
     /// CLIP image embeddings (B, 1, D) in f32; `zero` encodes an all-zero pixel tensor, as the
     /// reference does for dropped conditions.
     fn clip(&self, pixels: &Tensor, zero: bool) -> Result<Tensor> {
-        let e = &self.encoders;
+        let e = self.encoders()?;
         let x = pixels.to_device(self.device())?.to_dtype(e.dtype)?;
         let x = if zero { x.zeros_like()? } else { x };
         let emb = e.image_encoder.forward(&x)?.image_embeds;
@@ -139,8 +187,14 @@ impl McldTrainer {
     }
 
     /// The random draws of one step, in a fixed order, then the loss inputs.
-    fn draw(&self, batch: &TrainBatch, rng: &mut StdRng) -> Result<Drawn> {
+    fn draw(&self, batch: &TrainBatch, rngs: &mut StepRngs) -> Result<Drawn> {
         let dev = self.device().clone();
+        let d = StepDraws::draw(
+            &mut rngs.shared,
+            self.cfg.uncond_ratio,
+            self.cfg.src_drop_ratio,
+        );
+        let rng = &mut rngs.local;
         let latents = self.latents(&batch.target, rng)?;
         let (b, c, h, w) = latents.dims4()?;
         let noise = randn(rng, &[b, c, h, w], &dev)?;
@@ -149,23 +203,25 @@ impl McldTrainer {
         let n_train = self.scheduler.config().num_train_timesteps as i64;
         let t: Vec<i64> = (0..b).map(|_| rng.random_range(0..n_train)).collect();
         let timesteps = Tensor::from_vec(t, b, &dev)?;
-        let uncond = rng.random::<f64>() < self.cfg.uncond_ratio;
-        let drop_src = rng.random::<f64>() < self.cfg.src_drop_ratio;
-        let ref_latents = if uncond {
+        let ref_latents = if d.uncond {
             None
         } else {
             Some(self.latents(&batch.texture, rng)?)
         };
-        let clip_src = self.clip(&batch.clip_src, uncond || drop_src)?;
-        let clip_tex = self.clip(&batch.clip_tex, uncond)?;
-        let d = clip_src.dim(2)?;
-        if self.clip_std.elem_count() != d {
+        let clip_src = self.clip(&batch.clip_src, d.uncond || d.drop_src)?;
+        let clip_tex = self.clip(&batch.clip_tex, d.uncond)?;
+        let dim = clip_src.dim(2)?;
+        let clip_std = self
+            .clip_std
+            .as_ref()
+            .ok_or_else(|| Error::msg("this training step was built without clip_std"))?;
+        if clip_std.elem_count() != dim {
             return Err(Error::msg(format!(
-                "clip_std has {} values, the image encoder gives {d}",
-                self.clip_std.elem_count()
+                "clip_std has {} values, the image encoder gives {dim}",
+                clip_std.elem_count()
             )));
         }
-        let jitter = randn(rng, &[b, 1, d], &dev)?.broadcast_mul(&self.clip_std)?;
+        let jitter = randn(rng, &[b, 1, dim], &dev)?.broadcast_mul(clip_std)?;
         let clip_src = (clip_src + (jitter * self.cfg.clip_noise)?)?;
         Ok(Drawn {
             latents,
@@ -179,9 +235,9 @@ impl McldTrainer {
         })
     }
 
-    /// Loss and f32 gradients (unscaled) of every trainable tensor for fixed loss inputs; a
-    /// tensor the graph did not reach gets zeros.
-    pub fn loss_grads(&self, inp: &LossInputs) -> Result<(f64, Vec<Tensor>)> {
+    /// Loss and f32 gradients (unscaled) of every trainable tensor for fixed loss inputs. A
+    /// tensor the graph did not reach gets zeros and `has_grad` false (torch: grad None).
+    pub fn step_inputs(&self, inp: &LossInputs, samples: usize) -> Result<StepResult> {
         let prec = Precision::new(self.device(), self.cfg.dtype);
         let vb = self
             .params
@@ -199,26 +255,56 @@ impl McldTrainer {
         let root = if scale != 1.0 {
             (&out.loss * scale)?
         } else {
-            out.loss
+            out.loss.clone()
         };
         let store = match ckpt {
             Some(t) => t.backward(&root)?,
             None => root.backward()?,
         };
-        let grads = self
+        let mut has_grad = Vec::with_capacity(self.params.trainable().len());
+        let tensors = self
             .params
             .trainable()
             .iter()
             .map(|(_, v)| {
                 let g = match store.get(v.as_tensor()) {
                     // detached: candle's gradients can keep a graph (and its activations) alive
-                    Some(g) => g.detach().to_dtype(DType::F32)?,
-                    None => v.as_tensor().zeros_like()?,
+                    Some(g) => {
+                        has_grad.push(true);
+                        g.detach().to_dtype(DType::F32)?
+                    }
+                    None => {
+                        has_grad.push(false);
+                        v.as_tensor().zeros_like()?
+                    }
                 };
                 Ok(if scale != 1.0 { (g / scale)? } else { g })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok((loss, grads))
+        let outputs = LossOutputs {
+            loss: out.loss.detach(),
+            loss_per_sample: out.loss_per_sample.detach(),
+            model_pred: out.model_pred.detach(),
+            target: out.target.detach(),
+            noisy_latents: out.noisy_latents.detach(),
+            weights: out.weights.detach(),
+            face_mask: out.face_mask.detach(),
+        };
+        Ok(StepResult {
+            outputs,
+            grads: Grads {
+                tensors,
+                has_grad,
+                loss,
+                samples,
+            },
+        })
+    }
+
+    /// Loss and gradients for fixed loss inputs (see [`McldTrainer::step_inputs`]).
+    pub fn loss_grads(&self, inp: &LossInputs) -> Result<(f64, Vec<Tensor>)> {
+        let r = self.step_inputs(inp, inp.latents.dim(0)?)?;
+        Ok((r.grads.loss, r.grads.tensors))
     }
 }
 
@@ -234,8 +320,8 @@ struct Drawn {
 }
 
 impl TrainStep for McldTrainer {
-    fn grads(&mut self, batch: &TrainBatch, rng: &mut StdRng) -> Result<Grads> {
-        let d = self.draw(batch, rng)?;
+    fn grads(&mut self, batch: &TrainBatch, rngs: &mut StepRngs) -> Result<Grads> {
+        let d = self.draw(batch, rngs)?;
         let inp = LossInputs {
             latents: &d.latents,
             noise: &d.noise,
@@ -246,20 +332,16 @@ impl TrainStep for McldTrainer {
             face_emb: &d.face,
             pose: &d.pose,
         };
-        let (loss, tensors) = self.loss_grads(&inp)?;
-        Ok(Grads {
-            tensors,
-            loss,
-            samples: batch.len(),
-        })
+        Ok(self.step_inputs(&inp, batch.len())?.grads)
     }
 
     fn apply(&mut self, grads: &Grads, lr: f64) -> Result<StepStats> {
         let finite = all_finite(&grads.tensors)?;
         if let Some(s) = self.scaler.as_mut() {
             if !finite {
+                // torch's GradScaler skips optimizer.step(): no update, no step counts.
                 s.update(false);
-                self.opt.step += 1;
+                self.steps_taken += 1;
                 return Ok(StepStats {
                     loss: grads.loss,
                     grad_norm: f64::INFINITY,
@@ -272,11 +354,15 @@ impl TrainStep for McldTrainer {
         } else if !finite {
             return Err(Error::msg(format!(
                 "step {}: non-finite gradients (loss {})",
-                self.opt.step + 1,
+                self.steps_taken + 1,
                 grads.loss
             )));
         }
-        let norm = self.opt.step(self.params.trainable(), &grads.tensors, lr)?;
+        let flags = grads.flags();
+        let norm = self
+            .opt
+            .step_masked(self.params.trainable(), &grads.tensors, &flags, lr)?;
+        self.steps_taken += 1;
         Ok(StepStats {
             loss: grads.loss,
             grad_norm: norm,
@@ -287,6 +373,10 @@ impl TrainStep for McldTrainer {
     }
 
     fn step_count(&self) -> u64 {
+        self.steps_taken
+    }
+
+    fn updates_applied(&self) -> u64 {
         self.opt.step
     }
 
@@ -295,11 +385,19 @@ impl TrainStep for McldTrainer {
     }
 
     fn save_state(&self, dir: &Path) -> Result<()> {
-        super::state::save(dir, &self.params, &self.opt, self.scaler.as_ref())
+        super::state::save(
+            dir,
+            &self.params,
+            &self.opt,
+            self.steps_taken,
+            self.scaler.as_ref(),
+        )
     }
 
     fn load_state(&mut self, dir: &Path) -> Result<()> {
-        super::state::load(dir, &self.params, &mut self.opt, self.scaler.as_mut())
+        self.steps_taken =
+            super::state::load(dir, &self.params, &mut self.opt, self.scaler.as_mut())?;
+        Ok(())
     }
 }
 

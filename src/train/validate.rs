@@ -1,8 +1,10 @@
 //! The validation grid of `mcld train` (SPEC §4): every `validation_steps`, the pipeline built
-//! from the step's current weights generates a few pairs of the test list (20 DDIM steps,
+//! from the step's current weights generates `data.val_bs` pairs of the test list (20 DDIM steps,
 //! guidance 3.5, the config's seed, the training scheduler config as the reference does), saved
-//! as `{exp_dir}/validation/step-{step}.png`, one row per pair:
-//! source | texture | target pose | generated | ground truth.
+//! as `{exp_dir}/validation/step-{step}.png`: `val_bs` rows, one per pair and labelled with it,
+//! under a header naming the columns (source | texture | target pose | generated | ground
+//! truth) and a title with the step and the seed; cells at least 256 px whatever the training
+//! size.
 
 use std::path::{Path, PathBuf};
 
@@ -13,7 +15,7 @@ use super::api::{Net, TrainStep};
 use super::run::TrainHooks;
 use crate::config::TrainConfig;
 use crate::data::{load_pair, read_pairs, DatasetLayout, PairInputs};
-use crate::imageops::{pil_resize_rgb, Filter};
+use crate::imageops::grid::{labelled_grid, GridRow, MIN_CELL};
 use crate::models::clip::ClipVisionModelWithProjection;
 use crate::models::mcld::Mcld;
 use crate::models::unet;
@@ -23,13 +25,11 @@ use crate::scheduler::ddim::DdimScheduler;
 use crate::weights::StrictWeights;
 use crate::{Error, Result};
 
-/// Pairs per grid.
-pub const VALIDATION_PAIRS: usize = 4;
 /// DDIM steps and guidance scale of the reference's validation.
 pub const VALIDATION_STEPS: usize = 20;
 pub const VALIDATION_GUIDANCE: f64 = 3.5;
-/// Panels per row.
-pub const GRID_COLUMNS: u32 = 5;
+/// The grid's columns.
+pub use crate::imageops::grid::PAIR_COLUMNS as GRID_COLUMNS;
 
 /// Where the grid of `step` goes.
 pub fn grid_path(exp_dir: &Path, step: u64) -> PathBuf {
@@ -80,12 +80,15 @@ impl ValidationHook {
     }
 
     fn load(&self) -> Result<Loaded> {
-        let ucfg_path = self.cfg.base_model_path.join("unet/config.json");
+        let ucfg_path = self
+            .cfg
+            .base_model_path
+            .join(crate::weights::files::UNET_CONFIG);
         let ucfg = unet::Config::from_json_file(&ucfg_path)?;
         let enc = super::setup::frozen_encoders(&self.cfg, &self.device, self.precision.compute)?;
-        let mut scheduler = super::setup::train_scheduler(&self.cfg)?;
+        let mut scheduler = super::setup::val_scheduler(&self.cfg)?;
         scheduler.set_timesteps(VALIDATION_STEPS)?;
-        let (pairs, note) = validation_pairs(&self.cfg, VALIDATION_PAIRS)?;
+        let (pairs, note) = validation_pairs(&self.cfg, self.cfg.data.val_bs.max(1))?;
         if self.verbose || note.is_some() {
             eprintln!(
                 "validation grid: {} pairs{}",
@@ -139,15 +142,23 @@ impl ValidationHook {
         let generated = pipeline.generate(&l.pairs, self.cfg.seed)?;
         let mut rows = Vec::with_capacity(l.pairs.len());
         for (p, g) in l.pairs.iter().zip(&generated) {
-            rows.push([
-                p.source.clone(),
-                p.texture.clone(),
-                crate::imageops::viz::pose_preview(&p.pose),
-                crate::imageops::generated_to_rgb(g, (size, size))?,
-                p.target.clone(),
-            ]);
+            rows.push(GridRow {
+                label: p.pair.label(),
+                panels: vec![
+                    p.source.clone(),
+                    p.texture.clone(),
+                    crate::imageops::viz::pose_preview(&p.pose),
+                    crate::imageops::generated_to_rgb(g, (size, size))?,
+                    p.target.clone(),
+                ],
+            });
         }
-        grid(&rows, size as u32)
+        let title = format!(
+            "{} - validation at step {step} - seed {} - {VALIDATION_STEPS} DDIM steps, \
+             guidance {VALIDATION_GUIDANCE}",
+            self.cfg.exp_name, self.cfg.seed
+        );
+        labelled_grid(&title, &GRID_COLUMNS, &rows, (size as u32).max(MIN_CELL))
     }
 }
 
@@ -159,27 +170,6 @@ impl TrainHooks for ValidationHook {
             &grid_path(exp_dir, step),
         )
     }
-}
-
-/// Rows of panels, each squashed to `size` x `size`.
-pub fn grid(rows: &[[RgbImage; GRID_COLUMNS as usize]], size: u32) -> Result<RgbImage> {
-    let mut out = RgbImage::new(GRID_COLUMNS * size, rows.len() as u32 * size);
-    for (r, row) in rows.iter().enumerate() {
-        for (c, img) in row.iter().enumerate() {
-            let panel = if img.width() == size && img.height() == size {
-                img.clone()
-            } else {
-                pil_resize_rgb(img, (size as usize, size as usize), Filter::Bicubic)?
-            };
-            image::imageops::replace(
-                &mut out,
-                &panel,
-                i64::from(c as u32 * size),
-                i64::from(r as u32 * size),
-            );
-        }
-    }
-    Ok(out)
 }
 
 /// The first `n` pairs of the test list whose files all read; the training list when none

@@ -3,6 +3,7 @@
 //! restricted reader that only rebuilds tensors; any other callable is refused by name.
 
 pub mod bf16;
+pub mod files;
 pub mod pickle;
 pub mod prefixed;
 pub mod random;
@@ -111,10 +112,10 @@ pub struct ModelDir {
 
 /// Single-file weight names, best first: safetensors over pickled `.bin`.
 const WEIGHT_FILES: [&str; 4] = [
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
+    files::DIFFUSERS_WEIGHTS[0],
+    files::TRANSFORMERS_WEIGHTS[0],
+    files::DIFFUSERS_WEIGHTS[1],
+    files::TRANSFORMERS_WEIGHTS[1],
 ];
 
 const SHARD_INDEXES: [&str; 4] = [
@@ -130,7 +131,7 @@ impl ModelDir {
         if !dir.is_dir() {
             return Err(Error::weights(&dir, "model folder does not exist"));
         }
-        let config = dir.join("config.json");
+        let config = dir.join(files::CONFIG);
         if !config.is_file() {
             return Err(Error::weights(&dir, "model folder has no config.json"));
         }

@@ -1,5 +1,6 @@
 //! Random weights served straight to a model's `VarBuilder`, for timing full-size networks
-//! without any download (`mcld bench pipeline|densepose`, `tiny` checkpoints, sanity runs).
+//! without any download (`mcld bench pipeline|densepose`, the random trees of `presets::tree`,
+//! sanity runs).
 //!
 //! Unlike a fresh `VarMap`, this backend (0) hands out plain tensors, not `Var`s: with `Var`
 //! weights every activation keeps its autograd graph alive, which took one SD-1.5 UNet forward
@@ -32,7 +33,7 @@ pub struct RandomWeights {
     /// Extra factors for weights whose name contains the key (damped residual branches keep
     /// deep random ResNets finite).
     damp: Vec<(String, f32)>,
-    /// Every tensor handed out (f32, CPU), when recording: what `tiny` saves as a checkpoint.
+    /// Every tensor handed out (f32, CPU), when recording: what `presets::tree` saves.
     record: Option<Arc<Mutex<HashMap<String, Tensor>>>>,
 }
 

@@ -90,6 +90,8 @@ struct Inner {
 pub struct StrictWeights {
     inner: Arc<Inner>,
     allowed_unused: Vec<String>,
+    /// Unexpected keys are a warning ([`StrictWeights::warning`]), not an error.
+    unexpected_warns: bool,
 }
 
 impl StrictWeights {
@@ -103,7 +105,16 @@ impl StrictWeights {
                 record: Mutex::new(Record::default()),
             }),
             allowed_unused: Vec::new(),
+            unexpected_warns: false,
         }
+    }
+
+    /// The same file and settings over other tensors (e.g. the file's rounded to a precision).
+    pub fn with_tensors(&self, tensors: HashMap<String, Tensor>) -> Self {
+        let mut w = Self::new(tensors, self.inner.source.clone());
+        w.allowed_unused = self.allowed_unused.clone();
+        w.unexpected_warns = self.unexpected_warns;
+        w
     }
 
     /// Loads a weight file with [`super::load`] (tensors stay on the CPU until requested).
@@ -123,6 +134,34 @@ impl StrictWeights {
         self.allowed_unused
             .extend(prefixes.into_iter().map(Into::into));
         self
+    }
+
+    /// Keys the model never asks for do not fail [`StrictWeights::finish`]; they are counted
+    /// in [`StrictWeights::warning`] instead. The reference loads `denoising_unet` with
+    /// `strict=False`, so a file with extra entries (e.g. motion-module keys) is one it loads;
+    /// a missing or mis-shaped tensor stays an error.
+    pub fn unexpected_warns(mut self) -> Self {
+        self.unexpected_warns = true;
+        self
+    }
+
+    /// With [`StrictWeights::unexpected_warns`]: the line to print when the file holds keys
+    /// the model did not use (their count and the first few).
+    pub fn warning(&self) -> Option<String> {
+        const SHOWN: usize = 5;
+        let r = self.report();
+        if !self.unexpected_warns || r.unexpected.is_empty() {
+            return None;
+        }
+        let mut names = r.unexpected[..r.unexpected.len().min(SHOWN)].join(", ");
+        if r.unexpected.len() > SHOWN {
+            names.push_str(", ...");
+        }
+        Some(format!(
+            "{}: {} unexpected key(s) ignored (the model does not use them): {names}",
+            self.inner.source.display(),
+            r.unexpected.len()
+        ))
     }
 
     pub fn source(&self) -> &Path {
@@ -165,6 +204,14 @@ impl StrictWeights {
         unexpected.sort();
         let missing: Vec<String> = rec.missing.iter().cloned().collect();
         let mut notes = Vec::new();
+        if let Some(hint) = rec
+            .missing
+            .iter()
+            .next()
+            .and_then(|m| prefix_hint(m, &self.inner.tensors))
+        {
+            notes.push(hint);
+        }
         let prefixed = unexpected
             .iter()
             .filter(|k| k.starts_with("module."))
@@ -191,12 +238,46 @@ impl StrictWeights {
     /// The report, or an error naming the file and every problem when it is not clean.
     pub fn finish(&self) -> Result<KeyReport> {
         let r = self.report();
-        if r.is_clean() {
+        let tolerated = self.unexpected_warns && r.missing.is_empty() && r.mismatched.is_empty();
+        if r.is_clean() || tolerated {
             Ok(r)
         } else {
             Err(Error::weights(&self.inner.source, r.to_string()))
         }
     }
+}
+
+/// A likely cause when `name` is missing because every key of the file is off by one prefix:
+/// the file adds one (`module.` from DataParallel / DDP, a wrapper's attribute name) or lacks
+/// one the model asks for.
+pub fn prefix_hint(name: &str, tensors: &HashMap<String, Tensor>) -> Option<String> {
+    if tensors.is_empty() {
+        return None;
+    }
+    // The file's keys carry an extra prefix: `PREFIX` + name is there.
+    let extra = tensors.keys().find_map(|k| {
+        let p = k.strip_suffix(name)?;
+        (p.ends_with('.') && !p.is_empty()).then_some(p)
+    });
+    if let Some(p) = extra {
+        if tensors.keys().all(|k| k.starts_with(p)) {
+            return Some(format!(
+                "every key in the file starts with `{p}` (`{p}{name}` is there): saved from a \
+                 wrapped model (DataParallel adds `module.`)? strip that prefix from the keys"
+            ));
+        }
+    }
+    // The file's keys lack a prefix the model asks for.
+    for (i, _) in name.match_indices('.') {
+        let (p, rest) = (&name[..=i], &name[i + 1..]);
+        if tensors.contains_key(rest) && !tensors.keys().any(|k| k.starts_with(p)) {
+            return Some(format!(
+                "no key in the file starts with `{p}` but `{rest}` is there: the file holds \
+                 the network without the `{p}` prefix the model asks for"
+            ));
+        }
+    }
+    None
 }
 
 struct Backend(Arc<Inner>);
@@ -233,8 +314,11 @@ impl SimpleBackend for Backend {
                 rec.missing.insert(name.to_string());
                 return Tensor::zeros(s, dtype, dev);
             }
+            let hint = prefix_hint(name, &inner.tensors)
+                .map(|h| format!("; {h}"))
+                .unwrap_or_default();
             return Err(self.fail(format!(
-                "tensor `{name}` (shape {:?}) is missing from the file",
+                "tensor `{name}` (shape {:?}) is missing from the file{hint}",
                 s.dims()
             )));
         };

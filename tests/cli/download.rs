@@ -33,6 +33,8 @@ enum Kind {
     HubLfs {
         sha: String,
     },
+    /// Answered with this status and no body (the Hub's 401 for a missing or private repo).
+    Status(u16),
 }
 
 #[derive(Clone)]
@@ -105,6 +107,20 @@ impl Server {
             let etag = sha[..40].to_string();
             self.add(path, body, Kind::HubSmall { etag });
         }
+    }
+
+    /// The repo info the Hub API gives for branch main: the list of the repo's files.
+    fn hub_listing(&self, repo: &str, files: &[String]) {
+        let siblings: Vec<serde_json::Value> = files
+            .iter()
+            .map(|f| serde_json::json!({ "rfilename": f }))
+            .collect();
+        let body = serde_json::json!({ "id": repo, "sha": COMMIT, "siblings": siblings });
+        self.add(
+            format!("/api/models/{repo}/revision/main"),
+            body.to_string().into_bytes(),
+            Kind::Plain,
+        );
     }
 
     /// An LFS file whose ETag promises other content than it serves.
@@ -192,6 +208,12 @@ fn handle(conn: TcpStream, st: &State, base: &str) -> std::io::Result<()> {
     };
     let mut extra = String::new();
     match &rt.kind {
+        Kind::Status(code) => {
+            return write!(
+                w,
+                "HTTP/1.1 {code} Refused\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
         Kind::HubLfs { sha } => {
             return write!(
                 w,
@@ -360,21 +382,49 @@ fn leftovers(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Serves every Hub file of the selected sources; multi-choice files only as their LAST choice
-/// (the repo lacks the preferred one, as some do), so the fallback is exercised too.
+/// (the repo lacks the preferred one, as some do), so the fallback is exercised too. Listed
+/// networks sit in a subfolder under other names than the loaders read, beside files that
+/// match no network, and the repo's listing names them all.
 fn serve_hub(server: &Server, sources: &[Source]) -> HashMap<String, Vec<u8>> {
     let mut served = HashMap::new();
+    let mut listings: HashMap<&str, Vec<String>> = HashMap::new();
     for s in sources {
-        if let Origin::Hub { repo, choices } = s.origin {
-            let file = choices.last().unwrap();
-            let body = content(
-                &format!("{repo}/{file}"),
-                if is_lfs(file) { 300_000 } else { 900 },
-            );
-            server.hub_file(repo, file, body.clone());
-            served.insert(format!("{repo}/{file}"), body);
+        match s.origin {
+            Origin::Hub { repo, choices } => {
+                let file = choices.last().unwrap();
+                let body = content(
+                    &format!("{repo}/{file}"),
+                    if is_lfs(file) { 300_000 } else { 900 },
+                );
+                server.hub_file(repo, file, body.clone());
+                served.insert(format!("{repo}/{file}"), body);
+            }
+            Origin::HubListed { repo, keys, .. } => {
+                let file = listed_name(keys);
+                let body = content(&format!("{repo}/{file}"), 200_000);
+                server.hub_file(repo, &file, body.clone());
+                served.insert(format!("{repo}/{file}"), body);
+                let l = listings.entry(repo).or_insert_with(|| {
+                    vec![
+                        ".gitattributes".into(),
+                        "README.md".into(),
+                        "release/optimizer_state.bin".into(),
+                    ]
+                });
+                l.push(file);
+            }
+            _ => {}
         }
     }
+    for (repo, files) in listings {
+        server.hub_listing(repo, &files);
+    }
     served
+}
+
+/// Where the loopback release keeps a listed network (not the name the loaders read).
+fn listed_name(keys: &[&str]) -> String {
+    format!("release/stage2/{}-30000.pth", keys.last().unwrap())
 }
 
 fn rebase(p: &Path, pw: &Path) -> PathBuf {
@@ -396,7 +446,9 @@ fn list_shows_every_source_and_destination() {
         assert!(out.contains(s.id), "{} missing:\n{out}", s.id);
         assert!(out.contains(s.group.name()));
         match s.origin {
-            Origin::Hub { repo, .. } => assert!(out.contains(repo), "{repo}:\n{out}"),
+            Origin::Hub { repo, .. } | Origin::HubListed { repo, .. } => {
+                assert!(out.contains(repo), "{repo}:\n{out}")
+            }
             Origin::Url { url, .. } | Origin::Zip { url, .. } => {
                 assert!(out.contains(url), "{url}:\n{out}")
             }
@@ -456,8 +508,14 @@ fn inference_files_land_where_the_pipeline_reads_them_then_come_from_the_cache()
         let files = mcld::pipeline::weight_files::PipelineFiles::resolve(&env.ck, &cfg)
             .unwrap_or_else(|e| panic!("{e}"));
         for (p, key) in [
-            (&files.denoising_unet, "Lotior/mcld/denoising_unet.pth"),
-            (&files.image_proj, "Lotior/mcld/image_proj_model.pth"),
+            (
+                &files.denoising_unet,
+                "Lotior/mcld/release/stage2/denoising_unet-30000.pth",
+            ),
+            (
+                &files.image_proj,
+                "Lotior/mcld/release/stage2/image_proj-30000.pth",
+            ),
             (
                 &files.unet_config,
                 "stable-diffusion-v1-5/stable-diffusion-v1-5/unet/config.json",
@@ -534,7 +592,7 @@ fn zoo_files_and_zip_members_come_from_the_mirror() {
                     .collect();
                 server.mirror_file(url, zip_of(&refs));
             }
-            Origin::Hub { .. } => {}
+            Origin::Hub { .. } | Origin::HubListed { .. } => {}
         }
     }
     let o = env.mcld(&server, &["--only", "prepare"], &[]);
@@ -587,7 +645,7 @@ fn checksum_failures_are_named_and_the_other_files_complete() {
                     refused.push((url, env.pw.join(members[0].dest)));
                 }
             }
-            Origin::Hub { .. } => {}
+            Origin::Hub { .. } | Origin::HubListed { .. } => {}
         }
     }
     assert!(refused.len() >= 3);
@@ -858,4 +916,202 @@ fn hf_token_goes_to_the_hub_and_nowhere_else() {
         !zoo.is_empty() && zoo.iter().all(|r| r.auth.is_none()),
         "{zoo:?}"
     );
+}
+
+/// The MCLD sources, picked from the release repo's listing.
+fn mcld_sources() -> Vec<Source> {
+    let s = download::select(&["mcld".into()]).unwrap();
+    assert_eq!(s.len(), 4);
+    assert!(s
+        .iter()
+        .all(|s| matches!(s.origin, Origin::HubListed { .. })));
+    s
+}
+
+#[test]
+fn mcld_weights_are_picked_from_the_listing_and_placed_under_the_loaders_names() {
+    let server = Server::start();
+    let env = Env::new();
+    let repo = download::MCLD_REPO;
+    let mut served = serve_hub(&server, &mcld_sources());
+    // The pose guider also comes as safetensors one folder up: that one is preferred.
+    let st = content("pose_guider.safetensors", 120_000);
+    server.hub_file(repo, "release/pose_guider.safetensors", st.clone());
+    let mut listing: Vec<String> = served
+        .keys()
+        .map(|k| k.strip_prefix(&format!("{repo}/")).unwrap().to_string())
+        .collect();
+    listing.push("release/pose_guider.safetensors".into());
+    listing.push("README.md".into());
+    server.hub_listing(repo, &listing);
+    served.insert("st".into(), st);
+
+    let o = env.mcld(&server, &["--only", "mcld"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    for (name, key) in [
+        (
+            "denoising_unet.pth",
+            format!("{repo}/release/stage2/denoising_unet-30000.pth"),
+        ),
+        (
+            "reference_unet.pth",
+            format!("{repo}/release/stage2/reference_unet-30000.pth"),
+        ),
+        ("pose_guider.safetensors", "st".into()),
+        (
+            "image_projector.pth",
+            format!("{repo}/release/stage2/image_proj-30000.pth"),
+        ),
+    ] {
+        let p = env.ck.join(name);
+        assert_eq!(std::fs::read(&p).unwrap(), served[&key], "{}", p.display());
+    }
+    // The repo was listed once for the four networks; the file matching no network not fetched.
+    let reqs = server.requests();
+    assert_eq!(
+        reqs.iter().filter(|r| r.path.starts_with("/api/")).count(),
+        1,
+        "{reqs:?}"
+    );
+    assert!(!reqs.iter().any(|r| r.path.contains("optimizer_state")));
+    assert!(!reqs
+        .iter()
+        .any(|r| r.path.ends_with("stage2/pose_guider-30000.pth")));
+    assert!(leftovers(&env.ck).is_empty());
+    // Placed files count as present: no request at all the second time.
+    let n = server.requests().len();
+    let o = env.mcld(&server, &["--only", "mcld"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(server.requests().len(), n);
+}
+
+#[test]
+fn a_listing_without_the_weights_names_what_it_found_and_the_other_way_in() {
+    let server = Server::start();
+    let env = Env::new();
+    let files: Vec<String> = ["README.md", "configs/inference.yaml", "model.ckpt"]
+        .map(String::from)
+        .to_vec();
+    server.hub_listing(download::MCLD_REPO, &files);
+    let o = env.mcld(&server, &["--only", "mcld"], &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = err
+        .lines()
+        .find(|l| l.contains("MCLD denoising UNet"))
+        .unwrap_or_else(|| panic!("not named:\n{err}"));
+    for want in [
+        "README.md, configs/inference.yaml, model.ckpt",
+        download::MCLD_DRIVE,
+        "--ckpt_dir",
+        "denoising_unet",
+    ] {
+        assert!(line.contains(want), "{want} missing: {line}");
+    }
+    assert_eq!(err.matches(download::MCLD_DRIVE).count(), 4, "{err}");
+    assert!(!env.ck.exists() || std::fs::read_dir(&env.ck).unwrap().next().is_none());
+    // Only the listing was asked for, once.
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+}
+
+#[test]
+fn a_401_from_the_hub_says_gated_private_or_wrong_repo_id() {
+    let server = Server::start();
+    let env = Env::new();
+    server.add(
+        format!("/api/models/{}/revision/main", download::MCLD_REPO),
+        Vec::new(),
+        Kind::Status(401),
+    );
+    let o = env.mcld(&server, &["--only", "mcld"], &[]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("HTTP 401") && err.contains("gated, private, or the repo id is wrong"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_exact_published_size_is_checked() {
+    let inception = download::SOURCES
+        .iter()
+        .find(|s| s.id == "inception")
+        .unwrap();
+    assert_eq!(inception.size, Size::Exact(108_949_747));
+
+    let server = Server::start();
+    let env = Env::new();
+    let url = "https://example.org/models/sized.pth";
+    let body = content("sized", 5_000);
+    server.mirror_file(url, body.clone());
+    let source = |size| Source {
+        id: "sized",
+        group: download::Group::Evaluate,
+        optional: false,
+        what: "test file",
+        root: Root::Pretrained,
+        dest: "sized.pth",
+        origin: Origin::Url {
+            url,
+            check: Check::None,
+        },
+        size,
+    };
+    let out = download::run(&[source(Size::Exact(5_001))], &env.opts(&server));
+    assert_eq!(out.failed.len(), 1);
+    assert!(
+        out.failed[0].reason.contains("size mismatch")
+            && out.failed[0].reason.contains("5000")
+            && out.failed[0].reason.contains("5001"),
+        "{:?}",
+        out.failed
+    );
+    assert!(!env.pw.join("sized.pth").exists() && leftovers(&env.pw).is_empty());
+    let out = download::run(&[source(Size::Exact(5_000))], &env.opts(&server));
+    assert!(out.failed.is_empty(), "{:?}", out.failed);
+    assert_eq!(std::fs::read(env.pw.join("sized.pth")).unwrap(), body);
+}
+
+/// `train` reads the base models only: its hints must not pull the multi-GB MCLD checkpoints.
+#[test]
+fn train_hints_do_not_fetch_the_mcld_checkpoints() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/train");
+    let mut seen = 0;
+    for e in walkdir::WalkDir::new(&dir)
+        .into_iter()
+        .filter_map(|e| e.ok())
+    {
+        if e.path().extension().is_none_or(|x| x != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        for (i, _) in text.match_indices("download --only") {
+            let words: String = text[i + "download --only".len()..]
+                .trim_start()
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ',')
+                .collect();
+            let list: Vec<String> = words.split(',').map(str::to_string).collect();
+            let picked = download::select(&list).unwrap();
+            assert!(
+                picked.iter().all(|s| s.root != Root::Checkpoints),
+                "{}: `{words}` fetches MCLD checkpoints",
+                e.path().display()
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "{seen}");
+}
+
+#[test]
+fn the_weights_readme_promises_only_what_the_code_reads() {
+    let readme = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("pretrained_weights/README.md"),
+    )
+    .unwrap();
+    assert!(readme.contains(mcld::models::face::DETECTOR_ONNX));
+    assert!(!readme.contains("det_10g"), "{readme}");
 }

@@ -8,7 +8,7 @@ use crate::common;
 use std::path::Path;
 use std::process::Command;
 
-use mcld::pipeline::tiny::write_tiny_layout;
+use mcld::presets::tree::write_tiny_layout;
 
 fn run(args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
@@ -264,4 +264,173 @@ fn infer_computes_the_face_embedding() {
     assert_eq!(rgb(&outs[0]), rgb(&outs[1]));
     // ... and the face does reach the output (a zero embedding gives another image).
     assert_ne!(rgb(&outs[0]), rgb(&outs[2]));
+}
+
+/// The tiny layout and a pretrained folder holding the DensePose fixture.
+fn densepose_setup(d: &Path) -> (mcld::presets::tree::TinyLayout, std::path::PathBuf) {
+    let tiny = write_tiny_layout(&d.join("w"), &d.join("data"), 1).unwrap();
+    let pre = d.join("pretrained");
+    std::fs::create_dir_all(&pre).unwrap();
+    std::fs::copy(
+        common::fixture_path("densepose/densepose_weights.pkl"),
+        pre.join("model_final_844d15.pkl"),
+    )
+    .unwrap();
+    std::fs::copy(
+        common::fixture_path("densepose/densepose_rcnn.json"),
+        pre.join("densepose_rcnn.json"),
+    )
+    .unwrap();
+    (tiny, pre)
+}
+
+#[test]
+fn several_poses_from_iuv_images_and_photos_in_one_run() {
+    use mcld::imageops::grid::{GridLayout, MIN_CELL};
+    let d = tempfile::tempdir().unwrap();
+    let (tiny, pre) = densepose_setup(d.path());
+    let source = common::fixture_path("densepose/input.png");
+    let photo = rgb(&source);
+    let pose = d.path().join("pose.png");
+    mcld::pipeline::demo::synthetic_pose(photo.width(), photo.height(), true)
+        .save(&pose)
+        .unwrap();
+    let common_args = |out: &Path| {
+        let mut v = infer_args(
+            source.to_str().unwrap(),
+            pose.to_str().unwrap(),
+            out.to_str().unwrap(),
+            pre.to_str().unwrap(),
+            tiny.ckpt_dir.to_str().unwrap(),
+            tiny.config_path.to_str().unwrap(),
+        )
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        v.extend([
+            "--texture".into(),
+            d.path().join("tex.png").display().to_string(),
+        ]);
+        v
+    };
+    // A texture given, so DensePose runs only for the target photo.
+    mcld::pipeline::demo::synthetic_pose(64, 64, false)
+        .save(d.path().join("tex.png"))
+        .unwrap();
+
+    // One pose: OUT.png and its one-row sheet.
+    let single = d.path().join("single.png");
+    let args = common_args(&single);
+    let (ok, text) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+    let sheet = |out: &str, rows| {
+        let img = rgb(&d.path().join(format!("{out}_sheet.png")));
+        let l = GridLayout {
+            columns: 4,
+            rows,
+            cell: MIN_CELL,
+        };
+        assert_eq!(img.dimensions(), l.size());
+    };
+    sheet("single", 1);
+
+    // The IUV again, then a photo of the pose wanted, with an animation.
+    let out = d.path().join("multi.png");
+    let gif = d.path().join("multi.gif");
+    let mut args = common_args(&out);
+    args.extend([
+        "--pose-from".into(),
+        source.display().to_string(),
+        "--gif".into(),
+        gif.display().to_string(),
+    ]);
+    let (ok, text) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+    assert!(text.contains("for 2 pose(s)"), "{text}");
+    assert!(!out.exists());
+    let first = rgb(&d.path().join("multi_0.png"));
+    let second = rgb(&d.path().join("multi_1.png"));
+    assert_eq!(first.dimensions(), (512, 512));
+    // The same seed for every pose: the first equals the single-pose run on the same pose.
+    assert_eq!(first, rgb(&single));
+    assert_ne!(first, second);
+    // DensePose's IUV of the target photo is kept beside its output, and is the reference's.
+    check_iuv_against_fixture(&rgb(&d.path().join("multi_1_target_iuv.png")));
+    sheet("multi", 2);
+    let frames = image::AnimationDecoder::into_frames(
+        image::codecs::gif::GifDecoder::new(std::io::BufReader::new(
+            std::fs::File::open(&gif).unwrap(),
+        ))
+        .unwrap(),
+    )
+    .collect_frames()
+    .unwrap();
+    assert_eq!(frames.len(), 2);
+    assert_eq!(frames[0].buffer().dimensions(), (512, 512));
+
+    // The computed IUV reused as --pose gives the same image as --pose-from did.
+    let again = d.path().join("again.png");
+    let mut args = common_args(&again);
+    let i = args.iter().position(|a| a == "--pose").unwrap();
+    args[i + 1] = d
+        .path()
+        .join("multi_1_target_iuv.png")
+        .display()
+        .to_string();
+    let (ok, text) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{text}");
+    assert_eq!(rgb(&again), second);
+
+    // A photo in which DensePose finds nobody (its detector made to keep no box): an error
+    // naming the photo, and no output.
+    let blind = d.path().join("blind");
+    std::fs::create_dir_all(&blind).unwrap();
+    std::fs::copy(
+        pre.join("model_final_844d15.pkl"),
+        blind.join("model_final_844d15.pkl"),
+    )
+    .unwrap();
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(pre.join("densepose_rcnn.json")).unwrap())
+            .unwrap();
+    j["config"]["MODEL"]["ROI_HEADS"]["SCORE_THRESH_TEST"] = serde_json::json!(1.5);
+    std::fs::write(blind.join("densepose_rcnn.json"), j.to_string()).unwrap();
+    let none = d.path().join("none.png");
+    let mut args = common_args(&none);
+    let i = args.iter().position(|a| a == "--pretrained_dir").unwrap();
+    args[i + 1] = blind.display().to_string();
+    args.extend(["--pose-from".into(), source.display().to_string()]);
+    let (ok, text) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("input.png") && text.contains("no person"),
+        "{text}"
+    );
+    assert!(!d.path().join("none_0.png").exists());
+}
+
+#[test]
+fn a_pose_folder_sorts_iuv_images_from_photos() {
+    use mcld::pipeline::infer::{looks_like_iuv, poses_in_dir, PoseSpec};
+    let d = tempfile::tempdir().unwrap();
+    let iuv = mcld::pipeline::demo::synthetic_pose(80, 120, true);
+    assert!(looks_like_iuv(&iuv));
+    let photo = rgb(&common::fixture_path("densepose/input.png"));
+    assert!(!looks_like_iuv(&photo));
+    assert!(!looks_like_iuv(&image::RgbImage::new(8, 8)));
+    iuv.save(d.path().join("b_pose.png")).unwrap();
+    photo.save(d.path().join("a_photo.jpg")).unwrap();
+    std::fs::write(d.path().join("notes.txt"), "not an image").unwrap();
+    let got = poses_in_dir(d.path()).unwrap();
+    assert_eq!(
+        got,
+        vec![
+            PoseSpec::Photo(d.path().join("a_photo.jpg")),
+            PoseSpec::Iuv(d.path().join("b_pose.png")),
+        ]
+    );
+    let empty = d.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let e = poses_in_dir(&empty).unwrap_err().to_string();
+    assert!(e.contains("empty") && e.contains("no .png"), "{e}");
 }

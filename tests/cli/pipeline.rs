@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use image::{Rgb, RgbImage};
-use mcld::pipeline::tiny::write_tiny_layout;
+use mcld::presets::tree::write_tiny_layout;
 
 fn mcld() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mcld"))

@@ -111,3 +111,118 @@ fn bad_values_are_refused() {
     let e = InferenceConfig::load(&p).unwrap_err().to_string();
     assert!(e.contains("sampler"), "{e}");
 }
+
+fn reference_config(name: &str) -> PathBuf {
+    repo(&format!("../shared/data/reference_configs/{name}"))
+}
+
+/// The reference's own files, unchanged: its current train.yaml, its first commit's (with the
+/// four keys the later one dropped), and the three inference configs.
+#[test]
+fn reference_config_files_load_unchanged() {
+    let cur = TrainConfig::load(&reference_config("train.yaml")).unwrap();
+    assert_eq!(cur.data.train_bs, 12);
+    assert_eq!(cur.solver.lr_scheduler, "constant");
+    assert!(cur.validation_resume_dir.is_none());
+    let first = TrainConfig::load(&reference_config("train_first_commit.yaml")).unwrap();
+    assert_eq!(first.data.train_bs, 8);
+    assert_eq!(
+        first.validation_resume_dir.as_deref(),
+        Some(Path::new("./exp_output/deepfashion_stage1"))
+    );
+    assert!(first.pose_guider_path.is_some());
+    // The dropped keys are named at start-up, with what happens instead.
+    let notes = first.notes().join("\n");
+    for k in [
+        "validation_resume_dir",
+        "denoising_unet_path",
+        "reference_unet_path",
+        "pose_guider_path",
+    ] {
+        assert!(notes.contains(k), "{k} not named: {notes}");
+    }
+    // The current file: only its meta_paths (read by neither train.py's dataset nor mcld).
+    assert!(
+        cur.notes().len() == 1 && cur.notes()[0].contains("meta_paths"),
+        "{:?}",
+        cur.notes()
+    );
+    for v in [
+        "inference_v1.yaml",
+        "inference_v2.yaml",
+        "inference_v3.yaml",
+    ] {
+        let c = InferenceConfig::load(&reference_config(v)).unwrap_or_else(|e| panic!("{v}: {e}"));
+        assert_eq!(c.sampler, "DDIM", "{v}");
+        let u = c.unet_additional_kwargs.as_ref().unwrap();
+        // v1 and v2 ask for motion modules: said, not silently dropped.
+        if u.use_motion_module {
+            assert!(
+                c.notes().iter().any(|n| n.contains("use_motion_module")),
+                "{v}: {:?}",
+                c.notes()
+            );
+        }
+    }
+    let v3 = InferenceConfig::load(&reference_config("inference_v3.yaml")).unwrap();
+    assert!(v3.notes().is_empty(), "{:?}", v3.notes());
+}
+
+/// Every key set to a value mcld does not follow is named at start-up with what happens
+/// instead; the reference's values give no message.
+#[test]
+fn unsupported_values_are_named_with_what_happens_instead() {
+    let path = repo("configs/train/train.yaml");
+    let base = TrainConfig::load(&path).unwrap();
+    assert!(base.notes().is_empty(), "{:?}", base.notes());
+    let mut c = base.clone();
+    c.solver.use_8bit_adam = true;
+    c.solver.enable_xformers_memory_efficient_attention = true;
+    c.data.texture_clip_condition = true;
+    c.data.texture_unet_condition = false;
+    c.data.pose_type = "openpose".into();
+    c.data.clip_type = "face".into();
+    c.data.use_face_emb = false;
+    c.data.meta_paths = vec!["./data/fashion_meta.json".into()];
+    c.noise_scheduler_kwargs.beta_schedule = "linear".into();
+    let notes = c.notes();
+    let all = notes.join("\n");
+    assert!(
+        all.contains("8-bit AdamW is not available; using AdamW with f32 state"),
+        "{all}"
+    );
+    for k in [
+        "use_8bit_adam",
+        "enable_xformers_memory_efficient_attention",
+        "texture_clip_condition",
+        "texture_unet_condition",
+        "pose_type",
+        "clip_type",
+        "use_face_emb",
+        "meta_paths",
+        "beta_schedule",
+    ] {
+        assert!(all.contains(k), "{k} not named: {all}");
+    }
+    assert_eq!(notes.len(), 9, "{all}");
+    // A launched world size other than num_processes is a warning.
+    let lr =
+        mcld::train::lr::LrScheduler::from_solver("constant", 1e-5, false, 1, 10, 1, 1, 3).unwrap();
+    let w = mcld::train::cmd::startup_notes(&base, 3, &lr).join("\n");
+    assert!(w.contains("warning") && w.contains("num_processes"), "{w}");
+    assert!(mcld::train::cmd::startup_notes(&base, 2, &lr).is_empty());
+    // mixed_precision picks the networks' compute dtype, weight_dtype the encoders'.
+    let mut m = base.clone();
+    m.solver.mixed_precision = "no".into();
+    m.weight_dtype = "fp16".into();
+    let cmd = mcld::train::cmd::TrainCommand::default();
+    assert_eq!(
+        cmd.dtypes(&m).unwrap(),
+        (candle_core::DType::F32, candle_core::DType::F16)
+    );
+    let mut bad = train_text();
+    bad = bad.replace("mixed_precision: \"fp16\"", "mixed_precision: \"fp8\"");
+    let (_d, p) = write_tmp(&bad);
+    let e = TrainConfig::load(&p).unwrap_err().to_string();
+    assert!(e.contains("solver.mixed_precision"), "{e}");
+}

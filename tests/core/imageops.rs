@@ -285,3 +285,88 @@ fn bad_inputs_are_errors() {
     let e = imageops::open_rgb(missing).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/photo.jpg"), "{e}");
 }
+
+#[test]
+fn the_embedded_font_draws_text() {
+    use image::{Rgb, RgbImage};
+    use mcld::imageops::text::{draw_text, text_size};
+    let (w, h) = text_size("step 1000", 16);
+    assert!(w > 40 && h > 8, "{w}x{h}");
+    assert!(text_size("step 10000", 16).0 > w);
+    let mut img = RgbImage::from_pixel(200, 40, Rgb([255, 255, 255]));
+    draw_text(&mut img, (4, 4), "loss 0.123", 20, Rgb([0, 0, 0])).unwrap();
+    let inked = img.pixels().filter(|p| p[0] < 128).count();
+    assert!(inked > 50, "{inked} dark pixels");
+    // Nothing drawn outside the text's box.
+    let (tw, th) = text_size("loss 0.123", 20);
+    for (x, y, p) in img.enumerate_pixels() {
+        if x > 4 + tw + 2 || y > 4 + th + 2 {
+            assert_eq!(p, &Rgb([255, 255, 255]), "({x}, {y})");
+        }
+    }
+}
+
+#[test]
+fn labelled_grid_lays_out_title_header_rows_and_fitted_cells() {
+    use image::{Rgb, RgbImage};
+    use mcld::imageops::grid::{
+        labelled_grid, GridLayout, GridRow, MIN_CELL, ROW_BAND, TITLE_BAND,
+    };
+    // A tall panel (person-shaped) and a small square one: cells are MIN_CELL whatever the size.
+    let tall = RgbImage::from_pixel(44, 64, Rgb([200, 30, 30]));
+    let square = RgbImage::from_pixel(64, 64, Rgb([30, 30, 200]));
+    let rows: Vec<GridRow> = (0..3)
+        .map(|i| GridRow {
+            label: format!("pair {i}: a.jpg -> b.jpg"),
+            panels: vec![tall.clone(), square.clone()],
+        })
+        .collect();
+    let img = labelled_grid(
+        "validation at step 7 - seed 42",
+        &["source", "generated"],
+        &rows,
+        64,
+    )
+    .unwrap();
+    let layout = GridLayout {
+        columns: 2,
+        rows: 3,
+        cell: MIN_CELL,
+    };
+    assert_eq!(img.dimensions(), layout.size());
+    let dark_in = |x0: u32, y0: u32, w: u32, h: u32| {
+        (y0..y0 + h).any(|y| {
+            (x0..x0 + w).any(|x| img.get_pixel(x, y)[1] < 120 && img.get_pixel(x, y)[0] < 120)
+        })
+    };
+    // Title, header and each row's label are inked.
+    assert!(dark_in(0, 0, img.width(), TITLE_BAND));
+    assert!(dark_in(
+        0,
+        TITLE_BAND,
+        img.width(),
+        layout.row_label_top(0) - TITLE_BAND
+    ));
+    for r in 0..3 {
+        assert!(
+            dark_in(0, layout.row_label_top(r), img.width(), ROW_BAND),
+            "row {r}"
+        );
+    }
+    // The tall panel keeps its aspect: filled in the middle, background at the sides.
+    let (x, y) = layout.cell_origin(2, 0);
+    let c = MIN_CELL / 2;
+    assert_eq!(img.get_pixel(x + c, y + c), &Rgb([200, 30, 30]));
+    assert_ne!(img.get_pixel(x + 5, y + c), &Rgb([200, 30, 30]));
+    let (x, y) = layout.cell_origin(1, 1);
+    assert_eq!(img.get_pixel(x + 5, y + 5), &Rgb([30, 30, 200]));
+    // A row with the wrong number of panels is an error, not a panic.
+    let bad = [GridRow {
+        label: "x".into(),
+        panels: vec![tall],
+    }];
+    let e = labelled_grid("t", &["a", "b"], &bad, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 panels for 2 columns"), "{e}");
+}

@@ -7,5 +7,6 @@ mod common;
 mod config;
 mod data_face_mask;
 mod imageops;
+mod presets;
 mod scheduler;
 mod weights;

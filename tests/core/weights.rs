@@ -347,3 +347,113 @@ fn model_dir_prefers_safetensors_and_lists_what_it_sought() {
     }
     assert_eq!(md.config::<Cfg>().unwrap().in_channels, 4);
 }
+
+#[test]
+fn unexpected_keys_can_be_a_warning_but_missing_and_misshapen_stay_errors() {
+    let mut m = small_map();
+    for i in 0..7 {
+        m.insert(
+            format!("motion_modules.{i}.weight"),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
+    }
+    let sw = StrictWeights::new(m.clone(), "denoising_unet.pth").unexpected_warns();
+    let vb = sw.var_builder(DType::F32, &Device::Cpu);
+    candle_nn::linear(3, 2, vb.pp("fc")).unwrap();
+    let r = sw.finish().unwrap();
+    assert_eq!(r.unexpected.len(), 9);
+    let w = sw.warning().unwrap();
+    assert!(
+        w.contains("denoising_unet.pth")
+            && w.contains("9 unexpected")
+            && w.contains("extra.buffer")
+            && w.contains("...")
+            && !w.contains("motion_modules.6"),
+        "{w}"
+    );
+    // Kept when the tensors are swapped for rounded ones.
+    let swapped = sw.with_tensors(m.clone());
+    let vb = swapped.var_builder(DType::F32, &Device::Cpu);
+    candle_nn::linear(3, 2, vb.pp("fc")).unwrap();
+    assert!(swapped.finish().is_ok() && swapped.warning().is_some());
+
+    // Strict by default.
+    let sw = StrictWeights::new(m.clone(), "denoising_unet.pth");
+    let vb = sw.var_builder(DType::F32, &Device::Cpu);
+    candle_nn::linear(3, 2, vb.pp("fc")).unwrap();
+    assert!(sw.finish().is_err() && sw.warning().is_none());
+
+    // A missing or mis-shaped tensor is still an error.
+    let sw = StrictWeights::new(m.clone(), "denoising_unet.pth").unexpected_warns();
+    let vb = sw.var_builder(DType::F32, &Device::Cpu);
+    assert!(candle_nn::linear(4, 2, vb.pp("fc")).is_err());
+    let sw = StrictWeights::new(m, "denoising_unet.pth")
+        .unexpected_warns()
+        .collecting();
+    let vb = sw.var_builder(DType::F32, &Device::Cpu);
+    candle_nn::linear(3, 2, vb.pp("head")).unwrap();
+    assert!(sw.finish().is_err());
+}
+
+#[test]
+fn a_missing_tensor_names_a_shared_prefix_as_the_likely_cause() {
+    let wrapped: HashMap<String, Tensor> = small_map()
+        .into_iter()
+        .map(|(k, v)| (format!("module.{k}"), v))
+        .collect();
+    let sw = StrictWeights::new(wrapped, "pose_guider.pth");
+    let vb = sw.var_builder(DType::F32, &Device::Cpu);
+    let err = candle_nn::linear(3, 2, vb.pp("fc"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("pose_guider.pth")
+            && err.contains("every key in the file starts with `module.`")
+            && err.contains("DataParallel"),
+        "{err}"
+    );
+
+    // The other way round: the model asks for `unet.fc.weight`, the file has `fc.weight`.
+    let sw = StrictWeights::new(small_map(), "unet.pth");
+    let vb = sw.var_builder(DType::F32, &Device::Cpu);
+    let err = candle_nn::linear(3, 2, vb.pp("unet").pp("fc"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("no key in the file starts with `unet.`"),
+        "{err}"
+    );
+
+    // Not every key shares the prefix: no hint, only the missing tensor.
+    let mut mixed = small_map();
+    mixed.insert(
+        "module.fc.weight".into(),
+        Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let sw = StrictWeights::new(mixed, "m.pth");
+    let vb = sw.var_builder(DType::F32, &Device::Cpu);
+    let err = candle_nn::linear(3, 2, vb.pp("head"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("head.weight") && !err.contains("every key"),
+        "{err}"
+    );
+
+    // The collected report carries the hint too.
+    let wrapped: HashMap<String, Tensor> = small_map()
+        .into_iter()
+        .map(|(k, v)| (format!("module.{k}"), v))
+        .collect();
+    let sw = StrictWeights::new(wrapped, "pose_guider.pth").collecting();
+    let vb = sw.var_builder(DType::F32, &Device::Cpu);
+    candle_nn::linear(3, 2, vb.pp("fc")).unwrap();
+    let r = sw.report();
+    assert!(
+        r.notes.iter().any(|n| n.contains("every key in the file")),
+        "{r}"
+    );
+}

@@ -64,7 +64,7 @@ fn missing_weight_is_named() {
 #[test]
 fn mcld_config_shapes() {
     // The real projector's shapes, on zero weights: (B,1,512) -> (B,16,768).
-    let cfg = Config::mcld();
+    let cfg = mcld::presets::projector(mcld::presets::Size::Full, 768);
     let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
     let r = Resampler::new(vb, &cfg).unwrap();
     let x = Tensor::zeros((2, 1, 512), DType::F32, &Device::Cpu).unwrap();

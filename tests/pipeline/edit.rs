@@ -8,7 +8,7 @@ use std::process::Command;
 
 use image::{Rgb, RgbImage};
 use mcld::edit::compose::{compose_region, Region, TexelParts};
-use mcld::pipeline::tiny::{write_tiny_layout, TinyLayout};
+use mcld::presets::tree::{write_tiny_layout, TinyLayout};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const N: u32 = 512;

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use mcld::data::{Pair, PairInputs};
 use mcld::pipeline::demo;
 use mcld::pipeline::mcld::McldPipeline;
-use mcld::pipeline::tiny::write_tiny_layout;
+use mcld::presets::tree::write_tiny_layout;
 
 fn input() -> PairInputs {
     let photo = demo::sample_photo().to_rgb8();

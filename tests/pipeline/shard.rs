@@ -8,7 +8,7 @@ use std::process::Command;
 use image::{Rgb, RgbImage};
 use mcld::commands::args::{CheckpointArgs, ComputeArgs, ShardArgs};
 use mcld::commands::test::{run as mcld_test, TestArgs};
-use mcld::pipeline::tiny::write_tiny_layout;
+use mcld::presets::tree::write_tiny_layout;
 use mcld::rank::Shard;
 
 fn vars(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {

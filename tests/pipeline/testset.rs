@@ -8,7 +8,10 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use image::{Rgb, RgbImage};
 use mcld::data::{npy, read_pairs, DatasetLayout, PairInputs};
-use mcld::pipeline::testset::{run_test_set, Generator, Postprocess, TestRunOptions};
+use mcld::imageops::grid::{GridLayout, MIN_CELL, PAIR_COLUMNS};
+use mcld::pipeline::testset::{
+    panels_path, run_test_set, write_panels, Generator, Postprocess, TestRunOptions,
+};
 use mcld::rank::Shard;
 
 #[derive(Default)]
@@ -155,6 +158,27 @@ fn limit_caps_the_pairs() {
     )
     .unwrap();
     assert_eq!((s.generated, g.pairs, g.calls), (1, 1, 1));
+
+    // The limited run's panel: the labelled layout, one row for the one pair generated.
+    let layout = DatasetLayout::new(&root, "test");
+    let p = write_panels(&opts, &layout, &pairs, 42).unwrap().unwrap();
+    assert_eq!(p, panels_path(&opts));
+    let img = image::open(&p).unwrap().to_rgb8();
+    let grid = GridLayout {
+        columns: PAIR_COLUMNS.len() as u32,
+        rows: 1,
+        cell: MIN_CELL,
+    };
+    assert_eq!(img.dimensions(), grid.size());
+    // The generated cell holds the generated image (grey level 5 for pair a), fitted upright.
+    let (x, y) = grid.cell_origin(0, 3);
+    let c = MIN_CELL / 2;
+    assert_eq!(img.get_pixel(x + c, y + c), &Rgb([5, 5, 5]));
+    assert_ne!(img.get_pixel(x + 2, y + c), &Rgb([5, 5, 5]));
+    // The header and row label are drawn in dark ink.
+    let dark =
+        |y0: u32, y1: u32| (y0..y1).any(|y| (0..img.width()).any(|x| img.get_pixel(x, y)[0] < 100));
+    assert!(dark(0, grid.row_label_top(0)) && dark(grid.row_label_top(0), y));
 }
 
 /// Two shards (either order, same folder) do what one unsharded run does: disjoint pairs that

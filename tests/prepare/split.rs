@@ -481,7 +481,7 @@ fn stats_stage_writes_clip_std_with_an_encoder() {
     run_prepare(&opts(root, &lists, &[Stage::Split])).unwrap();
     // A tiny random CLIP encoder in the real folder layout.
     let w = tempfile::tempdir().unwrap();
-    mcld::pipeline::tiny::write_tiny_layout(w.path(), root, 1).unwrap();
+    mcld::presets::tree::write_tiny_layout(w.path(), root, 1).unwrap();
     let pre = tempfile::tempdir().unwrap();
     let enc = mcld::prepare::stats::clip_encoder_dir(pre.path());
     std::fs::create_dir_all(&enc).unwrap();

@@ -6,10 +6,11 @@
 use std::path::Path;
 use std::process::Command;
 
+use mcld::imageops::grid::{GridLayout, MIN_CELL};
+use mcld::presets::tree::write_tiny_train_base;
 use mcld::train::cmd::TrainCommand;
 use mcld::train::demo::{quarter_means, read_losses, write_demo_dataset};
-use mcld::train::tiny::write_tiny_train_base;
-use mcld::train::validate::{grid_path, GRID_COLUMNS, VALIDATION_PAIRS};
+use mcld::train::validate::{grid_path, GRID_COLUMNS};
 
 fn mcld() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mcld"))
@@ -45,8 +46,14 @@ fn validation_grid_is_written_at_the_validation_steps() {
     let config = write_tiny_train_base(d.path(), &data).unwrap();
     let cfg = mcld::config::TrainConfig::load(&config).unwrap();
     let side = cfg.data.train_height as u32;
-    let test_rows = csv_pairs(&data.join("test.csv")).min(VALIDATION_PAIRS) as u32;
+    assert!(side < MIN_CELL && cfg.data.val_bs == 3);
+    let test_rows = csv_pairs(&data.join("test.csv")).min(cfg.data.val_bs) as u32;
     assert!(test_rows >= 1);
+    let layout = |rows| GridLayout {
+        columns: GRID_COLUMNS.len() as u32,
+        rows,
+        cell: MIN_CELL,
+    };
 
     // Validation every 2 steps: at steps 1 and 3 of 3.
     let out = d.path().join("runs");
@@ -64,7 +71,7 @@ fn validation_grid_is_written_at_the_validation_steps() {
     for step in [1, 3] {
         assert_eq!(
             dims(&grid_path(&exp, step)),
-            (GRID_COLUMNS * side, test_rows * side),
+            layout(test_rows).size(),
             "step {step}"
         );
     }
@@ -78,7 +85,8 @@ fn validation_grid_is_written_at_the_validation_steps() {
     let a = image::open(grid_path(&exp, 1)).unwrap().to_rgb8();
     let b = image::open(grid_path(&exp, 3)).unwrap().to_rgb8();
     let column = |img: &image::RgbImage, c: u32| {
-        image::imageops::crop_imm(img, c * side, 0, side, side)
+        let (x, y) = layout(test_rows).cell_origin(0, c);
+        image::imageops::crop_imm(img, x, y, MIN_CELL, MIN_CELL)
             .to_image()
             .into_raw()
     };
@@ -95,10 +103,10 @@ fn validation_grid_is_written_at_the_validation_steps() {
     };
     let outcome = mcld::train::cmd::run(&cmd).unwrap();
     assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
-    let train_rows = csv_pairs(&data.join("train.csv")).min(VALIDATION_PAIRS) as u32;
+    let train_rows = csv_pairs(&data.join("train.csv")).min(cfg.data.val_bs) as u32;
     assert_eq!(
         dims(&grid_path(&out2.join(&cfg.exp_name), 1)),
-        (GRID_COLUMNS * side, train_rows * side)
+        layout(train_rows).size()
     );
 }
 

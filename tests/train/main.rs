@@ -11,6 +11,9 @@ mod grad;
 mod grad_ops;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod plot;
 mod run_loop;
+mod schedule;
 mod step;
+mod steps;
 mod trainer;

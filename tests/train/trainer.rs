@@ -10,10 +10,10 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use mcld::config::TrainConfig;
-use mcld::train::api::{step_rng, Grads, Net, TrainBatch, TrainStep};
+use mcld::presets::tree::write_tiny_train_base;
+use mcld::train::api::{step_rngs, Grads, Net, TrainBatch, TrainStep};
 use mcld::train::init::{initial_weights, InitSources};
 use mcld::train::setup::build_trainer;
-use mcld::train::tiny::write_tiny_train_base;
 use mcld::train::trainer::{randn, McldTrainer};
 
 fn tiny(dir: &Path) -> TrainConfig {
@@ -62,6 +62,7 @@ fn starting_weights_follow_the_reference() {
     let src = InitSources {
         unet_dir: cfg.base_model_path.join("unet"),
         controlnet: Some(cfg.controlnet_openpose_path.clone()),
+        cond_chan: 3,
         seed: 7,
     };
     let init = initial_weights(&src).unwrap();
@@ -149,7 +150,7 @@ fn a_missing_base_tensor_names_the_file_and_the_tensor() {
 fn run_steps(tr: &mut McldTrainer, cfg: &TrainConfig, from: u64, to: u64) -> Vec<f64> {
     let mut losses = Vec::new();
     for step in from..to {
-        let mut rng = step_rng(cfg.seed, step, 0, 0);
+        let mut rng = step_rngs(cfg.seed, step, 0, 0);
         let g = tr.grads(&batch(cfg, step), &mut rng).unwrap();
         let stats = tr.apply(&g, 1e-3).unwrap();
         assert!(stats.loss.is_finite() && stats.grad_norm.is_finite());
@@ -213,7 +214,7 @@ fn the_step_learns_and_touches_only_trainable_tensors() {
     let b = batch(&cfg, 0);
     let mut losses = Vec::new();
     for step in 0..12 {
-        let mut rng = step_rng(cfg.seed, 0, 0, 0);
+        let mut rng = step_rngs(cfg.seed, 0, 0, 0);
         let g = tr.grads(&b, &mut rng).unwrap();
         losses.push(tr.apply(&g, 2e-3).unwrap().loss);
         assert_eq!(tr.step_count(), step + 1);
@@ -237,7 +238,7 @@ fn half_precision_steps_stay_close_to_f32() {
     let b = batch(&cfg, 3);
     let grads_in = |dt: DType| -> (McldTrainer, Grads) {
         let mut tr = build_trainer(&cfg, &Device::Cpu, dt).unwrap();
-        let mut rng = step_rng(cfg.seed, 5, 0, 0);
+        let mut rng = step_rngs(cfg.seed, 5, 0, 0);
         let g = tr.grads(&b, &mut rng).unwrap();
         (tr, g)
     };
@@ -282,7 +283,7 @@ fn f16_overflow_skips_the_step_and_lowers_the_scale() {
     let scaler = tr.scaler.as_mut().unwrap();
     scaler.scale = 1e30; // beyond f16: the scaled backward overflows
     let before = tr.weights(Net::DenoisingUnet).unwrap();
-    let mut rng = step_rng(cfg.seed, 0, 0, 0);
+    let mut rng = step_rngs(cfg.seed, 0, 0, 0);
     let g = tr.grads(&batch(&cfg, 1), &mut rng).unwrap();
     let stats = tr.apply(&g, 1e-3).unwrap();
     assert!(stats.skipped, "the overflowing step must be skipped");
@@ -291,6 +292,129 @@ fn f16_overflow_skips_the_step_and_lowers_the_scale() {
     for (k, t) in &before {
         assert_eq!(host(t), host(&after[k]), "{k} changed in a skipped step");
     }
+    // torch's GradScaler skips optimizer.step(): the step is taken, no update is counted (the
+    // lr schedule and every tensor's bias correction stay where they were).
+    assert_eq!(tr.step_count(), 1);
+    assert_eq!(tr.updates_applied(), 0);
+    assert!(tr.opt.param_steps.iter().all(|&c| c == 0));
+    // The next, finite step is the optimizer's first.
+    tr.scaler.as_mut().unwrap().scale = 1024.0;
+    let mut rng = step_rngs(cfg.seed, 1, 0, 0);
+    let g = tr.grads(&batch(&cfg, 2), &mut rng).unwrap();
+    assert!(!tr.apply(&g, 1e-3).unwrap().skipped);
+    assert_eq!((tr.step_count(), tr.updates_applied()), (2, 1));
+    assert!(tr.opt.param_steps.iter().all(|&c| c == 1));
+}
+
+/// An unconditional step drawn by the step itself (uncond_ratio 1) leaves every reference-UNet
+/// tensor and its AdamW moments bit-identical, and its step count behind.
+#[test]
+fn an_unconditional_step_leaves_the_reference_unet_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(dir.path());
+    let mut tr = build_trainer(&cfg, &Device::Cpu, DType::F32).unwrap();
+    tr.cfg.uncond_ratio = 0.0;
+    let mut rng = step_rngs(cfg.seed, 0, 0, 0);
+    let g = tr.grads(&batch(&cfg, 0), &mut rng).unwrap();
+    assert!(
+        g.has_grad.iter().all(|h| *h),
+        "a conditional step reaches every tensor"
+    );
+    tr.apply(&g, 1e-3).unwrap();
+    let names: Vec<String> = tr
+        .params
+        .trainable()
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    let snap = |tr: &McldTrainer| -> Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                (
+                    host(&tr.params.get(n).unwrap()),
+                    host(&tr.opt.m[i]),
+                    host(&tr.opt.v[i]),
+                )
+            })
+            .collect()
+    };
+    let before = snap(&tr);
+    tr.cfg.uncond_ratio = 1.0;
+    let mut rng = step_rngs(cfg.seed, 1, 0, 0);
+    let g = tr.grads(&batch(&cfg, 1), &mut rng).unwrap();
+    tr.apply(&g, 1e-3).unwrap();
+    let after = snap(&tr);
+    for (i, n) in names.iter().enumerate() {
+        let same = before[i] == after[i];
+        if n.starts_with("reference_unet.") {
+            assert!(
+                same,
+                "{n}: weights or moments moved in an unconditional step"
+            );
+            assert_eq!(tr.opt.param_steps[i], 1, "{n}");
+        } else {
+            assert!(!same, "{n} did not move");
+            assert_eq!(tr.opt.param_steps[i], 2, "{n}");
+        }
+    }
+    // The counts survive a save and load.
+    let ck = dir.path().join("ck");
+    std::fs::create_dir_all(&ck).unwrap();
+    tr.save_state(&ck).unwrap();
+    let mut b = build_trainer(&cfg, &Device::Cpu, DType::F32).unwrap();
+    b.load_state(&ck).unwrap();
+    assert_eq!(b.opt.param_steps, tr.opt.param_steps);
+    assert_eq!((b.step_count(), b.updates_applied()), (2, 2));
+}
+
+/// train.py lines 355-370: with `pose_guider_pretrain` the ControlNet's embedding with
+/// (16, 32, 96, 256) and `cond_chan` inputs (`conv_in1` when not 3, left fresh); without, the
+/// class defaults (16, 32, 64, 128), 3 inputs, fresh.
+#[test]
+fn pose_guider_channels_follow_pretrain_and_cond_chan() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny(dir.path());
+    let src = |controlnet: bool, cond_chan: usize| InitSources {
+        unet_dir: cfg.base_model_path.join("unet"),
+        controlnet: controlnet.then(|| cfg.controlnet_openpose_path.clone()),
+        cond_chan,
+        seed: 7,
+    };
+    let c0 = initial_weights(&src(false, 3)).unwrap();
+    assert_eq!(c0.cfg.pose_guider.block_out_channels, vec![16, 32, 64, 128]);
+    assert_eq!(
+        c0.tensors["pose_guider.blocks.5.weight"].dims(),
+        &[128, 64, 3, 3]
+    );
+    assert!(c0.fresh.iter().any(|k| k == "pose_guider.conv_in.weight"));
+    let cn = mcld::weights::load(&cfg.controlnet_openpose_path, &Device::Cpu).unwrap();
+    let c3 = initial_weights(&src(true, 3)).unwrap();
+    assert_eq!(c3.cfg.pose_guider.block_out_channels, vec![16, 32, 96, 256]);
+    assert_eq!(
+        host(&c3.tensors["pose_guider.conv_in.weight"]),
+        host(&cn["controlnet_cond_embedding.conv_in.weight"])
+    );
+    let c1 = initial_weights(&src(true, 1)).unwrap();
+    assert_eq!(
+        c1.tensors["pose_guider.conv_in1.weight"].dims(),
+        &[16, 1, 3, 3]
+    );
+    assert!(!c1.tensors.contains_key("pose_guider.conv_in.weight"));
+    assert!(c1.fresh.iter().any(|k| k == "pose_guider.conv_in1.weight"));
+    assert_eq!(
+        host(&c1.tensors["pose_guider.blocks.0.weight"]),
+        host(&cn["controlnet_cond_embedding.blocks.0.weight"])
+    );
+    // A guider that cannot read the 3-channel pose images stops the run before it starts.
+    let mut bad = cfg.clone();
+    bad.cond_chan = 1;
+    let err = match build_trainer(&bad, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("cond_chan 1 must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("cond_chan"), "{err}");
 }
 
 #[test]
@@ -298,7 +422,7 @@ fn non_finite_gradients_stop_an_f32_step_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny(dir.path());
     let mut tr = build_trainer(&cfg, &Device::Cpu, DType::F32).unwrap();
-    let mut rng = step_rng(cfg.seed, 0, 0, 0);
+    let mut rng = step_rngs(cfg.seed, 0, 0, 0);
     let mut g = tr.grads(&batch(&cfg, 1), &mut rng).unwrap();
     g.tensors[0] = (g.tensors[0].ones_like().unwrap() * f64::NAN).unwrap();
     let err = tr.apply(&g, 1e-3).unwrap_err().to_string();

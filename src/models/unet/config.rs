@@ -185,14 +185,6 @@ impl Default for Config {
 }
 
 impl Config {
-    /// SD-1.5's UNet config (cross_attention_dim 768).
-    pub fn sd15() -> Self {
-        Self {
-            cross_attention_dim: 768,
-            ..Self::default()
-        }
-    }
-
     /// Parses a diffusers `config.json` and validates it; errors name the file.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
