@@ -13,7 +13,7 @@ use clap::ValueEnum;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::peak_rss_bytes;
+use super::{cpu_seconds, peak_rss_bytes};
 use crate::models::mcld::Mcld;
 use crate::ops::recompute::Tape;
 use crate::pipeline::mcld::Precision;
@@ -142,18 +142,22 @@ pub fn run(args: &TrainBench) -> Result<()> {
     };
 
     let mut total = Times::default();
+    let mut total_cpu = Times::default();
+    let cpu_now = || cpu_seconds().unwrap_or(f64::NAN);
     let mut losses = Vec::new();
     for step in 0..args.warmup + args.steps {
         let mut times = Times::default();
+        let mut cpu = Times::default();
         let vb = params.var_builder_rounded(prec.compute, prec.round_weights, true)?;
         let nets = Mcld::new(vb, &cfg)?;
         let tape = Tape::new();
         let ckpt = args.grad_checkpointing.then_some(&tape);
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_now());
         let bank = reference_bank(&nets, &inp, ckpt)?;
         sync(&device)?;
         times.reference = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
+        cpu.reference = cpu_now() - c0;
+        let (t0, c0) = (Instant::now(), cpu_now());
         let out = denoise_loss(
             &nets,
             &scheduler,
@@ -164,8 +168,9 @@ pub fn run(args: &TrainBench) -> Result<()> {
         )?;
         let loss = out.loss.to_scalar::<f32>()?;
         times.denoise = t0.elapsed().as_secs_f64();
+        cpu.denoise = cpu_now() - c0;
         drop(bank);
-        let t0 = Instant::now();
+        let (t0, c0) = (Instant::now(), cpu_now());
         let store = match ckpt {
             Some(tp) => tp.backward(&out.loss)?,
             None => out.loss.backward()?,
@@ -182,12 +187,14 @@ pub fn run(args: &TrainBench) -> Result<()> {
         drop(store);
         sync(&device)?;
         times.backward = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
+        cpu.backward = cpu_now() - c0;
+        let (t0, c0) = (Instant::now(), cpu_now());
         if args.optimizer == Optimizer::Adamw {
             opt.step(params.trainable(), &grads, 1e-5)?;
             sync(&device)?;
         }
         times.optimizer = t0.elapsed().as_secs_f64();
+        cpu.optimizer = cpu_now() - c0;
         drop(grads);
         if !loss.is_finite() {
             return Err(Error::msg(format!(
@@ -197,18 +204,26 @@ pub fn run(args: &TrainBench) -> Result<()> {
         let timed = step >= args.warmup;
         println!(
             "{} step {step}: reference UNet {:.2} s, denoising UNet + loss {:.2} s, backward {:.2} s, \
-             optimizer {:.2} s, loss {loss:.4}",
+             optimizer {:.2} s, loss {loss:.4}; CPU time {:.2} | {:.2} | {:.2} | {:.2} s",
             if timed { "timed " } else { "warm-up" },
             times.reference,
             times.denoise,
             times.backward,
-            times.optimizer
+            times.optimizer,
+            cpu.reference,
+            cpu.denoise,
+            cpu.backward,
+            cpu.optimizer
         );
         if timed {
             total.reference += times.reference;
             total.denoise += times.denoise;
             total.backward += times.backward;
             total.optimizer += times.optimizer;
+            total_cpu.reference += cpu.reference;
+            total_cpu.denoise += cpu.denoise;
+            total_cpu.backward += cpu.backward;
+            total_cpu.optimizer += cpu.optimizer;
             losses.push(loss);
         }
     }
@@ -224,6 +239,16 @@ pub fn run(args: &TrainBench) -> Result<()> {
         per_step,
         1.0 / per_step,
         b as f64 / per_step
+    );
+    let cpu_step =
+        (total_cpu.reference + total_cpu.denoise + total_cpu.backward + total_cpu.optimizer) / n;
+    println!(
+        "CPU time per step (all threads): reference UNet {:.2} s | denoising UNet + loss {:.2} s | backward {:.2} s | optimizer {:.2} s | total {:.2} s",
+        total_cpu.reference / n,
+        total_cpu.denoise / n,
+        total_cpu.backward / n,
+        total_cpu.optimizer / n,
+        cpu_step
     );
     match peak_rss_bytes() {
         Some(p) => println!("peak RSS {:.2} GiB", gib(p)),

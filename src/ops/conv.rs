@@ -6,8 +6,9 @@
 //! where its own matmul on the same numbers reaches 108 (PyTorch: 158 and 126). Here each tile
 //! of output rows builds its patch matrix from whole input-row runs in the weight's own
 //! (c_in, ky, kx) order, one matmul writes straight into the NCHW output with the bias already
-//! in place, and tiles run in parallel. Anything else (GPUs, half precision, grouped convs,
-//! tensors that track gradients) goes to candle unchanged.
+//! in place, and tiles run in parallel. Tensors that track gradients (f32, f64 on the CPU) take
+//! `ops::conv_grad`'s custom op, with a backward pass on the same kernel; anything else (GPUs,
+//! half precision, grouped convs) goes to candle unchanged.
 
 use std::sync::Arc;
 
@@ -146,6 +147,12 @@ pub fn conv2d_forward(
 ) -> candle_core::Result<Tensor> {
     if let Some(y) = conv2d_cpu(x, w, bias, padding, stride, dilation, groups)? {
         return Ok(y);
+    }
+    // With gradient tracking: our op with its own backward pass (f32, f64 on the CPU).
+    if super::train_ops_enabled() {
+        if let Some(y) = super::conv_grad::conv2d(x, w, bias, padding, stride, dilation, groups)? {
+            return Ok(y);
+        }
     }
     let x = if x.track_op() && stride > 1 {
         even_out_remainders(x, w, padding, stride, dilation)?
@@ -300,19 +307,20 @@ fn conv2d_cpu_with(
     )?))
 }
 
+/// One image's convolution shape (also used by the training op in `ops::conv_grad`).
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    ci: usize,
-    h: usize,
-    w: usize,
-    co: usize,
-    kh: usize,
-    kw: usize,
-    oh: usize,
-    ow: usize,
-    pad: usize,
-    stride: usize,
-    dilation: usize,
+pub(crate) struct Geometry {
+    pub(crate) ci: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) co: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) oh: usize,
+    pub(crate) ow: usize,
+    pub(crate) pad: usize,
+    pub(crate) stride: usize,
+    pub(crate) dilation: usize,
 }
 
 impl Geometry {
@@ -524,7 +532,7 @@ fn unpack_pair_order(pa: &PackedA, [co, ci, kh, kw]: [usize; 4]) -> Vec<bf16> {
 /// tile's patch matrix is plain copies of plane rows in the kernel's layout; tiles are runs of
 /// output pixels small enough that the packed patches stay in cache for the product, which
 /// goes to a compact scratch and then, with the bias, into the NCHW output.
-fn run_packed(
+pub(crate) fn run_packed(
     g: &Geometry,
     n: usize,
     x: &[f32],

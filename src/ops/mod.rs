@@ -6,9 +6,20 @@
 
 pub mod attention;
 pub mod conv;
+pub mod conv_grad;
+mod elem;
 pub mod geglu;
+pub mod geglu_grad;
 pub(crate) mod host;
 pub mod linear;
 pub mod norm;
 pub mod packed_gemm;
 pub mod recompute;
+
+/// Whether the training path takes the custom ops with backward passes of their own
+/// ([`conv_grad`], [`attention::grad`], [`norm::grad`], [`geglu_grad`]; the default) or candle's composed ops
+/// (`MCLD_TRAIN_OPS=candle`, kept for side-by-side measurements in one sitting).
+pub fn train_ops_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MCLD_TRAIN_OPS").map_or(true, |v| v != "candle"))
+}

@@ -20,7 +20,7 @@ use mcld::train::trainer::randn;
 use crate::common::load_case;
 use crate::step::{fixture_setup, FixtureInputs};
 
-fn rand64(seed: u64, dims: &[usize]) -> Tensor {
+pub(crate) fn rand64(seed: u64, dims: &[usize]) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
     randn(&mut rng, dims, &Device::Cpu)
         .unwrap()
@@ -28,13 +28,19 @@ fn rand64(seed: u64, dims: &[usize]) -> Tensor {
         .unwrap()
 }
 
-fn vec64(t: &Tensor) -> Vec<f64> {
+pub(crate) fn vec64(t: &Tensor) -> Vec<f64> {
     t.flatten_all().unwrap().to_vec1::<f64>().unwrap()
 }
 
 /// Central differences of scalar `f` at `x0` on up to `probes` evenly spread entries, against
 /// the autograd gradient `g`. Errors are relative to max(1e-3, max|g|).
-fn fd_check(name: &str, x0: &Tensor, g: &Tensor, probes: usize, f: &dyn Fn(&Tensor) -> f64) {
+pub(crate) fn fd_check(
+    name: &str,
+    x0: &Tensor,
+    g: &Tensor,
+    probes: usize,
+    f: &dyn Fn(&Tensor) -> f64,
+) {
     let flat = vec64(x0);
     let gv = vec64(g);
     assert_eq!(flat.len(), gv.len(), "{name}: gradient shape");
@@ -60,7 +66,12 @@ fn fd_check(name: &str, x0: &Tensor, g: &Tensor, probes: usize, f: &dyn Fn(&Tens
 }
 
 /// Gradient of `f` (built from tensors) with respect to each of `inputs`, then FD checks.
-fn check_op(name: &str, inputs: &[Tensor], probes: usize, f: &dyn Fn(&[Tensor]) -> Tensor) {
+pub(crate) fn check_op(
+    name: &str,
+    inputs: &[Tensor],
+    probes: usize,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+) {
     let vars: Vec<Var> = inputs
         .iter()
         .map(|t| Var::from_tensor(t).unwrap())
@@ -81,7 +92,7 @@ fn check_op(name: &str, inputs: &[Tensor], probes: usize, f: &dyn Fn(&[Tensor]) 
 }
 
 /// Projects an output onto fixed random weights so every output entry matters.
-fn project(y: &Tensor, seed: u64) -> Tensor {
+pub(crate) fn project(y: &Tensor, seed: u64) -> Tensor {
     let r = rand64(seed, y.dims());
     (y * r).unwrap().sum_all().unwrap()
 }

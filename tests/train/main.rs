@@ -1,4 +1,5 @@
-//! Training: the step at fixture parity, gradient coverage, finite differences, precision,
+//! Training: the step at fixture parity, gradient coverage, finite differences (of the whole
+//! loss and of our own ops' backward passes), precision,
 //! checkpointing, state round trips, and the collectives' gradient buckets and control channel.
 
 #[path = "../common/mod.rs"]
@@ -7,6 +8,7 @@ mod common;
 mod collective;
 mod demo;
 mod grad;
+mod grad_ops;
 #[cfg(feature = "nccl")]
 mod nccl;
 mod plot;

@@ -1,10 +1,13 @@
 //! The one attention entry point of every network: the fused CPU kernel ([`cpu`]) where it
-//! applies (f32 CPU tensors without gradient tracking), else the generic path from candle's
-//! primitives, sliced over query rows so large self-attentions never hold all their scores.
+//! applies (f32 CPU tensors without gradient tracking), the custom op of [`grad`] on the CPU with
+//! gradient tracking (its backward pass recomputes the probabilities block by block), else the
+//! generic path from candle's primitives, sliced over query rows so large self-attentions never
+//! hold all their scores.
 
 use candle_core::{DType, Result, Tensor, D};
 
 pub mod cpu;
+pub mod grad;
 
 /// Score elements (B x heads x query rows x keys) materialised at once by [`attention`]: 2^26
 /// f32 values are 256 MiB, so SD-1.5's 4096-token self-attention runs in a few slices instead of
@@ -16,7 +19,7 @@ pub const ATTENTION_CHUNK_ELEMS: usize = 1 << 26;
 /// [`ATTENTION_CHUNK_ELEMS`] scores (each row's result is independent of the slicing). Without
 /// gradient tracking the fused softmax is used; with it, the softmax from primitives, because
 /// the fused one has no backward pass. f32 on the CPU without gradients takes the fused kernel
-/// of [`cpu`] instead.
+/// of [`cpu`] instead, and f32 or f64 on the CPU with gradients the custom op of [`grad`].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     attention_bf16(q, k, v, false)
 }
@@ -26,6 +29,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<Tensor> {
     if let Some(out) = cpu::attention(q, k, v, bf16)? {
         return Ok(out);
+    }
+    if (q.track_op() || k.track_op() || v.track_op()) && super::train_ops_enabled() {
+        if let Some(out) = grad::attention(q, k, v)? {
+            return Ok(out);
+        }
     }
     attention_chunked(q, k, v, ATTENTION_CHUNK_ELEMS)
 }

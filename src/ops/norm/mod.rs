@@ -1,10 +1,12 @@
 //! The norms of every network: LayerNorm from primitives (candle's fused one has no backward
 //! pass, see shared/GPU.md, and the same modules are trained) and GroupNorm(+SiLU), each taking
-//! the one-pass kernels of [`fused`] where no gradient is needed.
+//! the one-pass kernels of [`fused`] where no gradient is needed and, on the CPU with gradient
+//! tracking, the custom ops of [`grad`] (fused backward passes).
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
 pub mod fused;
+pub mod grad;
 
 /// LayerNorm over the last dimension, built from primitives so gradients flow.
 #[derive(Debug, Clone)]
@@ -38,6 +40,14 @@ impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if let Some(y) = fused::layer_norm(x, self.eps, self.weight.as_ref(), self.bias.as_ref())? {
             return Ok(y);
+        }
+        if let (Some(w), Some(b)) = (&self.weight, &self.bias) {
+            let tracked = x.track_op() || w.track_op() || b.track_op();
+            if tracked && super::train_ops_enabled() {
+                if let Some(y) = grad::layer_norm(x, self.eps, w, b)? {
+                    return Ok(y);
+                }
+            }
         }
         let dtype = x.dtype();
         // Statistics in f32 at least: f16/bf16 means over 1280 channels lose too much.
@@ -94,16 +104,30 @@ impl GroupNorm {
 
     /// `silu(group_norm(x))`, the resnet blocks' pre-activation.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        match fused::group_norm(x, self.groups, self.eps, &self.weight, &self.bias, true)? {
+        match self.fused(x, true)? {
             Some(y) => Ok(y),
             None => candle_nn::ops::silu(&self.composed.forward(x)?),
         }
+    }
+
+    /// The fused inference kernel, or with gradient tracking the custom op of [`grad`]; `None`
+    /// where neither applies.
+    fn fused(&self, x: &Tensor, act: bool) -> Result<Option<Tensor>> {
+        let (w, b) = (&self.weight, &self.bias);
+        if let Some(y) = fused::group_norm(x, self.groups, self.eps, w, b, act)? {
+            return Ok(Some(y));
+        }
+        let tracked = x.track_op() || w.track_op() || b.track_op();
+        if tracked && super::train_ops_enabled() {
+            return grad::group_norm(x, self.groups, self.eps, w, b, act);
+        }
+        Ok(None)
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match fused::group_norm(x, self.groups, self.eps, &self.weight, &self.bias, false)? {
+        match self.fused(x, false)? {
             Some(y) => Ok(y),
             None => self.composed.forward(x),
         }
