@@ -4,7 +4,8 @@
 //! before they became `presets::tree` (`pipeline::tiny::write_tiny_layout` and
 //! `train::tiny::write_tiny_train_base` at commit 9a4f39f, `sha256sum` over the two trees), so
 //! the test below shows the trees stayed bit-identical: same sizes, seeds and names. The YAML
-//! files are left out: they hold the temporary folder's paths and follow `configs/`.
+//! files are left out: they hold the temporary folder's paths and follow `configs/`. One line was
+//! added since: `UNTRAINED_DEMO_WEIGHTS.txt`, the marker `mcld serve` labels demo weights by.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
