@@ -27,7 +27,125 @@ pub fn parse_device(s: &str) -> Result<Device> {
              rebuild with `cargo build --release --features cuda` (see scripts/build-cuda.sh)"
         )));
     }
-    Ok(Device::new_cuda(ordinal)?)
+    let device = Device::new_cuda(ordinal)?;
+    keep_freed_gpu_memory(&device);
+    Ok(device)
+}
+
+/// High-water marks of this process's memory on a CUDA device, from the driver's memory pool
+/// that candle's allocator draws on (cudarc allocates with `cuMemAllocAsync` where the device has
+/// pools). A true peak, unlike nvidia-smi samples taken between phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuMemoryPeak {
+    /// Bytes held by live buffers at the worst moment (PyTorch's `max_memory_allocated`).
+    pub used: u64,
+    /// Bytes the pool held at the worst moment (PyTorch's `max_memory_reserved`).
+    pub reserved: u64,
+}
+
+/// The peaks since the process started or the last [`reset_gpu_memory_peak`]; `None` on the
+/// CPU, on a build without CUDA, or where the driver gives no pool statistics.
+pub fn gpu_memory_peak(device: &Device) -> Option<GpuMemoryPeak> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        let pool = cuda_pool::current(device)?;
+        Some(GpuMemoryPeak {
+            used: cuda_pool::get(pool, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved: cuda_pool::get(pool, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+/// Starts the peaks of [`gpu_memory_peak`] again from the current use (after building the
+/// networks, say). Returns whether the device has pool statistics to reset.
+pub fn reset_gpu_memory_peak(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        let Some(pool) = cuda_pool::current(device) else {
+            return false;
+        };
+        // The driver only accepts 0 for the high-water marks: "reset to the current value".
+        cuda_pool::set(pool, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)
+            && cuda_pool::set(pool, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, 0)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
+/// Lets the CUDA pool keep memory that tensors free, as PyTorch's caching allocator does.
+///
+/// The pool's default release threshold is 0: at every synchronisation (each host read of a
+/// loss, each phase timing) the driver unmaps all free memory, and the next allocations map it
+/// again. candle gives every op result a fresh buffer, so that is paid over and over.
+/// `MCLD_CUDA_POOL_RELEASE=1` keeps the driver's default.
+fn keep_freed_gpu_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        if std::env::var_os("MCLD_CUDA_POOL_RELEASE").is_some_and(|v| v == "1") {
+            return;
+        }
+        if let Some(pool) = cuda_pool::current(device) {
+            cuda_pool::set(pool, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX);
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
+/// The driver calls behind the pool statistics (cudarc's raw bindings, re-exported by candle).
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::Device;
+
+    /// The device's current pool, when its context allocates from one.
+    pub(super) fn current(device: &Device) -> Option<sys::CUmemoryPool> {
+        let Device::Cuda(d) = device else {
+            return None;
+        };
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        if !ctx.has_async_alloc() {
+            return None;
+        }
+        ctx.bind_to_thread().ok()?;
+        let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+        // SAFETY: the device handle comes from a live context; the driver writes the handle.
+        unsafe { sys::cuDeviceGetMemPool(pool.as_mut_ptr(), ctx.cu_device()) }
+            .result()
+            .ok()?;
+        // SAFETY: written by the successful call above.
+        Some(unsafe { pool.assume_init() })
+    }
+
+    /// A 64-bit pool attribute (every statistic and the release threshold are cuuint64_t).
+    pub(super) fn get(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> Option<u64> {
+        let mut v = 0u64;
+        // SAFETY: `pool` is a live pool handle and `attr` one of the 64-bit attributes.
+        unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }
+            .result()
+            .ok()?;
+        Some(v)
+    }
+
+    pub(super) fn set(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute, v: u64) -> bool {
+        let mut v = v;
+        // SAFETY: as in `get`; the driver reads the value.
+        unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut v as *mut u64).cast()) }
+            .result()
+            .is_ok()
+    }
 }
 
 /// A device as `--device` spells it (`cpu`, `cuda:N`).
@@ -92,5 +210,11 @@ mod tests {
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
         assert_eq!(parse_dtype("fp16").unwrap(), DType::F16);
         assert!(parse_dtype("int8").is_err());
+    }
+
+    #[test]
+    fn cpu_has_no_gpu_memory_peak() {
+        assert_eq!(gpu_memory_peak(&Device::Cpu), None);
+        assert!(!reset_gpu_memory_peak(&Device::Cpu));
     }
 }

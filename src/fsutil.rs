@@ -50,10 +50,20 @@ pub fn write_atomic_with(
 pub fn save_image_atomic(img: &image::DynamicImage, path: &Path) -> Result<()> {
     let fmt = image::ImageFormat::from_path(path)
         .map_err(|e| Error::input(path, format!("unknown image format: {e}")))?;
+    write_atomic(path, &encode_image(img, fmt, path)?)
+}
+
+/// The bytes [`save_image_atomic`] writes for `fmt` (`mcld serve` sends the same PNG bytes
+/// `mcld infer` saves); `path` only labels the error.
+pub fn encode_image(
+    img: &image::DynamicImage,
+    fmt: image::ImageFormat,
+    path: &Path,
+) -> Result<Vec<u8>> {
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, fmt)
         .map_err(|e| Error::input(path, format!("cannot encode image: {e}")))?;
-    write_atomic(path, buf.get_ref())
+    Ok(buf.into_inner())
 }
 
 /// Reads a whole file, naming it in the error.

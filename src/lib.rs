@@ -22,6 +22,7 @@ pub mod prepare;
 pub mod presets;
 pub mod rank;
 pub mod scheduler;
+pub mod serve;
 pub mod train;
 pub mod weights;
 

@@ -6,10 +6,9 @@
 //! sd-image-variations-diffusers, whose 768-d embedding matches the UNets' cross-attention
 //! width) from [`RandomWeights`], then whole batches are timed phase by phase.
 //!
-//! GPU memory: candle exposes no allocator statistics, so on CUDA the bench asks `nvidia-smi`
-//! for this process's usage after every phase and reports the largest sample. A transient peak
-//! inside a phase (attention scores) can exceed it; candle's CUDA allocator frees eagerly, so
-//! the samples show what stays resident.
+//! GPU memory: the CUDA memory pool's high-water marks (`device::gpu_memory_peak`), a true peak
+//! over the whole run, weights included, as PyTorch's `max_memory_allocated`. Where the driver
+//! has no pools, the largest `nvidia-smi` sample taken between phases stands in.
 
 use std::time::Instant;
 
@@ -137,6 +136,25 @@ pub(crate) fn gpu_used_bytes() -> Option<u64> {
     })
 }
 
+/// The run's peak GPU memory: the pool's high-water marks where the driver keeps them, else
+/// the largest `fallback` sample (nvidia-smi between phases, which misses peaks inside one).
+pub(crate) fn print_gpu_peak(device: &Device, fallback: Option<u64>) {
+    match (crate::device::gpu_memory_peak(device), fallback) {
+        (Some(p), _) => println!(
+            "peak GPU memory {:.2} GiB allocated, {:.2} GiB reserved (CUDA pool high-water marks)",
+            gib(p.used),
+            gib(p.reserved)
+        ),
+        (None, Some(b)) => println!(
+            "peak GPU memory {:.2} GiB (nvidia-smi samples only: peaks between them are missed)",
+            gib(b)
+        ),
+        (None, None) => {
+            println!("peak GPU memory: not reported (no pool statistics, no nvidia-smi)")
+        }
+    }
+}
+
 /// Seconds of each phase for one batch, plus whether everything stayed finite.
 #[derive(Debug, Default, Clone)]
 struct Phases {
@@ -200,7 +218,7 @@ fn run_batch(
         &prep,
         &noise,
         p.guidance_scale,
-        |_, _| {},
+        |_, _| Ok(()),
     )?;
     dev.synchronize()?;
     ph.denoise = t.elapsed().as_secs_f64();
@@ -290,13 +308,7 @@ pub fn run(args: &PipelineBench) -> Result<()> {
         None => println!("peak RSS: not reported by this OS"),
     }
     if device.is_cuda() {
-        match gpu_peak {
-            Some(b) => println!(
-                "peak GPU memory {:.2} GiB (largest nvidia-smi sample between phases)",
-                gib(b)
-            ),
-            None => println!("peak GPU memory: nvidia-smi did not report this process"),
-        }
+        print_gpu_peak(&device, gpu_peak);
     }
     if all.iter().any(|p| !p.finite) {
         return Err(Error::msg(

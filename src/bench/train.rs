@@ -255,13 +255,7 @@ pub fn run(args: &TrainBench) -> Result<()> {
         None => println!("peak RSS: not reported by this OS"),
     }
     if device.is_cuda() {
-        match super::pipeline::gpu_used_bytes() {
-            Some(p) => println!(
-                "GPU memory in use at the end {:.2} GiB (nvidia-smi)",
-                gib(p)
-            ),
-            None => println!("GPU memory: nvidia-smi did not report this process"),
-        }
+        super::pipeline::print_gpu_peak(&device, super::pipeline::gpu_used_bytes());
     }
     Ok(())
 }

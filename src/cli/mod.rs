@@ -40,6 +40,8 @@ pub enum Command {
     Bench(BenchCommand),
     /// Fetch, check and place the models the other commands read (Hugging Face Hub, model zoos).
     Download(commands::download::DownloadArgs),
+    /// A local web page to re-pose and dress people, on networks loaded once.
+    Serve(commands::serve::ServeArgs),
 }
 
 /// Outcome of a command that could not do its work.
@@ -97,6 +99,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Demo(a) => commands::demo::run(&a)?,
         Command::Bench(c) => commands::bench::run(&c)?,
         Command::Download(a) => commands::download::run(&a)?,
+        Command::Serve(a) => commands::serve::run(&a)?,
     }
     Ok(())
 }

@@ -30,6 +30,10 @@ pub struct DemoArgs {
         default_value_t = 40
     )]
     pub train_steps: usize,
+    /// Where the training demo trains: cpu, cuda or cuda:N (the setup is written on the CPU
+    /// either way; the untrained-image demo always runs on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Runs the demo `a` asks for (`--train`: the training demo, in `--workdir` or
@@ -40,7 +44,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             .workdir
             .clone()
             .unwrap_or_else(|| PathBuf::from("./mcld_demo_train"));
-        return crate::train::demo::run(&dir, a.train_steps).map(|_| ());
+        return crate::train::demo::run(&dir, a.train_steps, &a.device).map(|_| ());
     }
     crate::pipeline::demo::run(&a.out, a.workdir.clone(), a.steps)
 }

@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::args::{CheckpointArgs, ComputeArgs, PretrainedArgs};
 use crate::pipeline::infer::{poses_in_dir, InferRequest, PoseSpec};
+use crate::pipeline::mcld::SampleOptions;
 use crate::Result;
 
 #[derive(Debug, Args)]
@@ -50,6 +51,12 @@ pub struct InferArgs {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// DDIM steps (default: the inference config's `num_inference_steps`).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale (default: the inference config's `guidance_scale`).
+    #[arg(long)]
+    pub guidance: Option<f64>,
     #[command(flatten)]
     pub compute: ComputeArgs,
 }
@@ -84,6 +91,10 @@ impl InferArgs {
             pretrained_dir: self.pretrained.pretrained_dir.clone(),
             save_texture: self.save_texture.clone(),
             seed: self.seed,
+            options: SampleOptions {
+                steps: self.steps,
+                guidance: self.guidance,
+            },
             device: self.compute.device()?,
             dtype: self.compute.dtype()?,
         })

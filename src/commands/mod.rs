@@ -12,5 +12,6 @@ pub mod edit;
 pub mod evaluate;
 pub mod infer;
 pub mod prepare;
+pub mod serve;
 pub mod test;
 pub mod train;

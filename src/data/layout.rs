@@ -106,6 +106,16 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage> {
 /// A face embedding `.npy`: 512 values, float32 or float64, shape (512,) or (1, 512).
 pub fn read_face_embedding(path: &Path) -> Result<Vec<f32>> {
     let (shape, data) = super::npy::read_f32(path)?;
+    face_embedding(shape, data, path)
+}
+
+/// [`read_face_embedding`] of an uploaded `.npy`; `name` only labels the errors.
+pub fn parse_face_embedding(bytes: &[u8], name: &Path) -> Result<Vec<f32>> {
+    let (shape, data) = super::npy::parse_f32_named(bytes, name)?;
+    face_embedding(shape, data, name)
+}
+
+fn face_embedding(shape: Vec<usize>, data: Vec<f32>, path: &Path) -> Result<Vec<f32>> {
     if data.len() != 512 {
         return Err(Error::input(
             path,

@@ -7,5 +7,8 @@ pub mod npy;
 pub mod pairs;
 pub mod train_set;
 
-pub use layout::{derived_path, list_photos, read_face_embedding, read_rgb, DatasetLayout, Part};
+pub use layout::{
+    derived_path, list_photos, parse_face_embedding, read_face_embedding, read_rgb, DatasetLayout,
+    Part,
+};
 pub use pairs::{load_pair, read_pairs, Pair, PairInputs};

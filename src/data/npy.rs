@@ -12,6 +12,11 @@ pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     parse_f32(&bytes).map_err(|m| Error::input(path, format!("bad .npy file: {m}")))
 }
 
+/// [`read_f32`] on bytes in memory (an upload); `name` only labels the errors.
+pub fn parse_f32_named(bytes: &[u8], name: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    parse_f32(bytes).map_err(|m| Error::input(name, format!("bad .npy file: {m}")))
+}
+
 fn parse_f32(b: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
     if b.len() < 10 || &b[..6] != MAGIC {
         return Err("missing NUMPY magic".into());

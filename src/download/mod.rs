@@ -29,32 +29,20 @@ use crate::{Error, Result};
 /// Environment variable standing in for `--mirror`.
 pub const MIRROR_ENV: &str = "MCLD_DOWNLOAD_MIRROR";
 
-#[derive(Debug, clap::Args)]
-pub struct DownloadArgs {
+/// What `mcld download` is asked for, as plain values.
+#[derive(Debug, Clone)]
+pub struct DownloadRequest {
     /// Comma-separated groups (inference, train, prepare, evaluate) or source ids from --list;
     /// default: every group (optional sources only when named).
-    #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Where the base and preprocessing models go (the other commands' --pretrained_dir).
-    #[arg(
-        long,
-        visible_aliases = ["pretrained_dir", "pretrained-dir"],
-        default_value = "./pretrained_weights"
-    )]
     pub dir: PathBuf,
     /// Where the MCLD checkpoints go (the other commands' --ckpt_dir).
-    #[arg(
-        long = "ckpt_dir",
-        visible_alias = "ckpt-dir",
-        default_value = "./checkpoints"
-    )]
     pub ckpt_dir: PathBuf,
     /// Print the table of sources (repo or URL, files, destination, size, check) and exit.
-    #[arg(long)]
     pub list: bool,
     /// Fetch every non-Hub https://HOST/PATH from MIRROR/HOST/PATH instead (default: the
     /// MCLD_DOWNLOAD_MIRROR environment variable). The Hub follows HF_ENDPOINT.
-    #[arg(long)]
     pub mirror: Option<String>,
 }
 
@@ -594,7 +582,7 @@ pub fn list_table(sources: &[Source], opts_dir: &Path, ckpt_dir: &Path, endpoint
 }
 
 /// `mcld download`.
-pub fn run_cli(a: &DownloadArgs) -> Result<()> {
+pub fn run_request(a: &DownloadRequest) -> Result<()> {
     let sources = if a.list && a.only.is_empty() {
         SOURCES.to_vec()
     } else {

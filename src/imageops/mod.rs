@@ -129,8 +129,14 @@ pub fn open_rgb(path: &Path) -> Result<RgbImage> {
 /// Other formats, and JPEGs libjpeg cannot turn into RGB (CMYK), go through `image`.
 pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_image(&bytes, path)
+}
+
+/// [`open_image`] on bytes already in memory (an upload); `name` only labels the errors.
+pub fn decode_image(bytes: &[u8], name: &Path) -> Result<image::DynamicImage> {
+    let path = name;
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        match decode_jpeg_libjpeg(&bytes) {
+        match decode_jpeg_libjpeg(bytes) {
             Ok(Some(img)) => return Ok(img),
             Ok(None) => {}
             Err(JpegTruncated) => {
@@ -145,7 +151,7 @@ pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
             }
         }
     }
-    image::load_from_memory(&bytes)
+    image::load_from_memory(bytes)
         .map_err(|e| Error::input(path, format!("cannot decode image: {e}")))
 }
 

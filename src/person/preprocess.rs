@@ -117,6 +117,23 @@ pub enum FaceOutcome {
 
 /// Face embedding of the largest face in `photo`, with antelopev2 from `pretrained`.
 pub fn face_of_photo(pretrained: &Path, photo: &RgbImage) -> Result<FaceOutcome> {
+    match load_face_models(pretrained)? {
+        Ok(emb) => face_with(&emb, photo),
+        Err(msg) => Ok(FaceOutcome::ModelsMissing(msg)),
+    }
+}
+
+/// [`face_of_photo`] with models already loaded (`mcld serve` keeps them).
+pub fn face_with(emb: &FaceEmbedder, photo: &RgbImage) -> Result<FaceOutcome> {
+    Ok(match emb.embed_largest(photo)? {
+        Some(v) => FaceOutcome::Found(v),
+        None => FaceOutcome::NoFace,
+    })
+}
+
+/// antelopev2's detector and recogniser from `pretrained`; `Ok(Err(message))` when they are
+/// not installed (the message names the files and how to get them).
+pub fn load_face_models(pretrained: &Path) -> Result<std::result::Result<FaceEmbedder, String>> {
     let det = face::find_model(pretrained, face::DETECTOR_ONNX);
     let rec = face::find_model(pretrained, face::RECOGNISER_ONNX);
     let (Some(det), Some(rec)) = (det, rec) else {
@@ -125,15 +142,11 @@ pub fn face_of_photo(pretrained: &Path, photo: &RgbImage) -> Result<FaceOutcome>
             .filter(|n| face::find_model(pretrained, n).is_none())
             .map(|n| pretrained.join("antelopev2").join(n).display().to_string())
             .collect();
-        return Ok(FaceOutcome::ModelsMissing(format!(
+        return Ok(Err(format!(
             "face models not found: {} (InsightFace's antelopev2 pack; `mcld download --only \
              antelopev2` fetches it); pass --face EMB.npy for a precomputed embedding",
             missing.join(", ")
         )));
     };
-    let emb = FaceEmbedder::load(&det, &rec)?;
-    Ok(match emb.embed_largest(photo)? {
-        Some(v) => FaceOutcome::Found(v),
-        None => FaceOutcome::NoFace,
-    })
+    Ok(Ok(FaceEmbedder::load(&det, &rec)?))
 }

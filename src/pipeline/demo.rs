@@ -219,6 +219,16 @@ pub fn run(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
             )?;
         }
         crate::data::npy::write_f32(&face, &[512], &input.face)?;
+        // A pose gallery for `mcld serve --poses DIR/poses`.
+        for (img, name) in [
+            (&tgt_pose, "demo_target.png"),
+            (&src_pose, "demo_source.png"),
+        ] {
+            crate::fsutil::save_image_atomic(
+                &image::DynamicImage::ImageRgb8(img.clone()),
+                &dir.join("poses").join(name),
+            )?;
+        }
         println!(
             "kept the tiny weights and sample inputs in {}; re-run the pipeline on them with\n  \
              mcld infer --ckpt_dir {} --config_path {} --source {} --pose {} --texture {} \
@@ -230,6 +240,12 @@ pub fn run(out: &Path, work: Option<PathBuf>, steps: usize) -> Result<()> {
             inputs.join("pose.png").display(),
             inputs.join("texture.png").display(),
             face.display()
+        );
+        println!(
+            "or open them in the web page:\n  mcld serve --ckpt_dir {} --config_path {} --poses {}",
+            layout.ckpt_dir.display(),
+            layout.config_path.display(),
+            dir.join("poses").display()
         );
     } else {
         let _ = std::fs::remove_dir_all(&dir);

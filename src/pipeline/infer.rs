@@ -13,7 +13,7 @@ use crate::data::{read_rgb, Pair, PairInputs};
 use crate::imageops::grid::{labelled_grid, GridRow, MIN_CELL};
 use crate::imageops::viz::{pose_preview, tensor_to_rgb};
 use crate::person::{FaceSource, PersonInputs, PersonRequest, Preprocessor, TextureOutputs};
-use crate::pipeline::mcld::McldPipeline;
+use crate::pipeline::mcld::{McldPipeline, NoProgress, SampleOptions};
 use crate::{Error, Result};
 
 /// Everything one generation needs, as plain values.
@@ -40,6 +40,8 @@ pub struct InferRequest {
     /// Where a computed texture map goes (default beside `out`).
     pub save_texture: Option<PathBuf>,
     pub seed: u64,
+    /// DDIM steps and guidance instead of the inference config's.
+    pub options: SampleOptions,
     pub device: Device,
     pub dtype: DType,
 }
@@ -291,7 +293,12 @@ pub fn generate_to_out(
     for (pose, path) in poses.iter().zip(&outs) {
         let mut one = input.clone();
         one.pose = pose.iuv.clone();
-        let generated = pipeline.generate(std::slice::from_ref(&one), req.seed)?;
+        let generated = pipeline.generate_with(
+            std::slice::from_ref(&one),
+            req.seed,
+            &req.options,
+            &mut NoProgress,
+        )?;
         let img = tensor_to_rgb(&generated[0])?;
         crate::fsutil::save_image_atomic(&image::DynamicImage::ImageRgb8(img.clone()), path)?;
         results.push(img);

@@ -353,8 +353,37 @@ impl McldPipeline {
     /// Generates one (3, 512, 512) image in [0, 1] per input pair, the batch's noise drawn
     /// from one seed.
     pub fn generate(&self, batch: &[PairInputs], seed: u64) -> Result<Vec<Tensor>> {
+        self.generate_with(batch, seed, &SampleOptions::default(), &mut NoProgress)
+    }
+
+    /// [`McldPipeline::generate`] with the config's step count and guidance overridable and
+    /// each phase reported to `progress` (which can stop the run by returning an error).
+    pub fn generate_with(
+        &self,
+        batch: &[PairInputs],
+        seed: u64,
+        opts: &SampleOptions,
+        progress: &mut dyn Progress,
+    ) -> Result<Vec<Tensor>> {
         let noise = self.noise(batch.len(), seed)?;
-        self.generate_from(batch, &noise)
+        let scheduler = match opts.steps {
+            Some(n) if n != self.scheduler.timesteps().len() => {
+                let mut s = self.scheduler.clone();
+                s.set_timesteps(n)?;
+                std::borrow::Cow::Owned(s)
+            }
+            _ => std::borrow::Cow::Borrowed(&self.scheduler),
+        };
+        let guidance = opts.guidance.unwrap_or(self.guidance_scale);
+        progress.phase(Phase::Condition)?;
+        let cond = self.condition(batch)?;
+        progress.phase(Phase::Sample)?;
+        let (latents, _) = denoise(&self.nets, &scheduler, &cond, &noise, guidance, |i, n| {
+            progress.step(i, n)
+        })?;
+        progress.phase(Phase::Decode)?;
+        let img = decode(&self.vae, &latents, self.dtype)?.to_device(&Device::Cpu)?;
+        (0..batch.len()).map(|i| Ok(img.get(i)?)).collect()
     }
 
     /// Like [`McldPipeline::generate`] with each pair's noise from its own seed.
@@ -378,12 +407,47 @@ impl McldPipeline {
             &cond,
             noise,
             self.guidance_scale,
-            |_, _| {},
+            |_, _| Ok(()),
         )?;
         let img = decode(&self.vae, &latents, self.dtype)?.to_device(&Device::Cpu)?;
         (0..batch.len()).map(|i| Ok(img.get(i)?)).collect()
     }
 }
+
+/// Per-call overrides of the inference config (`mcld infer --steps/--guidance`, `mcld serve`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SampleOptions {
+    /// DDIM steps instead of the config's `num_inference_steps`.
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale instead of the config's.
+    pub guidance: Option<f64>,
+}
+
+/// Where a generation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// CLIP, VAE encode of the texture.
+    Condition,
+    /// The DDIM loop (then [`Progress::step`] per step).
+    Sample,
+    Decode,
+}
+
+/// Hears about a generation's progress; an error returned stops it at that point.
+pub trait Progress {
+    fn phase(&mut self, _phase: Phase) -> Result<()> {
+        Ok(())
+    }
+    /// Step `i` of `n` (from 1) is done.
+    fn step(&mut self, _i: usize, _n: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Ignores progress.
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
 
 /// `mcld test`'s generator: pair number i of the test list gets its noise from seed + i, so
 /// its image does not depend on the batch size, on resumption or on `--shard` (with batch size

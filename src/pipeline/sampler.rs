@@ -89,13 +89,15 @@ pub fn prepare(nets: &Mcld, cond: &Conditioning, guidance_scale: f64) -> Result<
 }
 
 /// Runs the guided DDIM loop from `init_noise`; returns the final latents and every step.
+/// `on_step(i, n)` runs after step i of n (from 1); an error from it stops the loop there
+/// (how `mcld serve` cancels a job) and is returned.
 pub fn denoise(
     nets: &Mcld,
     scheduler: &DdimScheduler,
     cond: &Conditioning,
     init_noise: &Tensor,
     guidance_scale: f64,
-    on_step: impl FnMut(usize, usize),
+    on_step: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<(Tensor, Vec<StepRecord>)> {
     let prep = prepare(nets, cond, guidance_scale)?;
     sample(nets, scheduler, &prep, init_noise, guidance_scale, on_step)
@@ -108,7 +110,7 @@ pub fn sample(
     prep: &Prepared,
     init_noise: &Tensor,
     guidance_scale: f64,
-    mut on_step: impl FnMut(usize, usize),
+    mut on_step: impl FnMut(usize, usize) -> Result<()>,
 ) -> Result<(Tensor, Vec<StepRecord>)> {
     let b = prep.batch;
     if init_noise.dim(0)? != b {
@@ -159,7 +161,7 @@ pub fn sample(
             noise_pred,
             latents: latents.clone(),
         });
-        on_step(i + 1, timesteps.len());
+        on_step(i + 1, timesteps.len())?;
     }
     Ok((latents, steps))
 }

@@ -159,6 +159,12 @@ pub struct TinyLayout {
     pub config_path: PathBuf,
 }
 
+/// Written beside the tiny checkpoints, so that `mcld serve` can label what it shows as the
+/// output of untrained weights.
+pub const UNTRAINED_MARKER: &str = "UNTRAINED_DEMO_WEIGHTS.txt";
+const UNTRAINED_NOTE: &str = "These checkpoints are tiny seeded random weights written by `mcld \
+demo`: they exercise the whole pipeline, and what they generate is noise.\n";
+
 /// Writes the tiny inference set (seed 0) under `root`: MCLD checkpoints (`checkpoints/`), base
 /// models (`pretrained_weights/`), `inference.yaml` with `steps` DDIM steps and `train.yaml`
 /// pointing at them, with `data.root_dir` = `dataset_root`.
@@ -171,6 +177,7 @@ pub fn write_tiny_layout(root: &Path, dataset_root: &Path, steps: usize) -> Resu
         &pre.join("vae"),
         &pre.join("image_encoder"),
     )?;
+    crate::fsutil::write_atomic(&ckpt.join(UNTRAINED_MARKER), UNTRAINED_NOTE.as_bytes())?;
     let mut infer: InferenceConfig = INFERENCE_YAML.parse()?;
     infer.num_inference_steps = steps;
     let infer_path = root.join("inference.yaml");

@@ -186,11 +186,13 @@ pub fn quarter_means(losses: &[f64]) -> Option<(f64, f64)> {
     Some((mean(&losses[..q]), mean(&losses[losses.len() - q..])))
 }
 
-/// `mcld demo --train`: prepares `dir`, trains `steps` steps on the CPU and prints the loss.
-pub fn run(dir: &Path, steps: usize) -> Result<TrainOutcome> {
+/// `mcld demo --train`: prepares `dir`, trains `steps` steps on `device` and prints the loss.
+pub fn run(dir: &Path, steps: usize, device: &str) -> Result<TrainOutcome> {
     if steps == 0 {
         return Err(Error::msg("--train-steps: expected >= 1"));
     }
+    // A bad device is refused before anything is written, naming the flag.
+    crate::device::parse_device(device).map_err(|e| Error::msg(format!("--device: {e}")))?;
     let t0 = std::time::Instant::now();
     let layout = prepare(dir, steps)?;
     if layout.exp_dir.exists() {
@@ -214,12 +216,13 @@ pub fn run(dir: &Path, steps: usize) -> Result<TrainOutcome> {
          overfit a few pairs"
     );
     println!(
-        "demo: training {steps} steps on the CPU, as `mcld train --config {}` does",
+        "demo: training {steps} steps on {device}, as `mcld train --config {} --device {device}` \
+         does",
         layout.config.display()
     );
     let cmd = TrainCommand {
         config: layout.config.clone(),
-        device: Some("cpu".into()),
+        device: Some(device.to_string()),
         ..Default::default()
     };
     let outcome = super::cmd::run(&cmd)?;

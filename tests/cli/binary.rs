@@ -1,10 +1,6 @@
 //! The `mcld` binary: help text, flag spellings, bad input.
 
-use std::process::Command;
-
-fn mcld() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mcld"))
-}
+use crate::common::mcld;
 
 #[test]
 fn help_lists_every_subcommand() {

@@ -6,22 +6,10 @@
 use crate::common;
 
 use std::path::Path;
-use std::process::Command;
 
 use mcld::presets::tree::write_tiny_layout;
 
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
+use common::run_mcld as run;
 
 fn infer_args<'a>(
     source: &'a str,
@@ -58,46 +46,11 @@ fn rgb(p: &Path) -> image::RgbImage {
 /// ([I, U, V]), allowing differences only where the fixture flags them as possible flips.
 fn check_iuv_against_fixture(got: &image::RgbImage) {
     let case = common::load_case("densepose", "densepose_rcnn");
-    let want = case.get("output.iuv");
-    let (h, w, _) = want.dims3().unwrap();
-    assert_eq!((got.width() as usize, got.height() as usize), (w, h));
-    let want = want.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let lf = case.get("output.chart.label_may_flip");
-    let (ch, cw) = lf.dims2().unwrap();
-    let lf = lf.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let uvf = case
-        .get("output.chart.uv255_may_flip")
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u8>()
-        .unwrap();
     let b = case.f32("output.instances.pred_boxes").get(0).unwrap();
     let b: Vec<f32> = b.to_vec1().unwrap();
-    let (bx, by, _, _) = mcld::models::densepose::iuv::box_xywh_int(&[b[0], b[1], b[2], b[3]]);
-    let (mut bad, mut allowed) = (0, 0);
-    for y in 0..h {
-        for x in 0..w {
-            let px = got.get_pixel(x as u32, y as u32);
-            let ours = [px[2], px[1], px[0]];
-            let (r, c) = (y as i64 - by, x as i64 - bx);
-            let inside = r >= 0 && c >= 0 && (r as usize) < ch && (c as usize) < cw;
-            for (k, &v) in ours.iter().enumerate() {
-                let d = (v as i32 - want[(y * w + x) * 3 + k] as i32).abs();
-                if d == 0 {
-                    continue;
-                }
-                let ok = inside && {
-                    let p = r as usize * cw + c as usize;
-                    lf[p] == 1 || (k > 0 && uvf[(k - 1) * ch * cw + p] == 1 && d <= 1)
-                };
-                if ok {
-                    allowed += 1;
-                } else {
-                    bad += 1;
-                }
-            }
-        }
-    }
+    // On disk R = V, G = U, B = I; the fixture holds [I, U, V].
+    let iuv: Vec<u8> = got.pixels().flat_map(|p| [p[2], p[1], p[0]]).collect();
+    let (bad, allowed) = common::iuv_flip_differences(&case, &iuv, &[b[0], b[1], b[2], b[3]]);
     println!("source IUV: {bad} disallowed differences, {allowed} allowed (may-flip)");
     assert_eq!(bad, 0, "the IUV infer computed differs from the fixture's");
 }

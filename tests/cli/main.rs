@@ -10,3 +10,5 @@ mod download;
 mod evaluate;
 mod infer;
 mod pipeline;
+mod serve;
+mod serve_browser;

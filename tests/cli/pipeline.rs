@@ -3,14 +3,11 @@
 //! file, and the errors for a missing checkpoint and a wrong tensor shape.
 
 use std::path::Path;
-use std::process::Command;
 
 use image::{Rgb, RgbImage};
 use mcld::presets::tree::write_tiny_layout;
 
-fn mcld() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mcld"))
-}
+use crate::common::mcld;
 
 fn make_dataset(root: &Path) {
     for (i, n) in ["a", "b"].iter().enumerate() {

@@ -15,6 +15,19 @@ pub fn fixtures_dir() -> PathBuf {
     }
 }
 
+/// Device the fixture cases run on: `MCLD_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`), else the CPU.
+/// scripts/gpu-run.sh sets it to run the model, pipeline and training fixtures on a GPU with
+/// the tolerances they have on the CPU; an unusable value fails the test rather than falling
+/// back to the CPU.
+pub fn device() -> Device {
+    match std::env::var("MCLD_TEST_DEVICE") {
+        Ok(s) if !s.trim().is_empty() => {
+            mcld::device::parse_device(&s).unwrap_or_else(|e| panic!("MCLD_TEST_DEVICE={s}: {e}"))
+        }
+        _ => Device::Cpu,
+    }
+}
+
 /// Path of a file under the fixture root; panics (fails the test) when it is missing.
 pub fn fixture_path(rel: &str) -> PathBuf {
     let p = fixtures_dir().join(rel);
@@ -26,7 +39,7 @@ pub fn fixture_path(rel: &str) -> PathBuf {
     p
 }
 
-/// One fixture case: its JSON and its tensors (all on the CPU).
+/// One fixture case: its JSON and its tensors (all on the test [`device`]).
 pub struct Case {
     pub name: String,
     pub json: serde_json::Value,
@@ -40,7 +53,7 @@ pub fn load_case(group: &str, case: &str) -> Case {
     let sp = fixture_path(&format!("{group}/{case}.safetensors"));
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(&sp, &Device::Cpu).unwrap();
+    let tensors = candle_core::safetensors::load(&sp, &device()).unwrap();
     Case {
         name: case.to_string(),
         json,
@@ -256,4 +269,65 @@ pub fn face_test_models() -> &'static FaceTestModels {
             recogniser,
         }
     })
+}
+
+/// The `mcld` binary built for these tests, as a command to add arguments to.
+pub fn mcld() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_mcld"))
+}
+
+/// Runs the `mcld` binary built for these tests; (success, stdout then stderr).
+pub fn run_mcld(args: &[&str]) -> (bool, String) {
+    let out = mcld().args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// An IUV image (flat H x W x [I, U, V]) against a DensePose case's `output.iuv`, with the
+/// fixture README's allowance: a difference counts as allowed only inside the person's box where
+/// `label_may_flip` is set (any channel) or `uv255_may_flip` is set and it is at most 1 level.
+/// Returns (disallowed, allowed).
+pub fn iuv_flip_differences(case: &Case, got: &[u8], box_xyxy: &[f32; 4]) -> (usize, usize) {
+    let want = case.get("output.iuv");
+    let (h, w, _) = want.dims3().unwrap();
+    let want = want.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    assert_eq!(got.len(), want.len(), "iuv size");
+    let lf = case.get("output.chart.label_may_flip");
+    let (ch, cw) = lf.dims2().unwrap();
+    let lf = lf.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let uvf = case
+        .get("output.chart.uv255_may_flip")
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap();
+    let (bx, by, _, _) = mcld::models::densepose::iuv::box_xywh_int(box_xyxy);
+    let (mut bad, mut allowed) = (0, 0);
+    for y in 0..h {
+        for x in 0..w {
+            let (r, c) = (y as i64 - by, x as i64 - bx);
+            let inside = r >= 0 && c >= 0 && (r as usize) < ch && (c as usize) < cw;
+            for k in 0..3 {
+                let o = (y * w + x) * 3 + k;
+                let d = (got[o] as i32 - want[o] as i32).abs();
+                if d == 0 {
+                    continue;
+                }
+                let ok = inside && {
+                    let p = r as usize * cw + c as usize;
+                    lf[p] == 1 || (k > 0 && uvf[(k - 1) * ch * cw + p] == 1 && d <= 1)
+                };
+                if ok {
+                    allowed += 1;
+                } else {
+                    bad += 1;
+                }
+            }
+        }
+    }
+    (bad, allowed)
 }

@@ -4,7 +4,7 @@ use crate::common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use common::{assert_close, check_output, load_case, Case, Tolerance};
 use mcld::imageops::U8Image;
@@ -20,7 +20,10 @@ fn weights(case: &Case) -> HashMap<String, Tensor> {
 
 fn model(case: &Case, w: HashMap<String, Tensor>) -> mcld::Result<ClipVisionModelWithProjection> {
     let cfg = Config::from_json_str(&case.json["config"].to_string()).unwrap();
-    ClipVisionModelWithProjection::new(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &cfg)
+    ClipVisionModelWithProjection::new(
+        VarBuilder::from_tensors(w, DType::F32, &common::device()),
+        &cfg,
+    )
 }
 
 fn preprocess_cfg(case: &Case) -> Preprocess {
@@ -79,7 +82,7 @@ fn preprocessing_matches_clip_image_processor() {
         let img = U8Image::from_tensor_hwc(case.get(&format!("input.image_{tag}"))).unwrap();
         let resized = pre.resize(&img).unwrap();
         let want = case.get(&format!("output.resized_u8_{tag}"));
-        let got = resized.to_tensor_hwc(&Device::Cpu).unwrap();
+        let got = resized.to_tensor_hwc(&common::device()).unwrap();
         // Exact for a Pillow-exact resize.
         assert_close(
             &format!("output.resized_u8_{tag}"),
@@ -88,7 +91,7 @@ fn preprocessing_matches_clip_image_processor() {
             Tolerance::Abs(0.0),
         );
         let key = format!("output.pixel_values_{tag}");
-        let px = pre.apply(&img, &Device::Cpu).unwrap();
+        let px = pre.apply(&img, &common::device()).unwrap();
         let tol = &case.json["tolerance"]["output.pixel_values_"];
         assert_close(
             &key,
@@ -125,7 +128,7 @@ fn bad_inputs_are_errors() {
     let case = load_case("model", "clip_vision");
     let m = model(&case, weights(&case)).unwrap();
     let size = m.config.image_size;
-    let x = Tensor::zeros((1, 4, size, size), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((1, 4, size, size), DType::F32, &common::device()).unwrap();
     let e = m.forward(&x).unwrap_err().to_string();
     assert!(e.contains("pixel values"), "{e}");
     let gray = U8Image::new(300, 400, 1, vec![0; 120_000]).unwrap();

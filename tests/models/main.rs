@@ -5,6 +5,7 @@
 mod common;
 
 mod clip;
+mod gpu_memory;
 mod mcld;
 mod pose_guider;
 mod resampler;

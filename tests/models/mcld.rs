@@ -7,7 +7,7 @@ use crate::common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use common::{check_output, load_case, Case};
 use mcld::models::mcld::{FaceCond, Mcld, McldConfig, McldInput, PoseCond};
@@ -41,7 +41,7 @@ fn part_weights(case: &Case) -> HashMap<String, Tensor> {
 }
 
 fn build(case: &Case) -> Mcld {
-    let vb = VarBuilder::from_tensors(part_weights(case), DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(part_weights(case), DType::F32, &common::device());
     Mcld::new(vb, &config(case)).unwrap()
 }
 
@@ -72,7 +72,7 @@ fn config_from_parts_reads_tokens_from_the_projector() {
     bad.ip.num_tokens += 1;
     let e = bad.validate().unwrap_err().to_string();
     assert!(e.contains("num_queries") && e.contains("num_tokens"), "{e}");
-    let vb = VarBuilder::from_tensors(part_weights(&case), DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(part_weights(&case), DType::F32, &common::device());
     assert!(Mcld::new(vb, &bad).is_err());
 }
 
@@ -247,9 +247,9 @@ fn one_file_per_part_reports_against_its_own_file() {
         let vb = prefixed_var_builder(
             parts
                 .iter()
-                .map(|(p, w)| (*p, w.var_builder(DType::F32, &Device::Cpu))),
+                .map(|(p, w)| (*p, w.var_builder(DType::F32, &common::device()))),
             DType::F32,
-            &Device::Cpu,
+            &common::device(),
         );
         Mcld::new(vb, &cfg)
     };
@@ -291,7 +291,7 @@ fn one_file_per_part_reports_against_its_own_file() {
     let mut w = case.weights_with_prefix("image_proj.");
     w.insert(
         "stray.weight".into(),
-        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        Tensor::zeros(2, DType::F32, &common::device()).unwrap(),
     );
     let mut parts: Vec<_> = files.iter().map(|(p, f)| (*p, part(p, f))).collect();
     parts[3].1 = StrictWeights::new(w, "proj.safetensors");

@@ -2,7 +2,7 @@
 
 use crate::common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use common::{check_output, load_case, Case};
 use mcld::models::resampler::{Config, Resampler};
@@ -13,7 +13,11 @@ fn config(case: &Case) -> Config {
 
 fn build(case: &Case) -> Resampler {
     let prefix = case.json["weight_prefix"].as_str().unwrap_or("");
-    let vb = VarBuilder::from_tensors(case.weights_with_prefix(prefix), DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(
+        case.weights_with_prefix(prefix),
+        DType::F32,
+        &common::device(),
+    );
     Resampler::new(vb, &config(case)).unwrap()
 }
 
@@ -42,7 +46,7 @@ fn wrong_embedding_width_is_an_error() {
     let case = load_case("model", "resampler");
     let r = build(&case);
     let e_dim = config(&case).embedding_dim;
-    let x = Tensor::zeros((1, 1, e_dim + 1), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((1, 1, e_dim + 1), DType::F32, &common::device()).unwrap();
     let e = r.forward(&x).unwrap_err().to_string();
     assert!(
         e.contains("resampler") && e.contains(&format!("{}", e_dim + 1)),
@@ -56,7 +60,7 @@ fn missing_weight_is_named() {
     let mut w = case.weights_with_prefix("");
     w.remove("layers.1.0.to_kv.weight")
         .expect("fixture has the key");
-    let vb = VarBuilder::from_tensors(w, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(w, DType::F32, &common::device());
     let e = Resampler::new(vb, &config(&case)).unwrap_err().to_string();
     assert!(e.contains("layers.1.0.to_kv.weight"), "{e}");
 }
@@ -65,8 +69,8 @@ fn missing_weight_is_named() {
 fn mcld_config_shapes() {
     // The real projector's shapes, on zero weights: (B,1,512) -> (B,16,768).
     let cfg = mcld::presets::projector(mcld::presets::Size::Full, 768);
-    let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+    let vb = VarBuilder::zeros(DType::F32, &common::device());
     let r = Resampler::new(vb, &cfg).unwrap();
-    let x = Tensor::zeros((2, 1, 512), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((2, 1, 512), DType::F32, &common::device()).unwrap();
     assert_eq!(r.forward(&x).unwrap().dims(), &[2, 16, 768]);
 }

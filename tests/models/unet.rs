@@ -4,7 +4,7 @@ use crate::common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use common::{check_output, load_case, Case};
 use mcld::models::unet::{
@@ -12,7 +12,7 @@ use mcld::models::unet::{
 };
 
 fn vb_from(map: HashMap<String, Tensor>) -> VarBuilder<'static> {
-    VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
+    VarBuilder::from_tensors(map, DType::F32, &common::device())
 }
 
 fn config_at(case: &Case, pointer: &str) -> Config {
@@ -105,7 +105,7 @@ fn stage_contexts(src: &Tensor, tex: &Tensor, face: &Tensor) -> StageContexts {
 
 fn ref_timesteps(case: &Case, batch: usize) -> Tensor {
     let t = case.json["params"]["reference_timestep"].as_i64().unwrap();
-    Tensor::full(t, batch, &Device::Cpu).unwrap()
+    Tensor::full(t, batch, &common::device()).unwrap()
 }
 
 #[test]
@@ -240,7 +240,7 @@ fn wrong_shape_is_named() {
     let mut w = case.weights_with_prefix("");
     let key = "down_blocks.1.resnets.0.conv1.weight";
     let t = w.get(key).unwrap();
-    let bad = Tensor::zeros((t.dim(0).unwrap() + 1, 3), DType::F32, &Device::Cpu).unwrap();
+    let bad = Tensor::zeros((t.dim(0).unwrap() + 1, 3), DType::F32, &common::device()).unwrap();
     w.insert(key.to_string(), bad);
     let msg = error_text(UNet2DConditionModel::new(vb_from(w), &cfg));
     println!("{msg}");
@@ -291,11 +291,11 @@ fn bad_inputs_are_errors() {
     let t = case.get("input.timestep");
     let c = case.f32("input.encoder_hidden_states");
     let (b, ch, h, w) = s.dims4().unwrap();
-    let wrong = Tensor::zeros((b, ch + 1, h, w), DType::F32, &Device::Cpu).unwrap();
+    let wrong = Tensor::zeros((b, ch + 1, h, w), DType::F32, &common::device()).unwrap();
     assert!(error_text(unet.forward(&wrong, t, &c)).contains("sample"));
     let wrong_ctx = c.narrow(2, 0, c.dim(2).unwrap() - 1).unwrap();
     assert!(error_text(unet.forward(&s, t, &wrong_ctx)).contains("context"));
-    let many_t = Tensor::zeros(b + 2, DType::I64, &Device::Cpu).unwrap();
+    let many_t = Tensor::zeros(b + 2, DType::I64, &common::device()).unwrap();
     assert!(error_text(unet.forward(&s, &many_t, &c)).contains("timesteps"));
 
     // A bank without this model's block names.
@@ -315,8 +315,8 @@ fn odd_latent_sizes_round_trip() {
     let c = case.f32("input.encoder_hidden_states");
     let b = c.dim(0).unwrap();
     let ch = unet.config().in_channels;
-    let s = Tensor::randn(0f32, 1.0, (b, ch, 13, 10), &Device::Cpu).unwrap();
-    let t = Tensor::full(500i64, b, &Device::Cpu).unwrap();
+    let s = Tensor::randn(0f32, 1.0, (b, ch, 13, 10), &common::device()).unwrap();
+    let t = Tensor::full(500i64, b, &common::device()).unwrap();
     let out = unet.forward(&s, &t, &c).unwrap();
     assert_eq!(out.dims(), &[b, unet.config().out_channels, 13, 10]);
 }

@@ -4,7 +4,7 @@ use crate::common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use common::{check_output, load_case, Case};
 use mcld::models::vae::{AutoencoderKL, Config};
@@ -19,7 +19,10 @@ fn weights(case: &Case) -> HashMap<String, Tensor> {
 
 fn model(case: &Case, w: HashMap<String, Tensor>) -> mcld::Result<AutoencoderKL> {
     let cfg = Config::from_json_str(&case.json["config"].to_string()).unwrap();
-    AutoencoderKL::new(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &cfg)
+    AutoencoderKL::new(
+        VarBuilder::from_tensors(w, DType::F32, &common::device()),
+        &cfg,
+    )
 }
 
 #[test]
@@ -35,7 +38,7 @@ fn vae_matches_diffusers() {
 
 #[test]
 fn sample_uses_given_noise() {
-    let dev = Device::Cpu;
+    let dev = common::device();
     let mean = Tensor::new(&[1f32, 2.0], &dev).unwrap();
     let logvar = Tensor::new(&[0f32, 2.0f32.ln() * 2.0], &dev).unwrap();
     let noise = Tensor::new(&[0.5f32, -1.0], &dev).unwrap();
@@ -53,10 +56,10 @@ fn sample_uses_given_noise() {
 fn wrong_channel_count_is_an_error() {
     let case = load_case("model", "vae");
     let vae = model(&case, weights(&case)).unwrap();
-    let x = Tensor::zeros((1, 4, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let x = Tensor::zeros((1, 4, 16, 16), DType::F32, &common::device()).unwrap();
     let e = vae.encode(&x).unwrap_err().to_string();
     assert!(e.contains("4 channels"), "{e}");
-    let z = Tensor::zeros((1, 3, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let z = Tensor::zeros((1, 3, 4, 4), DType::F32, &common::device()).unwrap();
     let e = vae.decode(&z).unwrap_err().to_string();
     assert!(e.contains("3 channels"), "{e}");
 }
@@ -104,7 +107,7 @@ fn bad_config_is_an_error() {
         &[std::path::Path::new("/nonexistent/vae.safetensors")],
         &Config::from_json_str(r#"{"block_out_channels": [32]}"#).unwrap(),
         DType::F32,
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap_err()
     .to_string();

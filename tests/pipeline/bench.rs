@@ -1,20 +1,7 @@
 //! `mcld bench pipeline` refuses bad settings before building gigabytes of random weights.
 //! (The timing run itself is a manual command: full-size networks need ~9 GiB of memory.)
 
-use std::process::Command;
-
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
+use crate::common::run_mcld as run;
 
 #[test]
 fn bad_settings_fail_fast_with_a_reason() {

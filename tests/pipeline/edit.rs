@@ -4,12 +4,13 @@
 //! composes itself; CLIP's photo input changes the output) and every bad input's message.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use image::{Rgb, RgbImage};
 use mcld::edit::compose::{compose_region, Region, TexelParts};
 use mcld::presets::tree::{write_tiny_layout, TinyLayout};
 use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::common::run_mcld as run;
 
 const N: u32 = 512;
 
@@ -155,19 +156,6 @@ fn an_empty_plan_leaves_the_pair_alone() {
     assert_eq!(out.texture, input.texture);
     assert_eq!(out.face, input.face);
     assert_eq!(out.pose, input.pose);
-}
-
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_mcld"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 fn rgb(p: &Path) -> RgbImage {

@@ -1,9 +1,10 @@
 //! The loaded pipeline (CLIP, VAE encode, projector, both UNets, decode) in f16 and bf16 on the
-//! CPU against its own f32 run, on tiny random checkpoints in the real layout: the half paths
-//! of every network run, stay finite and land near the f32 image. (`pipeline_small` checks the
-//! sampler against the reference's numbers; this covers the conditioning networks too.)
+//! test device (the CPU unless `MCLD_TEST_DEVICE` says otherwise) against its own f32 run, on
+//! tiny random checkpoints in the real layout: the half paths of every network run, stay finite
+//! and land near the f32 image. (`pipeline_small` checks the sampler against the reference's
+//! numbers; this covers the conditioning networks too.)
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use mcld::data::{Pair, PairInputs};
 use mcld::pipeline::demo;
 use mcld::pipeline::mcld::McldPipeline;
@@ -56,8 +57,13 @@ fn half_precision_pipeline_close_to_f32() {
     let tiny = write_tiny_layout(d.path(), &d.path().join("data"), 2).unwrap();
     let inp = input();
     let run = |dtype| {
-        let p = McldPipeline::from_config(&tiny.ckpt_dir, &tiny.config_path, &Device::Cpu, dtype)
-            .unwrap();
+        let p = McldPipeline::from_config(
+            &tiny.ckpt_dir,
+            &tiny.config_path,
+            &crate::common::device(),
+            dtype,
+        )
+        .unwrap();
         let img = p.generate(std::slice::from_ref(&inp), 42).unwrap();
         (img[0].clone(), p.precision.describe())
     };

@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use mcld::models::mcld::{Mcld, McldConfig};
 use mcld::models::unet::IpAdapter;
@@ -19,7 +19,7 @@ fn module_vb(case: &common::Case, m: &str, prec: Precision) -> VarBuilder<'stati
         .unwrap()
         .to_string();
     let w = prec.round(case.weights_with_prefix(&prefix)).unwrap();
-    prec.var_builder(VarBuilder::from_tensors(w, prec.compute, &Device::Cpu))
+    prec.var_builder(VarBuilder::from_tensors(w, prec.compute, &common::device()))
 }
 
 fn cfg<T: serde::de::DeserializeOwned>(case: &common::Case, m: &str) -> T {
@@ -29,7 +29,7 @@ fn cfg<T: serde::de::DeserializeOwned>(case: &common::Case, m: &str) -> T {
 /// Runs the case at the precision the pipeline uses for `dtype` on the CPU; returns steps,
 /// latents and image.
 fn run_case(case: &common::Case, dtype: DType) -> (Vec<StepRecord>, Tensor, Tensor) {
-    let prec = Precision::new(&Device::Cpu, dtype);
+    let prec = Precision::new(&common::device(), dtype);
     let dtype = prec.compute;
     let ipj = &case.json["modules"]["denoising_unet"]["ip_adapter"];
     let mcfg = McldConfig {
@@ -54,7 +54,7 @@ fn run_case(case: &common::Case, dtype: DType) -> (Vec<StepRecord>, Tensor, Tens
         prec.var_builder(VarBuilder::from_tensors(
             prec.round(parts).unwrap(),
             dtype,
-            &Device::Cpu,
+            &common::device(),
         )),
         &mcfg,
     )
@@ -88,7 +88,7 @@ fn run_case(case: &common::Case, dtype: DType) -> (Vec<StepRecord>, Tensor, Tens
         &cond,
         &case.f32("input.init_noise"),
         guidance,
-        |_, _| {},
+        |_, _| Ok(()),
     )
     .unwrap();
     let image = decode(&vae, &latents, dtype).unwrap();
@@ -151,7 +151,7 @@ fn half_case(dtype: DType, min_psnr: f64) {
         "{dtype:?} ({}): image PSNR {psnr:.2} dB vs f32 reference (bound >= {min_psnr} dB), \
          max abs err {max_err:.3e} ({:.1} levels of 255); latents max abs err {lat_err:.3e} \
          (max|expected| {lat_max:.3e})",
-        Precision::new(&Device::Cpu, dtype).describe(),
+        Precision::new(&common::device(), dtype).describe(),
         max_err * 255.0,
     );
     assert!(

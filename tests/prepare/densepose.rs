@@ -353,43 +353,7 @@ fn check_chart(case: &Case, chart: &iuv::ChartResult) {
 
 /// The IUV image against `output.iuv` with the README's allowances.
 fn check_iuv(case: &Case, got: &[u8], box_xyxy: &[f32; 4]) {
-    let want = case.get("output.iuv");
-    let (h, w, _) = want.dims3().unwrap();
-    let want = want.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    assert_eq!(got.len(), want.len(), "iuv size");
-    let lf = case.get("output.chart.label_may_flip");
-    let (ch, cw) = lf.dims2().unwrap();
-    let lf = lf.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-    let uvf = case
-        .get("output.chart.uv255_may_flip")
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<u8>()
-        .unwrap();
-    let (bx, by, _, _) = iuv::box_xywh_int(box_xyxy);
-    let (mut bad, mut allowed) = (0, 0);
-    for y in 0..h {
-        for x in 0..w {
-            let (r, c) = (y as i64 - by, x as i64 - bx);
-            let inside = r >= 0 && c >= 0 && (r as usize) < ch && (c as usize) < cw;
-            for k in 0..3 {
-                let o = (y * w + x) * 3 + k;
-                let d = (got[o] as i32 - want[o] as i32).abs();
-                if d == 0 {
-                    continue;
-                }
-                let ok = inside && {
-                    let p = r as usize * cw + c as usize;
-                    lf[p] == 1 || (k > 0 && uvf[(k - 1) * ch * cw + p] == 1 && d <= 1)
-                };
-                if ok {
-                    allowed += 1;
-                } else {
-                    bad += 1;
-                }
-            }
-        }
-    }
+    let (bad, allowed) = common::iuv_flip_differences(case, got, box_xyxy);
     println!("output.iuv: {bad} disallowed differences, {allowed} allowed (may-flip)");
     assert_eq!(bad, 0, "IUV differs where it must be exact");
 }

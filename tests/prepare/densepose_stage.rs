@@ -46,13 +46,20 @@ fn write_config(case: &Case, path: &Path, score_thresh: Option<f64>) {
     std::fs::write(path, serde_yaml::to_string(&cfg).unwrap()).unwrap();
 }
 
+/// `mcld prepare` on the test device; `MCLD_TEST_BIN` names the binary where this test runs
+/// away from its build tree (scripts/gpu-run.sh on the GPU machine).
 fn mcld_prepare(root: &Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mcld"));
+    let bin =
+        std::env::var_os("MCLD_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_mcld").into());
+    let mut cmd = Command::new(bin);
     cmd.args(["prepare", "--only", "densepose", "--dataset_root"])
         .arg(root)
         .arg("--pretrained_dir")
         .arg(root.join("pretrained_weights"))
         .args(extra);
+    if let Ok(d) = std::env::var("MCLD_TEST_DEVICE") {
+        cmd.args(["--device", &d]);
+    }
     cmd.output().unwrap()
 }
 
@@ -314,7 +321,7 @@ fn batched_backbone_passes_match_single_ones() {
     let opts = DenseposeOptions {
         config: Some(cfg.clone()),
         weights: case.safetensors_path.clone(),
-        device: candle_core::Device::Cpu,
+        device: common::device(),
         dtype: candle_core::DType::F32,
         batch: Some(2),
         shard: Shard::whole(),
@@ -326,8 +333,7 @@ fn batched_backbone_passes_match_single_ones() {
     // One photo alone, in process.
     let (c, _) = mcld::models::densepose::load_config(Some(&cfg)).unwrap();
     let model =
-        mcld::models::densepose::load_model(&c, &case.safetensors_path, &candle_core::Device::Cpu)
-            .unwrap();
+        mcld::models::densepose::load_model(&c, &case.safetensors_path, &common::device()).unwrap();
     let img = Image3::read_bgr(&root.join("train").join(PHOTO)).unwrap();
     let single = model.iuv(&img).unwrap().unwrap();
     let tmp = root.join("single.png");
@@ -365,7 +371,7 @@ fn bad_config_is_named_and_builtin_config_matches_the_file() {
     let opts = DenseposeOptions {
         config: Some(bad.clone()),
         weights: root.join("none.pkl"),
-        device: candle_core::Device::Cpu,
+        device: common::device(),
         dtype: candle_core::DType::F32,
         batch: None,
         shard: Shard::whole(),
@@ -448,7 +454,7 @@ fn sharded_runs_keep_their_own_no_person_lists() {
     let opts = |weights: PathBuf, shard: Shard| DenseposeOptions {
         config: Some(cfg.clone()),
         weights,
-        device: candle_core::Device::Cpu,
+        device: common::device(),
         dtype: candle_core::DType::F32,
         batch: None,
         shard,

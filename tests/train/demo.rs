@@ -12,9 +12,7 @@ use mcld::train::cmd::TrainCommand;
 use mcld::train::demo::{quarter_means, read_losses, write_demo_dataset};
 use mcld::train::validate::{grid_path, GRID_COLUMNS};
 
-fn mcld() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_mcld"))
-}
+use crate::common::mcld;
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
@@ -200,4 +198,33 @@ fn demo_workdir_keeps_weights_and_inputs_for_infer() {
             .arg(&out),
     );
     assert!(dims(&out).0 > 0);
+}
+
+/// `mcld demo --train --device`: a device this build cannot use is refused up front, naming the
+/// flag, with nothing written (the GPU run passes `--device cuda`).
+#[test]
+fn demo_train_refuses_a_bad_device_before_writing() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("demo");
+    let out = mcld()
+        .args([
+            "demo",
+            "--train",
+            "--train-steps",
+            "1",
+            "--device",
+            "tpu",
+            "--workdir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad --device was accepted");
+    assert!(err.contains("--device") && err.contains("tpu"), "{err}");
+    assert!(
+        !dir.exists(),
+        "the demo wrote {} before refusing",
+        dir.display()
+    );
 }

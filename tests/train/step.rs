@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 
 use mcld::models::mcld::{Mcld, McldConfig};
 use mcld::models::unet::IpAdapter;
@@ -12,7 +12,7 @@ use mcld::train::adamw::{AdamW, AdamWConfig};
 use mcld::train::loss::{mcld_loss, LossInputs, LossOptions};
 use mcld::train::params::{is_trainable, Params};
 
-use crate::common::{check_output, load_case, Case};
+use crate::common::{self, check_output, load_case, Case};
 
 fn json_at<T: serde::de::DeserializeOwned>(case: &Case, pointer: &str) -> T {
     serde_json::from_value(case.json.pointer(pointer).unwrap().clone()).unwrap()
@@ -37,7 +37,7 @@ pub fn fixture_setup(case: &Case, dtype: DType) -> (Params, McldConfig, DdimSche
         .filter(|(k, _)| !k.starts_with("input.") && !k.starts_with("output."))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let params = Params::with_dtype(weights, is_trainable, &Device::Cpu, dtype).unwrap();
+    let params = Params::with_dtype(weights, is_trainable, &common::device(), dtype).unwrap();
     let sched: DdimConfig = json_at(case, "/scheduler_config");
     (params, cfg, DdimScheduler::new(sched).unwrap())
 }
@@ -165,7 +165,7 @@ fn train_step_matches_reference() {
     check_output(
         &case,
         "output.grad_norm",
-        &Tensor::new(&[norm as f32], &Device::Cpu).unwrap(),
+        &Tensor::new(&[norm as f32], &common::device()).unwrap(),
     );
     for key in case.keys_with_prefix("output.param_after.") {
         let n = key.strip_prefix("output.param_after.").unwrap();

@@ -7,11 +7,20 @@ face projector) on diffusers' own random initialisation, feeds it random latents
 of the shapes the data loader gives, and times: reference UNet forward, denoising UNet forward +
 loss, backward, AdamW (with grad-norm clipping). Not part of CI.
 
+On `--device cuda` the networks are initialised on the GPU, each phase ends with
+`torch.cuda.synchronize()` before the clock is read, attention is SDPA, f32 runs without TF32,
+and the peak is `torch.cuda.max_memory_allocated()` over the whole run (weights, gradients and
+AdamW's moments included). `--dtype f16` is the reference's `mixed_precision: fp16` as accelerate
+runs it: f32 weights, fp16 autocast, a GradScaler around backward and the optimizer step;
+`--dtype bf16` is bf16 autocast without a scaler.
+
 Setup (a private venv outside the repository):
     python3 -m venv /work/venv-ref && /work/venv-ref/bin/pip install torch diffusers
 Run, e.g. (same flags as `mcld bench train`):
     OMP_NUM_THREADS=2 /work/venv-ref/bin/python tools/reference/bench_train_torch.py \
         --size 256 --width half --steps 3 [--grad-checkpointing] [--dtype bf16]
+    python3 tools/reference/bench_train_torch.py --device cuda --size 512 --width full \
+        --dtype f16 --batch-size 12 --grad-checkpointing      # on the GPU machine
 """
 
 import argparse
@@ -209,13 +218,20 @@ def main():
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     cfg = unet_config(a.width)
-    reference = UNet2DConditionModel(**cfg).to(dev)
-    denoising = UNet2DConditionModel(**cfg).to(dev)
-    install(reference, "reference")
-    ips = install(denoising, "denoising").to(dev)
-    pose_guider = PoseGuider(cfg["block_out_channels"][0]).to(dev)
-    proj = Resampler().to(dev)
+    with dev:  # initialise the weights where they train (CPU init of 1.7 G values is slow)
+        reference = UNet2DConditionModel(**cfg)
+        denoising = UNet2DConditionModel(**cfg)
+        install(reference, "reference")
+        ips = install(denoising, "denoising")
+        pose_guider = PoseGuider(cfg["block_out_channels"][0])
+        proj = Resampler()
+    for m in (reference, denoising, ips, pose_guider, proj):
+        m.to(dev)
     for n, prm in reference.named_parameters():
         prm.requires_grad_("up_blocks.3" not in n)
     if a.grad_checkpointing:
@@ -249,11 +265,16 @@ def main():
     mask = ((pose[:, 2:3] * 255).round() == 23) | ((pose[:, 2:3] * 255).round() == 24)
     mask = F.interpolate(mask.float(), size=(h, h), mode="nearest")
     amp = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[a.dtype]
-    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize()) if cuda else (lambda: None)
+    scaler = torch.amp.GradScaler(dev.type) if a.dtype == "f16" and cuda else None
 
     totals = [0.0] * 4
     n_params = sum(prm.numel() for prm in params)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {n_params / 1e6:.1f} M trainable")
+    where = torch.cuda.get_device_name(dev) if cuda else f"{torch.get_num_threads()} threads"
+    print(
+        f"torch {torch.__version__}, {where}, {n_params / 1e6:.1f} M trainable, {a.size}x{a.size}, "
+        f"batch {b}, width {a.width}, {a.dtype}, checkpointing {a.grad_checkpointing}"
+    )
     for step in range(a.warmup + a.steps):
         opt.zero_grad(set_to_none=True)
         ctxm = torch.autocast(dev.type, dtype=amp) if amp else torch.autocast(dev.type, enabled=False)
@@ -281,12 +302,18 @@ def main():
         loss = (per * w).mean()
         loss_v = loss.item()
         t2 = time.perf_counter()
-        loss.backward()
+        (scaler.scale(loss) if scaler else loss).backward()
         sync()
         t3 = time.perf_counter()
         if a.optimizer == "adamw":
+            if scaler:
+                scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
         sync()
         t4 = time.perf_counter()
         ph = [t1 - t0, t2 - t1, t3 - t2, t4 - t3]
@@ -305,8 +332,12 @@ def main():
         f"total {per_step:.2f} s = {1 / per_step:.3f} steps/s, {b / per_step:.3f} samples/s"
     )
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    if dev.type == "cuda":
-        print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    if cuda:
+        print(
+            f"peak GPU memory {torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB allocated, "
+            f"{torch.cuda.max_memory_reserved(dev) / 2**30:.2f} GiB reserved "
+            "(torch.cuda.max_memory_allocated/reserved)"
+        )
 
 
 if __name__ == "__main__":
