@@ -1,7 +1,7 @@
 //! GEGLU, the UNet feed-forward's gate, in one pass for inference: `a * gelu(g)` over the two
 //! halves of the projection, with the exact (erf) GELU, vectorised. f32 CPU tensors without
-//! gradient tracking; with it (f32, f64 on the CPU) the custom op of `geglu_grad`; otherwise the
-//! caller keeps candle's composed ops.
+//! gradient tracking only; with it the caller takes `geglu_grad`'s custom op (f32, f64 on the
+//! CPU) or candle's composed ops.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -82,12 +82,9 @@ fn geglu_rows_portable(h: &[f32], out: &mut [f32], inner: usize) {
 }
 
 /// diffusers' GEGLU activation on its projection `h` (.., 2 * inner): `a * gelu(gate)` with
-/// `[a | gate] = h`, in one pass; with gradient tracking, the custom op of `geglu_grad`. `None`
-/// where neither applies (the caller composes the ops instead).
+/// `[a | gate] = h`, in one pass. `None` where `h` is not an f32 CPU tensor without gradient
+/// tracking (the caller composes the ops instead).
 pub fn geglu(h: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if h.track_op() && super::train_ops_enabled() {
-        return super::geglu_grad::geglu(h);
-    }
     if !h.device().is_cpu() || h.dtype() != DType::F32 || h.track_op() || h.rank() == 0 {
         return Ok(None);
     }

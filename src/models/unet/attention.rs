@@ -162,7 +162,13 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
-        if let Some(y) = crate::ops::geglu::geglu(&h)? {
+        // With gradient tracking: the custom op with its own backward pass.
+        let fused = if h.track_op() && crate::ops::train_ops_enabled() {
+            crate::ops::geglu_grad::geglu(&h)?
+        } else {
+            crate::ops::geglu::geglu(&h)?
+        };
+        if let Some(y) = fused {
             return Ok(self.out.forward(&y)?);
         }
         let inner = h.dim(candle_core::D::Minus1)? / 2;
