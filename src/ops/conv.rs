@@ -267,22 +267,8 @@ fn conv2d_cpu_with(
         // Let candle report the mismatch in its own words.
         return Ok(None);
     }
-    let span = |size: usize, k: usize| (size + 2 * padding).checked_sub(dilation * (k - 1) + 1);
-    let (Some(oh), Some(ow)) = (span(h, kh), span(wd, kw)) else {
+    let Some(geo) = Geometry::new([ci, h, wd], [co, kh, kw], padding, stride, dilation) else {
         return Ok(None);
-    };
-    let geo = Geometry {
-        ci,
-        h,
-        w: wd,
-        co,
-        kh,
-        kw,
-        oh: oh / stride + 1,
-        ow: ow / stride + 1,
-        pad: padding,
-        stride,
-        dilation,
     };
     let x = x.contiguous()?;
     let b = bias.map(|b| b.contiguous()).transpose()?;
@@ -324,6 +310,31 @@ pub(crate) struct Geometry {
 }
 
 impl Geometry {
+    /// The geometry of a (c_in, h, w) input under (c_out, kh, kw) kernels; `None` when the
+    /// kernel's reach exceeds the padded input (no output pixel).
+    pub(crate) fn new(
+        [ci, h, w]: [usize; 3],
+        [co, kh, kw]: [usize; 3],
+        pad: usize,
+        stride: usize,
+        dilation: usize,
+    ) -> Option<Self> {
+        let span = |size: usize, k: usize| (size + 2 * pad).checked_sub(dilation * (k - 1) + 1);
+        Some(Self {
+            ci,
+            h,
+            w,
+            co,
+            kh,
+            kw,
+            oh: span(h, kh)? / stride + 1,
+            ow: span(w, kw)? / stride + 1,
+            pad,
+            stride,
+            dilation,
+        })
+    }
+
     fn k(&self) -> usize {
         self.ci * self.kh * self.kw
     }

@@ -442,26 +442,10 @@ pub fn conv2d(
     if ci != ci_w || kh == 0 || kw == 0 || bias.is_some_and(|b| b.dims() != [co]) {
         return Ok(None);
     }
-    let span = |size: usize, k: usize| (size + 2 * padding).checked_sub(dilation * (k - 1) + 1);
-    let (Some(oh), Some(ow)) = (span(h, kh), span(wd, kw)) else {
+    let Some(g) = Geometry::new([ci, h, wd], [co, kh, kw], padding, stride, dilation) else {
         return Ok(None);
     };
-    let op = ConvOp {
-        g: Geometry {
-            ci,
-            h,
-            w: wd,
-            co,
-            kh,
-            kw,
-            oh: oh / stride + 1,
-            ow: ow / stride + 1,
-            pad: padding,
-            stride,
-            dilation,
-        },
-        n,
-    };
+    let op = ConvOp { g, n };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     Ok(Some(match bias {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,

@@ -32,23 +32,17 @@ pub fn attention(
     if !applies || q.rank() != 4 || k.rank() != 4 || v.rank() != 4 {
         return Ok(None);
     }
-    let (b, h, tq, d) = q.dims4()?;
-    let (kb, kh, tk, kd) = k.dims4()?;
-    let (vb, vh, vt, dv) = v.dims4()?;
-    if (kb, kh, kd) != (b, h, d) || (vb, vh, vt) != (b, h, tk) || tk == 0 || d == 0 {
+    let Some((b, h, tq, tk, d, dv)) = super::qkv_dims(q, k, v)? else {
         return Ok(None);
-    }
+    };
     // Heads are read where they lie (the (B, T, heads*d) projections split by a view) and the
     // output is written as (B, Tq, heads, dv), which is what merging the heads wants: no copies
     // around the kernel. Only the last dimension must be dense.
-    let dense_rows = |t: &Tensor| -> candle_core::Result<Tensor> {
-        if t.stride()[3] == 1 {
-            Ok(t.clone())
-        } else {
-            t.contiguous()
-        }
-    };
-    let (q, k, v) = (dense_rows(q)?, dense_rows(k)?, dense_rows(v)?);
+    let (q, k, v) = (
+        super::dense_rows(q)?,
+        super::dense_rows(k)?,
+        super::dense_rows(v)?,
+    );
     let strides = |t: &Tensor| {
         let st = t.stride();
         Strides {

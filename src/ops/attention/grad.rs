@@ -468,18 +468,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Opti
     if !applies {
         return Ok(None);
     }
-    let (b, h, tq, d) = q.dims4()?;
-    let (kb, kh, tk, kd) = k.dims4()?;
-    let (vb, vh, vt, dv) = v.dims4()?;
-    if (kb, kh, kd) != (b, h, d) || (vb, vh, vt) != (b, h, tk) || tk == 0 || d == 0 {
+    let Some((b, h, tq, tk, d, dv)) = super::qkv_dims(q, k, v)? else {
         return Ok(None);
-    }
-    let dense_rows = |t: &Tensor| -> candle_core::Result<Tensor> {
-        if t.stride()[3] == 1 {
-            Ok(t.clone())
-        } else {
-            t.contiguous()
-        }
     };
     let op = AttnOp {
         dims: Dims {
@@ -492,6 +482,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Opti
         },
         lse: Mutex::new(Vec::new()),
     };
-    let out = dense_rows(q)?.apply_op3(&dense_rows(k)?, &dense_rows(v)?, op)?;
+    let out =
+        super::dense_rows(q)?.apply_op3(&super::dense_rows(k)?, &super::dense_rows(v)?, op)?;
     Ok(Some(out.transpose(1, 2)?))
 }

@@ -9,6 +9,31 @@ use candle_core::{DType, Result, Tensor, D};
 pub mod cpu;
 pub mod grad;
 
+/// (B, heads, Tq, Tk, d, dv).
+pub(crate) type QkvDims = (usize, usize, usize, usize, usize, usize);
+
+/// The [`QkvDims`] of rank-4 q, k, v that fit together, else `None` (the generic path then
+/// reports the mismatch in candle's words).
+pub(crate) fn qkv_dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Option<QkvDims>> {
+    let (b, h, tq, d) = q.dims4()?;
+    let (kb, kh, tk, kd) = k.dims4()?;
+    let (vb, vh, vt, dv) = v.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || (vb, vh, vt) != (b, h, tk) || tk == 0 || d == 0 {
+        return Ok(None);
+    }
+    Ok(Some((b, h, tq, tk, d, dv)))
+}
+
+/// `t` itself when its last dimension is dense (heads are read where they lie, from the split
+/// projections' views), else a contiguous copy.
+pub(crate) fn dense_rows(t: &Tensor) -> Result<Tensor> {
+    if t.stride()[3] == 1 {
+        Ok(t.clone())
+    } else {
+        t.contiguous()
+    }
+}
+
 /// Score elements (B x heads x query rows x keys) materialised at once by [`attention`]: 2^26
 /// f32 values are 256 MiB, so SD-1.5's 4096-token self-attention runs in a few slices instead of
 /// holding gigabytes of scores and softmax temporaries.
