@@ -19,10 +19,10 @@ use crate::ops::recompute::Tape;
 use crate::pipeline::mcld::Precision;
 use crate::presets::Size;
 use crate::scheduler::ddim::{DdimConfig, DdimScheduler, PredictionType, TimestepSpacing};
-use crate::train::adamw::{AdamW, AdamWConfig};
-use crate::train::loss::{denoise_loss, reference_bank, LossInputs, LossOptions};
-use crate::train::params::{is_trainable, Params};
-use crate::train::trainer::randn;
+use crate::train::step::adamw::{AdamW, AdamWConfig};
+use crate::train::step::loss::{denoise_loss, reference_bank, LossInputs, LossOptions};
+use crate::train::step::params::{is_trainable, Params};
+use crate::train::step::trainer::randn;
 use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 

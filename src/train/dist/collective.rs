@@ -5,7 +5,7 @@
 //! (the CPU tests' "2 ranks x batch B" = "1 rank x batch 2B"); a rank that stops early makes the
 //! others' next collective call fail instead of hang. [`TcpCollective`] connects processes
 //! through rank 0 at `MASTER_ADDR:MASTER_PORT`; on GPUs (`cuda,nccl` build) `NcclCollective`
-//! (`crate::train::nccl`) reduces gradients on the devices and keeps a [`TcpCollective`] for its
+//! (`super::nccl`) reduces gradients on the devices and keeps a [`TcpCollective`] for its
 //! rendezvous, its small host exchanges and for noticing a dead rank. [`Backend`] picks one.
 
 use std::sync::{Arc, Condvar, Mutex};

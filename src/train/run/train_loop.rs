@@ -16,11 +16,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::api::{step_rngs, Grads, TrainStep};
 use super::checkpoint::{self, CheckpointState};
-use super::collective::Collective;
 use super::lr::LrScheduler;
 use crate::data::train_set::{DataPos, Loader, LoaderOptions, SkippedPair, TrainSet};
+use crate::train::dist::collective::Collective;
+use crate::train::step::api::{step_rngs, Grads, TrainStep};
 use crate::{Error, Result};
 
 /// Where a run starts.
