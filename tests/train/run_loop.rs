@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use mcld::data::train_set::{DataPos, Loader, LoaderOptions, TrainSet, Walk};
-use mcld::train::dist::collective::RankInfo;
-use mcld::train::dist::collective::TcpCollective;
 use mcld::train::dist::collective::{LocalGroup, SingleProcess};
+use mcld::train::dist::rank::RankInfo;
+use mcld::train::dist::tcp::TcpCollective;
 use mcld::train::run::checkpoint::{self, CheckpointState};
 use mcld::train::run::lr::LrScheduler;
 use mcld::train::run::train_loop::{

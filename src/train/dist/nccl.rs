@@ -44,8 +44,8 @@ use candle_core::{CudaDevice, CudaStorage, Device, Storage, Tensor};
 
 use super::bucket::{self, BUCKET_BYTES};
 use super::collective::Collective;
-use super::collective::RankInfo;
-use super::collective::TcpCollective;
+use super::rank::RankInfo;
+use super::tcp::TcpCollective;
 use crate::{Error, Result};
 
 /// How often a waiting rank looks at its peers' TCP connections.

@@ -13,9 +13,9 @@ use super::train_loop::{train_loop, LoopConfig, Resume, StopReason, TrainOutcome
 use super::validate::ValidationHook;
 use crate::config::TrainConfig;
 use crate::data::train_set::TrainSet;
-use crate::train::dist::collective::TcpCollective;
-use crate::train::dist::collective::{Backend, RankInfo};
 use crate::train::dist::collective::{Collective, SingleProcess};
+use crate::train::dist::rank::{Backend, RankInfo};
+use crate::train::dist::tcp::TcpCollective;
 use crate::{Error, Result};
 
 /// The command line of `mcld train`: the config plus what people change per run.

@@ -62,7 +62,7 @@ pub fn dry_run(cmd: &TrainCommand) -> Result<DryRunPlan> {
     let cfg = cmd.load_config()?;
     let world = match cmd.nproc_per_node {
         Some(n) if n > 1 => n,
-        _ => crate::train::dist::collective::RankInfo::from_env()?.world,
+        _ => crate::train::dist::rank::RankInfo::from_env()?.world,
     };
     let (dtype, enc_dtype) = cmd.dtypes(&cfg)?;
     let lc = loop_config(&cfg, dtype, false, world, &cmd.config)?;
