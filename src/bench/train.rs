@@ -9,7 +9,6 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use clap::ValueEnum;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -26,13 +25,15 @@ use crate::train::step::trainer::randn;
 use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// UNet channel widths of the benched networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Width {
     Full,
     Half,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// Whether a benched step ends with the optimizer update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Optimizer {
     Adamw,
     None,
