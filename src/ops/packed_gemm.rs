@@ -262,22 +262,31 @@ impl PackedA {
         Self::from_lines(Kind::Bf16Pairs, src, m, k, ld, bf16_pairs)
     }
 
-    fn from_lines<T>(
+    fn from_lines<T: Sync>(
         kind: Kind,
         src: &[T],
         m: usize,
         k: usize,
         ld: usize,
-        to_pairs: impl Fn(&[T], &mut [u32]),
+        to_pairs: impl Fn(&[T], &mut [u32]) + Sync,
     ) -> Self {
         check_span(src.len(), m, k, ld);
         let pairs = kind.units(k);
         let stride = row_stride(pairs);
         let mut data = vec![0u32; m.div_ceil(MR) * MR * stride];
-        if pairs > 0 {
-            for (i, row) in data.chunks_exact_mut(stride).take(m).enumerate() {
-                to_pairs(&src[i * ld..i * ld + k], &mut row[..pairs]);
-            }
+        let fill =
+            |(i, row): (usize, &mut [u32])| to_pairs(&src[i * ld..i * ld + k], &mut row[..pairs]);
+        if pairs > 0 && m * k >= PARALLEL_PACK {
+            use rayon::prelude::*;
+            data.par_chunks_exact_mut(stride)
+                .take(m)
+                .enumerate()
+                .for_each(fill);
+        } else if pairs > 0 {
+            data.chunks_exact_mut(stride)
+                .take(m)
+                .enumerate()
+                .for_each(fill);
         }
         Self {
             kind,
