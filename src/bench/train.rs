@@ -103,7 +103,7 @@ pub fn run(args: &TrainBench) -> Result<()> {
         args.size,
         args.batch_size,
         args.width,
-        prec.describe(),
+        prec.describe_training(),
         args.grad_checkpointing,
         args.optimizer,
         device
@@ -149,7 +149,7 @@ pub fn run(args: &TrainBench) -> Result<()> {
     for step in 0..args.warmup + args.steps {
         let mut times = Times::default();
         let mut cpu = Times::default();
-        let vb = params.var_builder_rounded(prec.compute, prec.round_weights, true)?;
+        let (vb, _products) = params.var_builder_for(&prec)?;
         let nets = Mcld::new(vb, &cfg)?;
         let tape = Tape::new();
         let ckpt = args.grad_checkpointing.then_some(&tape);

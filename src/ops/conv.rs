@@ -500,7 +500,7 @@ fn run(
 /// `((c / 2) * taps + tap) * 2 + c % 2`, a missing odd last channel zero. A pair row of the patch
 /// matrix is then one tap of two neighbouring channels, which [`run_bf16`] copies from an image
 /// converted to channel pairs once instead of converting every patch.
-fn pack_pair_order(w: &[bf16], [co, ci, kh, kw]: [usize; 4]) -> PackedA {
+pub(crate) fn pack_pair_order(w: &[bf16], [co, ci, kh, kw]: [usize; 4]) -> PackedA {
     let taps = kh * kw;
     let k = 2 * ci.div_ceil(2) * taps;
     let mut rows = vec![bf16::ZERO; co * k];

@@ -21,6 +21,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::autocast::Products;
 use super::conv::Geometry;
 use super::elem::{slice, with_data, Elem, Operand};
 
@@ -136,6 +137,7 @@ pub(crate) fn conv_forward_im2col<T: Elem>(
 
 /// The input gradient of `n` images from the output gradient `dy`.
 fn conv_input_grad<T: Elem>(
+    products: Products,
     g: &Geometry,
     n: usize,
     w: &[T],
@@ -170,7 +172,7 @@ fn conv_input_grad<T: Elem>(
             stride: 1,
             dilation: g.dilation,
         };
-        return T::conv_forward(&gt, n, dy, &wt, None);
+        return T::conv_forward_in(products, &gt, n, dy, &wt, None);
     }
     // Otherwise: patch gradients (w^T dy) per tile, scattered back.
     let p = g.oh * g.ow;
@@ -185,7 +187,8 @@ fn conv_input_grad<T: Elem>(
             let r1 = (r0 + rows).min(g.oh);
             let np = (r1 - r0) * g.ow;
             col.resize(k * np, T::zero());
-            T::mm(
+            T::mm_in(
+                products,
                 k,
                 np,
                 g.co,
@@ -205,6 +208,7 @@ fn conv_input_grad<T: Elem>(
 /// The weight gradient `(co, ci * kh * kw)` summed over `n` images: output gradient times the
 /// patches, tile by tile.
 fn conv_weight_grad<T: Elem>(
+    products: Products,
     g: &Geometry,
     n: usize,
     x: &[T],
@@ -231,7 +235,8 @@ fn conv_weight_grad<T: Elem>(
                 im2col(g, xb, r0, r1, &mut col);
                 Operand::cols(&col[..], np)
             };
-            T::mm(
+            T::mm_in(
+                products,
                 g.co,
                 k,
                 np,
@@ -271,6 +276,7 @@ fn conv_bias_grad<T: Elem>(co: usize, n: usize, p: usize, dy: &[T]) -> Vec<T> {
 struct ConvOp {
     g: Geometry,
     n: usize,
+    products: Products,
 }
 
 impl ConvOp {
@@ -284,7 +290,7 @@ impl ConvOp {
         w: &[T],
         b: Option<&[T]>,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = T::conv_forward(&self.g, self.n, x, w, b)?;
+        let y = T::conv_forward_in(self.products, &self.g, self.n, x, w, b)?;
         Ok((T::to_cpu_storage_owned(y), self.out_shape()))
     }
 
@@ -335,13 +341,13 @@ impl ConvOp {
         let dy = dy.contiguous()?;
         with_data::<T, _>(&dy, |dys| {
             let dx = if x.track_op() {
-                let v = with_data::<T, _>(w, |ws| conv_input_grad(g, n, ws, dys))??;
+                let v = with_data::<T, _>(w, |ws| conv_input_grad(self.products, g, n, ws, dys))??;
                 Some(Tensor::from_vec(v, x.shape(), dev)?)
             } else {
                 None
             };
             let dw = if w.track_op() {
-                let v = with_data::<T, _>(x, |xs| conv_weight_grad(g, n, xs, dys))??;
+                let v = with_data::<T, _>(x, |xs| conv_weight_grad(self.products, g, n, xs, dys))??;
                 Some(Tensor::from_vec(v, w.shape(), dev)?)
             } else {
                 None
@@ -447,7 +453,11 @@ pub fn conv2d(
     let Some(g) = Geometry::new([ci, h, wd], [co, kh, kw], padding, stride, dilation) else {
         return Ok(None);
     };
-    let op = ConvOp { g, n };
+    let op = ConvOp {
+        g,
+        n,
+        products: Products::current(),
+    };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     Ok(Some(match bias {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, op)?,

@@ -3,7 +3,8 @@
 use candle_core::{CpuStorage, Layout, Tensor, WithDType};
 
 use super::attention::cpu as cpu_attention;
-use super::conv::{run_packed, Geometry};
+use super::autocast::Products;
+use super::conv::{pack_pair_order, run_packed, Geometry};
 use super::conv_grad::conv_forward_im2col;
 use super::geglu;
 use super::packed_gemm::{self, PackedA, PackedB};
@@ -71,6 +72,34 @@ pub(crate) trait Elem: WithDType {
         accumulate: bool,
     ) -> candle_core::Result<()> {
         mm_gemm(m, n, k, a, b, c, ldc, accumulate)
+    }
+
+    /// [`Elem::mm`] multiplying as `products` says (only f32 has a bf16 form).
+    #[allow(clippy::too_many_arguments)]
+    fn mm_in(
+        _products: Products,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand<Self>,
+        b: Operand<Self>,
+        c: &mut [Self],
+        ldc: usize,
+        accumulate: bool,
+    ) -> candle_core::Result<()> {
+        Self::mm(m, n, k, a, b, c, ldc, accumulate)
+    }
+
+    /// [`Elem::conv_forward`] multiplying as `products` says (only f32 has a bf16 form).
+    fn conv_forward_in(
+        _products: Products,
+        g: &Geometry,
+        n: usize,
+        x: &[Self],
+        w: &[Self],
+        bias: Option<&[Self]>,
+    ) -> candle_core::Result<Vec<Self>> {
+        Self::conv_forward(g, n, x, w, bias)
     }
 
     /// The forward convolution of `n` images, `w` row-major (co, ci * kh * kw).
@@ -141,6 +170,52 @@ impl Elem for f32 {
             PackedB::from_f32_cols_exact(b.data, k, n, b.cs)
         };
         packed_gemm::matmul_parallel(&pa, &pb, c, ldc, accumulate).map_err(candle_core::Error::wrap)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mm_in(
+        products: Products,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: Operand<f32>,
+        b: Operand<f32>,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) -> candle_core::Result<()> {
+        if products != Products::Bf16 || !packed_gemm::available() || m == 0 || n == 0 {
+            return Self::mm(m, n, k, a, b, c, ldc, accumulate);
+        }
+        let pa = if a.cs == 1 {
+            PackedA::from_f32_rows(a.data, m, k, a.rs)
+        } else {
+            let rows = PackedA::from_f32_cols_exact(a.data, m, k, a.cs).to_f32_rows();
+            PackedA::from_f32_rows(&rows, m, k, k)
+        };
+        let pb = if b.cs == 1 {
+            PackedB::from_f32_rows(b.data, k, n, b.rs)
+        } else {
+            PackedB::from_f32_cols(b.data, k, n, b.cs)
+        };
+        packed_gemm::matmul_parallel(&pa, &pb, c, ldc, accumulate).map_err(candle_core::Error::wrap)
+    }
+
+    fn conv_forward_in(
+        products: Products,
+        g: &Geometry,
+        n: usize,
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<Vec<f32>> {
+        if products != Products::Bf16 || !packed_gemm::available() {
+            return Self::conv_forward(g, n, x, w, bias);
+        }
+        use rayon::prelude::*;
+        let wb: Vec<half::bf16> = w.par_iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let pa = pack_pair_order(&wb, [g.co, g.ci, g.kh, g.kw]);
+        run_packed(g, n, x, &pa, bias)
     }
 
     fn conv_forward(

@@ -10,6 +10,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
+use super::autocast::Products;
 use super::elem::{slice, with_data, Elem, Operand};
 
 #[derive(Debug, Clone, Copy)]
@@ -18,11 +19,12 @@ struct LinearOp {
     m: usize,
     k: usize,
     n: usize,
+    products: Products,
 }
 
 impl LinearOp {
     fn forward<T: Elem>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> candle_core::Result<Vec<T>> {
-        let LinearOp { m, k, n } = *self;
+        let LinearOp { m, k, n, products } = *self;
         let mut y = vec![T::from_f64(0.0); m * n];
         if m == 0 || n == 0 {
             return Ok(y);
@@ -33,7 +35,8 @@ impl LinearOp {
             }
         }
         // W^T: element (kk, j) at w[j * k + kk].
-        T::mm(
+        T::mm_in(
+            products,
             m,
             n,
             k,
@@ -91,14 +94,15 @@ impl LinearOp {
         bias: bool,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let LinearOp { m, k, n } = *self;
+        let LinearOp { m, k, n, products } = *self;
         let dev = x.device();
         let dy = dy.contiguous()?;
         with_data::<T, _>(&dy, |dys| {
             let dx = if x.track_op() {
                 let v = with_data::<T, _>(w, |ws| {
                     let mut dx = vec![T::from_f64(0.0); m * k];
-                    T::mm(
+                    T::mm_in(
+                        products,
                         m,
                         k,
                         n,
@@ -118,7 +122,8 @@ impl LinearOp {
                 let v = with_data::<T, _>(x, |xs| {
                     let mut dw = vec![T::from_f64(0.0); n * k];
                     // dY^T: element (j, i) at dy[i * n + j].
-                    T::mm(
+                    T::mm_in(
+                        products,
                         n,
                         k,
                         m,
@@ -240,7 +245,12 @@ pub fn linear(
         return Ok(None);
     }
     let m: usize = lead.iter().product();
-    let op = LinearOp { m, k, n };
+    let op = LinearOp {
+        m,
+        k,
+        n,
+        products: Products::current(),
+    };
     let x2 = x.contiguous()?.reshape((m, k))?;
     let w = w.contiguous()?;
     let y = match bias {

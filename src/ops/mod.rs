@@ -5,6 +5,7 @@
 //! candle-transformers).
 
 pub mod attention;
+pub mod autocast;
 pub mod conv;
 pub mod conv_grad;
 mod elem;

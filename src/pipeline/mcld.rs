@@ -102,6 +102,17 @@ impl Precision {
         }
     }
 
+    /// [`Precision::describe`] for training (`train::step::params::Params::var_builder_for`).
+    pub fn describe_training(&self) -> String {
+        if self.bf16_matmuls {
+            return "f32 master weights and activations; convolutions and linear layers on BF16 \
+                    operands with f32 accumulation in both passes (AVX-512 BF16; attention, norms \
+                    and gradients f32)"
+                .to_string();
+        }
+        self.describe()
+    }
+
     /// The builder the networks load from: `vb` itself, or in the bf16-matmul mode its view
     /// with matmul and convolution weights in bf16.
     pub fn var_builder(&self, vb: VarBuilder<'static>) -> VarBuilder<'static> {

@@ -524,3 +524,77 @@ fn linear_op_f32_matches_candle_composed_gradients() {
         }
     }
 }
+
+/// Inside a bf16-products scope (`ops::autocast`) the conv and linear ops multiply bf16-rounded
+/// operands with f32 accumulation, in the forward pass and in a backward pass run after the
+/// scope ended: output and gradients within bf16's rounding of the f32 ops (bound 1e-2 of the
+/// largest value; operands carry 8 bits), and not equal to them (the scope did apply).
+#[test]
+fn bf16_products_scope_rounds_conv_and_linear_operands() {
+    let Some(scope) = mcld::ops::autocast::bf16_products() else {
+        eprintln!("skipped: this CPU lacks AVX-512 BF16");
+        return;
+    };
+    drop(scope);
+    let to32 = |ts: Vec<Tensor>| -> Vec<Tensor> {
+        ts.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect()
+    };
+    let conv_case: ConvCase = (2, 16, 9, 11, 24, 3, 1, 1, 1);
+    let conv_s2: ConvCase = (1, 13, 10, 10, 40, 3, 2, 1, 1);
+    type Run<'a> = (&'a str, Vec<Tensor>, Box<dyn Fn(&[Tensor]) -> Tensor>);
+    let runs: Vec<Run> = vec![
+        (
+            "conv 3x3 s1",
+            to32(conv_inputs(conv_case, 1300)),
+            Box::new(move |t: &[Tensor]| op_conv(t, conv_case, true)),
+        ),
+        (
+            "conv 3x3 s2",
+            to32(conv_inputs(conv_s2, 1310)),
+            Box::new(move |t: &[Tensor]| op_conv(t, conv_s2, true)),
+        ),
+        (
+            "linear",
+            to32(vec![
+                rand64(1320, &[2, 70, 96]),
+                (rand64(1321, &[48, 96]) * 0.1).unwrap(),
+                rand64(1322, &[48]),
+            ]),
+            Box::new(|t: &[Tensor]| op_linear(t)),
+        ),
+    ];
+    for (name, inputs, f) in runs {
+        let (y32, g32) = grads_of(&inputs, &|t| f(t));
+        // Forward inside the scope; the backward in `grads_of` runs inside it too, so build
+        // the graph in the scope and differentiate after it ended.
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = {
+            let _scope = mcld::ops::autocast::bf16_products().unwrap();
+            f(&t)
+        };
+        let r = rand64(997, y.dims()).to_dtype(DType::F32).unwrap();
+        let store = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g: Vec<Tensor> = vars
+            .iter()
+            .map(|v| store.get(v.as_tensor()).unwrap().clone())
+            .collect();
+        let mut pairs: Vec<(&str, &Tensor, &Tensor)> = vec![("y", &y, &y32)];
+        for (j, what) in ["dx", "dw", "db"].iter().enumerate() {
+            pairs.push((*what, &g[j], &g32[j]));
+        }
+        for (what, got, want) in pairs {
+            let (err, mx) = max_errs(got, want);
+            let rel = err / mx.max(1e-30);
+            println!("{name} bf16 products {what}: relative {rel:.2e}");
+            assert!(rel <= 1e-2, "{name} {what}: relative error {rel:.2e}");
+            // The bias gradient is a plain sum: the same in both modes.
+            if what != "db" {
+                assert!(rel > 1e-6, "{name} {what}: bf16 products changed nothing");
+            }
+        }
+    }
+}

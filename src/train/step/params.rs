@@ -14,6 +14,8 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+use crate::ops::autocast::{bf16_products, Bf16Scope};
+use crate::pipeline::mcld::Precision;
 use crate::{Error, Result};
 
 /// MCLD's trainable split (SPEC §4): everything but the reference UNet's `up_blocks.3`, which
@@ -173,6 +175,31 @@ impl Params {
             Box::new(backend),
             dtype,
             self.device.clone(),
+        ))
+    }
+}
+
+impl Params {
+    /// The builder the trained networks load from at `prec`, and the scope they must run their
+    /// forward and backward passes in. CPU bf16 with the AVX-512 BF16 kernel: the f32 masters
+    /// themselves, inside a bf16-products scope (`ops::autocast`: convolutions and linear
+    /// layers multiply bf16-rounded operands, as torch's autocast); without that kernel the
+    /// masters rounded to bf16 and computed in f32; otherwise `prec`'s compute dtype.
+    pub fn var_builder_for(
+        &self,
+        prec: &Precision,
+    ) -> Result<(VarBuilder<'static>, Option<Bf16Scope>)> {
+        if prec.bf16_matmuls {
+            if let Some(scope) = bf16_products() {
+                return Ok((
+                    self.var_builder_rounded(prec.compute, None, true)?,
+                    Some(scope),
+                ));
+            }
+        }
+        Ok((
+            self.var_builder_rounded(prec.compute, prec.round_weights, true)?,
+            None,
         ))
     }
 }

@@ -239,9 +239,8 @@ impl McldTrainer {
     /// tensor the graph did not reach gets zeros and `has_grad` false (torch: grad None).
     pub fn step_inputs(&self, inp: &LossInputs, samples: usize) -> Result<StepResult> {
         let prec = Precision::new(self.device(), self.cfg.dtype);
-        let vb = self
-            .params
-            .var_builder_rounded(prec.compute, prec.round_weights, true)?;
+        // The scope covers the forward and the backward pass (recomputed segments included).
+        let (vb, _products) = self.params.var_builder_for(&prec)?;
         let nets = Mcld::new(vb, &self.cfg.nets)?;
         let opts = LossOptions {
             snr_gamma: self.cfg.snr_gamma,
