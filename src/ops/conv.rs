@@ -153,6 +153,14 @@ pub fn conv2d_forward(
         if let Some(y) = super::conv_grad::conv2d(x, w, bias, padding, stride, dilation, groups)? {
             return Ok(y);
         }
+        // CUDA tensors that track: cuDNN forward, backward-data and backward-filter.
+        #[cfg(feature = "cudnn")]
+        if x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op()) {
+            let y = super::cuda::conv::conv2d(x, w, bias, padding, stride, dilation, groups)?;
+            if let Some(y) = y {
+                return Ok(y);
+            }
+        }
     }
     let x = if x.track_op() && stride > 1 {
         even_out_remainders(x, w, padding, stride, dilation)?

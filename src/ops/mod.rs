@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod conv;
 pub mod conv_grad;
+pub mod cuda;
 mod elem;
 pub mod geglu;
 pub mod geglu_grad;

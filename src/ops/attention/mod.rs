@@ -59,6 +59,10 @@ pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<
         if let Some(out) = grad::attention(q, k, v)? {
             return Ok(out);
         }
+        #[cfg(feature = "cuda")]
+        if let Some(out) = super::cuda::attention::attention(q, k, v)? {
+            return Ok(out);
+        }
     }
     attention_chunked(q, k, v, ATTENTION_CHUNK_ELEMS)
 }
