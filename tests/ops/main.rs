@@ -6,6 +6,9 @@ mod common;
 
 mod attention;
 mod attention_chunked;
+mod blocked_attention;
 mod conv;
+#[cfg(feature = "cuda")]
+mod cuda_ops;
 mod fused;
 mod packed_gemm;
