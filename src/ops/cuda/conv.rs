@@ -124,10 +124,10 @@ impl<T: Elem> Descs<T> {
     }
 }
 
-/// A zeroed workspace of `bytes` (cuDNN takes a null pointer for none; an empty allocation
-/// stands in for it).
+/// A workspace of `bytes` (at least one, so there is always a buffer to hand over).
 fn workspace(dev: &CudaDevice, bytes: usize) -> candle_core::Result<CudaSlice<u8>> {
-    dev.alloc_zeros::<u8>(bytes.max(1))
+    // SAFETY: scratch space cuDNN writes before it reads.
+    unsafe { dev.alloc::<u8>(bytes.max(1)) }
 }
 
 /// A dense operand's data (the ops take contiguous tensors, see [`conv2d`]).
@@ -143,7 +143,7 @@ fn dense<'a, T: Elem>(
 
 /// A fresh (uninitialised) output of `len` elements.
 fn output<T: Elem>(dev: &CudaDevice, len: usize) -> candle_core::Result<CudaStorage> {
-    // SAFETY: every element is written by the cuDNN call (beta = 0) or by the bias copy.
+    // SAFETY: every element is written by the cuDNN call (beta = 0: cuDNN does not read it).
     let s = unsafe { dev.alloc::<T>(len)? };
     Ok(CudaStorage::wrap_cuda_slice(s, dev.clone()))
 }
@@ -173,9 +173,9 @@ fn forward<T: Elem>(
     let cudnn = handle(dev)?;
     let d = Descs::<T>::new(&cudnn, g, n)?;
     let (x, w) = (dense::<T>(xs, xl)?, dense::<T>(ws, wl)?);
-    let mut y = output::<T>(dev, n * g.co * g.oh * g.ow)?;
-    // The bias broadcast over images and pixels first; the convolution then adds onto it.
-    let beta = match bias {
+    // The bias spread over images and pixels first (a strided read of the bias through
+    // candle's affine kernel, times 1 plus 0); the convolution then adds onto it (beta = 1).
+    let (mut y, beta) = match bias {
         Some((bs, bl)) => {
             if !bl.is_contiguous() {
                 candle_core::bail!("cudnn conv: bias must be contiguous");
@@ -185,10 +185,9 @@ fn forward<T: Elem>(
                 vec![0, 1, 0, 0],
                 bl.start_offset(),
             );
-            bs.copy_strided_src(&mut y, 0, &spread)?;
-            T::from_f64(1.0)
+            (bs.affine(&spread, 1.0, 0.0)?, T::from_f64(1.0))
         }
-        None => T::from_f64(0.0),
+        None => (output::<T>(dev, n * g.co * g.oh * g.ow)?, T::from_f64(0.0)),
     };
     let op = ConvForward {
         conv: &d.conv,
