@@ -5,69 +5,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::common::max_errs;
+use crate::grad_check::{assert_rel, compare, grads_of, rand};
 use mcld::ops::attention::grad;
 use mcld::ops::cuda::attention::attention_blocked;
-
-/// Uniform values in [-1, 1) from a seeded xorshift, as an f64 CPU tensor.
-pub(crate) fn rand(seed: u64, dims: &[usize]) -> Tensor {
-    let n: usize = dims.iter().product();
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let v: Vec<f64> = (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect();
-    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-}
-
-/// `f(inputs)` and the gradients of `sum(f(inputs) * r)` with respect to every input; `r` is
-/// random (seed 999), rounded to `r_dtype` first so runs in different dtypes share it.
-pub(crate) fn grads_of(
-    inputs: &[Tensor],
-    r_dtype: DType,
-    f: &dyn Fn(&[Tensor]) -> Tensor,
-) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let y = f(&t);
-    let r = rand(999, y.dims())
-        .to_dtype(r_dtype)
-        .unwrap()
-        .to_dtype(y.dtype())
-        .unwrap()
-        .to_device(y.device())
-        .unwrap();
-    let store = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
-    let grads = vars
-        .iter()
-        .map(|v| {
-            store
-                .get(v.as_tensor())
-                .expect("a gradient for every input")
-                .clone()
-        })
-        .collect();
-    (y, grads)
-}
-
-/// Asserts max |got - want| <= bound * max |want|, printing the figure either way.
-pub(crate) fn assert_rel(what: &str, got: &Tensor, want: &Tensor, bound: f64) -> f64 {
-    let (err, mx) = max_errs(got, want);
-    let rel = err / mx.max(1e-30);
-    println!("{what}: max|diff| / max|ref| {rel:.2e} (bound {bound:.0e})");
-    assert!(
-        rel <= bound,
-        "{what}: relative error {rel:.2e} exceeds {bound:.0e}"
-    );
-    rel
-}
 
 /// (name, B, heads, Tq, Tk, d, dv, score budget per block).
 pub(crate) type AttnCase = (
@@ -121,29 +61,19 @@ pub(crate) fn compare_attention(
     dev: &Device,
     bound: f64,
 ) -> f64 {
-    let rounded: Vec<Tensor> = attn_inputs(c, seed)
-        .iter()
-        .map(|t| t.to_dtype(dt).unwrap())
-        .collect();
-    let ours: Vec<Tensor> = rounded.iter().map(|t| t.to_device(dev).unwrap()).collect();
-    let refs: Vec<Tensor> = rounded
-        .iter()
-        .map(|t| t.to_dtype(DType::F64).unwrap())
-        .collect();
-    let (y, g) = grads_of(&ours, dt, &|t| blocked(t, c.7));
-    let (y_ref, g_ref) = grads_of(&refs, dt, &cpu_op);
-    let mut worst = 0f64;
-    for (what, got, want) in [
-        ("out", &y, &y_ref),
-        ("dq", &g[0], &g_ref[0]),
-        ("dk", &g[1], &g_ref[1]),
-        ("dv", &g[2], &g_ref[2]),
-    ] {
-        assert_eq!(got.dtype(), dt, "{what} keeps the inputs' dtype");
-        let name = format!("attention {} {dt:?} on {dev:?} {what}", c.0);
-        worst = worst.max(assert_rel(&name, got, want, bound));
-    }
-    worst
+    let name = format!("attention {}", c.0);
+    let what = ["out", "dq", "dk", "dv"];
+    let ours = |t: &[Tensor]| blocked(t, c.7);
+    compare(
+        &name,
+        &what,
+        &attn_inputs(c, seed),
+        dt,
+        dev,
+        bound,
+        &ours,
+        &cpu_op,
+    )
 }
 
 #[test]

@@ -11,4 +11,6 @@ mod conv;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
 mod fused;
+mod grad_check;
 mod packed_gemm;
+mod tensor_norm;

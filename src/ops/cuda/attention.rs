@@ -12,16 +12,13 @@
 //!
 //! Nothing here is CUDA-specific but the op's `cuda_fwd`, so the same code runs on the CPU,
 //! where the tests check it against the CPU op; the networks take it for CUDA tensors only.
-//! The forward pass is computed before the custom op is applied (candle hands a custom op's
-//! forward storages, not tensors): the op adopts the finished output (one copy of it) and ties
-//! it to q, k and v for autograd.
+//! The forward pass is computed before the custom op is applied, which adopts the finished
+//! output and ties it to q, k and v for autograd (`adopt`).
 
-use std::sync::Mutex;
-
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use super::super::attention::{qkv_dims, ATTENTION_CHUNK_ELEMS};
+use super::adopt::Precomputed;
 
 /// The dtype of scores and statistics for inputs of `dt`.
 fn stat_dtype(dt: DType) -> DType {
@@ -141,39 +138,12 @@ fn backward(
 }
 
 /// The op on (q, k, v): the forward pass's output until the op adopts it, and the row
-/// statistics until the backward pass.
+/// statistics for the backward pass.
 struct BlockedAttn {
     rows: usize,
     scale: f64,
-    out: Mutex<Option<Tensor>>,
-    lse: Mutex<Option<Tensor>>,
-}
-
-impl BlockedAttn {
-    /// The finished output, taken out of the op (the forward runs once per op).
-    fn take_out(&self) -> candle_core::Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::msg("blocked attention: lock"))?
-            .take()
-            .ok_or_else(|| candle_core::Error::msg("blocked attention: forward ran twice"))
-    }
-
-    /// The output's storage as the op's own (a copy) and its shape.
-    fn adopt<S>(&self, pick: impl Fn(&Storage) -> Option<&S>) -> candle_core::Result<(S, Shape)>
-    where
-        S: BackendStorage,
-    {
-        let out = self.take_out()?;
-        let (st, l) = out.storage_and_layout();
-        if !l.is_contiguous() || l.start_offset() != 0 {
-            candle_core::bail!("blocked attention: the output is not a fresh dense tensor");
-        }
-        let s = pick(&st)
-            .ok_or_else(|| candle_core::Error::msg("blocked attention: output on another device"))?
-            .try_clone(l)?;
-        Ok((s, out.shape().clone()))
-    }
+    out: Precomputed,
+    lse: Tensor,
 }
 
 impl CustomOp3 for BlockedAttn {
@@ -190,10 +160,7 @@ impl CustomOp3 for BlockedAttn {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.adopt(|s| match s {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
+        self.out.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -206,10 +173,7 @@ impl CustomOp3 for BlockedAttn {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        self.adopt(|s| match s {
-            Storage::Cuda(c) => Some(c),
-            _ => None,
-        })
+        self.out.cuda()
     }
 
     fn bwd(
@@ -220,19 +184,11 @@ impl CustomOp3 for BlockedAttn {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let lse = self
-            .lse
-            .lock()
-            .map_err(|_| candle_core::Error::msg("blocked attention: lock"))?
-            .clone()
-            .ok_or_else(|| {
-                candle_core::Error::msg("blocked attention: backward without the statistics")
-            })?;
         let d = |t: &Tensor| t.detach().contiguous();
         let [dq, dk, dv] = backward(
             (&d(q)?, &d(k)?, &d(v)?),
             &d(res)?,
-            &lse,
+            &self.lse,
             &d(grad)?,
             self.rows,
             self.scale,
@@ -269,8 +225,8 @@ pub fn attention_blocked(
     let op = BlockedAttn {
         rows,
         scale,
-        out: Mutex::new(Some(out)),
-        lse: Mutex::new(Some(lse)),
+        out: Precomputed::new(out),
+        lse,
     };
     Ok(Some(q.apply_op3(k, v, op)?))
 }

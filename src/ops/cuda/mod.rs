@@ -1,8 +1,11 @@
 //! The training ops for CUDA tensors (issue #24): convolution through cuDNN (forward,
 //! backward-data, backward-filter; `cudnn` feature) and attention in blocks of query rows with
-//! a recomputing backward pass (cuBLAS products). GroupNorm, LayerNorm and GEGLU keep candle's
-//! composed ops on CUDA.
+//! a recomputing backward pass (cuBLAS products), GroupNorm(+SiLU) and LayerNorm keeping only
+//! their group statistics. GEGLU keeps candle's composed ops on CUDA. The attention and the
+//! norms are candle tensor code, so the CPU tests run them too.
 
+mod adopt;
 pub mod attention;
 #[cfg(feature = "cudnn")]
 pub mod conv;
+pub mod norm;

@@ -47,6 +47,10 @@ impl Module for LayerNorm {
                 if let Some(y) = grad::layer_norm(x, self.eps, w, b)? {
                     return Ok(y);
                 }
+                #[cfg(feature = "cuda")]
+                if let Some(y) = super::cuda::norm::layer_norm(x, self.eps, w, b)? {
+                    return Ok(y);
+                }
             }
         }
         let dtype = x.dtype();
@@ -119,6 +123,10 @@ impl GroupNorm {
         }
         let tracked = x.track_op() || w.track_op() || b.track_op();
         if tracked && super::train_ops_enabled() {
+            #[cfg(feature = "cuda")]
+            if x.device().is_cuda() {
+                return super::cuda::norm::group_norm(x, self.groups, self.eps, w, b, act);
+            }
             return grad::group_norm(x, self.groups, self.eps, w, b, act);
         }
         Ok(None)
