@@ -7,8 +7,9 @@
 //! of output rows builds its patch matrix from whole input-row runs in the weight's own
 //! (c_in, ky, kx) order, one matmul writes straight into the NCHW output with the bias already
 //! in place, and tiles run in parallel. Tensors that track gradients (f32, f64 on the CPU) take
-//! `ops::conv_grad`'s custom op, with a backward pass on the same kernel; anything else (GPUs,
-//! half precision, grouped convs) goes to candle unchanged.
+//! `ops::conv_grad`'s custom op, with a backward pass on the same kernel; tracked CUDA tensors
+//! take `ops::cuda::conv` (cuDNN both ways, `cudnn` feature); anything else (untracked GPU
+//! tensors, CPU half precision, grouped convs) goes to candle unchanged.
 
 use std::sync::Arc;
 

@@ -1,6 +1,7 @@
 //! The one attention entry point of every network: the fused CPU kernel ([`cpu`]) where it
 //! applies (f32 CPU tensors without gradient tracking), the custom op of [`grad`] on the CPU with
-//! gradient tracking (its backward pass recomputes the probabilities block by block), else the
+//! gradient tracking (its backward pass recomputes the probabilities block by block), its
+//! tensor-op form in `ops::cuda::attention` for tracked CUDA tensors, else the
 //! generic path from candle's primitives, sliced over query rows so large self-attentions never
 //! hold all their scores.
 

@@ -1,7 +1,8 @@
 //! The norms of every network: LayerNorm from primitives (candle's fused one has no backward
 //! pass, see shared/GPU.md, and the same modules are trained) and GroupNorm(+SiLU), each taking
 //! the one-pass kernels of [`fused`] where no gradient is needed and, on the CPU with gradient
-//! tracking, the custom ops of [`grad`] (fused backward passes).
+//! tracking, the custom ops of [`grad`] (fused backward passes); tracked CUDA tensors take
+//! `ops::cuda::norm` (the same backward in tensor ops).
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
