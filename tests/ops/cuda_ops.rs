@@ -189,11 +189,20 @@ fn cuda_attention_entry_point_matches_the_cpu_op() {
 }
 
 /// GroupNorm(+SiLU) and LayerNorm on the GPU (the ops the networks take for tracked CUDA
-/// tensors) against the CPU ops in f64. Bounds as on the CPU (`tensor_norm`).
+/// tensors) against the CPU ops in f64. Bounds as on the CPU (`tensor_ops`).
 #[test]
 fn cuda_norms_match_the_cpu_ops_in_f32_f16_bf16() {
     let Some(dev) = gpu() else { return };
-    for (dt, bound) in crate::tensor_norm::BOUNDS {
-        crate::tensor_norm::compare_norms(dt, &dev, bound, true);
+    for (dt, bound) in crate::tensor_ops::BOUNDS {
+        crate::tensor_ops::compare_norms(dt, &dev, bound, true);
+    }
+}
+
+/// GEGLU on the GPU against the CPU op in f64, bounds as for the norms.
+#[test]
+fn cuda_geglu_matches_the_cpu_op_in_f32_f16_bf16() {
+    let Some(dev) = gpu() else { return };
+    for (dt, bound) in crate::tensor_ops::BOUNDS {
+        crate::tensor_ops::compare_geglu(dt, &dev, bound, true);
     }
 }

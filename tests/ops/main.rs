@@ -13,4 +13,4 @@ mod cuda_ops;
 mod fused;
 mod grad_check;
 mod packed_gemm;
-mod tensor_norm;
+mod tensor_ops;

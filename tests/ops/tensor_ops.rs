@@ -1,11 +1,12 @@
-//! GroupNorm(+SiLU) and LayerNorm of `ops::cuda::norm` (candle tensor code, the training norms
-//! for CUDA tensors) run on the CPU, against the CPU training ops (`ops::norm::grad`, checked
-//! against finite differences in the train crate): output and the gradients of x, w and b.
+//! GroupNorm(+SiLU), LayerNorm and GEGLU of `ops::cuda` (candle tensor code, the training ops
+//! for CUDA tensors) run on the CPU, against the CPU training ops (`ops::norm::grad`,
+//! `ops::geglu_grad`, checked against finite differences in the train crate): the output and
+//! the gradient of every input.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::grad_check::{compare, rand};
-use mcld::ops::cuda::norm;
+use mcld::ops::cuda::{geglu, norm};
 use mcld::ops::norm::grad;
 
 /// Bounds per dtype (relative to the largest reference value): f32 from the summation order;
@@ -99,4 +100,46 @@ fn tensor_norm_entry_points_skip_cpu_tensors() {
         .is_none());
     let a = mcld::ops::cuda::attention::attention(&t[0], &t[0], &t[0]).unwrap();
     assert!(a.is_none());
+}
+
+/// GEGLU inputs (.., 2 * inner): one token row, several rows of a 3-d input.
+const GEGLU_DIMS: [&[usize]; 2] = [&[1, 1, 6], &[2, 5, 2 * 24]];
+
+/// GEGLU in `dt` on `dev` against the CPU op in f64 (`cuda_entry`: through the function that
+/// takes CUDA tensors only).
+pub(crate) fn compare_geglu(dt: DType, dev: &Device, bound: f64, cuda_entry: bool) -> f64 {
+    let mut worst = 0f64;
+    for (i, dims) in GEGLU_DIMS.into_iter().enumerate() {
+        let f = |t: &[Tensor]| {
+            let y = if cuda_entry {
+                geglu::geglu(&t[0])
+            } else {
+                geglu::geglu_tensor_ops(&t[0])
+            };
+            y.unwrap().expect("the tensor-op GEGLU applies")
+        };
+        let r = |t: &[Tensor]| {
+            mcld::ops::geglu_grad::geglu(&t[0])
+                .unwrap()
+                .expect("the CPU GEGLU op applies")
+        };
+        // Gate values over [-3, 3): GELU's bend and both tails.
+        let h = rand(600 + i as u64, dims).affine(3.0, 0.0).unwrap();
+        let e = compare("geglu", &["out", "dh"], &[h], dt, dev, bound, &f, &r);
+        worst = worst.max(e);
+    }
+    worst
+}
+
+#[test]
+fn tensor_geglu_matches_the_cpu_op() {
+    compare_geglu(DType::F64, &Device::Cpu, 1e-12, false);
+    for (dt, bound) in BOUNDS {
+        compare_geglu(dt, &Device::Cpu, bound, false);
+    }
+    let h = rand(9, &[2, 8]);
+    assert!(
+        geglu::geglu(&h).unwrap().is_none(),
+        "CPU tensors are left alone"
+    );
 }
