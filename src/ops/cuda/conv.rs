@@ -13,8 +13,9 @@
 //! f32 uses cuDNN's plain FMA math unless candle's reduced-precision f32 GEMM flag is set (then
 //! TF32 tensor cores), so f32 training keeps the precision of candle's cuBLAS matmuls; f16 and
 //! bf16 run on tensor cores with f32 accumulation (cuDNN's pseudo-half configurations).
-//! Algorithms come from cuDNN's heuristics (`cudnnGet*Algorithm_v7`), as PyTorch does without
-//! `benchmark`; their workspace is allocated per call from candle's stream-ordered pool.
+//! Algorithms come from cuDNN's heuristics (`cudnnGet*Algorithm_v7`, the first pick), as
+//! PyTorch does without `benchmark`, else algorithm 0 (implicit GEMM, the most general); their
+//! workspace is allocated per call from candle's stream-ordered pool.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -195,7 +196,11 @@ fn forward<T: Elem>(
         w: &d.w,
         y: &d.y,
     };
-    let algo = op.pick_algorithm()?;
+    // cuDNN's first heuristic pick, else its most general algorithm (the heuristics can
+    // rank an unsupported one first for unusual configurations).
+    let algo = op
+        .pick_algorithm()
+        .unwrap_or(sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM);
     let mut ws = workspace(dev, op.get_workspace_size(algo)?)?;
     // SAFETY: the descriptors describe exactly these buffers (dense, checked above).
     unsafe {
@@ -229,7 +234,11 @@ fn backward_data<T: Elem>(
         w: &d.w,
         dy: &d.y,
     };
-    let algo = op.pick_algorithm()?;
+    // cuDNN's first heuristic pick, else its most general algorithm (the heuristics can
+    // rank an unsupported one first for unusual configurations).
+    let algo = op
+        .pick_algorithm()
+        .unwrap_or(sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0);
     let mut work = workspace(dev, op.get_workspace_size(algo)?)?;
     // SAFETY: as in `forward`; beta = 0 writes every element of dx.
     unsafe {
@@ -264,7 +273,11 @@ fn backward_filter<T: Elem>(
         dw: &d.w,
         dy: &d.y,
     };
-    let algo = op.pick_algorithm()?;
+    // cuDNN's first heuristic pick, else its most general algorithm (the heuristics can
+    // rank an unsupported one first for unusual configurations).
+    let algo = op
+        .pick_algorithm()
+        .unwrap_or(sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0);
     let mut work = workspace(dev, op.get_workspace_size(algo)?)?;
     // SAFETY: as in `forward`; beta = 0 writes every element of dw.
     unsafe {
