@@ -3,6 +3,7 @@ use mcld::cli::{self, Cli, CliError};
 
 fn main() {
     mcld::device::retain_freed_memory();
+    mcld::device::park_idle_workers();
     let args = Cli::parse();
     match cli::run(args) {
         Ok(()) => {}

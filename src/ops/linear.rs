@@ -83,6 +83,12 @@ impl Module for Linear {
             Weight::Packed(p, _) if x.dtype() == DType::F32 && !x.track_op() => p,
             _ => {
                 let w = self.weight()?;
+                let tracked = x.track_op() || w.track_op();
+                if tracked && super::train_ops_enabled() {
+                    if let Some(y) = super::linear_grad::linear(x, &w, self.bias.as_ref())? {
+                        return Ok(y);
+                    }
+                }
                 if !self.is_bf16_mixed() || x.dtype() == DType::BF16 {
                     return candle_nn::Linear::new(w, self.bias.clone()).forward(x);
                 }

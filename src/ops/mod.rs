@@ -13,12 +13,14 @@ pub mod geglu;
 pub mod geglu_grad;
 pub(crate) mod host;
 pub mod linear;
+pub mod linear_grad;
 pub mod norm;
 pub mod packed_gemm;
 pub mod recompute;
 
 /// Whether the training path takes the custom ops with backward passes of their own
-/// ([`conv_grad`], [`attention::grad`], [`norm::grad`], [`geglu_grad`]; the default) or candle's composed ops
+/// ([`conv_grad`], [`attention::grad`], [`norm::grad`], [`geglu_grad`], [`linear_grad`]; the
+/// default) or candle's composed ops
 /// (`MCLD_TRAIN_OPS=candle`, kept for side-by-side measurements in one sitting).
 pub fn train_ops_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
