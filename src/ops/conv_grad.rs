@@ -135,7 +135,7 @@ pub(crate) fn conv_forward_im2col<T: Elem>(
 }
 
 /// The input gradient of `n` images from the output gradient `dy`.
-fn conv_input_grad<T: Elem>(
+pub(crate) fn conv_input_grad<T: Elem>(
     g: &Geometry,
     n: usize,
     w: &[T],
@@ -202,7 +202,7 @@ fn conv_input_grad<T: Elem>(
 
 /// The weight gradient `(co, ci * kh * kw)` summed over `n` images: output gradient times the
 /// patches, tile by tile.
-fn conv_weight_grad<T: Elem>(
+pub(crate) fn conv_weight_grad<T: Elem>(
     g: &Geometry,
     n: usize,
     x: &[T],

@@ -46,88 +46,14 @@ const CONV_BOUNDS: [(DType, f64); 3] =
 #[cfg(feature = "cudnn")]
 mod conv {
     use super::*;
-    use crate::grad_check::{compare, rand};
-    use mcld::ops::{conv::conv2d_forward, conv_grad, cuda};
-
-    /// (name, n, ci, h, w, co, k, stride, padding, dilation, bias)
-    type Case = (
-        &'static str,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        bool,
-    );
-
-    /// 3x3 stride 1 padded; 3x3 stride 2 whose height and width leave different remainders;
-    /// 1x1; dilation 2; unpadded without bias; and enough channels for tensor-core algorithms.
-    const CASES: [Case; 6] = [
-        ("3x3_s1_p1", 2, 8, 12, 10, 16, 3, 1, 1, 1, true),
-        ("3x3_s2_p1_uneven", 2, 8, 13, 10, 12, 3, 2, 1, 1, true),
-        ("1x1", 2, 16, 9, 7, 8, 1, 1, 0, 1, true),
-        ("3x3_p2_d2", 1, 6, 11, 9, 10, 3, 1, 2, 2, true),
-        ("3x3_p0_nobias", 1, 5, 8, 9, 7, 3, 1, 0, 1, false),
-        ("3x3_64ch", 2, 64, 24, 20, 64, 3, 1, 1, 1, true),
-    ];
-
-    fn inputs(c: Case, seed: u64) -> Vec<Tensor> {
-        let (_, n, ci, h, w, co, k, .., bias) = c;
-        let scale = 1.0 / ((ci * k * k) as f64).sqrt();
-        let mut t = vec![
-            rand(seed, &[n, ci, h, w]),
-            (rand(seed + 1, &[co, ci, k, k]) * scale).unwrap(),
-        ];
-        if bias {
-            t.push(rand(seed + 2, &[co]));
-        }
-        t
-    }
-
-    fn run(c: Case, t: &[Tensor], entry: bool) -> Tensor {
-        let (.., s, p, d, _) = c;
-        let b = t.get(2);
-        if entry {
-            return conv2d_forward(&t[0], &t[1], b, p, s, d, 1).unwrap();
-        }
-        let y = if t[0].device().is_cuda() {
-            cuda::conv::conv2d(&t[0], &t[1], b, p, s, d, 1)
-        } else {
-            conv_grad::conv2d(&t[0], &t[1], b, p, s, d, 1)
-        };
-        y.unwrap().expect("the conv op applies")
-    }
-
-    /// The cuDNN op's output and gradients in `dt` on the GPU against the CPU op in f64
-    /// (through the network's entry point `conv2d_forward` when `entry`).
-    fn compare_conv(c: Case, seed: u64, dt: DType, dev: &Device, bound: f64, entry: bool) {
-        let what = ["out", "dx", "dw", "db"];
-        let what = &what[..if c.10 { 4 } else { 3 }];
-        let name = format!("cudnn conv {}{}", c.0, if entry { " (entry)" } else { "" });
-        let ours = |t: &[Tensor]| run(c, t, entry);
-        let reference = |t: &[Tensor]| run(c, t, false);
-        compare(
-            &name,
-            what,
-            &inputs(c, seed),
-            dt,
-            dev,
-            bound,
-            &ours,
-            &reference,
-        );
-    }
+    use crate::conv_ops::{compare_conv, Route, CASES};
 
     #[test]
     fn cuda_conv_matches_the_cpu_op_in_f32_f16_bf16() {
         let Some(dev) = gpu() else { return };
         for (i, c) in CASES.into_iter().enumerate() {
             for (dt, bound) in CONV_BOUNDS {
-                compare_conv(c, 100 + 10 * i as u64, dt, &dev, bound, false);
+                compare_conv(c, 100 + 10 * i as u64, dt, &dev, bound, Route::Cuda);
             }
         }
     }
@@ -138,7 +64,7 @@ mod conv {
     fn cuda_conv_entry_point_matches_the_cpu_op() {
         let Some(dev) = gpu() else { return };
         for (i, c) in CASES.into_iter().enumerate().take(4) {
-            compare_conv(c, 200 + 10 * i as u64, DType::F32, &dev, 1e-5, true);
+            compare_conv(c, 200 + 10 * i as u64, DType::F32, &dev, 1e-5, Route::Entry);
         }
     }
 }

@@ -8,6 +8,7 @@ mod attention;
 mod attention_chunked;
 mod blocked_attention;
 mod conv;
+mod conv_ops;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
 mod fused;

@@ -6,7 +6,8 @@
 
 mod adopt;
 pub mod attention;
-#[cfg(feature = "cudnn")]
 pub mod conv;
+#[cfg(feature = "cudnn")]
+mod cudnn;
 pub mod geglu;
 pub mod norm;
