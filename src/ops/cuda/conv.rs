@@ -292,9 +292,9 @@ impl CustomOp2 for BwdFilter {
 }
 
 /// `x.conv2d(w, ..)` (+ bias per output channel) as the ops of this module, for float tensors
-/// of one dtype on one device with groups 1 (on the CPU: f32 and f64, through the CPU kernels;
-/// the tests' way to check the wiring); `None` where that does not hold or the shapes do not
-/// fit (the caller's fallback then reports them).
+/// of one dtype on one device with groups 1 (on the CPU f32 and f64 only, through the CPU
+/// kernels: the tests' way to check the wiring); `None` where that does not hold or the shapes
+/// do not fit (the caller's fallback then reports them).
 pub fn conv2d_op(
     x: &Tensor,
     w: &Tensor,
@@ -305,10 +305,12 @@ pub fn conv2d_op(
     groups: usize,
 ) -> candle_core::Result<Option<Tensor>> {
     let dtype = x.dtype();
+    // Half precision only where cuDNN runs it (the CPU kernels take f32 and f64).
+    let half = matches!(dtype, DType::F16 | DType::BF16) && x.device().is_cuda();
     let applies = groups == 1
         && stride > 0
         && dilation > 0
-        && matches!(dtype, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
+        && (matches!(dtype, DType::F32 | DType::F64) || half)
         && x.rank() == 4
         && w.rank() == 4
         && [Some(x), Some(w), bias]
