@@ -1,7 +1,7 @@
 //! Which share of the work this process does.
 //!
 //! The launcher variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, as torchrun sets them) are parsed
-//! here once: by `train::collective::RankInfo` for training, and by [`Shard`] for the commands
+//! here once: by `train::dist::rank::RankInfo` for training, and by [`Shard`] for the commands
 //! whose work is a list of independent items (`mcld test` pairs, `mcld prepare` photos).
 //!
 //! A [`Shard`] is `K/N`, K counted from 0. It comes from `--shard K/N`, else from `RANK` and

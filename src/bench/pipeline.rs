@@ -4,7 +4,8 @@
 //! `conv_norm_out`/`conv_out`, the denoising one with `to_k_ip`/`to_v_ip`; pose guider; the
 //! 1280-wide face projector; sd-vae-ft-mse; the CLIP ViT-L/14 image encoder of
 //! sd-image-variations-diffusers, whose 768-d embedding matches the UNets' cross-attention
-//! width) from [`RandomWeights`], then whole batches are timed phase by phase.
+//! width) with seeded random weights ([`McldPipeline::random`]), then whole batches are timed
+//! phase by phase.
 //!
 //! GPU memory: the CUDA memory pool's high-water marks (`device::gpu_memory_peak`), a true peak
 //! over the whole run, weights included, as PyTorch's `max_memory_allocated`. Where the driver
@@ -15,14 +16,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use crate::data::{Pair, PairInputs};
-use crate::models::clip::ClipVisionModelWithProjection;
-use crate::models::mcld::Mcld;
-use crate::models::vae::AutoencoderKL;
-use crate::pipeline::mcld::{McldPipeline, Precision};
+use crate::pipeline::mcld::McldPipeline;
 use crate::pipeline::sampler;
-use crate::presets::tree::RandomPipeline;
-use crate::presets::Size;
-use crate::scheduler::ddim::DdimScheduler;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone)]
@@ -41,53 +36,6 @@ pub struct PipelineBench {
     pub seed: u64,
     pub device: candle_core::Device,
     pub dtype: candle_core::DType,
-}
-
-/// Every network of the pipeline at full size with random weights; `steps` DDIM steps at
-/// `size` x `size`.
-pub fn random_pipeline(
-    device: &Device,
-    dtype: DType,
-    steps: usize,
-    size: usize,
-    seed: u64,
-) -> Result<McldPipeline> {
-    if size == 0 || !size.is_multiple_of(64) {
-        return Err(Error::msg(format!(
-            "--size {size}: must be a positive multiple of 64 (VAE /8, UNet /8 again)"
-        )));
-    }
-    let prec = Precision::new(device, dtype);
-    // Rounding random weights through bf16 changes nothing measurable in a timing run; where
-    // the CPU multiplies in bf16, the weights go through the same bf16 view as real ones.
-    let dt = prec.compute;
-    let set = RandomPipeline::new(Size::Full, seed)?;
-    let nets = Mcld::new(
-        prec.var_builder(set.mcld_var_builder(dt, device)),
-        &set.mcld,
-    )?;
-    let vae = AutoencoderKL::new(
-        prec.var_builder(set.vae_weights().var_builder(dt, device)),
-        &set.vae,
-    )?;
-    let image_encoder = ClipVisionModelWithProjection::new(
-        prec.var_builder(set.clip_weights().var_builder(dt, device)),
-        &set.clip,
-    )?;
-    let infer: crate::config::InferenceConfig = crate::config::INFERENCE_YAML.parse()?;
-    let mut scheduler = DdimScheduler::from_config_kwargs(&infer.noise_scheduler_kwargs)?;
-    scheduler.set_timesteps(steps)?;
-    Ok(McldPipeline {
-        nets,
-        vae,
-        image_encoder,
-        scheduler,
-        guidance_scale: infer.guidance_scale,
-        device: device.clone(),
-        dtype: dt,
-        precision: prec,
-        size,
-    })
 }
 
 /// The built-in sample as a batch of `n` identical pairs (timings do not depend on content).
@@ -245,7 +193,7 @@ pub fn run(args: &PipelineBench) -> Result<()> {
         return Err(Error::msg("--images and --batch-size must be at least 1"));
     }
     let t = Instant::now();
-    let p = random_pipeline(&device, dtype, args.steps, args.size, args.seed)?;
+    let p = McldPipeline::random(&device, dtype, args.steps, args.size, args.seed)?;
     device.synchronize()?;
     let build_s = t.elapsed().as_secs_f64();
     println!(

@@ -9,7 +9,6 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use clap::ValueEnum;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
@@ -19,20 +18,22 @@ use crate::ops::recompute::Tape;
 use crate::pipeline::mcld::Precision;
 use crate::presets::Size;
 use crate::scheduler::ddim::{DdimConfig, DdimScheduler, PredictionType, TimestepSpacing};
-use crate::train::adamw::{AdamW, AdamWConfig};
-use crate::train::loss::{denoise_loss, reference_bank, LossInputs, LossOptions};
-use crate::train::params::{is_trainable, Params};
-use crate::train::trainer::randn;
+use crate::train::step::adamw::{AdamW, AdamWConfig};
+use crate::train::step::loss::{denoise_loss, reference_bank, LossInputs, LossOptions};
+use crate::train::step::params::{is_trainable, Params};
+use crate::train::step::trainer::randn;
 use crate::weights::random::RandomWeights;
 use crate::{Error, Result};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// UNet channel widths of the benched networks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Width {
     Full,
     Half,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// Whether a benched step ends with the optimizer update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Optimizer {
     Adamw,
     None,

@@ -1,5 +1,6 @@
 //! `mcld bench`: full-size networks with random weights, timed (no downloads).
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand};
 
 use super::args::ComputeArgs;
@@ -73,10 +74,10 @@ pub struct TrainBenchArgs {
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
     /// UNet channel widths: full (SD-1.5) or half.
-    #[arg(long, value_enum, default_value_t = Width::Full)]
+    #[arg(long, default_value = "full", value_parser = width_parser())]
     pub width: Width,
     /// Include the AdamW update (with grad-norm clipping) or stop after the backward pass.
-    #[arg(long, value_enum, default_value_t = Optimizer::Adamw)]
+    #[arg(long, default_value = "adamw", value_parser = optimizer_parser())]
     pub optimizer: Optimizer,
     /// Recompute each UNet block in the backward pass instead of keeping its activations.
     #[arg(long = "grad-checkpointing", visible_alias = "gradient_checkpointing")]
@@ -88,6 +89,22 @@ pub struct TrainBenchArgs {
     pub seed: u64,
     #[command(flatten)]
     pub compute: ComputeArgs,
+}
+
+/// `--width`: the bench's own type stays free of clap; the names are the CLI's.
+fn width_parser() -> impl TypedValueParser<Value = Width> {
+    PossibleValuesParser::new(["full", "half"]).map(|s| match s.as_str() {
+        "half" => Width::Half,
+        _ => Width::Full,
+    })
+}
+
+/// `--optimizer`, like [`width_parser`].
+fn optimizer_parser() -> impl TypedValueParser<Value = Optimizer> {
+    PossibleValuesParser::new(["adamw", "none"]).map(|s| match s.as_str() {
+        "none" => Optimizer::None,
+        _ => Optimizer::Adamw,
+    })
 }
 
 pub fn run(c: &BenchCommand) -> Result<()> {
@@ -122,5 +139,38 @@ pub fn run(c: &BenchCommand) -> Result<()> {
             device: a.compute.device()?,
             dtype: a.compute.dtype()?,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        bench: BenchCommand,
+    }
+
+    fn train(args: &[&str]) -> TrainBenchArgs {
+        let argv = [&["mcld", "train"], args].concat();
+        match Cli::try_parse_from(argv).unwrap().bench {
+            BenchCommand::Train(a) => a,
+            _ => unreachable!("parsed `train` as another bench"),
+        }
+    }
+
+    #[test]
+    fn width_and_optimizer_names_map_to_the_bench_types() {
+        let a = train(&[]);
+        assert_eq!((a.width, a.optimizer), (Width::Full, Optimizer::Adamw));
+        let a = train(&["--width", "half", "--optimizer", "none"]);
+        assert_eq!((a.width, a.optimizer), (Width::Half, Optimizer::None));
+        let a = train(&["--width", "full", "--optimizer", "adamw"]);
+        assert_eq!((a.width, a.optimizer), (Width::Full, Optimizer::Adamw));
+        assert!(Cli::try_parse_from(["mcld", "train", "--width", "quarter"]).is_err());
+        assert!(Cli::try_parse_from(["mcld", "train", "--optimizer", "sgd"]).is_err());
     }
 }

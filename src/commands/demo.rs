@@ -44,7 +44,7 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             .workdir
             .clone()
             .unwrap_or_else(|| PathBuf::from("./mcld_demo_train"));
-        return crate::train::demo::run(&dir, a.train_steps, &a.device).map(|_| ());
+        return crate::train::run::demo::run(&dir, a.train_steps, &a.device).map(|_| ());
     }
     crate::pipeline::demo::run(&a.out, a.workdir.clone(), a.steps)
 }

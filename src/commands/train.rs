@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::train::cmd::TrainCommand;
+use crate::train::run::cmd::TrainCommand;
 use crate::Result;
 
 #[derive(Debug, Args)]
@@ -70,5 +70,5 @@ impl TrainArgs {
 }
 
 pub fn run(a: &TrainArgs) -> Result<()> {
-    crate::train::cmd::run_or_launch(&a.request())
+    crate::train::run::cmd::run_or_launch(&a.request())
 }

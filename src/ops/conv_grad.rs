@@ -148,13 +148,15 @@ pub(crate) fn conv_input_grad<T: Elem>(
     let flip_pad = (g.dilation * (g.kh - 1)).checked_sub(g.pad);
     if let (1, true, Some(pad)) = (g.stride, g.kh == g.kw, flip_pad) {
         let mut wt = vec![T::zero(); g.ci * g.co * taps];
-        for o in 0..g.co {
-            for c in 0..g.ci {
-                for t in 0..taps {
-                    wt[(c * g.co + o) * taps + (taps - 1 - t)] = w[(o * g.ci + c) * taps + t];
+        wt.par_chunks_mut(g.co * taps)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for o in 0..g.co {
+                    for t in 0..taps {
+                        dst[o * taps + (taps - 1 - t)] = w[(o * g.ci + c) * taps + t];
+                    }
                 }
-            }
-        }
+            });
         let gt = Geometry {
             ci: g.co,
             h: g.oh,

@@ -132,14 +132,8 @@ impl Elem for f32 {
         let pa = if a.cs == 1 {
             PackedA::from_f32_rows_exact(a.data, m, k, a.rs)
         } else {
-            // Column-major left operands are small here (a transposed weight): transpose.
-            let mut t = vec![0f32; m * k];
-            for (i, row) in t.chunks_exact_mut(k.max(1)).enumerate().take(m) {
-                for (j, v) in row.iter_mut().enumerate() {
-                    *v = a.data[i * a.rs + j * a.cs];
-                }
-            }
-            PackedA::from_f32_rows_exact(&t, m, k, k)
+            // A transposed view (a weight, an output gradient read as dY^T).
+            PackedA::from_f32_cols_exact(a.data, m, k, a.cs)
         };
         let pb = if b.cs == 1 {
             PackedB::from_f32_rows_exact(b.data, k, n, b.rs)

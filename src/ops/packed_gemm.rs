@@ -166,6 +166,44 @@ impl PackedA {
         Self::from_lines(Kind::F32, src, m, k, ld, f32_words)
     }
 
+    /// From f32 columns kept in f32 ([`Kind::F32`]): element (i, kk) at `src[kk * ld + i]`, e.g.
+    /// an output gradient read as its transpose. Transposed in tiles of 32 x 32 (a row-by-row
+    /// gather would stride through the whole source for every row), tiles of rows in parallel.
+    pub fn from_f32_cols_exact(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
+        use rayon::prelude::*;
+        const TILE: usize = 32;
+        check_span(src.len(), k, m, ld);
+        let stride = row_stride(k);
+        let mut data = vec![0u32; m.div_ceil(MR) * MR * stride];
+        let fill = |(t, rows): (usize, &mut [u32])| {
+            let i0 = t * TILE;
+            let n = TILE.min(m.saturating_sub(i0));
+            for p0 in (0..k).step_by(TILE) {
+                for p in p0..(p0 + TILE).min(k) {
+                    let line = &src[p * ld + i0..p * ld + i0 + n];
+                    for (r, &v) in line.iter().enumerate() {
+                        rows[r * stride + p] = v.to_bits();
+                    }
+                }
+            }
+        };
+        if m * k >= PARALLEL_PACK {
+            data.par_chunks_mut(TILE * stride)
+                .enumerate()
+                .for_each(fill);
+        } else {
+            data.chunks_mut(TILE * stride).enumerate().for_each(fill);
+        }
+        Self {
+            kind: Kind::F32,
+            m,
+            k,
+            pairs: k,
+            stride,
+            data,
+        }
+    }
+
     /// An m x k [`Kind::F32`] operand in `buf`'s allocation (a scratch reused from call to
     /// call), to be written in place through [`PackedA::f32_rows_mut`] (e.g. as a product's
     /// output) before it is used.
@@ -224,22 +262,31 @@ impl PackedA {
         Self::from_lines(Kind::Bf16Pairs, src, m, k, ld, bf16_pairs)
     }
 
-    fn from_lines<T>(
+    fn from_lines<T: Sync>(
         kind: Kind,
         src: &[T],
         m: usize,
         k: usize,
         ld: usize,
-        to_pairs: impl Fn(&[T], &mut [u32]),
+        to_pairs: impl Fn(&[T], &mut [u32]) + Sync,
     ) -> Self {
         check_span(src.len(), m, k, ld);
         let pairs = kind.units(k);
         let stride = row_stride(pairs);
         let mut data = vec![0u32; m.div_ceil(MR) * MR * stride];
-        if pairs > 0 {
-            for (i, row) in data.chunks_exact_mut(stride).take(m).enumerate() {
-                to_pairs(&src[i * ld..i * ld + k], &mut row[..pairs]);
-            }
+        let fill =
+            |(i, row): (usize, &mut [u32])| to_pairs(&src[i * ld..i * ld + k], &mut row[..pairs]);
+        if pairs > 0 && m * k >= PARALLEL_PACK {
+            use rayon::prelude::*;
+            data.par_chunks_exact_mut(stride)
+                .take(m)
+                .enumerate()
+                .for_each(fill);
+        } else if pairs > 0 {
+            data.chunks_exact_mut(stride)
+                .take(m)
+                .enumerate()
+                .for_each(fill);
         }
         Self {
             kind,
@@ -444,14 +491,14 @@ impl PackedB {
 
 /// Packs `lines` lines of k values (line i at `src[i * ld..]`) into panels of `width` lines:
 /// pair p of line i lands at `[(i / width * pairs + p) * width + i % width]`.
-fn pack_lines<T>(
+fn pack_lines<T: Sync>(
     src: &[T],
     lines: usize,
     k: usize,
     ld: usize,
     width: usize,
     kind: Kind,
-    to_pairs: impl Fn(&[T], &mut [u32]),
+    to_pairs: impl Fn(&[T], &mut [u32]) + Sync,
 ) -> Vec<u32> {
     check_span(src.len(), lines, k, ld);
     let pairs = kind.units(k);
@@ -460,9 +507,9 @@ fn pack_lines<T>(
         return data;
     }
     // One panel at a time: its lines converted side by side, then written pair by pair so
-    // the stores run contiguously through the panel.
-    let mut conv = vec![0u32; width * pairs];
-    for (panel, out) in data.chunks_exact_mut(pairs * width).enumerate() {
+    // the stores run contiguously through the panel. Large operands (weights packed on every
+    // training step) panel by panel in parallel.
+    let pack = |conv: &mut Vec<u32>, (panel, out): (usize, &mut [u32])| {
         let i0 = panel * width;
         let n = width.min(lines - i0);
         for (r, line) in conv.chunks_exact_mut(pairs).take(n).enumerate() {
@@ -474,9 +521,23 @@ fn pack_lines<T>(
                 *d = conv[r * pairs + p];
             }
         }
+    };
+    if lines * k >= PARALLEL_PACK {
+        use rayon::prelude::*;
+        data.par_chunks_exact_mut(pairs * width)
+            .enumerate()
+            .for_each_init(|| vec![0u32; width * pairs], pack);
+    } else {
+        let mut conv = vec![0u32; width * pairs];
+        for job in data.chunks_exact_mut(pairs * width).enumerate() {
+            pack(&mut conv, job);
+        }
     }
     data
 }
+
+/// Values from which an operand is packed in parallel.
+const PARALLEL_PACK: usize = 1 << 16;
 
 /// `dst[p] = src[p]`'s bits: an [`Kind::F32`] operand's words.
 fn f32_words(src: &[f32], dst: &mut [u32]) {

@@ -17,6 +17,8 @@ use crate::models::clip::{self, ClipVisionModelWithProjection};
 use crate::models::mcld::{Mcld, McldConfig};
 use crate::models::vae::AutoencoderKL;
 use crate::models::{resampler, unet, vae};
+use crate::presets::tree::RandomPipeline;
+use crate::presets::Size;
 use crate::scheduler::ddim::DdimScheduler;
 use crate::weights::{prefixed_var_builder, StrictWeights};
 use crate::{Error, Result};
@@ -252,6 +254,54 @@ impl McldPipeline {
             eprintln!("note: {n} ({})", cfg.inference_config.display());
         }
         Self::load(&files, &infer, device, dtype)
+    }
+
+    /// Every network of the pipeline at full size with seeded random weights (`mcld bench
+    /// pipeline`, `mcld serve --random-weights`); `steps` DDIM steps at
+    /// `size` x `size`.
+    pub fn random(
+        device: &Device,
+        dtype: DType,
+        steps: usize,
+        size: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        if size == 0 || !size.is_multiple_of(64) {
+            return Err(Error::msg(format!(
+                "--size {size}: must be a positive multiple of 64 (VAE /8, UNet /8 again)"
+            )));
+        }
+        let prec = Precision::new(device, dtype);
+        // Rounding random weights through bf16 changes nothing measurable in a timing run; where
+        // the CPU multiplies in bf16, the weights go through the same bf16 view as real ones.
+        let dt = prec.compute;
+        let set = RandomPipeline::new(Size::Full, seed)?;
+        let nets = Mcld::new(
+            prec.var_builder(set.mcld_var_builder(dt, device)),
+            &set.mcld,
+        )?;
+        let vae = AutoencoderKL::new(
+            prec.var_builder(set.vae_weights().var_builder(dt, device)),
+            &set.vae,
+        )?;
+        let image_encoder = ClipVisionModelWithProjection::new(
+            prec.var_builder(set.clip_weights().var_builder(dt, device)),
+            &set.clip,
+        )?;
+        let infer: crate::config::InferenceConfig = crate::config::INFERENCE_YAML.parse()?;
+        let mut scheduler = DdimScheduler::from_config_kwargs(&infer.noise_scheduler_kwargs)?;
+        scheduler.set_timesteps(steps)?;
+        Ok(Self {
+            nets,
+            vae,
+            image_encoder,
+            scheduler,
+            guidance_scale: infer.guidance_scale,
+            device: device.clone(),
+            dtype: dt,
+            precision: prec,
+            size,
+        })
     }
 
     fn squash(&self, img: &RgbImage) -> Result<RgbImage> {

@@ -137,7 +137,7 @@ impl Engine {
         let device = crate::device::parse_device(&cfg.device)?;
         let dtype = crate::device::parse_dtype(&cfg.dtype)?;
         let (pipeline, untrained) = if cfg.random_weights {
-            let p = crate::bench::pipeline::random_pipeline(&device, dtype, 20, 512, 0)?;
+            let p = McldPipeline::random(&device, dtype, 20, 512, 0)?;
             (p, true)
         } else {
             let p = McldPipeline::from_config(&cfg.ckpt_dir, &cfg.config_path, &device, dtype)?;

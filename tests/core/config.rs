@@ -207,15 +207,16 @@ fn unsupported_values_are_named_with_what_happens_instead() {
     assert_eq!(notes.len(), 9, "{all}");
     // A launched world size other than num_processes is a warning.
     let lr =
-        mcld::train::lr::LrScheduler::from_solver("constant", 1e-5, false, 1, 10, 1, 1, 3).unwrap();
-    let w = mcld::train::cmd::startup_notes(&base, 3, &lr).join("\n");
+        mcld::train::run::lr::LrScheduler::from_solver("constant", 1e-5, false, 1, 10, 1, 1, 3)
+            .unwrap();
+    let w = mcld::train::run::cmd::startup_notes(&base, 3, &lr).join("\n");
     assert!(w.contains("warning") && w.contains("num_processes"), "{w}");
-    assert!(mcld::train::cmd::startup_notes(&base, 2, &lr).is_empty());
+    assert!(mcld::train::run::cmd::startup_notes(&base, 2, &lr).is_empty());
     // mixed_precision picks the networks' compute dtype, weight_dtype the encoders'.
     let mut m = base.clone();
     m.solver.mixed_precision = "no".into();
     m.weight_dtype = "fp16".into();
-    let cmd = mcld::train::cmd::TrainCommand::default();
+    let cmd = mcld::train::run::cmd::TrainCommand::default();
     assert_eq!(
         cmd.dtypes(&m).unwrap(),
         (candle_core::DType::F32, candle_core::DType::F16)

@@ -440,3 +440,38 @@ fn linear_with_f32_weight() {
         "no gradient reached the weight"
     );
 }
+
+/// A left operand packed from a transposed view (`from_f32_cols_exact`, tiled and parallel for
+/// large ones) holds exactly the rows of the explicit transpose, small and large, with a
+/// source stride wider than the rows and sizes that leave partial tiles and panels; a right
+/// operand packed from lines likewise (parallel for large ones).
+#[test]
+fn f32_left_operand_from_columns_is_the_transpose() {
+    for (m, k, ld) in [(5, 3, 7), (37, 70, 41), (1030, 97, 1040), (300, 333, 300)] {
+        let src = values(k * ld, 20 + m as u64);
+        let packed = PackedA::from_f32_cols_exact(&src, m, k, ld);
+        let rows: Vec<f32> = (0..m)
+            .flat_map(|i| (0..k).map(move |p| (i, p)))
+            .map(|(i, p)| src[p * ld + i])
+            .collect();
+        assert_eq!(packed.rows(), m);
+        assert_eq!(packed.depth(), k);
+        assert_eq!(packed.to_f32_rows(), rows, "{m} x {k} at stride {ld}");
+        let explicit = PackedA::from_f32_rows_exact(&rows, m, k, k);
+        if packed_gemm::available_f32() {
+            let n = 19;
+            let b = PackedB::from_f32_rows_exact(&values(k * n, 21), k, n, n);
+            let (mut c1, mut c2) = (vec![0f32; m * n], vec![0f32; m * n]);
+            packed_gemm::matmul_parallel(&packed, &b, &mut c1, n, false).unwrap();
+            packed_gemm::matmul_parallel(&explicit, &b, &mut c2, n, false).unwrap();
+            assert_eq!(c1, c2, "{m} x {k}: products differ");
+        }
+        // The right operand from the same lines (packed panel by panel in parallel when large).
+        let (n, depth) = (k, m.min(ld));
+        let b = PackedB::from_f32_cols_exact(&src, depth, n, ld);
+        let lines: Vec<f32> = (0..n)
+            .flat_map(|j| src[j * ld..j * ld + depth].to_vec())
+            .collect();
+        assert_eq!(b.to_f32_cols(), lines, "right operand {depth} x {n}");
+    }
+}

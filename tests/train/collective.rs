@@ -5,8 +5,10 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use mcld::train::bucket;
-use mcld::train::collective::{Backend, Collective, RankInfo, TcpCollective, NCCL_TIMEOUT_S};
+use mcld::train::dist::bucket;
+use mcld::train::dist::collective::Collective;
+use mcld::train::dist::rank::{Backend, RankInfo, NCCL_TIMEOUT_S};
+use mcld::train::dist::tcp::TcpCollective;
 
 fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
     move |k: &str| {

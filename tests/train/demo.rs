@@ -8,9 +8,9 @@ use std::process::Command;
 
 use mcld::imageops::grid::{GridLayout, MIN_CELL};
 use mcld::presets::tree::write_tiny_train_base;
-use mcld::train::cmd::TrainCommand;
-use mcld::train::demo::{quarter_means, read_losses, write_demo_dataset};
-use mcld::train::validate::{grid_path, GRID_COLUMNS};
+use mcld::train::run::cmd::TrainCommand;
+use mcld::train::run::demo::{quarter_means, read_losses, write_demo_dataset};
+use mcld::train::run::validate::{grid_path, GRID_COLUMNS};
 
 use crate::common::mcld;
 
@@ -63,7 +63,7 @@ fn validation_grid_is_written_at_the_validation_steps() {
         device: Some("cpu".into()),
         ..Default::default()
     };
-    let outcome = mcld::train::cmd::run(&cmd).unwrap();
+    let outcome = mcld::train::run::cmd::run(&cmd).unwrap();
     assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
     let exp = out.join(&cfg.exp_name);
     for step in [1, 3] {
@@ -99,7 +99,7 @@ fn validation_grid_is_written_at_the_validation_steps() {
         output_dir: Some(out2.clone()),
         ..cmd
     };
-    let outcome = mcld::train::cmd::run(&cmd).unwrap();
+    let outcome = mcld::train::run::cmd::run(&cmd).unwrap();
     assert!(outcome.warnings.is_empty(), "{:?}", outcome.warnings);
     let train_rows = csv_pairs(&data.join("train.csv")).min(cfg.data.val_bs) as u32;
     assert_eq!(

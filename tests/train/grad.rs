@@ -14,8 +14,8 @@ use mcld::models::layers::layer_norm;
 use mcld::models::mcld::Mcld;
 use mcld::models::unet::nearest_resize;
 use mcld::ops::attention::{attention, attention_chunked};
-use mcld::train::loss::{mcld_loss, LossOptions};
-use mcld::train::trainer::randn;
+use mcld::train::step::loss::{mcld_loss, LossOptions};
+use mcld::train::step::trainer::randn;
 
 use crate::common::load_case;
 use crate::step::{fixture_setup, FixtureInputs};

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use candle_core::cuda_backend::cudarc::driver::CudaContext;
 use candle_core::{DType, Device, Tensor};
-use mcld::train::collective::{Collective, RankInfo};
-use mcld::train::nccl::NcclCollective;
+use mcld::train::dist::collective::Collective;
+use mcld::train::dist::nccl::NcclCollective;
+use mcld::train::dist::rank::RankInfo;
 
 fn gpus() -> usize {
     CudaContext::device_count().map(|n| n as usize).unwrap_or(0)

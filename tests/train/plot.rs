@@ -4,7 +4,7 @@
 
 use std::io::Write;
 
-use mcld::train::plot::{
+use mcld::train::run::plot::{
     curve_title, read_log, write_loss_curve, CURVE_SIZE, GRAD, LR, PANEL_SHARES, RAW, SMOOTH,
     TITLE_HEIGHT,
 };

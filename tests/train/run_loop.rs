@@ -13,11 +13,15 @@ use std::time::Duration;
 
 use candle_core::{Device, Tensor};
 use mcld::data::train_set::{DataPos, Loader, LoaderOptions, TrainSet, Walk};
-use mcld::train::api::{Grads, Net, StepRngs, StepStats, TrainBatch, TrainStep};
-use mcld::train::checkpoint::{self, CheckpointState};
-use mcld::train::collective::{LocalGroup, RankInfo, SingleProcess, TcpCollective};
-use mcld::train::lr::LrScheduler;
-use mcld::train::run::{train_loop, LoopConfig, NoHooks, Resume, StopReason, TrainOutcome};
+use mcld::train::dist::collective::{LocalGroup, SingleProcess};
+use mcld::train::dist::rank::RankInfo;
+use mcld::train::dist::tcp::TcpCollective;
+use mcld::train::run::checkpoint::{self, CheckpointState};
+use mcld::train::run::lr::LrScheduler;
+use mcld::train::run::train_loop::{
+    train_loop, LoopConfig, NoHooks, Resume, StopReason, TrainOutcome,
+};
+use mcld::train::step::api::{Grads, Net, StepRngs, StepStats, TrainBatch, TrainStep};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
@@ -615,7 +619,7 @@ fn slow_lin() -> Lin {
 fn zz_child_training_run() {
     let (exp, data) = child_vars(CHILD_EXP, CHILD_DATA);
     let stop = if std::env::var_os(CHILD_SIGNALS).is_some() {
-        mcld::train::cmd::install_stop_signals().unwrap()
+        mcld::train::run::cmd::install_stop_signals().unwrap()
     } else {
         Arc::new(AtomicBool::new(false))
     };
@@ -729,7 +733,7 @@ fn assert_resumed_mid_run(exp: &Path, end: u64, kills: &[(u64, u64)]) {
         "no kill landed between the first checkpoint and the end: {kills:?}"
     );
     let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(exp.join(mcld::train::run::REPORT_FILE)).unwrap(),
+        &std::fs::read_to_string(exp.join(mcld::train::run::train_loop::REPORT_FILE)).unwrap(),
     )
     .unwrap();
     let from = report["resumed_from"]
@@ -1046,7 +1050,7 @@ fn a_pair_rank_1_skips_is_in_rank_0s_report() {
 /// lengths (empty included): one process, ranks as threads, ranks over TCP.
 #[test]
 fn all_gather_bytes_returns_every_ranks_bytes_in_rank_order() {
-    use mcld::train::collective::Collective;
+    use mcld::train::dist::collective::Collective;
     let msg = |r: usize| -> Vec<u8> { (0..r * 3).map(|i| (i * 7 + r) as u8).collect() };
     assert_eq!(
         SingleProcess.all_gather_bytes(b"abc").unwrap(),
@@ -1449,7 +1453,7 @@ fn train_yaml(dir: &Path, root: &Path) -> PathBuf {
 
 #[test]
 fn command_line_overrides_the_config_and_checks_the_data_first() {
-    use mcld::train::cmd::{loop_config, TrainCommand};
+    use mcld::train::run::cmd::{loop_config, TrainCommand};
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("data");
     let cfg_path = train_yaml(dir.path(), &root);
@@ -1534,7 +1538,7 @@ fn real_step(root: &Path, dtype: candle_core::DType) -> (Box<dyn TrainStep>, Arc
         mcld::presets::tree::write_tiny_train_base(root, &root.join("data")).unwrap();
     }
     let cfg = mcld::config::TrainConfig::load(&cfg_path).unwrap();
-    let mut step = mcld::train::setup::build_trainer(&cfg, &Device::Cpu, dtype).unwrap();
+    let mut step = mcld::train::step::setup::build_trainer(&cfg, &Device::Cpu, dtype).unwrap();
     if let Some(s) = step.scaler.as_mut() {
         // Grow the scale every 2 clean steps, so the scaler's state changes along the run and
         // a resume that lost it would show.
@@ -1585,7 +1589,7 @@ fn real_checkpoint_bits(dir: &Path) -> Vec<(String, Vec<u32>)> {
     let mut files: Vec<PathBuf> = Net::ALL.iter().map(|n| dir.join(n.file_name())).collect();
     files.push(
         dir.join(checkpoint::TRAIN_STATE_DIR)
-            .join(mcld::train::state::STATE_FILE),
+            .join(mcld::train::step::state::STATE_FILE),
     );
     let mut out = Vec::new();
     for f in files {
@@ -1860,8 +1864,8 @@ fn dry_run_checks_everything_and_prints_the_plan_without_training() {
     let cfg = mcld::config::TrainConfig::load(&cfg_path).unwrap();
     let exp = cfg.output_dir.join(&cfg.exp_name);
     assert!(checkpoint::list_checkpoints(&exp).unwrap().is_empty());
-    assert!(!exp.join(mcld::train::run::LOG_FILE).exists());
-    let plan = mcld::train::dry_run::dry_run(&mcld::train::cmd::TrainCommand {
+    assert!(!exp.join(mcld::train::run::train_loop::LOG_FILE).exists());
+    let plan = mcld::train::run::dry_run::dry_run(&mcld::train::run::cmd::TrainCommand {
         config: cfg_path.clone(),
         ..Default::default()
     })

@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use mcld::train::api::{shared_rng, step_rngs};
-use mcld::train::lr::{LrScheduler, SCHEDULES};
-use mcld::train::trainer::StepDraws;
+use mcld::train::run::lr::{LrScheduler, SCHEDULES};
+use mcld::train::step::api::{shared_rng, step_rngs};
+use mcld::train::step::trainer::StepDraws;
 use rand::Rng;
 
 /// lr at schedule steps 0..=12 for base 1e-3, `num_warmup_steps` 4 (2 x accumulation 2),
@@ -122,7 +122,8 @@ fn constant_ignores_the_warmup_and_scale_lr_multiplies() {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
     let path = here.join("../shared/data/reference_configs/train.yaml");
     let cfg = mcld::config::TrainConfig::load(&path).unwrap();
-    let lc = mcld::train::cmd::loop_config(&cfg, candle_core::DType::F32, false, 1, &path).unwrap();
+    let lc =
+        mcld::train::run::cmd::loop_config(&cfg, candle_core::DType::F32, false, 1, &path).unwrap();
     assert_eq!(lc.lr_at(0), 1e-5);
     assert_eq!(lc.lr_at(1), 1e-5);
     // scale_lr: lr x accumulation x train_bs x world size (train.py line 442).
@@ -138,7 +139,7 @@ fn constant_ignores_the_warmup_and_scale_lr_multiplies() {
     // Through the config: the key is named.
     let mut bad = cfg.clone();
     bad.solver.lr_scheduler = "exponential".into();
-    let e = mcld::train::cmd::loop_config(&bad, candle_core::DType::F32, false, 1, &path)
+    let e = mcld::train::run::cmd::loop_config(&bad, candle_core::DType::F32, false, 1, &path)
         .unwrap_err()
         .to_string();
     assert!(

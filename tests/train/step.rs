@@ -8,9 +8,9 @@ use mcld::models::mcld::{Mcld, McldConfig};
 use mcld::models::unet::IpAdapter;
 use mcld::models::{pose_guider, resampler, unet};
 use mcld::scheduler::ddim::{DdimConfig, DdimScheduler};
-use mcld::train::adamw::{AdamW, AdamWConfig};
-use mcld::train::loss::{mcld_loss, LossInputs, LossOptions};
-use mcld::train::params::{is_trainable, Params};
+use mcld::train::step::adamw::{AdamW, AdamWConfig};
+use mcld::train::step::loss::{mcld_loss, LossInputs, LossOptions};
+use mcld::train::step::params::{is_trainable, Params};
 
 use crate::common::{self, check_output, load_case, Case};
 

@@ -7,10 +7,10 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use mcld::train::adamw::AdamWConfig;
-use mcld::train::api::TrainStep;
-use mcld::train::loss::LossInputs;
-use mcld::train::trainer::{McldTrainer, StepConfig};
+use mcld::train::step::adamw::AdamWConfig;
+use mcld::train::step::api::TrainStep;
+use mcld::train::step::loss::LossInputs;
+use mcld::train::step::trainer::{McldTrainer, StepConfig};
 
 use crate::common::{check_output, load_case, Case};
 use crate::step::fixture_setup;
@@ -209,7 +209,7 @@ fn train_step_eps_plain_mse_on_the_noise() {
         rescale_betas_zero_snr: false,
         timestep_spacing: "leading".into(),
     };
-    let ours = mcld::train::setup::train_scheduler(&cfg).unwrap();
+    let ours = mcld::train::step::setup::train_scheduler(&cfg).unwrap();
     let theirs: mcld::scheduler::ddim::DdimConfig = serde_json::from_value(kw.clone()).unwrap();
     assert_eq!(ours.config(), &theirs);
 

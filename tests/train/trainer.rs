@@ -11,10 +11,10 @@ use rand::SeedableRng;
 
 use mcld::config::TrainConfig;
 use mcld::presets::tree::write_tiny_train_base;
-use mcld::train::api::{step_rngs, Grads, Net, TrainBatch, TrainStep};
-use mcld::train::init::{initial_weights, InitSources};
-use mcld::train::setup::build_trainer;
-use mcld::train::trainer::{randn, McldTrainer};
+use mcld::train::step::api::{step_rngs, Grads, Net, TrainBatch, TrainStep};
+use mcld::train::step::init::{initial_weights, InitSources};
+use mcld::train::step::setup::build_trainer;
+use mcld::train::step::trainer::{randn, McldTrainer};
 
 fn tiny(dir: &Path) -> TrainConfig {
     let cfg = write_tiny_train_base(dir, &dir.join("dataset")).unwrap();

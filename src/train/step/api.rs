@@ -1,6 +1,6 @@
-//! The contract between the training loop (`mcld train`: data, checkpoints, resume, ranks) and
-//! the training step (networks, loss, backward, optimizer). The loop never sees a network; the
-//! step never sees a file list.
+//! The contract between the training loop ([`crate::train::run`]: data, checkpoints, resume,
+//! ranks) and the training step (this folder: networks, loss, backward, optimizer). The loop
+//! never sees a network; the step never sees a file list.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -10,7 +10,7 @@
 //!
 //! `all_reduce_sum`. The ranks first compare the tensors' count and shapes over TCP (a mismatch
 //! would make NCCL wait forever or add unrelated values); then the tensors are flattened into f32
-//! buckets of at most [`BUCKET_BYTES`] ([`crate::train::bucket`]), each bucket is summed by one
+//! buckets of at most [`BUCKET_BYTES`] ([`super::bucket`]), each bucket is summed by one
 //! `ncclAllReduce` into a new buffer, and the sums are split back into tensors of the inputs'
 //! shapes and dtypes. NCCL reduces each element once and copies the result to every rank, so all
 //! ranks get the same bits (not summed in rank order, so not the bits of [`TcpCollective`]).
@@ -43,7 +43,9 @@ use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, Device, Storage, Tensor};
 
 use super::bucket::{self, BUCKET_BYTES};
-use super::collective::{Collective, RankInfo, TcpCollective};
+use super::collective::Collective;
+use super::rank::RankInfo;
+use super::tcp::TcpCollective;
 use crate::{Error, Result};
 
 /// How often a waiting rank looks at its peers' TCP connections.

@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::api::{Net, TrainStep};
 use crate::data::train_set::DataPos;
+use crate::train::step::api::{Net, TrainStep};
 use crate::{Error, Result};
 
 pub const STATE_FILE: &str = "state.json";

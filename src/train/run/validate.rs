@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use image::RgbImage;
 
-use super::api::{Net, TrainStep};
-use super::run::TrainHooks;
+use super::train_loop::TrainHooks;
 use crate::config::TrainConfig;
 use crate::data::{load_pair, read_pairs, DatasetLayout, PairInputs};
 use crate::imageops::grid::{labelled_grid, GridRow, MIN_CELL};
@@ -22,6 +21,7 @@ use crate::models::unet;
 use crate::models::vae::AutoencoderKL;
 use crate::pipeline::mcld::{build_nets, McldPipeline, Precision};
 use crate::scheduler::ddim::DdimScheduler;
+use crate::train::step::api::{Net, TrainStep};
 use crate::weights::StrictWeights;
 use crate::{Error, Result};
 
@@ -85,8 +85,12 @@ impl ValidationHook {
             .base_model_path
             .join(crate::weights::files::UNET_CONFIG);
         let ucfg = unet::Config::from_json_file(&ucfg_path)?;
-        let enc = super::setup::frozen_encoders(&self.cfg, &self.device, self.precision.compute)?;
-        let mut scheduler = super::setup::val_scheduler(&self.cfg)?;
+        let enc = crate::train::step::setup::frozen_encoders(
+            &self.cfg,
+            &self.device,
+            self.precision.compute,
+        )?;
+        let mut scheduler = crate::train::step::setup::val_scheduler(&self.cfg)?;
         scheduler.set_timesteps(VALIDATION_STEPS)?;
         let (pairs, note) = validation_pairs(&self.cfg, self.cfg.data.val_bs.max(1))?;
         if self.verbose || note.is_some() {

@@ -12,10 +12,10 @@ use serde::Serialize;
 
 use super::checkpoint;
 use super::cmd::{loop_config, startup_notes, TrainCommand};
-use super::init::{initial_weights, InitSources};
-use super::params::is_trainable;
-use super::run::EPOCH_SAVES_KEPT;
+use super::train_loop::EPOCH_SAVES_KEPT;
 use crate::data::train_set::TrainSet;
+use crate::train::step::init::{initial_weights, InitSources};
+use crate::train::step::params::is_trainable;
 use crate::{Error, Result};
 
 /// Pairs decoded to check that the listed files read (evenly spread over the list).
@@ -62,7 +62,7 @@ pub fn dry_run(cmd: &TrainCommand) -> Result<DryRunPlan> {
     let cfg = cmd.load_config()?;
     let world = match cmd.nproc_per_node {
         Some(n) if n > 1 => n,
-        _ => super::collective::RankInfo::from_env()?.world,
+        _ => crate::train::dist::rank::RankInfo::from_env()?.world,
     };
     let (dtype, enc_dtype) = cmd.dtypes(&cfg)?;
     let lc = loop_config(&cfg, dtype, false, world, &cmd.config)?;
@@ -95,8 +95,8 @@ pub fn dry_run(cmd: &TrainCommand) -> Result<DryRunPlan> {
         cond_chan: cfg.cond_chan,
         seed: cfg.seed,
     })?;
-    super::setup::frozen_encoders(&cfg, &Device::Cpu, DType::F32)?;
-    super::setup::read_clip_std(&cfg.clip_std_path)?;
+    crate::train::step::setup::frozen_encoders(&cfg, &Device::Cpu, DType::F32)?;
+    crate::train::step::setup::read_clip_std(&cfg.clip_std_path)?;
     let mut nets: BTreeMap<String, NetSize> = BTreeMap::new();
     for (name, t) in &init.tensors {
         let net = name.split('.').next().unwrap_or("").to_string();
@@ -116,7 +116,7 @@ pub fn dry_run(cmd: &TrainCommand) -> Result<DryRunPlan> {
     let probe = exp.join(".mcld-dry-run-probe");
     std::fs::write(&probe, b"").map_err(|e| Error::io(&probe, e))?;
     std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))?;
-    if lc.resume == super::run::Resume::No {
+    if lc.resume == super::train_loop::Resume::No {
         if let Some(p) = checkpoint::latest(&exp)? {
             return Err(Error::msg(format!(
                 "{} already holds checkpoints (newest {}); the run would refuse to start",

@@ -9,7 +9,7 @@ use image::imageops::{self, FilterType};
 use image::RgbImage;
 
 use super::cmd::TrainCommand;
-use super::run::{TrainOutcome, LOG_FILE};
+use super::train_loop::{TrainOutcome, LOG_FILE};
 use crate::config::TrainConfig;
 use crate::data::{npy, DatasetLayout};
 use crate::person::texture::{texture_map, TextureAssets};
@@ -255,7 +255,7 @@ pub fn run(dir: &Path, steps: usize, device: &str) -> Result<TrainOutcome> {
          generate with the trained tiny weights:\n  mcld infer --ckpt_dir {} --config_path {} \
          --source {} --texture {} --face {} --pose {} --out demo_trained.png",
         layout.exp_dir.join(LOG_FILE).display(),
-        layout.exp_dir.join(super::run::LOSS_CURVE).display(),
+        layout.exp_dir.join(super::train_loop::LOSS_CURVE).display(),
         layout.exp_dir.join("validation").display(),
         ck.display(),
         layout.config.display(),

@@ -6,7 +6,7 @@
 //! unconditional step) is left out entirely: not in the clipping norm, no weight decay, no
 //! moment update, and its own step count (bias correction) stays behind.
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 
 use crate::{Error, Result};
 
@@ -47,14 +47,26 @@ pub struct AdamW {
 /// Global L2 norm of a set of gradients, accumulated in f64 over per-tensor f32 norms (torch
 /// stacks the per-tensor norms and takes their norm).
 pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    use rayon::prelude::*;
     let mut sq = 0f64;
     for g in grads {
-        let n = g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .sqrt()?
-            .to_scalar::<f32>()? as f64;
+        // On the CPU a sweep over the data (summed in f64) rather than a full-size square.
+        let direct = with_slice(g, |gs| {
+            let s: f64 = gs
+                .par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum();
+            s.sqrt() as f32
+        });
+        let n = match direct {
+            Some(n) => n,
+            None => g
+                .to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .sqrt()?
+                .to_scalar::<f32>()?,
+        } as f64;
         sq += n * n;
     }
     Ok(sq.sqrt())
@@ -137,10 +149,7 @@ impl AdamW {
                 eps: c.eps as f32,
                 step_size: step_size as f32,
             };
-            if let Some((new, m, v)) = fused_cpu(p.as_tensor(), &self.m[i], &self.v[i], g, &k)? {
-                p.set(&new)?;
-                self.m[i] = m;
-                self.v[i] = v;
+            if in_place_cpu(p.as_tensor(), &self.m[i], &self.v[i], g, &k)? {
                 continue;
             }
             let g = (g.to_dtype(DType::F32)? * coef)?;
@@ -181,57 +190,146 @@ fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     }
 }
 
-/// One AdamW update of an f32 CPU tensor in a single parallel pass (the tensor-op path makes a
-/// dozen full-size temporaries per tensor, which dominates the optimizer's time on the CPU).
-/// Same operations in the same order as the tensor path and torch. `None` off the CPU.
-fn fused_cpu(
-    p: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    g: &Tensor,
-    k: &Coefs,
-) -> Result<Option<(Tensor, Tensor, Tensor)>> {
-    use rayon::prelude::*;
-    if !p.device().is_cpu() || p.dtype() != DType::F32 {
-        return Ok(None);
+/// The f32 data of a contiguous CPU storage, for the in-place ops below.
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32 CPU data"),
+    }
+}
+
+fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
+        _ => candle_core::bail!("AdamW: expected contiguous f32 CPU data"),
+    }
+}
+
+/// Elements per parallel task of the in-place sweeps.
+const CHUNK: usize = 1 << 14;
+
+/// A moment updated in place from the gradient: `m <- m b + (g coef)(1 - b)`, or with the
+/// squared scaled gradient for the second moment.
+struct MomentUpdate {
+    coef: f32,
+    beta: f32,
+    squared: bool,
+}
+
+impl InplaceOp2 for MomentUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let gs = cpu_f32(s2, l2)?;
+        let ms = cpu_f32_mut(s1, l1)?;
+        if gs.len() != ms.len() {
+            candle_core::bail!("AdamW: gradient of {} values for {}", gs.len(), ms.len());
+        }
+        let (coef, beta) = (self.coef, self.beta);
+        ms.par_chunks_mut(CHUNK)
+            .zip(gs.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                if self.squared {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        let gi = g * coef;
+                        *m = *m * beta + gi * gi * (1.0 - beta);
+                    }
+                } else {
+                    for (m, &g) in m.iter_mut().zip(g) {
+                        *m = *m * beta + g * coef * (1.0 - beta);
+                    }
+                }
+            });
+        Ok(())
+    }
+}
+
+/// The parameter updated in place from the new moments (decoupled decay first, as torch).
+struct ParamUpdate {
+    decay: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+    step_size: f32,
+}
+
+impl InplaceOp3 for ParamUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (ms, vs) = (cpu_f32(s2, l2)?, cpu_f32(s3, l3)?);
+        let ps = cpu_f32_mut(s1, l1)?;
+        if ms.len() != ps.len() || vs.len() != ps.len() {
+            candle_core::bail!("AdamW: moments of {} values for {}", ms.len(), ps.len());
+        }
+        let k = self;
+        ps.par_chunks_mut(CHUNK)
+            .zip(ms.par_chunks(CHUNK).zip(vs.par_chunks(CHUNK)))
+            .for_each(|(p, (m, v))| {
+                for ((p, &m), &v) in p.iter_mut().zip(m).zip(v) {
+                    let denom = v.sqrt() / k.bc2_sqrt + k.eps;
+                    *p = *p * k.decay - (m / denom) * k.step_size;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// One AdamW update of an f32 CPU tensor, its moments updated in place and then the tensor
+/// itself: three sweeps, no allocation (new full-size buffers every step meant the kernel
+/// zeroing fresh pages for the whole model each step). Same operations in the same order as
+/// the tensor path and torch. `false` (nothing done) off the CPU or for other layouts.
+fn in_place_cpu(p: &Tensor, m: &Tensor, v: &Tensor, g: &Tensor, k: &Coefs) -> Result<bool> {
+    let dense_f32 =
+        |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.layout().is_contiguous();
+    if !(dense_f32(p) && dense_f32(m) && dense_f32(v)) || g.elem_count() != p.elem_count() {
+        return Ok(false);
     }
     let g = g.to_dtype(DType::F32)?.contiguous()?;
-    let n = p.elem_count();
-    let mut np = vec![0f32; n];
-    let mut nm = vec![0f32; n];
-    let mut nv = vec![0f32; n];
-    let done = with_slice(p, |ps| {
-        with_slice(m, |ms| {
-            with_slice(v, |vs| {
-                with_slice(&g, |gs| {
-                    const CHUNK: usize = 1 << 14;
-                    np.par_chunks_mut(CHUNK)
-                        .zip(nm.par_chunks_mut(CHUNK))
-                        .zip(nv.par_chunks_mut(CHUNK))
-                        .enumerate()
-                        .for_each(|(c, ((op, om), ov))| {
-                            let s = c * CHUNK;
-                            for j in 0..op.len() {
-                                let gi = gs[s + j] * k.coef;
-                                let mi = ms[s + j] * k.b1 + gi * (1.0 - k.b1);
-                                let vi = vs[s + j] * k.b2 + gi * gi * (1.0 - k.b2);
-                                let denom = vi.sqrt() / k.bc2_sqrt + k.eps;
-                                op[j] = ps[s + j] * k.decay - (mi / denom) * k.step_size;
-                                om[j] = mi;
-                                ov[j] = vi;
-                            }
-                        });
-                })
-            })
-        })
-    });
-    if !matches!(done, Some(Some(Some(Some(()))))) {
-        return Ok(None);
-    }
-    let shape = p.shape().clone();
-    Ok(Some((
-        Tensor::from_vec(np, shape.clone(), p.device())?,
-        Tensor::from_vec(nm, shape.clone(), p.device())?,
-        Tensor::from_vec(nv, shape, p.device())?,
-    )))
+    m.inplace_op2(
+        &g,
+        &MomentUpdate {
+            coef: k.coef,
+            beta: k.b1,
+            squared: false,
+        },
+    )?;
+    v.inplace_op2(
+        &g,
+        &MomentUpdate {
+            coef: k.coef,
+            beta: k.b2,
+            squared: true,
+        },
+    )?;
+    p.inplace_op3(
+        m,
+        v,
+        &ParamUpdate {
+            decay: k.decay,
+            bc2_sqrt: k.bc2_sqrt,
+            eps: k.eps,
+            step_size: k.step_size,
+        },
+    )?;
+    Ok(true)
 }

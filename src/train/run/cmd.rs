@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use candle_core::DType;
 
-use super::collective::{Backend, Collective, RankInfo, SingleProcess, TcpCollective};
 use super::lr::LrScheduler;
-use super::run::{train_loop, LoopConfig, Resume, StopReason, TrainOutcome};
+use super::train_loop::{train_loop, LoopConfig, Resume, StopReason, TrainOutcome};
 use super::validate::ValidationHook;
 use crate::config::TrainConfig;
 use crate::data::train_set::TrainSet;
+use crate::train::dist::collective::{Collective, SingleProcess};
+use crate::train::dist::rank::{Backend, RankInfo};
+use crate::train::dist::tcp::TcpCollective;
 use crate::{Error, Result};
 
 /// The command line of `mcld train`: the config plus what people change per run.
@@ -75,8 +77,8 @@ impl TrainCommand {
                 Ok((d, d))
             }
             None => Ok((
-                super::setup::mixed_precision_dtype(cfg),
-                super::setup::config_dtype(cfg),
+                crate::train::step::setup::mixed_precision_dtype(cfg),
+                crate::train::step::setup::config_dtype(cfg),
             )),
         }
     }
@@ -204,9 +206,9 @@ pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
             set.skipped[0].path.display()
         );
     }
-    let mut step: Box<dyn super::api::TrainStep> = Box::new(super::setup::build_trainer_with(
-        &cfg, &device, dtype, enc_dtype,
-    )?);
+    let mut step: Box<dyn crate::train::step::api::TrainStep> = Box::new(
+        crate::train::step::setup::build_trainer_with(&cfg, &device, dtype, enc_dtype)?,
+    );
 
     let stop = install_stop_signals()?;
 
@@ -239,7 +241,7 @@ pub fn run(cmd: &TrainCommand) -> Result<TrainOutcome> {
                 "{} pairs skipped, {} warnings: see {}",
                 outcome.skipped.len(),
                 outcome.warnings.len(),
-                lc.exp_dir.join(super::run::REPORT_FILE).display()
+                lc.exp_dir.join(super::train_loop::REPORT_FILE).display()
             );
         }
     }
@@ -255,7 +257,7 @@ fn nccl_collective(
     device: &candle_core::Device,
     timeout: std::time::Duration,
 ) -> Result<Box<dyn Collective>> {
-    Ok(Box::new(super::nccl::NcclCollective::connect(
+    Ok(Box::new(crate::train::dist::nccl::NcclCollective::connect(
         rank, device, RENDEZVOUS, timeout,
     )?))
 }
