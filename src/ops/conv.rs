@@ -7,8 +7,9 @@
 //! of output rows builds its patch matrix from whole input-row runs in the weight's own
 //! (c_in, ky, kx) order, one matmul writes straight into the NCHW output with the bias already
 //! in place, and tiles run in parallel. Tensors that track gradients (f32, f64 on the CPU) take
-//! `ops::conv_grad`'s custom op, with a backward pass on the same kernel; anything else (GPUs,
-//! half precision, grouped convs) goes to candle unchanged.
+//! `ops::conv_grad`'s custom op, with a backward pass on the same kernel; tracked CUDA tensors
+//! take `ops::cuda::conv` (cuDNN both ways, `cudnn` feature); anything else (untracked GPU
+//! tensors, CPU half precision, grouped convs) goes to candle unchanged.
 
 use std::sync::Arc;
 
@@ -152,6 +153,14 @@ pub fn conv2d_forward(
     if super::train_ops_enabled() {
         if let Some(y) = super::conv_grad::conv2d(x, w, bias, padding, stride, dilation, groups)? {
             return Ok(y);
+        }
+        // CUDA tensors that track: cuDNN forward, backward-data and backward-filter.
+        #[cfg(feature = "cudnn")]
+        if x.track_op() || w.track_op() || bias.is_some_and(|b| b.track_op()) {
+            let y = super::cuda::conv::conv2d(x, w, bias, padding, stride, dilation, groups)?;
+            if let Some(y) = y {
+                return Ok(y);
+            }
         }
     }
     let x = if x.track_op() && stride > 1 {

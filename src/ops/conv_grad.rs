@@ -136,7 +136,7 @@ pub(crate) fn conv_forward_im2col<T: Elem>(
 }
 
 /// The input gradient of `n` images from the output gradient `dy`.
-fn conv_input_grad<T: Elem>(
+pub(crate) fn conv_input_grad<T: Elem>(
     products: Products,
     g: &Geometry,
     n: usize,
@@ -207,7 +207,7 @@ fn conv_input_grad<T: Elem>(
 
 /// The weight gradient `(co, ci * kh * kw)` summed over `n` images: output gradient times the
 /// patches, tile by tile.
-fn conv_weight_grad<T: Elem>(
+pub(crate) fn conv_weight_grad<T: Elem>(
     products: Products,
     g: &Geometry,
     n: usize,

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod autocast;
 pub mod conv;
 pub mod conv_grad;
+pub mod cuda;
 mod elem;
 pub mod geglu;
 pub mod geglu_grad;

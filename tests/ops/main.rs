@@ -6,6 +6,12 @@ mod common;
 
 mod attention;
 mod attention_chunked;
+mod blocked_attention;
 mod conv;
+mod conv_ops;
+#[cfg(feature = "cuda")]
+mod cuda_ops;
 mod fused;
+mod grad_check;
 mod packed_gemm;
+mod tensor_ops;

@@ -164,7 +164,11 @@ impl FeedForward {
         let h = self.proj.forward(x)?;
         // With gradient tracking: the custom op with its own backward pass.
         let fused = if h.track_op() && crate::ops::train_ops_enabled() {
-            crate::ops::geglu_grad::geglu(&h)?
+            match crate::ops::geglu_grad::geglu(&h)? {
+                Some(y) => Some(y),
+                // CUDA tensors (builds with the `cuda` feature only).
+                None => crate::ops::cuda::geglu::geglu(&h)?,
+            }
         } else {
             crate::ops::geglu::geglu(&h)?
         };

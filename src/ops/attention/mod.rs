@@ -1,6 +1,7 @@
 //! The one attention entry point of every network: the fused CPU kernel ([`cpu`]) where it
 //! applies (f32 CPU tensors without gradient tracking), the custom op of [`grad`] on the CPU with
-//! gradient tracking (its backward pass recomputes the probabilities block by block), else the
+//! gradient tracking (its backward pass recomputes the probabilities block by block), its
+//! tensor-op form in `ops::cuda::attention` for tracked CUDA tensors, else the
 //! generic path from candle's primitives, sliced over query rows so large self-attentions never
 //! hold all their scores.
 
@@ -57,6 +58,10 @@ pub fn attention_bf16(q: &Tensor, k: &Tensor, v: &Tensor, bf16: bool) -> Result<
     }
     if (q.track_op() || k.track_op() || v.track_op()) && super::train_ops_enabled() {
         if let Some(out) = grad::attention(q, k, v)? {
+            return Ok(out);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(out) = super::cuda::attention::attention(q, k, v)? {
             return Ok(out);
         }
     }

@@ -1,7 +1,8 @@
 //! The norms of every network: LayerNorm from primitives (candle's fused one has no backward
 //! pass, see shared/GPU.md, and the same modules are trained) and GroupNorm(+SiLU), each taking
 //! the one-pass kernels of [`fused`] where no gradient is needed and, on the CPU with gradient
-//! tracking, the custom ops of [`grad`] (fused backward passes).
+//! tracking, the custom ops of [`grad`] (fused backward passes); tracked CUDA tensors take
+//! `ops::cuda::norm` (the same backward in tensor ops).
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
@@ -45,6 +46,10 @@ impl Module for LayerNorm {
             let tracked = x.track_op() || w.track_op() || b.track_op();
             if tracked && super::train_ops_enabled() {
                 if let Some(y) = grad::layer_norm(x, self.eps, w, b)? {
+                    return Ok(y);
+                }
+                #[cfg(feature = "cuda")]
+                if let Some(y) = super::cuda::norm::layer_norm(x, self.eps, w, b)? {
                     return Ok(y);
                 }
             }
@@ -119,6 +124,10 @@ impl GroupNorm {
         }
         let tracked = x.track_op() || w.track_op() || b.track_op();
         if tracked && super::train_ops_enabled() {
+            #[cfg(feature = "cuda")]
+            if x.device().is_cuda() {
+                return super::cuda::norm::group_norm(x, self.groups, self.eps, w, b, act);
+            }
             return grad::group_norm(x, self.groups, self.eps, w, b, act);
         }
         Ok(None)
