@@ -509,7 +509,7 @@ fn run(
 /// `((c / 2) * taps + tap) * 2 + c % 2`, a missing odd last channel zero. A pair row of the patch
 /// matrix is then one tap of two neighbouring channels, which [`run_bf16`] copies from an image
 /// converted to channel pairs once instead of converting every patch.
-pub(crate) fn pack_pair_order(w: &[bf16], [co, ci, kh, kw]: [usize; 4]) -> PackedA {
+fn pack_pair_order(w: &[bf16], [co, ci, kh, kw]: [usize; 4]) -> PackedA {
     let taps = kh * kw;
     let k = 2 * ci.div_ceil(2) * taps;
     let mut rows = vec![bf16::ZERO; co * k];
@@ -520,6 +520,26 @@ pub(crate) fn pack_pair_order(w: &[bf16], [co, ci, kh, kw]: [usize; 4]) -> Packe
             }
         }
     }
+    PackedA::from_bf16_rows(&rows, co, k, k)
+}
+
+/// [`pack_pair_order`] from an f32 weight, rounded to bf16 (to nearest even) as it is reordered,
+/// rows in parallel: the training ops pack their changing weights on every call.
+pub(crate) fn pack_pair_order_f32(w: &[f32], [co, ci, kh, kw]: [usize; 4]) -> PackedA {
+    let taps = kh * kw;
+    let k = 2 * ci.div_ceil(2) * taps;
+    let mut rows = vec![bf16::ZERO; co * k];
+    rows.par_chunks_exact_mut(k.max(1))
+        .take(co)
+        .enumerate()
+        .for_each(|(o, row)| {
+            for c in 0..ci {
+                for t in 0..taps {
+                    row[((c / 2) * taps + t) * 2 + c % 2] =
+                        bf16::from_f32(w[(o * ci + c) * taps + t]);
+                }
+            }
+        });
     PackedA::from_bf16_rows(&rows, co, k, k)
 }
 

@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, Layout, Tensor, WithDType};
 
 use super::attention::cpu as cpu_attention;
 use super::autocast::Products;
-use super::conv::{pack_pair_order, run_packed, Geometry};
+use super::conv::{pack_pair_order_f32, run_packed, Geometry};
 use super::conv_grad::conv_forward_im2col;
 use super::geglu;
 use super::packed_gemm::{self, PackedA, PackedB};
@@ -190,8 +190,7 @@ impl Elem for f32 {
         let pa = if a.cs == 1 {
             PackedA::from_f32_rows(a.data, m, k, a.rs)
         } else {
-            let rows = PackedA::from_f32_cols_exact(a.data, m, k, a.cs).to_f32_rows();
-            PackedA::from_f32_rows(&rows, m, k, k)
+            PackedA::from_f32_rows(&transpose(a.data, m, k, a.cs), m, k, k)
         };
         let pb = if b.cs == 1 {
             PackedB::from_f32_rows(b.data, k, n, b.rs)
@@ -212,9 +211,7 @@ impl Elem for f32 {
         if products != Products::Bf16 || !packed_gemm::available() {
             return Self::conv_forward(g, n, x, w, bias);
         }
-        use rayon::prelude::*;
-        let wb: Vec<half::bf16> = w.par_iter().map(|&v| half::bf16::from_f32(v)).collect();
-        let pa = pack_pair_order(&wb, [g.co, g.ci, g.kh, g.kw]);
+        let pa = pack_pair_order_f32(w, [g.co, g.ci, g.kh, g.kw]);
         run_packed(g, n, x, &pa, bias)
     }
 
@@ -232,6 +229,31 @@ impl Elem for f32 {
         let pa = PackedA::from_f32_rows_exact(w, g.co, k, k);
         run_packed(g, n, x, &pa, bias)
     }
+}
+
+/// The m x k matrix whose element (i, p) is `src[p * ld + i]`, row-major: 32 x 32 tiles, tiles
+/// of rows in parallel.
+fn transpose(src: &[f32], m: usize, k: usize, ld: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let mut out = vec![0f32; m * k];
+    if m == 0 || k == 0 {
+        return out;
+    }
+    out.par_chunks_mut(TILE * k)
+        .enumerate()
+        .for_each(|(t, rows)| {
+            let i0 = t * TILE;
+            let n = rows.len() / k;
+            for p0 in (0..k).step_by(TILE) {
+                for p in p0..(p0 + TILE).min(k) {
+                    for (r, &v) in src[p * ld + i0..p * ld + i0 + n].iter().enumerate() {
+                        rows[r * k + p] = v;
+                    }
+                }
+            }
+        });
+    out
 }
 
 /// [`Elem::mm`] through the `gemm` crate.
