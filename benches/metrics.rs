@@ -40,7 +40,6 @@ fn time<T>(label: &str, reps: usize, mut f: impl FnMut() -> T) {
 
 fn main() {
     mcld::device::retain_freed_memory();
-    mcld::device::park_idle_workers();
     metric_timings();
     pt_inception_and_face_timings();
 }

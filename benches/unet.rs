@@ -18,7 +18,6 @@ fn gib(bytes: Option<u64>) -> String {
 
 fn main() {
     mcld::device::retain_freed_memory();
-    mcld::device::park_idle_workers();
     let dev = Device::Cpu;
     let cfg = mcld::presets::unet(mcld::presets::Size::Full).expect("SD-1.5 config");
     let t0 = Instant::now();

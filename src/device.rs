@@ -201,9 +201,11 @@ pub fn retain_freed_memory() -> bool {
 /// candle runs large elementwise ops on its own barrier pool, whose workers spin for 25,000 rounds
 /// after each op before parking. Between two elementwise ops our kernels run on rayon's threads,
 /// and a spinning candle worker takes a core from them: on a 2-core machine the training step's
-/// backward pass used two cores' worth of CPU time for one core's worth of progress. Must run
-/// before the first candle op (the pool reads its setting once); an explicit
-/// `CANDLE_BARRIER_POOL_SPIN_LIMIT` in the environment wins. Returns whether it set the limit.
+/// backward pass used two cores' worth of CPU time for one core's worth of progress. Inference,
+/// whose elementwise ops often follow each other, gains from the spin, so the binary parks only
+/// for training commands. Must run before the first candle op (the pool reads its setting
+/// once); an explicit `CANDLE_BARRIER_POOL_SPIN_LIMIT` in the environment wins. Returns whether
+/// it set the limit.
 pub fn park_idle_workers() -> bool {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_some() {
         return false;

@@ -3,8 +3,10 @@ use mcld::cli::{self, Cli, CliError};
 
 fn main() {
     mcld::device::retain_freed_memory();
-    mcld::device::park_idle_workers();
     let args = Cli::parse();
+    if args.trains() {
+        mcld::device::park_idle_workers();
+    }
     match cli::run(args) {
         Ok(()) => {}
         Err(e @ CliError::Failed(_)) => {

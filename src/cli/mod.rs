@@ -44,6 +44,18 @@ pub enum Command {
     Serve(commands::serve::ServeArgs),
 }
 
+impl Cli {
+    /// Whether the command trains (gradient work, where our kernels and candle's elementwise ops
+    /// alternate; see `device::park_idle_workers`).
+    pub fn trains(&self) -> bool {
+        match &self.command {
+            Command::Train(_) | Command::Bench(BenchCommand::Train(_)) => true,
+            Command::Demo(a) => a.train,
+            _ => false,
+        }
+    }
+}
+
 /// Outcome of a command that could not do its work.
 #[derive(Debug)]
 pub enum CliError {
@@ -102,4 +114,19 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Serve(a) => commands::serve::run(&a)?,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_training_commands_train() {
+        let trains = |args: &[&str]| Cli::try_parse_from(args).unwrap().trains();
+        assert!(trains(&["mcld", "bench", "train"]));
+        assert!(trains(&["mcld", "demo", "--train"]));
+        assert!(trains(&["mcld", "train", "--config", "x.yaml"]));
+        assert!(!trains(&["mcld", "demo"]));
+        assert!(!trains(&["mcld", "bench", "pipeline"]));
+    }
 }
