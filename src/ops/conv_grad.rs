@@ -18,12 +18,12 @@
 //! differences; f32 on a CPU without AVX-512F takes the `gemm` crate too.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::autocast::Products;
 use super::conv::Geometry;
-use super::elem::{slice, with_data, Elem, Operand};
+use super::elem::{slice, weight_op_with_optional_bias, with_data, Elem, Operand};
 
 /// A tile's patch matrix holds at most this many values (8 MiB of f32).
 const TILE_VALUES: usize = 1 << 21;
@@ -363,61 +363,7 @@ impl ConvOp {
     }
 }
 
-impl CustomOp2 for ConvOp {
-    fn name(&self) -> &'static str {
-        "mcld-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd_storage((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, w, false, dy)?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp3 for ConvOp {
-    fn name(&self) -> &'static str {
-        "mcld-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd_storage((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(x, w, b.track_op(), dy)
-    }
-}
+weight_op_with_optional_bias!(ConvOp, "mcld-conv2d");
 
 /// `x.conv2d(w, ..)` (+ bias per output channel) as the custom op, for f32 and f64 CPU tensors
 /// with groups 1; `None` where that does not hold or the shapes do not fit (the caller's

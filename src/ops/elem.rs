@@ -331,3 +331,73 @@ pub(crate) fn with_data<T: Elem, R>(
         _ => candle_core::bail!("op: expected a CPU tensor"),
     }
 }
+
+/// candle's `CustomOp2` (without bias) and `CustomOp3` (with bias) for a CPU training op on an
+/// input and a weight that has `fwd_storage(x, w, Option<bias>)` and
+/// `backward(x, w, bias_tracks, dy) -> (dx, dw, db)`; the bias variant's name gets `-bias`.
+macro_rules! weight_op_with_optional_bias {
+    ($op:ty, $name:literal) => {
+        impl candle_core::CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.fwd_storage((s1, l1), (s2, l2), None)
+            }
+
+            fn bwd(
+                &self,
+                x: &candle_core::Tensor,
+                w: &candle_core::Tensor,
+                _res: &candle_core::Tensor,
+                dy: &candle_core::Tensor,
+            ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)>
+            {
+                let (dx, dw, _) = self.backward(x, w, false, dy)?;
+                Ok((dx, dw))
+            }
+        }
+
+        impl candle_core::CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                concat!($name, "-bias")
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &candle_core::CpuStorage,
+                l1: &candle_core::Layout,
+                s2: &candle_core::CpuStorage,
+                l2: &candle_core::Layout,
+                s3: &candle_core::CpuStorage,
+                l3: &candle_core::Layout,
+            ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+                self.fwd_storage((s1, l1), (s2, l2), Some((s3, l3)))
+            }
+
+            #[allow(clippy::type_complexity)]
+            fn bwd(
+                &self,
+                x: &candle_core::Tensor,
+                w: &candle_core::Tensor,
+                b: &candle_core::Tensor,
+                _res: &candle_core::Tensor,
+                dy: &candle_core::Tensor,
+            ) -> candle_core::Result<(
+                Option<candle_core::Tensor>,
+                Option<candle_core::Tensor>,
+                Option<candle_core::Tensor>,
+            )> {
+                self.backward(x, w, b.track_op(), dy)
+            }
+        }
+    };
+}
+pub(crate) use weight_op_with_optional_bias;

@@ -8,10 +8,10 @@
 //! one product or one sweep each.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
 use super::autocast::Products;
-use super::elem::{slice, with_data, Elem, Operand};
+use super::elem::{slice, weight_op_with_optional_bias, with_data, Elem, Operand};
 
 #[derive(Debug, Clone, Copy)]
 struct LinearOp {
@@ -162,61 +162,7 @@ fn column_sums<T: Elem>(rows: &[T], n: usize) -> Vec<T> {
     acc.into_iter().map(T::from_f64).collect()
 }
 
-impl CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "mcld-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd_storage((s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, w, false, dy)?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "mcld-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.fwd_storage((s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        dy: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(x, w, b.track_op(), dy)
-    }
-}
+weight_op_with_optional_bias!(LinearOp, "mcld-linear");
 
 /// `x W^T (+ b)` over the last axis of `x` as the custom op, for f32 and f64 CPU tensors with
 /// `w` of shape (out, in); `None` where that does not hold (the caller falls back to candle).
