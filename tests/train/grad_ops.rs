@@ -65,27 +65,17 @@ fn conv_op_gradients_match_finite_differences() {
 
 /// Gradients of `project(conv(x, w) + b)` with respect to x, w, b, and the output.
 fn conv_grads(inputs: &[Tensor], c: ConvCase, ours: bool) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let (.., s, p, d) = c;
-    let y = if ours {
-        op_conv(&t, c, true)
-    } else {
-        let co = t[2].dim(0).unwrap();
-        let y = t[0].conv2d(&t[1], p, s, d, 1).unwrap();
-        y.broadcast_add(&t[2].reshape((1, co, 1, 1)).unwrap())
-            .unwrap()
-    };
-    let r = rand64(999, y.dims()).to_dtype(y.dtype()).unwrap();
-    let store = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
-    let grads = vars
-        .iter()
-        .map(|v| store.get(v.as_tensor()).unwrap().clone())
-        .collect();
-    (y, grads)
+    grads_projected(inputs, 999, &|t| {
+        if ours {
+            op_conv(t, c, true)
+        } else {
+            let co = t[2].dim(0).unwrap();
+            let y = t[0].conv2d(&t[1], p, s, d, 1).unwrap();
+            y.broadcast_add(&t[2].reshape((1, co, 1, 1)).unwrap())
+                .unwrap()
+        }
+    })
 }
 
 /// The f32 op (packed kernels on AVX-512F) against candle's composed convolution in f64, on
@@ -208,23 +198,13 @@ fn attention_op_gradients_match_finite_differences() {
 
 /// Gradients of a random projection of attention with respect to q, k, v, and the output.
 fn attention_grads(inputs: &[Tensor], ours: bool) -> (Tensor, Vec<Tensor>) {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(t).unwrap())
-        .collect();
-    let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let y = if ours {
-        op_attention(&t[0], &t[1], &t[2])
-    } else {
-        mcld::ops::attention::attention_chunked(&t[0], &t[1], &t[2], 1 << 26).unwrap()
-    };
-    let r = rand64(998, y.dims()).to_dtype(y.dtype()).unwrap();
-    let store = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
-    let grads = vars
-        .iter()
-        .map(|v| store.get(v.as_tensor()).unwrap().clone())
-        .collect();
-    (y, grads)
+    grads_projected(inputs, 998, &|t| {
+        if ours {
+            op_attention(&t[0], &t[1], &t[2])
+        } else {
+            mcld::ops::attention::attention_chunked(&t[0], &t[1], &t[2], 1 << 26).unwrap()
+        }
+    })
 }
 
 /// The f32 op against candle's composed attention in f64, on the UNet's kinds of shapes
@@ -298,13 +278,22 @@ fn norm_op_gradients_match_finite_differences() {
 
 /// Gradients of a random projection of `f(x, w, b)` with respect to x, w, b, and the output.
 fn grads_of(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> (Tensor, Vec<Tensor>) {
+    grads_projected(inputs, 997, f)
+}
+
+/// [`grads_of`] with the projection's seed.
+fn grads_projected(
+    inputs: &[Tensor],
+    seed: u64,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+) -> (Tensor, Vec<Tensor>) {
     let vars: Vec<Var> = inputs
         .iter()
         .map(|t| Var::from_tensor(t).unwrap())
         .collect();
     let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let y = f(&t);
-    let r = rand64(997, y.dims()).to_dtype(y.dtype()).unwrap();
+    let r = rand64(seed, y.dims()).to_dtype(y.dtype()).unwrap();
     let store = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
     let grads = vars
         .iter()
@@ -565,23 +554,11 @@ fn bf16_products_scope_rounds_conv_and_linear_operands() {
     ];
     for (name, inputs, f) in runs {
         let (y32, g32) = grads_of(&inputs, &|t| f(t));
-        // Forward inside the scope; the backward in `grads_of` runs inside it too, so build
-        // the graph in the scope and differentiate after it ended.
-        let vars: Vec<Var> = inputs
-            .iter()
-            .map(|t| Var::from_tensor(t).unwrap())
-            .collect();
-        let t: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let y = {
+        // The forward pass inside the scope; the backward after the scope ended.
+        let (y, g) = grads_of(&inputs, &|t| {
             let _scope = mcld::ops::autocast::bf16_products().unwrap();
-            f(&t)
-        };
-        let r = rand64(997, y.dims()).to_dtype(DType::F32).unwrap();
-        let store = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
-        let g: Vec<Tensor> = vars
-            .iter()
-            .map(|v| store.get(v.as_tensor()).unwrap().clone())
-            .collect();
+            f(t)
+        });
         let mut pairs: Vec<(&str, &Tensor, &Tensor)> = vec![("y", &y, &y32)];
         for (j, what) in ["dx", "dw", "db"].iter().enumerate() {
             pairs.push((*what, &g[j], &g32[j]));
