@@ -149,13 +149,22 @@ pub(crate) fn conv_input_grad<T: Elem>(
     // weight flipped and its channels swapped.
     let flip_pad = (g.dilation * (g.kh - 1)).checked_sub(g.pad);
     if let (1, true, Some(pad)) = (g.stride, g.kh == g.kw, flip_pad) {
+        // Blocks of input channels: each reads runs of `FLIP_BLOCK * taps` weights per output
+        // channel instead of one cache line per (output, input) channel pair.
+        const FLIP_BLOCK: usize = 16;
         let mut wt = vec![T::zero(); g.ci * g.co * taps];
-        wt.par_chunks_mut(g.co * taps)
+        wt.par_chunks_mut(FLIP_BLOCK * g.co * taps)
             .enumerate()
-            .for_each(|(c, dst)| {
+            .for_each(|(blk, dst)| {
+                let c0 = blk * FLIP_BLOCK;
+                let nc = dst.len() / (g.co * taps);
                 for o in 0..g.co {
-                    for t in 0..taps {
-                        dst[o * taps + (taps - 1 - t)] = w[(o * g.ci + c) * taps + t];
+                    let src = &w[(o * g.ci + c0) * taps..(o * g.ci + c0 + nc) * taps];
+                    for (j, s) in src.chunks_exact(taps).enumerate() {
+                        let d = &mut dst[(j * g.co + o) * taps..(j * g.co + o + 1) * taps];
+                        for (dv, sv) in d.iter_mut().rev().zip(s) {
+                            *dv = *sv;
+                        }
                     }
                 }
             });
