@@ -149,7 +149,7 @@ pub fn run(args: &TrainBench) -> Result<()> {
     for step in 0..args.warmup + args.steps {
         let mut times = Times::default();
         let mut cpu = Times::default();
-        let (vb, _products) = params.var_builder_for(&prec)?;
+        let (vb, scope) = params.var_builder_for(&prec)?;
         let nets = Mcld::new(vb, &cfg)?;
         let tape = Tape::new();
         let ckpt = args.grad_checkpointing.then_some(&tape);
@@ -178,10 +178,11 @@ pub fn run(args: &TrainBench) -> Result<()> {
         };
         drop(out);
         let grads = params
-            .trainable()
-            .iter()
-            .map(|(_, v)| match store.get(v.as_tensor()) {
-                Some(g) => Ok(g.detach().to_dtype(DType::F32)?),
+            .gradients(&scope, &store)?
+            .into_iter()
+            .zip(params.trainable())
+            .map(|(g, (_, v))| match g {
+                Some(g) => Ok(g),
                 None => Ok(v.as_tensor().zeros_like()?),
             })
             .collect::<Result<Vec<_>>>()?;

@@ -17,6 +17,8 @@
 //! The same code runs in f64 (through the `gemm` crate) so it can be checked against finite
 //! differences; f32 on a CPU without AVX-512F takes the `gemm` crate too.
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -24,6 +26,7 @@ use rayon::prelude::*;
 use super::autocast::Products;
 use super::conv::Geometry;
 use super::elem::{slice, weight_op_with_optional_bias, with_data, Elem, Operand};
+use super::weight_grads::{self, WeightGrads};
 
 /// A tile's patch matrix holds at most this many values (8 MiB of f32).
 const TILE_VALUES: usize = 1 << 21;
@@ -135,6 +138,52 @@ pub(crate) fn conv_forward_im2col<T: Elem>(
     Ok(out)
 }
 
+/// The weight of the transposed convolution: row `c` (an input channel of `w`, which is
+/// `(co, ci, taps)`) holds `w[o][c][taps - 1 - t]` at `o * taps + t`, rows `ld` apart in `dst`
+/// (rows past `ci` are left alone). Blocks of input channels, so that each reads runs of
+/// `FLIP_BLOCK * taps` weights per output channel rather than one cache line per channel pair.
+pub(crate) fn flip_weight_into<T: Copy + Send + Sync>(
+    w: &[T],
+    [co, ci, taps]: [usize; 3],
+    dst: &mut [T],
+    ld: usize,
+) {
+    const FLIP_BLOCK: usize = 16;
+    dst.par_chunks_mut(FLIP_BLOCK * ld)
+        .enumerate()
+        .for_each(|(blk, rows)| {
+            let c0 = blk * FLIP_BLOCK;
+            let nc = FLIP_BLOCK.min(ci.saturating_sub(c0));
+            if nc == 0 {
+                return;
+            }
+            for o in 0..co {
+                let src = &w[(o * ci + c0) * taps..(o * ci + c0 + nc) * taps];
+                for (j, s) in src.chunks_exact(taps).enumerate() {
+                    let d = &mut rows[j * ld + o * taps..j * ld + (o + 1) * taps];
+                    for (dv, sv) in d.iter_mut().rev().zip(s) {
+                        *dv = *sv;
+                    }
+                }
+            }
+        });
+}
+
+/// [`Elem::conv_transposed_in`] for any element type: the flipped weight, then the forward op.
+pub(crate) fn conv_transposed_flipped<T: Elem>(
+    products: Products,
+    gt: &Geometry,
+    n: usize,
+    dy: &[T],
+    w: &[T],
+) -> candle_core::Result<Vec<T>> {
+    let taps = gt.kh * gt.kw;
+    let k = gt.ci * taps;
+    let mut wt = vec![T::zero(); gt.co * k];
+    flip_weight_into(w, [gt.ci, gt.co, taps], &mut wt, k);
+    T::conv_forward_in(products, gt, n, dy, &wt, None)
+}
+
 /// The input gradient of `n` images from the output gradient `dy`.
 pub(crate) fn conv_input_grad<T: Elem>(
     products: Products,
@@ -149,25 +198,6 @@ pub(crate) fn conv_input_grad<T: Elem>(
     // weight flipped and its channels swapped.
     let flip_pad = (g.dilation * (g.kh - 1)).checked_sub(g.pad);
     if let (1, true, Some(pad)) = (g.stride, g.kh == g.kw, flip_pad) {
-        // Blocks of input channels: each reads runs of `FLIP_BLOCK * taps` weights per output
-        // channel instead of one cache line per (output, input) channel pair.
-        const FLIP_BLOCK: usize = 16;
-        let mut wt = vec![T::zero(); g.ci * g.co * taps];
-        wt.par_chunks_mut(FLIP_BLOCK * g.co * taps)
-            .enumerate()
-            .for_each(|(blk, dst)| {
-                let c0 = blk * FLIP_BLOCK;
-                let nc = dst.len() / (g.co * taps);
-                for o in 0..g.co {
-                    let src = &w[(o * g.ci + c0) * taps..(o * g.ci + c0 + nc) * taps];
-                    for (j, s) in src.chunks_exact(taps).enumerate() {
-                        let d = &mut dst[(j * g.co + o) * taps..(j * g.co + o + 1) * taps];
-                        for (dv, sv) in d.iter_mut().rev().zip(s) {
-                            *dv = *sv;
-                        }
-                    }
-                }
-            });
         let gt = Geometry {
             ci: g.co,
             h: g.oh,
@@ -181,7 +211,7 @@ pub(crate) fn conv_input_grad<T: Elem>(
             stride: 1,
             dilation: g.dilation,
         };
-        return T::conv_forward_in(products, &gt, n, dy, &wt, None);
+        return T::conv_transposed_in(products, &gt, n, dy, w);
     }
     // Otherwise: patch gradients (w^T dy) per tile, scattered back.
     let p = g.oh * g.ow;
@@ -281,11 +311,12 @@ fn conv_bias_grad<T: Elem>(co: usize, n: usize, p: usize, dy: &[T]) -> Vec<T> {
 }
 
 /// The custom op: its geometry and batch size (the arguments are contiguous, see [`conv2d`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ConvOp {
     g: Geometry,
     n: usize,
     products: Products,
+    sink: Option<Arc<WeightGrads>>,
 }
 
 impl ConvOp {
@@ -412,6 +443,7 @@ pub fn conv2d(
         g,
         n,
         products: Products::current(),
+        sink: weight_grads::current(),
     };
     let (x, w) = (x.contiguous()?, w.contiguous()?);
     Ok(Some(match bias {

@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, Layout, Tensor, WithDType};
 use super::attention::cpu as cpu_attention;
 use super::autocast::Products;
 use super::conv::{pack_pair_order_f32, run_packed, Geometry};
-use super::conv_grad::conv_forward_im2col;
+use super::conv_grad::{conv_forward_im2col, conv_transposed_flipped, flip_weight_into};
 use super::geglu;
 use super::packed_gemm::{self, PackedA, PackedB};
 
@@ -100,6 +100,19 @@ pub(crate) trait Elem: WithDType {
         bias: Option<&[Self]>,
     ) -> candle_core::Result<Vec<Self>> {
         Self::conv_forward(g, n, x, w, bias)
+    }
+
+    /// The stride-1 transposed convolution of `n` images as the forward one of geometry `gt`
+    /// (the input gradient of a convolution whose weight `w` is `(gt.ci, gt.co, kh, kw)`):
+    /// `w` flipped and its channels swapped.
+    fn conv_transposed_in(
+        products: Products,
+        gt: &Geometry,
+        n: usize,
+        dy: &[Self],
+        w: &[Self],
+    ) -> candle_core::Result<Vec<Self>> {
+        conv_transposed_flipped(products, gt, n, dy, w)
     }
 
     /// The forward convolution of `n` images, `w` row-major (co, ci * kh * kw).
@@ -213,6 +226,24 @@ impl Elem for f32 {
         }
         let pa = pack_pair_order_f32(w, [g.co, g.ci, g.kh, g.kw]);
         run_packed(g, n, x, &pa, bias)
+    }
+
+    /// f32 products: the flipped weight is written straight into the kernel's packed operand.
+    fn conv_transposed_in(
+        products: Products,
+        gt: &Geometry,
+        n: usize,
+        dy: &[f32],
+        w: &[f32],
+    ) -> candle_core::Result<Vec<f32>> {
+        if products != Products::Exact || !packed_gemm::available_f32() {
+            return conv_transposed_flipped(products, gt, n, dy, w);
+        }
+        let taps = gt.kh * gt.kw;
+        let mut pa = PackedA::f32_in_buffer(Vec::new(), gt.co, gt.ci * taps);
+        let (rows, ld) = pa.f32_rows_mut();
+        flip_weight_into(w, [gt.ci, gt.co, taps], rows, ld);
+        run_packed(gt, n, dy, &pa, None)
     }
 
     fn conv_forward(
@@ -334,7 +365,9 @@ pub(crate) fn with_data<T: Elem, R>(
 
 /// candle's `CustomOp2` (without bias) and `CustomOp3` (with bias) for a CPU training op on an
 /// input and a weight that has `fwd_storage(x, w, Option<bias>)` and
-/// `backward(x, w, bias_tracks, dy) -> (dx, dw, db)`; the bias variant's name gets `-bias`.
+/// `backward(x, w, bias_tracks, dy) -> (dx, dw, db)` and a `sink` field (the weight-gradient
+/// collector of its forward pass, which takes dw and db for the weights it collects); the bias
+/// variant's name gets `-bias`.
 macro_rules! weight_op_with_optional_bias {
     ($op:ty, $name:literal) => {
         impl candle_core::CustomOp2 for $op {
@@ -361,7 +394,8 @@ macro_rules! weight_op_with_optional_bias {
             ) -> candle_core::Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)>
             {
                 let (dx, dw, _) = self.backward(x, w, false, dy)?;
-                Ok((dx, dw))
+                let sink = self.sink.as_deref();
+                Ok((dx, $crate::ops::weight_grads::route(sink, w, dw)?))
             }
         }
 
@@ -395,7 +429,13 @@ macro_rules! weight_op_with_optional_bias {
                 Option<candle_core::Tensor>,
                 Option<candle_core::Tensor>,
             )> {
-                self.backward(x, w, b.track_op(), dy)
+                let (dx, dw, db) = self.backward(x, w, b.track_op(), dy)?;
+                let sink = self.sink.as_deref();
+                Ok((
+                    dx,
+                    $crate::ops::weight_grads::route(sink, w, dw)?,
+                    $crate::ops::weight_grads::route(sink, b, db)?,
+                ))
             }
         }
     };

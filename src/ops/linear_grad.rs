@@ -10,21 +10,27 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Shape, Tensor};
 
+use std::sync::Arc;
+
 use super::autocast::Products;
 use super::elem::{slice, weight_op_with_optional_bias, with_data, Elem, Operand};
+use super::weight_grads::{self, WeightGrads};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct LinearOp {
     /// Rows of the flattened input, input features, output features.
     m: usize,
     k: usize,
     n: usize,
     products: Products,
+    sink: Option<Arc<WeightGrads>>,
 }
 
 impl LinearOp {
     fn forward<T: Elem>(&self, x: &[T], w: &[T], b: Option<&[T]>) -> candle_core::Result<Vec<T>> {
-        let LinearOp { m, k, n, products } = *self;
+        let LinearOp {
+            m, k, n, products, ..
+        } = *self;
         let mut y = vec![T::from_f64(0.0); m * n];
         if m == 0 || n == 0 {
             return Ok(y);
@@ -94,7 +100,9 @@ impl LinearOp {
         bias: bool,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let LinearOp { m, k, n, products } = *self;
+        let LinearOp {
+            m, k, n, products, ..
+        } = *self;
         let dev = x.device();
         let dy = dy.contiguous()?;
         with_data::<T, _>(&dy, |dys| {
@@ -196,6 +204,7 @@ pub fn linear(
         k,
         n,
         products: Products::current(),
+        sink: weight_grads::current(),
     };
     let x2 = x.contiguous()?.reshape((m, k))?;
     let w = w.contiguous()?;

@@ -18,6 +18,7 @@ pub mod linear_grad;
 pub mod norm;
 pub mod packed_gemm;
 pub mod recompute;
+pub mod weight_grads;
 
 /// Whether the training path takes the custom ops with backward passes of their own
 /// ([`conv_grad`], [`attention::grad`], [`norm::grad`], [`geglu_grad`], [`linear_grad`]; the

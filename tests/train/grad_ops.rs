@@ -575,3 +575,60 @@ fn bf16_products_scope_rounds_conv_and_linear_operands() {
         }
     }
 }
+
+/// The weight-gradient collector (`ops::weight_grads`): a conv and a linear layer, each used
+/// twice (the in-place sum), plus a weight it was not told about. Collected gradients equal
+/// candle's own bit for bit (first kept as computed, then one addition, as candle's
+/// zeros + g1 + g2), never reach candle's store, and the uncollected weight still does.
+#[test]
+fn collected_weight_gradients_equal_candles_and_bypass_its_store() {
+    use mcld::ops::weight_grads::{self, WeightGrads};
+    use std::sync::Arc;
+    let f32var = |t: Tensor| Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap();
+    let c: ConvCase = (2, 5, 6, 7, 5, 3, 1, 1, 1);
+    let mut t = conv_inputs(c, 2100);
+    let x = t.remove(0).to_dtype(DType::F32).unwrap();
+    let (cw, cb) = (f32var(t.remove(0)), f32var(t.remove(0)));
+    let (lw, lb) = (f32var(rand64(2110, &[7, 7])), f32var(rand64(2111, &[7])));
+    let other = f32var(rand64(2112, &[4, 7]));
+    let loss = || {
+        let conv = |x: &Tensor| {
+            op_conv(
+                &[x.clone(), cw.as_tensor().clone(), cb.as_tensor().clone()],
+                c,
+                true,
+            )
+        };
+        let lin =
+            |x: &Tensor| op_linear(&[x.clone(), lw.as_tensor().clone(), lb.as_tensor().clone()]);
+        let y = conv(&conv(&x).tanh().unwrap());
+        let h = lin(&lin(&y).tanh().unwrap());
+        let h = op_linear(&[h, other.as_tensor().clone()]);
+        let r = rand64(2120, h.dims()).to_dtype(DType::F32).unwrap();
+        (h * r).unwrap().sum_all().unwrap()
+    };
+    let collected = [&cw, &cb, &lw, &lb];
+    let plain = loss().backward().unwrap();
+    let sink = Arc::new(WeightGrads::new(collected.iter().map(|v| v.as_tensor())));
+    let store = {
+        let _scope = weight_grads::collect(&sink);
+        loss().backward().unwrap()
+    };
+    for (i, v) in collected.iter().enumerate() {
+        assert!(
+            store.get(v.as_tensor()).is_none(),
+            "weight {i} reached candle's store"
+        );
+        let got = sink.take(v.as_tensor()).expect("collected gradient");
+        let want = plain.get(v.as_tensor()).unwrap();
+        let (err, mx) = max_errs(&got, want);
+        println!("weight {i}: max |collected - candle| {err:.1e} of {mx:.2e}");
+        assert!(mx > 0.0 && err == 0.0, "weight {i}: differs by {err:e}");
+    }
+    let (err, mx) = max_errs(
+        store.get(other.as_tensor()).expect("uncollected weight"),
+        plain.get(other.as_tensor()).unwrap(),
+    );
+    assert!(mx > 0.0 && err == 0.0);
+    assert!(weight_grads::current().is_none(), "scope did not end");
+}

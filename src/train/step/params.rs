@@ -10,11 +10,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::ops::autocast::{bf16_products, Bf16Scope};
+use crate::ops::weight_grads::{self, CollectScope, WeightGrads};
 use crate::pipeline::mcld::Precision;
 use crate::{Error, Result};
 
@@ -184,24 +186,58 @@ impl Params {
     /// forward and backward passes in. CPU bf16 with the AVX-512 BF16 kernel: the f32 masters
     /// themselves, inside a bf16-products scope (`ops::autocast`: convolutions and linear
     /// layers multiply bf16-rounded operands, as torch's autocast); without that kernel the
-    /// masters rounded to bf16 and computed in f32; otherwise `prec`'s compute dtype.
-    pub fn var_builder_for(
-        &self,
-        prec: &Precision,
-    ) -> Result<(VarBuilder<'static>, Option<Bf16Scope>)> {
-        if prec.bf16_matmuls {
-            if let Some(scope) = bf16_products() {
-                return Ok((
-                    self.var_builder_rounded(prec.compute, None, true)?,
-                    Some(scope),
-                ));
-            }
-        }
+    /// masters rounded to bf16 and computed in f32; otherwise `prec`'s compute dtype. Read the
+    /// gradients with [`Params::gradients`] through the same scope.
+    pub fn var_builder_for(&self, prec: &Precision) -> Result<(VarBuilder<'static>, StepScope)> {
+        let sink = Arc::new(WeightGrads::new(
+            self.trainable.iter().map(|(_, v)| v.as_tensor()),
+        ));
+        let collect = weight_grads::collect(&sink);
+        let products = if prec.bf16_matmuls {
+            bf16_products()
+        } else {
+            None
+        };
+        let round = match products {
+            Some(_) => None,
+            None => prec.round_weights,
+        };
+        let vb = self.var_builder_rounded(prec.compute, round, true)?;
         Ok((
-            self.var_builder_rounded(prec.compute, prec.round_weights, true)?,
-            None,
+            vb,
+            StepScope {
+                sink,
+                _products: products,
+                _collect: collect,
+            },
         ))
     }
+
+    /// Each trainable tensor's gradient (f32, detached): what the training ops delivered to the
+    /// scope's collector plus what candle's `store` holds for it; `None` where neither has one.
+    pub fn gradients(&self, scope: &StepScope, store: &GradStore) -> Result<Vec<Option<Tensor>>> {
+        self.trainable
+            .iter()
+            .map(|(_, v)| {
+                let t = v.as_tensor();
+                let g = match (scope.sink.take(t), store.get(t)) {
+                    (Some(a), Some(b)) => Some((a + b.detach().to_dtype(DType::F32)?)?),
+                    (a, b) => a.or_else(|| b.map(Tensor::detach)),
+                };
+                Ok(g.map(|g| g.to_dtype(DType::F32)).transpose()?)
+            })
+            .collect()
+    }
+}
+
+/// What a training step's forward and backward passes run inside (see
+/// [`Params::var_builder_for`]): the bf16-products scope where it applies and the collector of
+/// the ops' weight gradients (`ops::weight_grads`). Tied to the thread that opened it.
+#[must_use = "the forward and backward passes must run while the scope is alive"]
+pub struct StepScope {
+    sink: Arc<WeightGrads>,
+    _products: Option<Bf16Scope>,
+    _collect: CollectScope,
 }
 
 /// Serves tensors from a map, cast to the requested dtype; missing names and shape mismatches

@@ -240,7 +240,7 @@ impl McldTrainer {
     pub fn step_inputs(&self, inp: &LossInputs, samples: usize) -> Result<StepResult> {
         let prec = Precision::new(self.device(), self.cfg.dtype);
         // The scope covers the forward and the backward pass (recomputed segments included).
-        let (vb, _products) = self.params.var_builder_for(&prec)?;
+        let (vb, scope) = self.params.var_builder_for(&prec)?;
         let nets = Mcld::new(vb, &self.cfg.nets)?;
         let opts = LossOptions {
             snr_gamma: self.cfg.snr_gamma,
@@ -260,22 +260,16 @@ impl McldTrainer {
             Some(t) => t.backward(&root)?,
             None => root.backward()?,
         };
-        let mut has_grad = Vec::with_capacity(self.params.trainable().len());
-        let tensors = self
-            .params
-            .trainable()
-            .iter()
-            .map(|(_, v)| {
-                let g = match store.get(v.as_tensor()) {
-                    // detached: candle's gradients can keep a graph (and its activations) alive
-                    Some(g) => {
-                        has_grad.push(true);
-                        g.detach().to_dtype(DType::F32)?
-                    }
-                    None => {
-                        has_grad.push(false);
-                        v.as_tensor().zeros_like()?
-                    }
+        let grads = self.params.gradients(&scope, &store)?;
+        drop(store);
+        let has_grad: Vec<bool> = grads.iter().map(Option::is_some).collect();
+        let tensors = grads
+            .into_iter()
+            .zip(self.params.trainable())
+            .map(|(g, (_, v))| {
+                let g = match g {
+                    Some(g) => g,
+                    None => v.as_tensor().zeros_like()?,
                 };
                 Ok(if scale != 1.0 { (g / scale)? } else { g })
             })
