@@ -19,6 +19,7 @@ use rayon::prelude::*;
 
 use half::bf16;
 
+use super::host::zeroed;
 use super::host::{with_f32, SharedOut};
 use super::linear::with_bf16;
 use super::packed_gemm::{self, Kind, PackedA, PackedB, NR};
@@ -422,7 +423,7 @@ fn run(
         Weights::F32(w) => w,
     };
     let (k, p) = (g.k(), g.oh * g.ow);
-    let mut out = vec![0f32; n * g.co * p];
+    let mut out = zeroed(n * g.co * p, 0f32);
     if out.is_empty() {
         return Ok(out);
     }
@@ -602,7 +603,7 @@ pub(crate) fn run_packed(
     }
     let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
     let plane = hp * wp;
-    let mut plane_img = vec![0u32; n * planes * plane];
+    let mut plane_img = zeroed(n * planes * plane, 0u32);
     plane_img
         .par_chunks_mut(plane)
         .enumerate()

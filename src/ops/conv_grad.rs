@@ -26,6 +26,7 @@ use rayon::prelude::*;
 use super::autocast::Products;
 use super::conv::Geometry;
 use super::elem::{slice, weight_op_with_optional_bias, with_data, Elem, Operand};
+use super::host::{grow_zeroed, zeroed};
 use super::weight_grads::{self, WeightGrads};
 
 /// A tile's patch matrix holds at most this many values (8 MiB of f32).
@@ -105,7 +106,7 @@ pub(crate) fn conv_forward_im2col<T: Elem>(
     bias: Option<&[T]>,
 ) -> candle_core::Result<Vec<T>> {
     let (k, p) = (g.ci * g.kh * g.kw, g.oh * g.ow);
-    let mut out = vec![T::zero(); n * g.co * p];
+    let mut out = zeroed(n * g.co * p, T::zero());
     let rows = rows_per_tile(g);
     let mut col = Vec::new();
     for b in 0..n {
@@ -120,7 +121,7 @@ pub(crate) fn conv_forward_im2col<T: Elem>(
         while r0 < g.oh {
             let r1 = (r0 + rows).min(g.oh);
             let np = (r1 - r0) * g.ow;
-            col.resize(k * np, T::zero());
+            grow_zeroed(&mut col, k * np, T::zero());
             im2col(g, xb, r0, r1, &mut col);
             T::mm(
                 g.co,
@@ -179,7 +180,7 @@ pub(crate) fn conv_transposed_flipped<T: Elem>(
 ) -> candle_core::Result<Vec<T>> {
     let taps = gt.kh * gt.kw;
     let k = gt.ci * taps;
-    let mut wt = vec![T::zero(); gt.co * k];
+    let mut wt = zeroed(gt.co * k, T::zero());
     flip_weight_into(w, [gt.ci, gt.co, taps], &mut wt, k);
     T::conv_forward_in(products, gt, n, dy, &wt, None)
 }
@@ -215,7 +216,7 @@ pub(crate) fn conv_input_grad<T: Elem>(
     }
     // Otherwise: patch gradients (w^T dy) per tile, scattered back.
     let p = g.oh * g.ow;
-    let mut dx = vec![T::zero(); n * g.ci * g.h * g.w];
+    let mut dx = zeroed(n * g.ci * g.h * g.w, T::zero());
     let rows = rows_per_tile(g);
     let mut col = Vec::new();
     for b in 0..n {
@@ -225,7 +226,7 @@ pub(crate) fn conv_input_grad<T: Elem>(
         while r0 < g.oh {
             let r1 = (r0 + rows).min(g.oh);
             let np = (r1 - r0) * g.ow;
-            col.resize(k * np, T::zero());
+            grow_zeroed(&mut col, k * np, T::zero());
             T::mm_in(
                 products,
                 k,
@@ -254,7 +255,7 @@ pub(crate) fn conv_weight_grad<T: Elem>(
     dy: &[T],
 ) -> candle_core::Result<Vec<T>> {
     let (k, p) = (g.ci * g.kh * g.kw, g.oh * g.ow);
-    let mut dw = vec![T::zero(); g.co * k];
+    let mut dw = zeroed(g.co * k, T::zero());
     let rows = rows_per_tile(g);
     let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0;
     let mut col = Vec::new();
@@ -270,7 +271,7 @@ pub(crate) fn conv_weight_grad<T: Elem>(
             let patches = if pointwise {
                 Operand::cols(&xb[r0 * g.ow..], p)
             } else {
-                col.resize(k * np, T::zero());
+                grow_zeroed(&mut col, k * np, T::zero());
                 im2col(g, xb, r0, r1, &mut col);
                 Operand::cols(&col[..], np)
             };

@@ -10,6 +10,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType
 use rayon::prelude::*;
 
 use super::elem::{slice, with_data, Elem};
+use super::host::zeroed;
 
 /// Rows of `2 * inner` values per parallel task: about 32k values.
 fn rows_per_task(inner: usize) -> usize {
@@ -26,7 +27,7 @@ impl GegluOp {
         let inner = self.inner;
         let rows = h.len() / (2 * inner);
         let per = rows_per_task(inner);
-        let mut out = vec![T::zero(); rows * inner];
+        let mut out = zeroed(rows * inner, T::zero());
         out.par_chunks_mut(per * inner)
             .zip(h.par_chunks(per * 2 * inner))
             .for_each(|(o, s)| {
@@ -43,7 +44,7 @@ impl GegluOp {
     fn backward<T: Elem>(&self, h: &[T], dout: &[T]) -> Vec<T> {
         let inner = self.inner;
         let per = rows_per_task(inner);
-        let mut dh = vec![T::zero(); h.len()];
+        let mut dh = zeroed(h.len(), T::zero());
         dh.par_chunks_mut(per * 2 * inner)
             .zip(
                 h.par_chunks(per * 2 * inner)

@@ -39,3 +39,27 @@ impl SharedOut {
         self.0
     }
 }
+
+/// Values from which [`zeroed`] and [`grow_zeroed`] write in parallel.
+const PARALLEL_ZERO: usize = 1 << 18;
+
+/// `n` copies of `zero`, written by the thread pool when `n` is large. A fresh buffer's first
+/// touch (page faults and zeroing, several GiB per training step) is otherwise serial work on
+/// the calling thread while the other workers wait.
+pub(crate) fn zeroed<T: Copy + Send + Sync>(n: usize, zero: T) -> Vec<T> {
+    let mut v = Vec::new();
+    grow_zeroed(&mut v, n, zero);
+    v
+}
+
+/// `buf.resize(n, zero)` with the new part written as in [`zeroed`] (what `buf` held is kept).
+pub(crate) fn grow_zeroed<T: Copy + Send + Sync>(buf: &mut Vec<T>, n: usize, zero: T) {
+    use rayon::prelude::*;
+    let more = n.saturating_sub(buf.len());
+    if more < PARALLEL_ZERO {
+        buf.resize(n, zero);
+    } else {
+        buf.reserve_exact(more);
+        buf.par_extend(rayon::iter::repeat_n(zero, more).with_min_len(PARALLEL_ZERO / 4));
+    }
+}

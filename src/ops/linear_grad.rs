@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use super::autocast::Products;
 use super::elem::{slice, weight_op_with_optional_bias, with_data, Elem, Operand};
+use super::host::zeroed;
 use super::weight_grads::{self, WeightGrads};
 
 #[derive(Debug, Clone)]
@@ -31,7 +32,7 @@ impl LinearOp {
         let LinearOp {
             m, k, n, products, ..
         } = *self;
-        let mut y = vec![T::from_f64(0.0); m * n];
+        let mut y = zeroed(m * n, T::from_f64(0.0));
         if m == 0 || n == 0 {
             return Ok(y);
         }
@@ -108,7 +109,7 @@ impl LinearOp {
         with_data::<T, _>(&dy, |dys| {
             let dx = if x.track_op() {
                 let v = with_data::<T, _>(w, |ws| {
-                    let mut dx = vec![T::from_f64(0.0); m * k];
+                    let mut dx = zeroed(m * k, T::from_f64(0.0));
                     T::mm_in(
                         products,
                         m,
@@ -128,7 +129,7 @@ impl LinearOp {
             };
             let dw = if w.track_op() {
                 let v = with_data::<T, _>(x, |xs| {
-                    let mut dw = vec![T::from_f64(0.0); n * k];
+                    let mut dw = zeroed(n * k, T::from_f64(0.0));
                     // dY^T: element (j, i) at dy[i * n + j].
                     T::mm_in(
                         products,

@@ -17,6 +17,7 @@
 //! products into one f32 lane. f32 inputs are rounded to bf16 to nearest-even while packing
 //! (the vector path treats f32 subnormals as zero, as `vcvtneps2bf16` does).
 
+use super::host::{grow_zeroed, zeroed};
 use half::bf16;
 
 /// Rows per left panel (12 x 2 accumulators of 16 lanes + 2 right vectors + 1 broadcast fit
@@ -174,7 +175,7 @@ impl PackedA {
         const TILE: usize = 32;
         check_span(src.len(), k, m, ld);
         let stride = row_stride(k);
-        let mut data = vec![0u32; m.div_ceil(MR) * MR * stride];
+        let mut data = zeroed(m.div_ceil(MR) * MR * stride, 0u32);
         let fill = |(t, rows): (usize, &mut [u32])| {
             let i0 = t * TILE;
             let n = TILE.min(m.saturating_sub(i0));
@@ -209,7 +210,7 @@ impl PackedA {
     /// output) before it is used.
     pub fn f32_in_buffer(mut buf: Vec<u32>, m: usize, k: usize) -> Self {
         let stride = row_stride(k);
-        buf.resize(m.div_ceil(MR) * MR * stride, 0);
+        grow_zeroed(&mut buf, m.div_ceil(MR) * MR * stride, 0);
         Self {
             kind: Kind::F32,
             m,
@@ -273,7 +274,7 @@ impl PackedA {
         check_span(src.len(), m, k, ld);
         let pairs = kind.units(k);
         let stride = row_stride(pairs);
-        let mut data = vec![0u32; m.div_ceil(MR) * MR * stride];
+        let mut data = zeroed(m.div_ceil(MR) * MR * stride, 0u32);
         let fill =
             |(i, row): (usize, &mut [u32])| to_pairs(&src[i * ld..i * ld + k], &mut row[..pairs]);
         if pairs > 0 && m * k >= PARALLEL_PACK {
@@ -320,8 +321,24 @@ impl PackedB {
     pub fn from_f32_rows_exact(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
         check_span(src.len(), k, n, ld);
         let mut b = Self::in_buffer(Vec::new(), Kind::F32, k, n);
-        for kk in 0..k {
-            b.put_f32(kk, 0, &src[kk * ld..kk * ld + n]);
+        if k * n >= PARALLEL_PACK && k > 0 {
+            // Panel by panel: each reads a strip of NR columns from every row.
+            use rayon::prelude::*;
+            b.data
+                .par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(panel, out)| {
+                    let j0 = panel * NR;
+                    let w = NR.min(n - j0);
+                    for (kk, dst) in out.chunks_exact_mut(NR).enumerate() {
+                        let line: &[u32] = bytemuck::cast_slice(&src[kk * ld + j0..][..w]);
+                        dst[..w].copy_from_slice(line);
+                    }
+                });
+        } else {
+            for kk in 0..k {
+                b.put_f32(kk, 0, &src[kk * ld..kk * ld + n]);
+            }
         }
         b
     }
@@ -341,7 +358,7 @@ impl PackedB {
     /// The inverse of [`PackedB::from_f32_cols_exact`]: n lines of k values, row-major.
     pub fn to_f32_cols(&self) -> Vec<f32> {
         assert_eq!(self.kind, Kind::F32, "to_f32_cols of a bf16 operand");
-        let mut out = vec![0f32; self.n * self.k];
+        let mut out = zeroed(self.n * self.k, 0f32);
         for (j, line) in out.chunks_exact_mut(self.k.max(1)).enumerate().take(self.n) {
             let (panel, lane) = (j / NR, j % NR);
             for (kk, v) in line.iter_mut().enumerate() {
@@ -356,7 +373,7 @@ impl PackedB {
         check_span(src.len(), k, n, ld);
         let pairs = k.div_ceil(2);
         let panels = n.div_ceil(NR);
-        let mut data = vec![0u32; panels * pairs * NR];
+        let mut data = zeroed(panels * pairs * NR, 0u32);
         #[cfg(target_arch = "x86_64")]
         if available() {
             // SAFETY: the features were just checked; reads stay inside the checked span and
@@ -399,7 +416,7 @@ impl PackedB {
     pub fn in_buffer(mut buf: Vec<u32>, kind: Kind, k: usize, n: usize) -> Self {
         let pairs = kind.units(k);
         let panels = n.div_ceil(NR);
-        buf.resize(panels * pairs * NR, 0);
+        grow_zeroed(&mut buf, panels * pairs * NR, 0);
         if !n.is_multiple_of(NR) {
             let last = panels - 1;
             for p in 0..pairs {
@@ -502,7 +519,7 @@ fn pack_lines<T: Sync>(
 ) -> Vec<u32> {
     check_span(src.len(), lines, k, ld);
     let pairs = kind.units(k);
-    let mut data = vec![0u32; lines.div_ceil(width) * pairs * width];
+    let mut data = zeroed(lines.div_ceil(width) * pairs * width, 0u32);
     if pairs == 0 {
         return data;
     }

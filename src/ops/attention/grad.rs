@@ -19,6 +19,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::elem::Elem;
+use crate::ops::host::zeroed;
 
 /// Scores per block: about 512 KiB of f32, inside a core's L2.
 const BLOCK_SCORES: usize = 1 << 17;
@@ -145,8 +146,8 @@ fn forward<T: Elem>(
     (k, ks): (&[T], Strides),
     (v, vs): (&[T], Strides),
 ) -> (Vec<T>, Vec<f64>) {
-    let mut out = vec![T::zero(); s.bh * s.tq * s.dv];
-    let mut lse = vec![0f64; s.bh * s.tq];
+    let mut out = zeroed(s.bh * s.tq * s.dv, T::zero());
+    let mut lse = zeroed(s.bh * s.tq, 0f64);
     let rows = s.rows_per_block();
     let blocks = s.tq.div_ceil(rows);
     let scale = T::from_f64(s.scale());
@@ -217,9 +218,9 @@ fn backward<T: Elem>(
     dout: &[T],
     lse: &[f64],
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let mut dq = vec![T::zero(); s.bh * s.tq * s.d];
-    let mut dk = vec![T::zero(); s.bh * s.tk * s.d];
-    let mut dv = vec![T::zero(); s.bh * s.tk * s.dv];
+    let mut dq = zeroed(s.bh * s.tq * s.d, T::zero());
+    let mut dk = zeroed(s.bh * s.tk * s.d, T::zero());
+    let mut dv = zeroed(s.bh * s.tk * s.dv, T::zero());
     let rows = s.rows_per_block();
     let scale = T::from_f64(s.scale());
     let one = T::from_f64(1.0);

@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::ops::elem::{slice, with_data, Elem};
+use crate::ops::host::zeroed;
 
 /// Values summed in `T` before they are added into an f64 total.
 const SUM_CHUNK: usize = 256;
@@ -66,7 +67,7 @@ impl GroupNormOp {
 
     fn forward<T: Elem>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let (cg, plane) = (self.per_group(), self.plane);
-        let mut out = vec![T::zero(); x.len()];
+        let mut out = zeroed(x.len(), T::zero());
         out.par_chunks_mut(cg * plane)
             .zip(x.par_chunks(cg * plane))
             .enumerate()
@@ -91,7 +92,7 @@ impl GroupNormOp {
     fn backward<T: Elem>(&self, x: &[T], w: &[T], b: &[T], dz: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let (cg, plane) = (self.per_group(), self.plane);
         let count = (cg * plane).max(1) as f64;
-        let mut dx = vec![T::zero(); x.len()];
+        let mut dx = zeroed(x.len(), T::zero());
         // Per (image, channel): sum of dy and of dy * x_hat.
         let mut sums = vec![(0f64, 0f64); self.n * self.c];
         dx.par_chunks_mut(cg * plane)
@@ -172,7 +173,7 @@ fn rows_per_task(d: usize) -> usize {
 impl LayerNormOp {
     fn forward<T: Elem>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
         let d = self.d;
-        let mut out = vec![T::zero(); x.len()];
+        let mut out = zeroed(x.len(), T::zero());
         let per = rows_per_task(d) * d;
         out.par_chunks_mut(per)
             .zip(x.par_chunks(per))
@@ -194,7 +195,7 @@ impl LayerNormOp {
     fn backward<T: Elem>(&self, x: &[T], w: &[T], dz: &[T]) -> (Vec<T>, Vec<T>, Vec<T>) {
         let d = self.d;
         let per = rows_per_task(d) * d;
-        let mut dx = vec![T::zero(); x.len()];
+        let mut dx = zeroed(x.len(), T::zero());
         // Per task: partial weight and bias gradients, reduced below.
         let partial: Vec<(Vec<T>, Vec<T>)> = dx
             .par_chunks_mut(per)
