@@ -221,7 +221,8 @@ impl Params {
             .map(|(_, v)| {
                 let t = v.as_tensor();
                 let g = match (scope.sink.take(t), store.get(t)) {
-                    (Some(a), Some(b)) => Some((a + b.detach().to_dtype(DType::F32)?)?),
+                    // both in the weight's dtype
+                    (Some(a), Some(b)) => Some((a + b.detach())?),
                     (a, b) => a.or_else(|| b.map(Tensor::detach)),
                 };
                 Ok(g.map(|g| g.to_dtype(DType::F32)).transpose()?)
