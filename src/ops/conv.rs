@@ -524,24 +524,50 @@ fn pack_pair_order(w: &[bf16], [co, ci, kh, kw]: [usize; 4]) -> PackedA {
     PackedA::from_bf16_rows(&rows, co, k, k)
 }
 
-/// [`pack_pair_order`] from an f32 weight, rounded to bf16 (to nearest even) as it is reordered,
-/// rows in parallel: the training ops pack their changing weights on every call.
-pub(crate) fn pack_pair_order_f32(w: &[f32], [co, ci, kh, kw]: [usize; 4]) -> PackedA {
-    let taps = kh * kw;
-    let k = 2 * ci.div_ceil(2) * taps;
-    let mut rows = vec![bf16::ZERO; co * k];
-    rows.par_chunks_exact_mut(k.max(1))
-        .take(co)
-        .enumerate()
-        .for_each(|(o, row)| {
-            for c in 0..ci {
-                for t in 0..taps {
-                    row[((c / 2) * taps + t) * 2 + c % 2] =
-                        bf16::from_f32(w[(o * ci + c) * taps + t]);
-                }
+/// [`pack_pair_order`] from an f32 (co, ci, taps) weight, rounded to bf16 as it is reordered
+/// (the training ops pack their changing weights on every call), written straight into the
+/// packed operand. With `flipped`, the operand of the transposed convolution (the input
+/// gradient's): ci rows of depth co x taps, each output channel's taps reversed.
+pub(crate) fn pack_weight_pairs_f32(
+    w: &[f32],
+    [co, ci, taps]: [usize; 3],
+    flipped: bool,
+) -> PackedA {
+    use super::packed_gemm::{bits, pair_word};
+    // A pair of channels' tap lines as one line of k-pair words.
+    let put = |lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32], rev: bool| {
+        for t in 0..taps {
+            let s = if rev { taps - 1 - t } else { t };
+            dst[t] = pair_word(bits(lo[s]), hi.map_or(0, |h| bits(h[s])));
+        }
+    };
+    if !flipped {
+        let k = 2 * ci.div_ceil(2) * taps;
+        return PackedA::bf16_pairs_by_blocks(co, k, 1, |o, row, _| {
+            let src = &w[o * ci * taps..(o + 1) * ci * taps];
+            for (c2, dst) in row.chunks_exact_mut(taps).take(ci.div_ceil(2)).enumerate() {
+                let lo = &src[2 * c2 * taps..][..taps];
+                let hi = (2 * c2 + 1 < ci).then(|| &src[(2 * c2 + 1) * taps..][..taps]);
+                put(lo, hi, dst, false);
             }
         });
-    PackedA::from_bf16_rows(&rows, co, k, k)
+    }
+    // Rows are input channels; a block of them reads runs of BLOCK x taps weights per output
+    // channel instead of one cache line per (output, input) pair.
+    const BLOCK: usize = 16;
+    let k = 2 * co.div_ceil(2) * taps;
+    PackedA::bf16_pairs_by_blocks(ci, k, BLOCK, |c0, rows, stride| {
+        let nc = rows.len() / stride;
+        for o2 in 0..co.div_ceil(2) {
+            let lo = &w[(2 * o2 * ci + c0) * taps..][..nc * taps];
+            let hi = (2 * o2 + 1 < co).then(|| &w[((2 * o2 + 1) * ci + c0) * taps..][..nc * taps]);
+            for j in 0..nc {
+                let dst = &mut rows[j * stride + o2 * taps..][..taps];
+                let hi = hi.map(|h| &h[j * taps..(j + 1) * taps]);
+                put(&lo[j * taps..(j + 1) * taps], hi, dst, true);
+            }
+        }
+    })
 }
 
 /// Words per column of a packed patch matrix of `depth`.

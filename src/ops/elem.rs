@@ -4,7 +4,7 @@ use candle_core::{CpuStorage, Layout, Tensor, WithDType};
 
 use super::attention::cpu as cpu_attention;
 use super::autocast::Products;
-use super::conv::{pack_pair_order_f32, run_packed, Geometry};
+use super::conv::{pack_weight_pairs_f32, run_packed, Geometry};
 use super::conv_grad::{conv_forward_im2col, conv_transposed_flipped, flip_weight_into};
 use super::geglu;
 use super::packed_gemm::{self, PackedA, PackedB};
@@ -224,7 +224,7 @@ impl Elem for f32 {
         if products != Products::Bf16 || !packed_gemm::available() {
             return Self::conv_forward(g, n, x, w, bias);
         }
-        let pa = pack_pair_order_f32(w, [g.co, g.ci, g.kh, g.kw]);
+        let pa = pack_weight_pairs_f32(w, [g.co, g.ci, g.kh * g.kw], false);
         run_packed(g, n, x, &pa, bias)
     }
 
@@ -236,10 +236,14 @@ impl Elem for f32 {
         dy: &[f32],
         w: &[f32],
     ) -> candle_core::Result<Vec<f32>> {
+        let taps = gt.kh * gt.kw;
+        if products == Products::Bf16 && packed_gemm::available() {
+            let pa = pack_weight_pairs_f32(w, [gt.ci, gt.co, taps], true);
+            return run_packed(gt, n, dy, &pa, None);
+        }
         if products != Products::Exact || !packed_gemm::available_f32() {
             return conv_transposed_flipped(products, gt, n, dy, w);
         }
-        let taps = gt.kh * gt.kw;
         let mut pa = PackedA::f32_in_buffer(Vec::new(), gt.co, gt.ci * taps);
         let (rows, ld) = pa.f32_rows_mut();
         flip_weight_into(w, [gt.ci, gt.co, taps], rows, ld);

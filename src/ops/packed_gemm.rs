@@ -107,9 +107,22 @@ fn pair(lo: u16, hi: u16) -> u32 {
     lo as u32 | (hi as u32) << 16
 }
 
+/// `v` rounded to bf16 (to nearest even; NaN stays NaN, quietened) as `half` rounds, without
+/// branches on ordinary values so that loops over it vectorise.
 #[inline]
-fn bits(v: f32) -> u16 {
-    bf16::from_f32(v).to_bits()
+pub(crate) fn bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    if x & 0x7fff_ffff > 0x7f80_0000 {
+        ((x >> 16) | 0x40) as u16
+    } else {
+        ((x + 0x7fff + ((x >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// Two bf16 bit patterns as one k-pair word (the lower depth in the low half).
+#[inline]
+pub(crate) fn pair_word(lo: u16, hi: u16) -> u32 {
+    pair(lo, hi)
 }
 
 /// The left operand (m x k), row by row: `data[i * stride + p]`, padded with zero rows to a
@@ -261,6 +274,46 @@ impl PackedA {
     /// copy of each row.
     pub fn from_bf16_rows(src: &[bf16], m: usize, k: usize, ld: usize) -> Self {
         Self::from_lines(Kind::Bf16Pairs, src, m, k, ld, bf16_pairs)
+    }
+
+    /// An m x k [`Kind::Bf16Pairs`] operand written in place by `fill(first, rows, stride)`
+    /// for blocks of `block` rows in parallel: row `first + i` is `rows[i * stride..]`, its
+    /// k-pair words first; whatever `fill` leaves alone stays zero. For packers that reorder as
+    /// they convert (a convolution's weight), with no intermediate copy.
+    pub fn bf16_pairs_by_blocks(
+        m: usize,
+        k: usize,
+        block: usize,
+        fill: impl Fn(usize, &mut [u32], usize) + Sync,
+    ) -> Self {
+        use rayon::prelude::*;
+        let pairs = k.div_ceil(2);
+        let stride = row_stride(pairs);
+        let block = block.max(1);
+        let mut data = zeroed(m.div_ceil(MR) * MR * stride, 0u32);
+        if pairs > 0 && m > 0 {
+            let run = |(b, rows): (usize, &mut [u32])| {
+                let first = b * block;
+                let n = block.min(m - first);
+                fill(first, &mut rows[..n * stride], stride)
+            };
+            let rows = &mut data[..m * stride];
+            if m * k >= PARALLEL_PACK {
+                rows.par_chunks_mut(block * stride)
+                    .enumerate()
+                    .for_each(run);
+            } else {
+                rows.chunks_mut(block * stride).enumerate().for_each(run);
+            }
+        }
+        Self {
+            kind: Kind::Bf16Pairs,
+            m,
+            k,
+            pairs,
+            stride,
+            data,
+        }
     }
 
     fn from_lines<T: Sync>(
