@@ -536,9 +536,9 @@ pub(crate) fn pack_weight_pairs_f32(
     use super::packed_gemm::{bits, pair_word};
     // A pair of channels' tap lines as one line of k-pair words.
     let put = |lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32], rev: bool| {
-        for t in 0..taps {
+        for (t, d) in dst.iter_mut().enumerate().take(taps) {
             let s = if rev { taps - 1 - t } else { t };
-            dst[t] = pair_word(bits(lo[s]), hi.map_or(0, |h| bits(h[s])));
+            *d = pair_word(bits(lo[s]), hi.map_or(0, |h| bits(h[s])));
         }
     };
     if !flipped {
