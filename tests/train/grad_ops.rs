@@ -618,13 +618,14 @@ fn bf16_products_on_bf16_values_equal_f32_products() {
         ("conv 3x3 s2", (1, 13, 10, 9, 11, 3, 2, 1, 1)),
         ("conv 1x1", (2, 15, 5, 6, 9, 1, 1, 0, 1)),
     ];
-    type Run = (String, Vec<Tensor>, Box<dyn Fn(&[Tensor]) -> Tensor>);
+    type OpFn = Box<dyn Fn(&[Tensor]) -> Tensor>;
+    type Run = (String, Vec<Tensor>, OpFn);
     let mut runs: Vec<Run> = cases
         .iter()
         .enumerate()
         .map(|(i, &(name, c))| {
             let inputs = conv_inputs(c, 1400 + 10 * i as u64);
-            let f: Box<dyn Fn(&[Tensor]) -> Tensor> = Box::new(move |t| op_conv(t, c, true));
+            let f: OpFn = Box::new(move |t| op_conv(t, c, true));
             (name.to_string(), inputs, f)
         })
         .collect();
@@ -635,7 +636,7 @@ fn bf16_products_on_bf16_values_equal_f32_products() {
             (rand64(1491, &[21, 37]) * 0.1).unwrap(),
             rand64(1492, &[21]),
         ],
-        Box::new(|t| op_linear(t)),
+        Box::new(op_linear),
     ));
     for (name, inputs, f) in runs {
         let inputs: Vec<Tensor> = inputs
