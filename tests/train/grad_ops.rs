@@ -209,13 +209,16 @@ fn attention_grads(inputs: &[Tensor], ours: bool) -> (Tensor, Vec<Tensor>) {
 
 /// The f32 op against candle's composed attention in f64, on the UNet's kinds of shapes
 /// (self-attention over twice the tokens, as with the bank; a few cross-attention tokens).
-/// Bound: max |ours - candle| <= 1e-5 max |candle| for the output and each gradient.
+/// Bound: max |ours - candle| <= 1e-5 max |candle| for the output and each gradient. On a CPU
+/// with AVX-512 this is the packed kernel's path, elsewhere the `gemm` crate's.
 #[test]
 fn attention_op_f32_matches_candle_composed_gradients() {
-    let cases: [(usize, usize, usize, usize, usize); 3] = [
+    let cases: [(usize, usize, usize, usize, usize); 4] = [
         (2, 4, 256, 512, 20),
         (2, 4, 256, 77, 40),
         (1, 2, 600, 4, 40),
+        // Three blocks of query rows per head.
+        (1, 2, 300, 1000, 24),
     ];
     for (i, (b, h, tq, tk, d)) in cases.into_iter().enumerate() {
         let seed = 600 + 10 * i as u64;
@@ -514,10 +517,11 @@ fn linear_op_f32_matches_candle_composed_gradients() {
     }
 }
 
-/// Inside a bf16-products scope (`ops::autocast`) the conv and linear ops multiply bf16-rounded
-/// operands with f32 accumulation, in the forward pass and in a backward pass run after the
-/// scope ended: output and gradients within bf16's rounding of the f32 ops (bound 1e-2 of the
-/// largest value; operands carry 8 bits), and not equal to them (the scope did apply).
+/// Inside a bf16-products scope (`ops::autocast`) the conv, attention and linear ops multiply
+/// bf16-rounded operands with f32 accumulation, in the forward pass and in a backward pass run
+/// after the scope ended: output and gradients within bf16's rounding of the f32 ops (bound 1e-2
+/// of the largest value; operands carry 8 bits, attention's probabilities and score gradients
+/// are rounded too), and not equal to them (the scope did apply).
 #[test]
 fn bf16_products_scope_rounds_conv_and_linear_operands() {
     let Some(scope) = mcld::ops::autocast::bf16_products() else {
@@ -543,6 +547,15 @@ fn bf16_products_scope_rounds_conv_and_linear_operands() {
             Box::new(move |t: &[Tensor]| op_conv(t, conv_s2, true)),
         ),
         (
+            "attention",
+            to32(vec![
+                rand64(1330, &[2, 3, 300, 40]),
+                rand64(1331, &[2, 3, 700, 40]),
+                rand64(1332, &[2, 3, 700, 40]),
+            ]),
+            Box::new(|t: &[Tensor]| op_attention(&t[0], &t[1], &t[2])),
+        ),
+        (
             "linear",
             to32(vec![
                 rand64(1320, &[2, 70, 96]),
@@ -560,7 +573,12 @@ fn bf16_products_scope_rounds_conv_and_linear_operands() {
             f(t)
         });
         let mut pairs: Vec<(&str, &Tensor, &Tensor)> = vec![("y", &y, &y32)];
-        for (j, what) in ["dx", "dw", "db"].iter().enumerate() {
+        let names = if name == "attention" {
+            ["dq", "dk", "dv"]
+        } else {
+            ["dx", "dw", "db"]
+        };
+        for (j, what) in names.iter().enumerate() {
             pairs.push((*what, &g[j], &g32[j]));
         }
         for (what, got, want) in pairs {

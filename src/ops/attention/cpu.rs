@@ -10,7 +10,7 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use crate::ops::host::{with_f32, SharedOut};
+use crate::ops::host::{with_f32, zeroed, SharedOut};
 use crate::ops::packed_gemm::{self, Kind, PackedA, PackedB, MR};
 
 /// Scores per task block: about 512 KiB, inside a core's L2.
@@ -228,6 +228,47 @@ fn normalise_rows(s: &Shape, dst: &SharedOut, head: usize, r0: usize, sums: &[f3
 /// keys and values are packed once, then blocks of query rows (a multiple of the kernel's row
 /// panel) run in parallel.
 fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32>> {
+    run_packed_stats(kind, s, q, k, v, None)
+}
+
+/// The packed forward pass of the training op (`super::grad`): the output (B, Tq, heads, dv)
+/// and each query row's log-sum-exp of the scaled scores, batch-major by head. `dims` is
+/// (B x heads, heads, Tq, Tk, d, dv), `strides` the (batch, head, row) strides of q, k, v.
+pub(super) fn packed_forward(
+    kind: Kind,
+    (bh, heads, tq, tk, d, dv): (usize, usize, usize, usize, usize, usize),
+    strides: [[usize; 3]; 3],
+    (q, k, v): (&[f32], &[f32], &[f32]),
+) -> crate::Result<(Vec<f32>, Vec<f64>)> {
+    let st = |i: usize| Strides {
+        batch: strides[i][0],
+        head: strides[i][1],
+        row: strides[i][2],
+    };
+    let shape = Shape {
+        heads,
+        bh,
+        tq,
+        tk,
+        d,
+        dv,
+        q: st(0),
+        k: st(1),
+        v: st(2),
+    };
+    let mut lse = zeroed(bh * tq, 0f64);
+    let out = run_packed_stats(kind, &shape, q, k, v, Some(&mut lse))?;
+    Ok((out, lse))
+}
+
+fn run_packed_stats(
+    kind: Kind,
+    s: &Shape,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mut lse: Option<&mut [f64]>,
+) -> crate::Result<Vec<f32>> {
     let rows_a = |src: &[f32], m: usize, k: usize, ld: usize| match kind {
         Kind::Bf16Pairs => PackedA::from_f32_rows(src, m, k, ld),
         Kind::F32 => PackedA::from_f32_rows_exact(src, m, k, ld),
@@ -257,9 +298,10 @@ fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::
     let blocks = s.tq.div_ceil(rows);
     let scale = 1.0 / (s.d as f32).sqrt();
     let dst = SharedOut::new(&mut out);
+    let lse_dst = lse.as_deref_mut().map(|l| (l.as_mut_ptr() as usize, l.len()));
     (0..s.bh * blocks).into_par_iter().try_for_each_init(
         || (Vec::new(), Vec::new(), Vec::new()),
-        |(scores, sums, words): &mut (Vec<f32>, Vec<f32>, Vec<u32>), task| {
+        |(scores, sums, words): &mut (Vec<f32>, Vec<(f32, f32)>, Vec<u32>), task| {
             let (head, blk) = (task / blocks, task % blocks);
             let (kt, vp) = &packed[head];
             let r0 = blk * rows;
@@ -275,7 +317,7 @@ fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::
                     sums.extend(
                         scores
                             .chunks_exact_mut(s.tk)
-                            .map(|row| exp_scaled_sum(row, scale)),
+                            .map(|row| exp_scaled_sum_max(row, scale)),
                     );
                     rows_a(scores, n, s.tk, s.tk)
                 }
@@ -289,7 +331,7 @@ fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::
                         rows_f32
                             .chunks_mut(ld)
                             .take(n)
-                            .map(|row| exp_scaled_sum(&mut row[..s.tk], scale)),
+                            .map(|row| exp_scaled_sum_max(&mut row[..s.tk], scale)),
                     );
                     pa
                 }
@@ -309,8 +351,20 @@ fn run_packed(kind: Kind, s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> crate::
             if kind == Kind::F32 {
                 *words = pa.into_buffer();
             }
+            if let Some((ptr, len)) = lse_dst {
+                assert!(head * s.tq + r0 + n <= len, "attention statistics out of range");
+                // SAFETY: rows r0..r0+n of this head's statistics, in range (checked) and
+                // written by this task alone; the buffer outlives the parallel loop.
+                let l = unsafe {
+                    std::slice::from_raw_parts_mut((ptr as *mut f64).add(head * s.tq + r0), n)
+                };
+                for (l, &(sum, max)) in l.iter_mut().zip(sums.iter()) {
+                    *l = max as f64 + (sum as f64).ln();
+                }
+            }
             // The softmax's normalisation, on the n x dv output instead of the n x tk weights.
-            normalise_rows(s, &dst, head, r0, sums);
+            let sums_only: Vec<f32> = sums.iter().map(|&(sum, _)| sum).collect();
+            normalise_rows(s, &dst, head, r0, &sums_only);
             Ok::<(), crate::Error>(())
         },
     )?;
@@ -331,6 +385,12 @@ pub fn softmax_scaled_in_place(row: &mut [f32], scale: f32) {
 /// lanes at a time). The bf16 attention divides its output rows by the sum instead of
 /// normalising the probabilities. A row that is all -inf or holds a NaN gives NaNs.
 pub fn exp_scaled_sum(row: &mut [f32], scale: f32) -> f32 {
+    exp_scaled_sum_max(row, scale).0
+}
+
+/// [`exp_scaled_sum`], also returning the shift (the scaled row's max): `max + ln(sum)` is the
+/// row's log-sum-exp, which the training op keeps for its backward pass.
+pub fn exp_scaled_sum_max(row: &mut [f32], scale: f32) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     {
         if is_x86_feature_detected!("avx512f") {
@@ -343,12 +403,12 @@ pub fn exp_scaled_sum(row: &mut [f32], scale: f32) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn exp_scaled_sum_avx512(row: &mut [f32], scale: f32) -> f32 {
+unsafe fn exp_scaled_sum_avx512(row: &mut [f32], scale: f32) -> (f32, f32) {
     exp_scaled_sum_portable(row, scale)
 }
 
 #[inline(always)]
-fn exp_scaled_sum_portable(row: &mut [f32], scale: f32) -> f32 {
+fn exp_scaled_sum_portable(row: &mut [f32], scale: f32) -> (f32, f32) {
     const L: usize = 16;
     let mut m = [f32::NEG_INFINITY; L];
     let mut chunks = row.chunks_exact(L);
@@ -368,7 +428,7 @@ fn exp_scaled_sum_portable(row: &mut [f32], scale: f32) -> f32 {
         for x in row.iter_mut() {
             *x = (*x * scale - max).exp();
         }
-        return row.iter().sum();
+        return (row.iter().sum(), max);
     }
     let mut lanes = [0f32; L];
     let mut chunks = row.chunks_exact_mut(L);
@@ -382,7 +442,34 @@ fn exp_scaled_sum_portable(row: &mut [f32], scale: f32) -> f32 {
         *x = exp_approx(*x * scale - max);
         lanes[0] += *x;
     }
-    lanes.iter().sum()
+    (lanes.iter().sum(), max)
+}
+
+/// `x <- exp(scale x - shift)` over a slice (probabilities recomputed from a row's
+/// log-sum-exp), vectorised as [`exp_shifted`].
+pub fn exp_affine(xs: &mut [f32], scale: f32, shift: f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was just detected.
+            unsafe { exp_affine_avx512(xs, scale, shift) };
+            return;
+        }
+    }
+    exp_affine_portable(xs, scale, shift);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn exp_affine_avx512(xs: &mut [f32], scale: f32, shift: f32) {
+    exp_affine_portable(xs, scale, shift)
+}
+
+#[inline(always)]
+fn exp_affine_portable(xs: &mut [f32], scale: f32, shift: f32) {
+    for x in xs.iter_mut() {
+        *x = exp_approx(*x * scale - shift);
+    }
 }
 
 /// `x <- exp(x - max) / sum`, as torch's softmax computes it (a division, not a reciprocal).

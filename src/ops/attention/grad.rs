@@ -18,8 +18,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::exp_affine;
+use crate::ops::autocast::Products;
 use crate::ops::elem::Elem;
 use crate::ops::host::zeroed;
+use crate::ops::packed_gemm::{self, Kind, PackedA, PackedB};
 
 /// Scores per block: about 512 KiB of f32, inside a core's L2.
 const BLOCK_SCORES: usize = 1 << 17;
@@ -347,6 +350,123 @@ fn backward<T: Elem>(
     (dq, dk, dv)
 }
 
+/// dq, dk, dv of one backward pass.
+type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
+
+/// The operand kind of the packed kernel for `products`, where the CPU has it.
+fn packed_kind(products: Products) -> Option<Kind> {
+    match products {
+        Products::Bf16 if packed_gemm::available() => Some(Kind::Bf16Pairs),
+        _ if packed_gemm::available_f32() => Some(Kind::F32),
+        _ => None,
+    }
+}
+
+/// `m x k` rows (or, `transposed`, columns: element (i, p) at `src[p * ld + i]`) as a left
+/// operand of `kind`.
+fn pack_a(kind: Kind, src: &[f32], (m, k, ld): (usize, usize, usize), transposed: bool) -> PackedA {
+    match (kind, transposed) {
+        (Kind::Bf16Pairs, false) => PackedA::from_f32_rows(src, m, k, ld),
+        (Kind::Bf16Pairs, true) => PackedA::from_f32_cols(src, m, k, ld),
+        (Kind::F32, false) => PackedA::from_f32_rows_exact(src, m, k, ld),
+        (Kind::F32, true) => PackedA::from_f32_cols_exact(src, m, k, ld),
+    }
+}
+
+/// `k x n` rows (or, `transposed`, columns: element (p, j) at `src[j * ld + p]`) as a right
+/// operand of `kind`.
+fn pack_b(kind: Kind, src: &[f32], (k, n, ld): (usize, usize, usize), transposed: bool) -> PackedB {
+    match (kind, transposed) {
+        (Kind::Bf16Pairs, false) => PackedB::from_f32_rows(src, k, n, ld),
+        (Kind::Bf16Pairs, true) => PackedB::from_f32_cols(src, k, n, ld),
+        (Kind::F32, false) => PackedB::from_f32_rows_exact(src, k, n, ld),
+        (Kind::F32, true) => PackedB::from_f32_cols_exact(src, k, n, ld),
+    }
+}
+
+/// [`backward`] in f32 on the packed kernel (bf16 operands with f32 accumulation, or f32): per
+/// head, K, K^T and V^T are packed once; per block of query rows, the probabilities are
+/// recomputed from the log-sum-exp, `dS` is formed in f32 with the scale folded in, and each of
+/// the five products packs its block operands.
+fn backward_packed(
+    kind: Kind,
+    s: &Dims,
+    [(q, qs), (k, ks), (v, vs)]: [(&[f32], Strides); 3],
+    out: &[f32],
+    dout: &[f32],
+    lse: &[f64],
+) -> crate::Result<Grads<f32>> {
+    let mut dq = zeroed(s.bh * s.tq * s.d, 0f32);
+    let mut dk = zeroed(s.bh * s.tk * s.d, 0f32);
+    let mut dv = zeroed(s.bh * s.tk * s.dv, 0f32);
+    let rows = s.rows_per_block();
+    let scale = s.scale() as f32;
+    let ld_out = s.heads * s.dv;
+    dq.par_chunks_mut(s.tq * s.d)
+        .zip(dk.par_chunks_mut(s.tk * s.d))
+        .zip(dv.par_chunks_mut(s.tk * s.dv))
+        .enumerate()
+        .try_for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(p, dp): &mut (Vec<f32>, Vec<f32>), (head, ((dq_h, dk_h), dv_h))| {
+                let delta: Vec<f32> = (0..s.tq)
+                    .map(|r| {
+                        let o = &out[s.out_at(head, r)..][..s.dv];
+                        let g = &dout[s.out_at(head, r)..][..s.dv];
+                        o.iter().zip(g).map(|(&x, &y)| x * y).sum()
+                    })
+                    .collect();
+                let kh = &k[s.at(ks, head, 0)..];
+                let vh = &v[s.at(vs, head, 0)..];
+                // K^T for the scores, V^T for dP, K for dQ.
+                let kt = pack_b(kind, kh, (s.d, s.tk, ks.row), true);
+                let vt = pack_b(kind, vh, (s.dv, s.tk, vs.row), true);
+                let kr = pack_b(kind, kh, (s.tk, s.d, ks.row), false);
+                let mut r0 = 0;
+                while r0 < s.tq {
+                    let n = rows.min(s.tq - r0);
+                    p.resize(n * s.tk, 0.0);
+                    dp.resize(n * s.tk, 0.0);
+                    let qh = &q[s.at(qs, head, r0)..];
+                    let gh = &dout[s.out_at(head, r0)..];
+                    // The block's probabilities from the saved statistics.
+                    let qa = pack_a(kind, qh, (n, s.d, qs.row), false);
+                    packed_gemm::matmul(&qa, &kt, p, s.tk, false)?;
+                    for (i, row) in p.chunks_exact_mut(s.tk).enumerate() {
+                        exp_affine(row, scale, lse[head * s.tq + r0 + i] as f32);
+                    }
+                    // dV += P^T dO
+                    let pt = pack_a(kind, p, (s.tk, n, s.tk), true);
+                    let gb = pack_b(kind, gh, (n, s.dv, ld_out), false);
+                    packed_gemm::matmul(&pt, &gb, dv_h, s.dv, true)?;
+                    // dP = dO V^T, then dS = P * (dP - delta) * scale in its place.
+                    let ga = pack_a(kind, gh, (n, s.dv, ld_out), false);
+                    packed_gemm::matmul(&ga, &vt, dp, s.tk, false)?;
+                    for (i, (dsr, pr)) in dp
+                        .chunks_exact_mut(s.tk)
+                        .zip(p.chunks_exact(s.tk))
+                        .enumerate()
+                    {
+                        let dl = delta[r0 + i];
+                        for (x, &pv) in dsr.iter_mut().zip(pr) {
+                            *x = pv * (*x - dl) * scale;
+                        }
+                    }
+                    // dQ = dS K
+                    let dsa = pack_a(kind, dp, (n, s.tk, s.tk), false);
+                    packed_gemm::matmul(&dsa, &kr, &mut dq_h[r0 * s.d..(r0 + n) * s.d], s.d, false)?;
+                    // dK += dS^T Q
+                    let dst = pack_a(kind, dp, (s.tk, n, s.tk), true);
+                    let qb = pack_b(kind, qh, (n, s.d, qs.row), false);
+                    packed_gemm::matmul(&dst, &qb, dk_h, s.d, true)?;
+                    r0 += n;
+                }
+                Ok::<(), crate::Error>(())
+            },
+        )?;
+    Ok((dq, dk, dv))
+}
+
 /// A CPU operand's data from its start offset, with its strides.
 fn view<'a, T: Elem>(
     st: &'a candle_core::Storage,
@@ -361,9 +481,13 @@ fn view<'a, T: Elem>(
     }
 }
 
-/// The op: shapes, and the row statistics its forward pass leaves for its backward pass.
+/// The op: shapes, how it multiplies, and the row statistics its forward pass leaves for its
+/// backward pass.
 struct AttnOp {
     dims: Dims,
+    /// The packed kernel's operand kind for f32 tensors (from the autocast scope when the op
+    /// was built; forward and backward multiply alike), `None` for the `gemm` crate.
+    packed: Option<Kind>,
     /// Log-sum-exp of each query row's scaled scores (B, heads, Tq).
     lse: Mutex<Vec<f64>>,
 }
@@ -388,13 +512,44 @@ impl AttnOp {
         Ok((T::to_cpu_storage_owned(out), shape))
     }
 
-    fn bwd_t<T: Elem>(
+    /// [`AttnOp::fwd_t`] for f32 on the packed kernel (`self.packed`).
+    fn fwd_packed(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        kind: Kind,
+        a: [(&CpuStorage, &Layout); 3],
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = &self.dims;
+        let data = |i: usize| -> candle_core::Result<&[f32]> {
+            let (st, l) = a[i];
+            Ok(&st.as_slice::<f32>()?[l.start_offset()..])
+        };
+        let st = |i: usize| {
+            let x = Strides::of(a[i].1.stride());
+            [x.batch, x.head, x.row]
+        };
+        let (out, lse) = super::cpu::packed_forward(
+            kind,
+            (s.bh, s.heads, s.tq, s.tk, s.d, s.dv),
+            [st(0), st(1), st(2)],
+            (data(0)?, data(1)?, data(2)?),
+        )
+        .map_err(candle_core::Error::wrap)?;
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::msg("attention op: lock"))? = lse;
+        let shape = Shape::from((s.bh / s.heads, s.tq, s.heads, s.dv));
+        Ok((CpuStorage::F32(out), shape))
+    }
+
+    /// The backward pass: `run` computes dq, dk, dv from the operands, the output, its
+    /// gradient and the saved statistics.
+    fn bwd_with<T: Elem>(
+        &self,
+        [q, k, v]: [&Tensor; 3],
         res: &Tensor,
         grad: &Tensor,
+        run: impl FnOnce(&Dims, [(&[T], Strides); 3], &[T], &[T], &[f64]) -> candle_core::Result<Grads<T>>,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = self
             .lse
@@ -410,15 +565,13 @@ impl AttnOp {
         let (sv, lv) = v.storage_and_layout();
         let (so, lo) = res.storage_and_layout();
         let (sg, lg) = grad.storage_and_layout();
-        let (dq, dk, dv) = backward(
+        let (dq, dk, dv) = run(
             &self.dims,
-            view(&sq, lq)?,
-            view(&sk, lk)?,
-            view(&sv, lv)?,
+            [view(&sq, lq)?, view(&sk, lk)?, view(&sv, lv)?],
             view(&so, lo)?.0,
             view(&sg, lg)?.0,
             &lse,
-        );
+        )?;
         let dev = q.device();
         let s = &self.dims;
         let b = s.bh / s.heads;
@@ -457,10 +610,11 @@ impl CustomOp3 for AttnOp {
             }
         }
         let a = [(s1, l1), (s2, l2), (s3, l3)];
-        match s1.dtype() {
-            DType::F32 => self.fwd_t::<f32>(a),
-            DType::F64 => self.fwd_t::<f64>(a),
-            dt => candle_core::bail!("attention op: no kernel for {dt:?}"),
+        match (s1.dtype(), self.packed) {
+            (DType::F32, Some(kind)) => self.fwd_packed(kind, a),
+            (DType::F32, None) => self.fwd_t::<f32>(a),
+            (DType::F64, _) => self.fwd_t::<f64>(a),
+            (dt, _) => candle_core::bail!("attention op: no kernel for {dt:?}"),
         }
     }
 
@@ -472,10 +626,18 @@ impl CustomOp3 for AttnOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        match q.dtype() {
-            DType::F32 => self.bwd_t::<f32>(q, k, v, res, grad),
-            DType::F64 => self.bwd_t::<f64>(q, k, v, res, grad),
-            dt => candle_core::bail!("attention op: no kernel for {dt:?}"),
+        let qkv = [q, k, v];
+        match (q.dtype(), self.packed) {
+            (DType::F32, Some(kind)) => self.bwd_with::<f32>(qkv, res, grad, |s, [q, k, v], o, g, l| {
+                backward_packed(kind, s, [q, k, v], o, g, l).map_err(candle_core::Error::wrap)
+            }),
+            (DType::F32, None) => self.bwd_with::<f32>(qkv, res, grad, |s, [q, k, v], o, g, l| {
+                Ok(backward(s, q, k, v, o, g, l))
+            }),
+            (DType::F64, _) => self.bwd_with::<f64>(qkv, res, grad, |s, [q, k, v], o, g, l| {
+                Ok(backward(s, q, k, v, o, g, l))
+            }),
+            (dt, _) => candle_core::bail!("attention op: no kernel for {dt:?}"),
         }
     }
 }
@@ -504,6 +666,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Opti
             dv,
         },
         lse: Mutex::new(Vec::new()),
+        packed: packed_kind(Products::current()),
     };
     let out =
         super::dense_rows(q)?.apply_op3(&super::dense_rows(k)?, &super::dense_rows(v)?, op)?;
