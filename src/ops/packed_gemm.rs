@@ -222,48 +222,6 @@ impl PackedA {
         }
     }
 
-    /// From f32 columns rounded to bf16 ([`Kind::Bf16Pairs`]): element (i, kk) at
-    /// `src[kk * ld + i]` (a block of attention probabilities read as their transpose). Tiles
-    /// of 32 rows, each a pass over the depth two source lines at a time.
-    pub fn from_f32_cols(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
-        use rayon::prelude::*;
-        const TILE: usize = 32;
-        check_span(src.len(), k, m, ld);
-        let pairs = k.div_ceil(2);
-        let stride = row_stride(pairs);
-        let mut data = zeroed(m.div_ceil(MR) * MR * stride, 0u32);
-        let fill = |(t, rows): (usize, &mut [u32])| {
-            let i0 = t * TILE;
-            let n = TILE.min(m.saturating_sub(i0));
-            if n == 0 {
-                // A tile of the zero rows padding the last panel.
-                return;
-            }
-            for p in 0..pairs {
-                let lo = &src[2 * p * ld + i0..][..n];
-                let hi = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * ld + i0..][..n]);
-                for r in 0..n {
-                    rows[r * stride + p] = pair(bits(lo[r]), hi.map_or(0, |h| bits(h[r])));
-                }
-            }
-        };
-        if m * k >= PARALLEL_PACK {
-            data.par_chunks_mut(TILE * stride)
-                .enumerate()
-                .for_each(fill);
-        } else {
-            data.chunks_mut(TILE * stride).enumerate().for_each(fill);
-        }
-        Self {
-            kind: Kind::Bf16Pairs,
-            m,
-            k,
-            pairs,
-            stride,
-            data,
-        }
-    }
-
     /// An m x k [`Kind::F32`] operand in `buf`'s allocation (a scratch reused from call to
     /// call), to be written in place through [`PackedA::f32_rows_mut`] (e.g. as a product's
     /// output) before it is used.

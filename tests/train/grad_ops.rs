@@ -210,7 +210,7 @@ fn attention_grads(inputs: &[Tensor], ours: bool) -> (Tensor, Vec<Tensor>) {
 /// The f32 op against candle's composed attention in f64, on the UNet's kinds of shapes
 /// (self-attention over twice the tokens, as with the bank; a few cross-attention tokens).
 /// Bound: max |ours - candle| <= 1e-5 max |candle| for the output and each gradient. On a CPU
-/// with AVX-512 this is the packed kernel's path, elsewhere the `gemm` crate's.
+/// with AVX-512 the forward pass is the packed kernel's, elsewhere the `gemm` crate's.
 #[test]
 fn attention_op_f32_matches_candle_composed_gradients() {
     let cases: [(usize, usize, usize, usize, usize); 4] = [
@@ -520,8 +520,9 @@ fn linear_op_f32_matches_candle_composed_gradients() {
 /// Inside a bf16-products scope (`ops::autocast`) the conv, attention and linear ops multiply
 /// bf16-rounded operands with f32 accumulation, in the forward pass and in a backward pass run
 /// after the scope ended: output and gradients within bf16's rounding of the f32 ops (bound 1e-2
-/// of the largest value; operands carry 8 bits, attention's probabilities and score gradients
-/// are rounded too), and not equal to them (the scope did apply).
+/// of the largest value; operands carry 8 bits, attention's probabilities are rounded too; its
+/// backward pass multiplies in f32 from the bf16 forward's statistics), and not equal to them
+/// (the scope did apply).
 #[test]
 fn bf16_products_scope_rounds_conv_and_linear_operands() {
     let Some(scope) = mcld::ops::autocast::bf16_products() else {

@@ -298,7 +298,9 @@ fn run_packed_stats(
     let blocks = s.tq.div_ceil(rows);
     let scale = 1.0 / (s.d as f32).sqrt();
     let dst = SharedOut::new(&mut out);
-    let lse_dst = lse.as_deref_mut().map(|l| (l.as_mut_ptr() as usize, l.len()));
+    let lse_dst = lse
+        .as_deref_mut()
+        .map(|l| (l.as_mut_ptr() as usize, l.len()));
     (0..s.bh * blocks).into_par_iter().try_for_each_init(
         || (Vec::new(), Vec::new(), Vec::new()),
         |(scores, sums, words): &mut (Vec<f32>, Vec<(f32, f32)>, Vec<u32>), task| {
@@ -352,7 +354,10 @@ fn run_packed_stats(
                 *words = pa.into_buffer();
             }
             if let Some((ptr, len)) = lse_dst {
-                assert!(head * s.tq + r0 + n <= len, "attention statistics out of range");
+                assert!(
+                    head * s.tq + r0 + n <= len,
+                    "attention statistics out of range"
+                );
                 // SAFETY: rows r0..r0+n of this head's statistics, in range (checked) and
                 // written by this task alone; the buffer outlives the parallel loop.
                 let l = unsafe {
@@ -443,33 +448,6 @@ fn exp_scaled_sum_portable(row: &mut [f32], scale: f32) -> (f32, f32) {
         lanes[0] += *x;
     }
     (lanes.iter().sum(), max)
-}
-
-/// `x <- exp(scale x - shift)` over a slice (probabilities recomputed from a row's
-/// log-sum-exp), vectorised as [`exp_shifted`].
-pub fn exp_affine(xs: &mut [f32], scale: f32, shift: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was just detected.
-            unsafe { exp_affine_avx512(xs, scale, shift) };
-            return;
-        }
-    }
-    exp_affine_portable(xs, scale, shift);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn exp_affine_avx512(xs: &mut [f32], scale: f32, shift: f32) {
-    exp_affine_portable(xs, scale, shift)
-}
-
-#[inline(always)]
-fn exp_affine_portable(xs: &mut [f32], scale: f32, shift: f32) {
-    for x in xs.iter_mut() {
-        *x = exp_approx(*x * scale - shift);
-    }
 }
 
 /// `x <- exp(x - max) / sum`, as torch's softmax computes it (a division, not a reciprocal).

@@ -8,9 +8,10 @@
 //! row's log-sum-exp; the backward pass goes over blocks of query rows (their scores fit in the
 //! cache), recomputes the block's probabilities from those statistics and forms
 //! `dV += P^T dO`, `dS = P * (dO V^T - rowsum(dO * O))`, `dQ = dS K / sqrt(d)` and
-//! `dK += dS^T Q / sqrt(d)`, as FlashAttention-2 does. Heads run in parallel. The products go
-//! through the `gemm` crate in f32 and f64 (the tests check the f64 one against finite
-//! differences).
+//! `dK += dS^T Q / sqrt(d)`, as FlashAttention-2 does. Heads run in parallel. In f32 the
+//! forward pass is the inference kernel's (`super::cpu`, packed; bf16 operands inside the
+//! autocast scope) plus the statistics; the backward pass and f64 (what the tests check against
+//! finite differences) go through the `gemm` crate.
 
 use std::sync::Mutex;
 
@@ -18,11 +19,10 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::exp_affine;
 use crate::ops::autocast::Products;
 use crate::ops::elem::Elem;
 use crate::ops::host::zeroed;
-use crate::ops::packed_gemm::{self, Kind, PackedA, PackedB};
+use crate::ops::packed_gemm::{self, Kind};
 
 /// Scores per block: about 512 KiB of f32, inside a core's L2.
 const BLOCK_SCORES: usize = 1 << 17;
@@ -350,9 +350,6 @@ fn backward<T: Elem>(
     (dq, dk, dv)
 }
 
-/// dq, dk, dv of one backward pass.
-type Grads<T> = (Vec<T>, Vec<T>, Vec<T>);
-
 /// The operand kind of the packed kernel for `products`, where the CPU has it.
 fn packed_kind(products: Products) -> Option<Kind> {
     match products {
@@ -360,111 +357,6 @@ fn packed_kind(products: Products) -> Option<Kind> {
         _ if packed_gemm::available_f32() => Some(Kind::F32),
         _ => None,
     }
-}
-
-/// `m x k` rows (or, `transposed`, columns: element (i, p) at `src[p * ld + i]`) as a left
-/// operand of `kind`.
-fn pack_a(kind: Kind, src: &[f32], (m, k, ld): (usize, usize, usize), transposed: bool) -> PackedA {
-    match (kind, transposed) {
-        (Kind::Bf16Pairs, false) => PackedA::from_f32_rows(src, m, k, ld),
-        (Kind::Bf16Pairs, true) => PackedA::from_f32_cols(src, m, k, ld),
-        (Kind::F32, false) => PackedA::from_f32_rows_exact(src, m, k, ld),
-        (Kind::F32, true) => PackedA::from_f32_cols_exact(src, m, k, ld),
-    }
-}
-
-/// `k x n` rows (or, `transposed`, columns: element (p, j) at `src[j * ld + p]`) as a right
-/// operand of `kind`.
-fn pack_b(kind: Kind, src: &[f32], (k, n, ld): (usize, usize, usize), transposed: bool) -> PackedB {
-    match (kind, transposed) {
-        (Kind::Bf16Pairs, false) => PackedB::from_f32_rows(src, k, n, ld),
-        (Kind::Bf16Pairs, true) => PackedB::from_f32_cols(src, k, n, ld),
-        (Kind::F32, false) => PackedB::from_f32_rows_exact(src, k, n, ld),
-        (Kind::F32, true) => PackedB::from_f32_cols_exact(src, k, n, ld),
-    }
-}
-
-/// [`backward`] in f32 on the packed kernel (bf16 operands with f32 accumulation, or f32): per
-/// head, K, K^T and V^T are packed once; per block of query rows, the probabilities are
-/// recomputed from the log-sum-exp, `dS` is formed in f32 with the scale folded in, and each of
-/// the five products packs its block operands.
-fn backward_packed(
-    kind: Kind,
-    s: &Dims,
-    [(q, qs), (k, ks), (v, vs)]: [(&[f32], Strides); 3],
-    out: &[f32],
-    dout: &[f32],
-    lse: &[f64],
-) -> crate::Result<Grads<f32>> {
-    let mut dq = zeroed(s.bh * s.tq * s.d, 0f32);
-    let mut dk = zeroed(s.bh * s.tk * s.d, 0f32);
-    let mut dv = zeroed(s.bh * s.tk * s.dv, 0f32);
-    let rows = s.rows_per_block();
-    let scale = s.scale() as f32;
-    let ld_out = s.heads * s.dv;
-    dq.par_chunks_mut(s.tq * s.d)
-        .zip(dk.par_chunks_mut(s.tk * s.d))
-        .zip(dv.par_chunks_mut(s.tk * s.dv))
-        .enumerate()
-        .try_for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(p, dp): &mut (Vec<f32>, Vec<f32>), (head, ((dq_h, dk_h), dv_h))| {
-                let delta: Vec<f32> = (0..s.tq)
-                    .map(|r| {
-                        let o = &out[s.out_at(head, r)..][..s.dv];
-                        let g = &dout[s.out_at(head, r)..][..s.dv];
-                        o.iter().zip(g).map(|(&x, &y)| x * y).sum()
-                    })
-                    .collect();
-                let kh = &k[s.at(ks, head, 0)..];
-                let vh = &v[s.at(vs, head, 0)..];
-                // K^T for the scores, V^T for dP, K for dQ.
-                let kt = pack_b(kind, kh, (s.d, s.tk, ks.row), true);
-                let vt = pack_b(kind, vh, (s.dv, s.tk, vs.row), true);
-                let kr = pack_b(kind, kh, (s.tk, s.d, ks.row), false);
-                let mut r0 = 0;
-                while r0 < s.tq {
-                    let n = rows.min(s.tq - r0);
-                    p.resize(n * s.tk, 0.0);
-                    dp.resize(n * s.tk, 0.0);
-                    let qh = &q[s.at(qs, head, r0)..];
-                    let gh = &dout[s.out_at(head, r0)..];
-                    // The block's probabilities from the saved statistics.
-                    let qa = pack_a(kind, qh, (n, s.d, qs.row), false);
-                    packed_gemm::matmul(&qa, &kt, p, s.tk, false)?;
-                    for (i, row) in p.chunks_exact_mut(s.tk).enumerate() {
-                        exp_affine(row, scale, lse[head * s.tq + r0 + i] as f32);
-                    }
-                    // dV += P^T dO
-                    let pt = pack_a(kind, p, (s.tk, n, s.tk), true);
-                    let gb = pack_b(kind, gh, (n, s.dv, ld_out), false);
-                    packed_gemm::matmul(&pt, &gb, dv_h, s.dv, true)?;
-                    // dP = dO V^T, then dS = P * (dP - delta) * scale in its place.
-                    let ga = pack_a(kind, gh, (n, s.dv, ld_out), false);
-                    packed_gemm::matmul(&ga, &vt, dp, s.tk, false)?;
-                    for (i, (dsr, pr)) in dp
-                        .chunks_exact_mut(s.tk)
-                        .zip(p.chunks_exact(s.tk))
-                        .enumerate()
-                    {
-                        let dl = delta[r0 + i];
-                        for (x, &pv) in dsr.iter_mut().zip(pr) {
-                            *x = pv * (*x - dl) * scale;
-                        }
-                    }
-                    // dQ = dS K
-                    let dsa = pack_a(kind, dp, (n, s.tk, s.tk), false);
-                    packed_gemm::matmul(&dsa, &kr, &mut dq_h[r0 * s.d..(r0 + n) * s.d], s.d, false)?;
-                    // dK += dS^T Q
-                    let dst = pack_a(kind, dp, (s.tk, n, s.tk), true);
-                    let qb = pack_b(kind, qh, (n, s.d, qs.row), false);
-                    packed_gemm::matmul(&dst, &qb, dk_h, s.d, true)?;
-                    r0 += n;
-                }
-                Ok::<(), crate::Error>(())
-            },
-        )?;
-    Ok((dq, dk, dv))
 }
 
 /// A CPU operand's data from its start offset, with its strides.
@@ -542,14 +434,13 @@ impl AttnOp {
         Ok((CpuStorage::F32(out), shape))
     }
 
-    /// The backward pass: `run` computes dq, dk, dv from the operands, the output, its
-    /// gradient and the saved statistics.
-    fn bwd_with<T: Elem>(
+    fn bwd_t<T: Elem>(
         &self,
-        [q, k, v]: [&Tensor; 3],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
         res: &Tensor,
         grad: &Tensor,
-        run: impl FnOnce(&Dims, [(&[T], Strides); 3], &[T], &[T], &[f64]) -> candle_core::Result<Grads<T>>,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let lse = self
             .lse
@@ -565,13 +456,15 @@ impl AttnOp {
         let (sv, lv) = v.storage_and_layout();
         let (so, lo) = res.storage_and_layout();
         let (sg, lg) = grad.storage_and_layout();
-        let (dq, dk, dv) = run(
+        let (dq, dk, dv) = backward(
             &self.dims,
-            [view(&sq, lq)?, view(&sk, lk)?, view(&sv, lv)?],
+            view(&sq, lq)?,
+            view(&sk, lk)?,
+            view(&sv, lv)?,
             view(&so, lo)?.0,
             view(&sg, lg)?.0,
             &lse,
-        )?;
+        );
         let dev = q.device();
         let s = &self.dims;
         let b = s.bh / s.heads;
@@ -626,18 +519,14 @@ impl CustomOp3 for AttnOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let qkv = [q, k, v];
-        match (q.dtype(), self.packed) {
-            (DType::F32, Some(kind)) => self.bwd_with::<f32>(qkv, res, grad, |s, [q, k, v], o, g, l| {
-                backward_packed(kind, s, [q, k, v], o, g, l).map_err(candle_core::Error::wrap)
-            }),
-            (DType::F32, None) => self.bwd_with::<f32>(qkv, res, grad, |s, [q, k, v], o, g, l| {
-                Ok(backward(s, q, k, v, o, g, l))
-            }),
-            (DType::F64, _) => self.bwd_with::<f64>(qkv, res, grad, |s, [q, k, v], o, g, l| {
-                Ok(backward(s, q, k, v, o, g, l))
-            }),
-            (dt, _) => candle_core::bail!("attention op: no kernel for {dt:?}"),
+        // The backward pass stays on the `gemm` crate in f32 whatever the forward multiplied
+        // with: its products are thin (head width deep), so packing each block's
+        // probabilities and score gradients for the packed kernel cost more than it saved
+        // (1-thread CPU time of the bf16 step's backward 3.50-3.59 s packed vs 3.12-3.26 s).
+        match q.dtype() {
+            DType::F32 => self.bwd_t::<f32>(q, k, v, res, grad),
+            DType::F64 => self.bwd_t::<f64>(q, k, v, res, grad),
+            dt => candle_core::bail!("attention op: no kernel for {dt:?}"),
         }
     }
 }
