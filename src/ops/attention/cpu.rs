@@ -267,7 +267,7 @@ fn run_packed_stats(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    mut lse: Option<&mut [f64]>,
+    lse: Option<&mut [f64]>,
 ) -> crate::Result<Vec<f32>> {
     let rows_a = |src: &[f32], m: usize, k: usize, ld: usize| match kind {
         Kind::Bf16Pairs => PackedA::from_f32_rows(src, m, k, ld),
@@ -298,9 +298,7 @@ fn run_packed_stats(
     let blocks = s.tq.div_ceil(rows);
     let scale = 1.0 / (s.d as f32).sqrt();
     let dst = SharedOut::new(&mut out);
-    let lse_dst = lse
-        .as_deref_mut()
-        .map(|l| (l.as_mut_ptr() as usize, l.len()));
+    let lse_dst = lse.map(|l| (l.as_mut_ptr() as usize, l.len()));
     (0..s.bh * blocks).into_par_iter().try_for_each_init(
         || (Vec::new(), Vec::new(), Vec::new()),
         |(scores, sums, words): &mut (Vec<f32>, Vec<(f32, f32)>, Vec<u32>), task| {
