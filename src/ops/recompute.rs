@@ -3,14 +3,13 @@
 //! recomputes one segment at a time with its graph, pushes the incoming gradient through it and
 //! moves on. Peak memory holds one segment's activations instead of the whole network's.
 //!
-//! Rules the callers keep: a segment's function is pure in its inputs (the same inputs give the
-//! same outputs; the trained weights are captured, not inputs), and glue computed outside the
-//! segments may feed segments but may not be computed from a segment's output except on the
-//! way to the loss (the final `loss.backward()` covers that path). [`Tape::backward`] checks the
-//! second rule and fails loudly when it is broken.
+//! The rule callers keep: a segment's function is pure in its inputs (the same inputs give the
+//! same outputs; the trained weights are captured, not inputs). Between segments, glue (ops
+//! outside any segment, e.g. a downsampler) keeps its graph as usual and is not recomputed; it
+//! may read segment outputs and feed later segments.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, TensorId, Var};
@@ -71,6 +70,11 @@ impl<'a> Tape<'a> {
     }
 
     /// Gradients of `loss` for every `Var` reached (weights), through the recorded segments.
+    ///
+    /// Glue (tracked tensors fed to segments that are not segment outputs) keeps its graph;
+    /// the gradients the segments hand it are collected apart from candle's store and pushed
+    /// back through that graph right after its earliest consumer is processed: by then every
+    /// consumer has contributed, and no segment it was computed from has been processed yet.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = loss.backward()?;
         let segments = std::mem::take(&mut *self.segments.borrow_mut());
@@ -78,10 +82,21 @@ impl<'a> Tape<'a> {
             .iter()
             .flat_map(|s| s.outputs.iter().map(|t| t.id()))
             .collect();
-        // Tracked glue tensors that fed segments, with the gradient they received.
-        let mut glue: Vec<Tensor> = Vec::new();
-        let mut glue_ids: HashSet<TensorId> = HashSet::new();
-        for seg in segments.iter().rev() {
+        let is_glue = |t: &Tensor| t.track_op() && !output_ids.contains(&t.id());
+        // Each glue tensor under its earliest consumer.
+        let mut seen: HashSet<TensorId> = HashSet::new();
+        let mut glue_at: Vec<Vec<Tensor>> = vec![Vec::new(); segments.len()];
+        for (i, seg) in segments.iter().enumerate() {
+            for t in seg.inputs.iter().filter(|t| is_glue(t)) {
+                if seen.insert(t.id()) {
+                    glue_at[i].push(t.clone());
+                }
+            }
+        }
+        // Gradients handed to glue by segments (candle's store may hold by-products of the
+        // glue's own graph under the same ids, already pushed through it).
+        let mut glue_grads: HashMap<TensorId, Tensor> = HashMap::new();
+        for (i, seg) in segments.iter().enumerate().rev() {
             // Gradients handed out by candle may still carry a graph (through the weights);
             // detached, they are plain values again.
             let upstream: Vec<Option<Tensor>> = seg
@@ -89,21 +104,15 @@ impl<'a> Tape<'a> {
                 .iter()
                 .map(|o| grads.remove(o).map(|g| g.detach()))
                 .collect();
-            if upstream.iter().all(Option::is_none) {
-                continue;
+            if upstream.iter().any(Option::is_some) {
+                self.recompute(seg, &upstream, &mut grads, &mut glue_grads, &is_glue)?;
             }
-            let leaves = seg.inputs.iter().map(as_leaf).collect::<Result<Vec<_>>>()?;
-            let outs = (seg.f)(&leaves)?;
-            if outs.len() != seg.outputs.len() {
-                return Err(Error::msg(
-                    "checkpointed segment returned a different number of outputs on recomputation",
-                ));
-            }
+            // Glue whose earliest consumer this was: complete now.
             let mut surrogate: Option<Tensor> = None;
-            for (o, g) in outs.iter().zip(&upstream) {
-                if let Some(g) = g {
-                    let term = o
-                        .mul(&g.to_dtype(o.dtype())?)?
+            for t in &glue_at[i] {
+                if let Some(g) = glue_grads.remove(&t.id()) {
+                    let term = t
+                        .mul(&g.to_dtype(t.dtype())?)?
                         .sum_all()?
                         .to_dtype(candle_core::DType::F32)?;
                     surrogate = Some(match surrogate {
@@ -112,32 +121,35 @@ impl<'a> Tape<'a> {
                     });
                 }
             }
-            let Some(surrogate) = surrogate else { continue };
-            let mut local = surrogate.backward()?;
-            // Input gradients go to the tensors the segment was called with.
-            for (leaf, orig) in leaves.iter().zip(&seg.inputs) {
-                if let Some(g) = local.remove(leaf).map(|g| g.detach()) {
-                    if orig.track_op() || output_ids.contains(&orig.id()) {
-                        let g = match grads.remove(orig) {
-                            Some(prev) => (prev + g)?,
-                            None => g,
-                        };
-                        grads.insert(orig, g);
-                        if !output_ids.contains(&orig.id()) && glue_ids.insert(orig.id()) {
-                            glue.push(orig.clone());
-                        }
-                    }
-                }
+            if let Some(s) = surrogate {
+                grads.extend(s.backward()?)?;
             }
-            // What is left are the weights' gradients.
-            grads.extend(local)?;
         }
-        // Finally push the gradients of the glue that fed the segments through its graph.
+        Ok(grads)
+    }
+
+    /// Recomputes `seg` with its graph and pushes `upstream` through it: input gradients go to
+    /// `glue_grads` (glue) or `grads` (outputs of earlier segments), the weights' to `grads`.
+    fn recompute(
+        &self,
+        seg: &Segment<'a>,
+        upstream: &[Option<Tensor>],
+        grads: &mut GradStore,
+        glue_grads: &mut HashMap<TensorId, Tensor>,
+        is_glue: &dyn Fn(&Tensor) -> bool,
+    ) -> Result<()> {
+        let leaves = seg.inputs.iter().map(as_leaf).collect::<Result<Vec<_>>>()?;
+        let outs = (seg.f)(&leaves)?;
+        if outs.len() != seg.outputs.len() {
+            return Err(Error::msg(
+                "checkpointed segment returned a different number of outputs on recomputation",
+            ));
+        }
         let mut surrogate: Option<Tensor> = None;
-        for t in &glue {
-            if let Some(g) = grads.remove(t).map(|g| g.detach()) {
-                let term = t
-                    .mul(&g.to_dtype(t.dtype())?)?
+        for (o, g) in outs.iter().zip(upstream) {
+            if let Some(g) = g {
+                let term = o
+                    .mul(&g.to_dtype(o.dtype())?)?
                     .sum_all()?
                     .to_dtype(candle_core::DType::F32)?;
                 surrogate = Some(match surrogate {
@@ -146,15 +158,31 @@ impl<'a> Tape<'a> {
                 });
             }
         }
-        if let Some(s) = surrogate {
-            let local = s.backward()?;
-            if let Some(id) = output_ids.iter().find(|id| local.get_id(**id).is_some()) {
-                return Err(Error::msg(format!(
-                    "checkpointing: glue computed from a segment output ({id:?}) fed another segment"
-                )));
+        let Some(surrogate) = surrogate else {
+            return Ok(());
+        };
+        let mut local = surrogate.backward()?;
+        for (leaf, orig) in leaves.iter().zip(&seg.inputs) {
+            let Some(g) = local.remove(leaf).map(|g| g.detach()) else {
+                continue;
+            };
+            if is_glue(orig) {
+                let g = match glue_grads.remove(&orig.id()) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                glue_grads.insert(orig.id(), g);
+            } else if orig.track_op() || orig.is_variable() {
+                // An earlier segment's output (a leaf standing for it).
+                let g = match grads.remove(orig) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                grads.insert(orig, g);
             }
-            grads.extend(local)?;
         }
-        Ok(grads)
+        // What is left are the weights' gradients.
+        grads.extend(local)?;
+        Ok(())
     }
 }
