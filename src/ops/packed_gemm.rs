@@ -402,7 +402,7 @@ impl PackedB {
 
     /// From f32 columns kept in f32 ([`Kind::F32`]): element (kk, j) at `src[j * ld + kk]`.
     pub fn from_f32_cols_exact(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
-        let data = pack_lines(src, n, k, ld, NR, Kind::F32, f32_words);
+        let data = pack_lines_f32(src, n, k, ld);
         Self {
             kind: Kind::F32,
             k,
@@ -606,6 +606,38 @@ fn pack_lines<T: Sync>(
         for job in data.chunks_exact_mut(pairs * width).enumerate() {
             pack(&mut conv, job);
         }
+    }
+    data
+}
+
+/// [`pack_lines`] of f32 words into `NR`-line panels, transposed straight from the source (no
+/// scratch copy): blocks of 16 depths, each read as one run per line and written as 16 runs
+/// of the panel's width.
+fn pack_lines_f32(src: &[f32], lines: usize, k: usize, ld: usize) -> Vec<u32> {
+    const KB: usize = 16;
+    check_span(src.len(), lines, k, ld);
+    let mut data = zeroed(lines.div_ceil(NR) * k * NR, 0u32);
+    if k == 0 {
+        return data;
+    }
+    let pack = |(panel, out): (usize, &mut [u32])| {
+        let i0 = panel * NR;
+        let n = NR.min(lines - i0);
+        for p0 in (0..k).step_by(KB) {
+            let kb = KB.min(k - p0);
+            for r in 0..n {
+                let run = &src[(i0 + r) * ld + p0..][..kb];
+                for (q, &v) in run.iter().enumerate() {
+                    out[(p0 + q) * NR + r] = v.to_bits();
+                }
+            }
+        }
+    };
+    if lines * k >= PARALLEL_PACK {
+        use rayon::prelude::*;
+        data.par_chunks_exact_mut(k * NR).enumerate().for_each(pack);
+    } else {
+        data.chunks_exact_mut(k * NR).enumerate().for_each(pack);
     }
     data
 }

@@ -447,7 +447,14 @@ fn linear_with_f32_weight() {
 /// operand packed from lines likewise (parallel for large ones).
 #[test]
 fn f32_left_operand_from_columns_is_the_transpose() {
-    for (m, k, ld) in [(5, 3, 7), (37, 70, 41), (1030, 97, 1040), (300, 333, 300)] {
+    // 700 rows pad to 708, past the last whole tile of 32 (a tile of padding rows only).
+    for (m, k, ld) in [
+        (5, 3, 7),
+        (37, 70, 41),
+        (1030, 97, 1040),
+        (300, 333, 300),
+        (700, 9, 700),
+    ] {
         let src = values(k * ld, 20 + m as u64);
         let packed = PackedA::from_f32_cols_exact(&src, m, k, ld);
         let rows: Vec<f32> = (0..m)
