@@ -433,8 +433,9 @@ fn tape_with_glue_between_segments_matches_the_plain_backward() {
         var(705, &[5, 5]),
     );
     let ws = [&x, &wa, &wb, &wc, &wd, &we];
+    type SegFn = Box<dyn Fn(&[Tensor]) -> Tensor>;
     let loss_of = |tape: Option<&Tape<'_>>| -> Tensor {
-        let seg = |inputs: Vec<Tensor>, f: Box<dyn Fn(&[Tensor]) -> Tensor>| -> Tensor {
+        let seg = |inputs: Vec<Tensor>, f: SegFn| -> Tensor {
             match tape {
                 Some(t) => t
                     .run(inputs, move |i: &[Tensor]| Ok(vec![f(i)]))
