@@ -184,7 +184,6 @@ impl PackedA {
     /// an output gradient read as its transpose. Transposed in tiles of 32 x 32 (a row-by-row
     /// gather would stride through the whole source for every row), tiles of rows in parallel.
     pub fn from_f32_cols_exact(src: &[f32], m: usize, k: usize, ld: usize) -> Self {
-        use rayon::prelude::*;
         const TILE: usize = 32;
         check_span(src.len(), k, m, ld);
         let stride = row_stride(k);
@@ -205,13 +204,7 @@ impl PackedA {
                 }
             }
         };
-        if m * k >= PARALLEL_PACK {
-            data.par_chunks_mut(TILE * stride)
-                .enumerate()
-                .for_each(fill);
-        } else {
-            data.chunks_mut(TILE * stride).enumerate().for_each(fill);
-        }
+        each_chunk(&mut data, TILE * stride, m * k, fill);
         Self {
             kind: Kind::F32,
             m,
@@ -290,7 +283,6 @@ impl PackedA {
         block: usize,
         fill: impl Fn(usize, &mut [u32], usize) + Sync,
     ) -> Self {
-        use rayon::prelude::*;
         let pairs = k.div_ceil(2);
         let stride = row_stride(pairs);
         let block = block.max(1);
@@ -301,14 +293,7 @@ impl PackedA {
                 let n = block.min(m - first);
                 fill(first, &mut rows[..n * stride], stride)
             };
-            let rows = &mut data[..m * stride];
-            if m * k >= PARALLEL_PACK {
-                rows.par_chunks_mut(block * stride)
-                    .enumerate()
-                    .for_each(run);
-            } else {
-                rows.chunks_mut(block * stride).enumerate().for_each(run);
-            }
+            each_chunk(&mut data[..m * stride], block * stride, m * k, run);
         }
         Self {
             kind: Kind::Bf16Pairs,
@@ -334,17 +319,8 @@ impl PackedA {
         let mut data = zeroed(m.div_ceil(MR) * MR * stride, 0u32);
         let fill =
             |(i, row): (usize, &mut [u32])| to_pairs(&src[i * ld..i * ld + k], &mut row[..pairs]);
-        if pairs > 0 && m * k >= PARALLEL_PACK {
-            use rayon::prelude::*;
-            data.par_chunks_exact_mut(stride)
-                .take(m)
-                .enumerate()
-                .for_each(fill);
-        } else if pairs > 0 {
-            data.chunks_exact_mut(stride)
-                .take(m)
-                .enumerate()
-                .for_each(fill);
+        if pairs > 0 {
+            each_chunk(&mut data[..m * stride], stride, m * k, fill);
         }
         Self {
             kind,
@@ -633,13 +609,24 @@ fn pack_lines_f32(src: &[f32], lines: usize, k: usize, ld: usize) -> Vec<u32> {
             }
         }
     };
-    if lines * k >= PARALLEL_PACK {
-        use rayon::prelude::*;
-        data.par_chunks_exact_mut(k * NR).enumerate().for_each(pack);
-    } else {
-        data.chunks_exact_mut(k * NR).enumerate().for_each(pack);
-    }
+    each_chunk(&mut data, k * NR, lines * k, pack);
     data
+}
+
+/// `f((index, chunk))` over `data` in chunks of `len` words: on rayon's pool for operands of at
+/// least [`PARALLEL_PACK`] values (`values`), else on this thread.
+fn each_chunk(
+    data: &mut [u32],
+    len: usize,
+    values: usize,
+    f: impl Fn((usize, &mut [u32])) + Send + Sync,
+) {
+    use rayon::prelude::*;
+    if values >= PARALLEL_PACK {
+        data.par_chunks_mut(len).enumerate().for_each(f);
+    } else {
+        data.chunks_mut(len).enumerate().for_each(f);
+    }
 }
 
 /// Values from which an operand is packed in parallel.
