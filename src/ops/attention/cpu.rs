@@ -205,17 +205,23 @@ fn run(s: &Shape, q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
                     gemm::Parallelism::None,
                 );
             }
-            normalise_rows(s, &dst, head, r0, sums);
+            normalise_rows(s, &dst, head, r0, sums.iter().copied());
         },
     );
     out
 }
 
 /// Divides output rows `r0..` of `head` by their softmax sums (one reciprocal each).
-fn normalise_rows(s: &Shape, dst: &SharedOut, head: usize, r0: usize, sums: &[f32]) {
-    for (i, &sum) in sums.iter().enumerate() {
+fn normalise_rows(
+    s: &Shape,
+    dst: &SharedOut,
+    head: usize,
+    r0: usize,
+    sums: impl IntoIterator<Item = f32>,
+) {
+    for (i, sum) in sums.into_iter().enumerate() {
         let inv = 1.0 / sum;
-        // SAFETY: callers own rows r0..r0+sums.len() of this head's columns in the output.
+        // SAFETY: callers own the rows r0.. (one per sum) of this head's columns in the output.
         let o =
             unsafe { std::slice::from_raw_parts_mut(dst.get().add(s.out_at(head, r0 + i)), s.dv) };
         for x in o {
@@ -366,8 +372,7 @@ fn run_packed_stats(
                 }
             }
             // The softmax's normalisation, on the n x dv output instead of the n x tk weights.
-            let sums_only: Vec<f32> = sums.iter().map(|&(sum, _)| sum).collect();
-            normalise_rows(s, &dst, head, r0, &sums_only);
+            normalise_rows(s, &dst, head, r0, sums.iter().map(|&(sum, _)| sum));
             Ok::<(), crate::Error>(())
         },
     )?;

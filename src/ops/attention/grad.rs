@@ -377,8 +377,8 @@ fn view<'a, T: Elem>(
 /// backward pass.
 struct AttnOp {
     dims: Dims,
-    /// The packed kernel's operand kind for f32 tensors (from the autocast scope when the op
-    /// was built; forward and backward multiply alike), `None` for the `gemm` crate.
+    /// The packed kernel's operand kind for the f32 forward pass (from the autocast scope when
+    /// the op was built), `None` for the `gemm` crate.
     packed: Option<Kind>,
     /// Log-sum-exp of each query row's scaled scores (B, heads, Tq).
     lse: Mutex<Vec<f64>>,
@@ -520,9 +520,8 @@ impl CustomOp3 for AttnOp {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // The backward pass stays on the `gemm` crate in f32 whatever the forward multiplied
-        // with: its products are thin (head width deep), so packing each block's
-        // probabilities and score gradients for the packed kernel cost more than it saved
-        // (1-thread CPU time of the bf16 step's backward 3.50-3.59 s packed vs 3.12-3.26 s).
+        // with: its products are one head wide, and packing each block's probabilities and
+        // score gradients for the packed kernel cost more than it saved (README, issue #24).
         match q.dtype() {
             DType::F32 => self.bwd_t::<f32>(q, k, v, res, grad),
             DType::F64 => self.bwd_t::<f64>(q, k, v, res, grad),
