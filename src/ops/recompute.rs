@@ -6,7 +6,10 @@
 //! The rule callers keep: a segment's function is pure in its inputs (the same inputs give the
 //! same outputs; the trained weights are captured, not inputs). Between segments, glue (ops
 //! outside any segment, e.g. a downsampler) keeps its graph as usual and is not recomputed; it
-//! may read segment outputs and feed later segments.
+//! may read segment outputs and feed later segments. Glue that reads other glue fed to segments
+//! is correct but costly: each is pushed back through its whole graph when flushed, so the
+//! shared part runs its backward once per flush (a chain of residuals between segments should
+//! pass through segment outputs instead).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
