@@ -533,12 +533,12 @@ pub(crate) fn pack_weight_pairs_f32(
     [co, ci, taps]: [usize; 3],
     flipped: bool,
 ) -> PackedA {
-    use super::packed_gemm::{bits, pair_word};
+    use super::packed_gemm::{bits, pair};
     // A pair of channels' tap lines as one line of k-pair words.
     let put = |lo: &[f32], hi: Option<&[f32]>, dst: &mut [u32], rev: bool| {
         for (t, d) in dst.iter_mut().enumerate().take(taps) {
             let s = if rev { taps - 1 - t } else { t };
-            *d = pair_word(bits(lo[s]), hi.map_or(0, |h| bits(h[s])));
+            *d = pair(bits(lo[s]), hi.map_or(0, |h| bits(h[s])));
         }
     };
     if !flipped {

@@ -102,8 +102,9 @@ pub fn available() -> bool {
     }
 }
 
+/// Two bf16 bit patterns as one k-pair word (the lower depth in the low half).
 #[inline]
-fn pair(lo: u16, hi: u16) -> u32 {
+pub(crate) fn pair(lo: u16, hi: u16) -> u32 {
     lo as u32 | (hi as u32) << 16
 }
 
@@ -117,12 +118,6 @@ pub(crate) fn bits(v: f32) -> u16 {
     } else {
         ((x + 0x7fff + ((x >> 16) & 1)) >> 16) as u16
     }
-}
-
-/// Two bf16 bit patterns as one k-pair word (the lower depth in the low half).
-#[inline]
-pub(crate) fn pair_word(lo: u16, hi: u16) -> u32 {
-    pair(lo, hi)
 }
 
 /// The left operand (m x k), row by row: `data[i * stride + p]`, padded with zero rows to a
