@@ -54,10 +54,7 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     for g in grads {
         // On the CPU a sweep over the data (summed in f64) rather than a full-size square.
         let direct = with_slice(g, |gs| {
-            let s: f64 = gs
-                .par_chunks(1 << 14)
-                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .sum();
+            let s: f64 = gs.par_chunks(1 << 14).map(sum_squares).sum();
             s.sqrt() as f32
         });
         let n = match direct {
@@ -72,6 +69,25 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
         sq += n * n;
     }
     Ok(sq.sqrt())
+}
+
+/// Sum of squares in f64 over 16 independent lanes: one running sum is a chain of dependent
+/// additions the compiler may not reorder, which ran at a quarter of memory speed.
+fn sum_squares(xs: &[f32]) -> f64 {
+    const LANES: usize = 16;
+    let mut acc = [0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += (x as f64) * (x as f64);
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 impl AdamW {
