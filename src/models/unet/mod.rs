@@ -514,6 +514,26 @@ impl UNet2DConditionModel {
             h = (h + p.to_dtype(sample.dtype())?)?;
         }
 
+        // Under a tape, what the blocks share (time embedding, contexts, the first hidden
+        // states) enters through one identity segment: segments then read leaves, and the
+        // gradients of these tensors are pushed back once, together, at the very end. Handed
+        // to the blocks as glue, each would be flushed after its own earliest consumer, and
+        // the graph they share (the face projector behind all three contexts) pushed back once
+        // per flush.
+        let (temb, mut h, entry_ctx) = match tape {
+            Some(tape) => {
+                let outs = tape.run(
+                    vec![temb, h, ctx.down.clone(), ctx.mid.clone(), ctx.up.clone()],
+                    |x| Ok(x.to_vec()),
+                )?;
+                let [temb, h, down, mid, up] = <[Tensor; 5]>::try_from(outs)
+                    .map_err(|_| Error::msg("UNet entry segment: five outputs expected"))?;
+                (temb, h, Some(StageContexts { down, mid, up }))
+            }
+            None => (temb, h, None),
+        };
+        let ctx = entry_ctx.as_ref().unwrap_or(ctx);
+
         let mut skips = vec![h.clone()];
         for (i, blk) in self.down_blocks.iter().enumerate() {
             let (o, s) = match tape {
@@ -555,7 +575,14 @@ impl UNet2DConditionModel {
             } else {
                 None
             };
+            // The denoising UNet's last block keeps its graph: its recomputation would be the
+            // first thing the backward pass does, with nothing freed in between, so it would
+            // cost time and save no memory.
+            let last_of_denoise = head && i + 1 == self.up_blocks.len();
             h = match tape {
+                Some(_) if last_of_denoise => {
+                    blk.forward(&h, &mut skips, &temb, &ctx.up, run, up_size)?
+                }
                 None => blk.forward(&h, &mut skips, &temb, &ctx.up, run, up_size)?,
                 Some(tape) => {
                     let mut inputs = vec![h.clone(), temb.clone(), ctx.up.clone()];
