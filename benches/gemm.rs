@@ -46,6 +46,8 @@ fn rate(m: usize, n: usize, k: usize, mut f: impl FnMut()) -> (f64, f64) {
 }
 
 fn main() {
+    // As the binary runs: freed memory stays in the heap (fresh pages would be timed otherwise).
+    mcld::device::retain_freed_memory();
     let threads = rayon::current_num_threads();
     println!(
         "{threads} threads; AVX-512 BF16: {}",
@@ -140,6 +142,31 @@ fn main() {
         );
     }
     conv_layers(threads);
+    packing(threads);
+}
+
+/// The f32 right operand packed from lines (a linear layer's weight read as W^T, packed again
+/// every training step since the weight changes): milliseconds and GB/s read plus written.
+fn packing(threads: usize) {
+    println!("f32 right operands from lines (W^T of a linear layer), {threads} threads");
+    for (lines, depth) in [(1280, 1280), (2560, 640), (640, 5120), (320, 320)] {
+        let w = values(lines * depth);
+        let reps = (2e8 / (lines * depth) as f64).clamp(3.0, 200.0) as usize;
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            for _ in 0..reps {
+                std::hint::black_box(PackedB::from_f32_cols_exact(&w, depth, lines, depth));
+            }
+            best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+        }
+        let bytes = 2.0 * 4.0 * (lines * depth) as f64;
+        println!(
+            "  {lines} lines x {depth}: {:.3} ms, {:.1} GB/s",
+            best * 1e3,
+            bytes / best / 1e9
+        );
+    }
 }
 
 /// Whole 3x3 convolution layers (patch packing, bias and the NCHW output included), as the

@@ -19,6 +19,7 @@
 
 use super::host::{grow_zeroed, zeroed};
 use half::bf16;
+use std::mem::MaybeUninit;
 
 /// Rows per left panel (12 x 2 accumulators of 16 lanes + 2 right vectors + 1 broadcast fit
 /// the 32 vector registers).
@@ -581,40 +582,65 @@ fn pack_lines<T: Sync>(
     data
 }
 
-/// [`pack_lines`] of f32 words into `NR`-line panels, transposed straight from the source (no
-/// scratch copy): blocks of 16 depths, each read as one run per line and written as 16 runs
-/// of the panel's width.
+/// [`pack_lines`] of f32 words into `NR`-line panels, transposed straight from the source into
+/// fresh memory (no scratch copy, no zeroing pass first): blocks of 16 depths by 16 lines, each
+/// read as 16 runs and written as 16 runs, transposed in registers where AVX-512 is there.
 fn pack_lines_f32(src: &[f32], lines: usize, k: usize, ld: usize) -> Vec<u32> {
     const KB: usize = 16;
     check_span(src.len(), lines, k, ld);
-    let mut data = zeroed(lines.div_ceil(NR) * k * NR, 0u32);
-    if k == 0 {
-        return data;
-    }
-    let pack = |(panel, out): (usize, &mut [u32])| {
+    let len = lines.div_ceil(NR) * k * NR;
+    let mut data: Vec<u32> = Vec::with_capacity(len);
+    let fast = available_f32();
+    let pack = |(panel, out): (usize, &mut [MaybeUninit<u32>])| {
         let i0 = panel * NR;
         let n = NR.min(lines - i0);
         for p0 in (0..k).step_by(KB) {
             let kb = KB.min(k - p0);
-            for r in 0..n {
-                let run = &src[(i0 + r) * ld + p0..][..kb];
-                for (q, &v) in run.iter().enumerate() {
-                    out[(p0 + q) * NR + r] = v.to_bits();
+            for r0 in (0..NR).step_by(16) {
+                let rows = n.saturating_sub(r0).min(16);
+                #[cfg(target_arch = "x86_64")]
+                if fast && kb == KB && rows == 16 {
+                    let from = &src[(i0 + r0) * ld + p0..][..15 * ld + KB];
+                    let to = &mut out[p0 * NR + r0..][..(KB - 1) * NR + 16];
+                    // SAFETY: AVX-512F is present (`fast`); both slices hold every element
+                    // the 16 x 16 block reads and writes.
+                    unsafe { x86::transpose_16x16(from, ld, to, NR) };
+                    continue;
+                }
+                let _ = fast;
+                for q in 0..kb {
+                    let dst = &mut out[(p0 + q) * NR + r0..][..16];
+                    for (r, d) in dst.iter_mut().enumerate() {
+                        let v = if r < rows {
+                            src[(i0 + r0 + r) * ld + p0 + q].to_bits()
+                        } else {
+                            0
+                        };
+                        d.write(v);
+                    }
                 }
             }
         }
     };
-    each_chunk(&mut data, k * NR, lines * k, pack);
+    each_chunk(
+        &mut data.spare_capacity_mut()[..len],
+        k * NR,
+        lines * k,
+        pack,
+    );
+    // SAFETY: the packer wrote every word of every panel: all depths (blocks of 16), all NR
+    // lanes (two halves of 16, the lanes past the last line as zeros).
+    unsafe { data.set_len(len) };
     data
 }
 
 /// `f((index, chunk))` over `data` in chunks of `len` words: on rayon's pool for operands of at
 /// least [`PARALLEL_PACK`] values (`values`), else on this thread.
-fn each_chunk(
-    data: &mut [u32],
+fn each_chunk<T: Send>(
+    data: &mut [T],
     len: usize,
     values: usize,
-    f: impl Fn((usize, &mut [u32])) + Send + Sync,
+    f: impl Fn((usize, &mut [T])) + Send + Sync,
 ) {
     use rayon::prelude::*;
     if values >= PARALLEL_PACK {
@@ -1045,6 +1071,46 @@ mod x86 {
                 }
                 _mm512_mask_storeu_ps(row.add(16), m1, v1);
             }
+        }
+    }
+
+    /// `to[q * ts + r] = from[r * fs + q]` for a 16 x 16 block of words: 16 row loads, four
+    /// rounds of shuffles (pairs, quads, 128-bit lanes twice), 16 row stores.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn transpose_16x16(
+        from: &[f32],
+        fs: usize,
+        to: &mut [std::mem::MaybeUninit<u32>],
+        ts: usize,
+    ) {
+        assert!(from.len() > 15 * fs + 15 && to.len() > 15 * ts + 15);
+        let r: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(from.as_ptr().add(i * fs)));
+        // t[2j] / t[2j+1]: rows 2j and 2j+1 interleaved, depths {0,1} / {2,3} of each lane.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for j in 0..8 {
+            t[2 * j] = _mm512_unpacklo_ps(r[2 * j], r[2 * j + 1]);
+            t[2 * j + 1] = _mm512_unpackhi_ps(r[2 * j], r[2 * j + 1]);
+        }
+        // u[4g + d]: rows 4g..4g+4 at depth d of each 128-bit lane (depths d, d+4, d+8, d+12).
+        let mut u = [_mm512_setzero_ps(); 16];
+        for g in 0..4 {
+            let (a, b) = (4 * g, 4 * g + 2);
+            u[4 * g] = _mm512_shuffle_ps::<0x44>(t[a], t[b]);
+            u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(t[a], t[b]);
+            u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(t[a + 1], t[b + 1]);
+            u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(t[a + 1], t[b + 1]);
+        }
+        let dst = to.as_mut_ptr() as *mut f32;
+        for d in 0..4 {
+            // Lanes 0 and 2 / 1 and 3 of rows 0..8 and of rows 8..16, then joined.
+            let v0 = _mm512_shuffle_f32x4::<0x88>(u[d], u[4 + d]);
+            let v1 = _mm512_shuffle_f32x4::<0xDD>(u[d], u[4 + d]);
+            let w0 = _mm512_shuffle_f32x4::<0x88>(u[8 + d], u[12 + d]);
+            let w1 = _mm512_shuffle_f32x4::<0xDD>(u[8 + d], u[12 + d]);
+            _mm512_storeu_ps(dst.add(d * ts), _mm512_shuffle_f32x4::<0x88>(v0, w0));
+            _mm512_storeu_ps(dst.add((d + 4) * ts), _mm512_shuffle_f32x4::<0x88>(v1, w1));
+            _mm512_storeu_ps(dst.add((d + 8) * ts), _mm512_shuffle_f32x4::<0xDD>(v0, w0));
+            _mm512_storeu_ps(dst.add((d + 12) * ts), _mm512_shuffle_f32x4::<0xDD>(v1, w1));
         }
     }
 
