@@ -18,24 +18,31 @@ pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_cor
 }
 
 /// An output buffer shared by parallel tasks that each write a disjoint part of it.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut(*mut f32);
+pub(crate) struct SharedOut<T = f32>(*mut T);
+
+// Copy for any element type (a derive would ask `T: Copy` of the pointee).
+impl<T> Clone for SharedOut<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SharedOut<T> {}
 
 // SAFETY: users guarantee that tasks write disjoint elements and that the buffer outlives them.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
+unsafe impl<T> Send for SharedOut<T> {}
+unsafe impl<T> Sync for SharedOut<T> {}
 
-impl SharedOut {
-    pub(crate) fn new(buf: &mut [f32]) -> Self {
+impl<T> SharedOut<T> {
+    pub(crate) fn new(buf: &mut [T]) -> Self {
         Self(buf.as_mut_ptr())
     }
 
-    pub(crate) fn from_ptr(ptr: *mut f32) -> Self {
+    pub(crate) fn from_ptr(ptr: *mut T) -> Self {
         Self(ptr)
     }
 
     /// A method, so closures capture the `Sync` wrapper rather than its raw field.
-    pub(crate) fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

@@ -304,7 +304,7 @@ fn run_packed_stats(
     let blocks = s.tq.div_ceil(rows);
     let scale = 1.0 / (s.d as f32).sqrt();
     let dst = SharedOut::new(&mut out);
-    let lse_dst = lse.map(|l| (l.as_mut_ptr() as usize, l.len()));
+    let lse_dst = lse.map(|l| (SharedOut::new(l), l.len()));
     (0..s.bh * blocks).into_par_iter().try_for_each_init(
         || (Vec::new(), Vec::new(), Vec::new()),
         |(scores, sums, words): &mut (Vec<f32>, Vec<(f32, f32)>, Vec<u32>), task| {
@@ -364,9 +364,8 @@ fn run_packed_stats(
                 );
                 // SAFETY: rows r0..r0+n of this head's statistics, in range (checked) and
                 // written by this task alone; the buffer outlives the parallel loop.
-                let l = unsafe {
-                    std::slice::from_raw_parts_mut((ptr as *mut f64).add(head * s.tq + r0), n)
-                };
+                let l =
+                    unsafe { std::slice::from_raw_parts_mut(ptr.get().add(head * s.tq + r0), n) };
                 for (l, &(sum, max)) in l.iter_mut().zip(sums.iter()) {
                     *l = max as f64 + (sum as f64).ln();
                 }

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use crate::ops::autocast::Products;
 use crate::ops::elem::Elem;
-use crate::ops::host::zeroed;
+use crate::ops::host::{zeroed, SharedOut};
 use crate::ops::packed_gemm::{self, Kind};
 
 /// Scores per block: about 512 KiB of f32, inside a core's L2.
@@ -72,20 +72,6 @@ impl Dims {
 
     fn scale(&self) -> f64 {
         1.0 / (self.d as f64).sqrt()
-    }
-}
-
-/// A buffer written by parallel tasks at disjoint places.
-#[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
-
-// SAFETY: users guarantee disjoint writes and that the buffer outlives the tasks.
-unsafe impl<T> Send for Shared<T> {}
-unsafe impl<T> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    fn get(self) -> *mut T {
-        self.0
     }
 }
 
@@ -176,8 +162,8 @@ fn forward<T: Elem>(
     let rows = s.rows_per_block();
     let blocks = s.tq.div_ceil(rows);
     let scale = T::from_f64(s.scale());
-    let dst = Shared(out.as_mut_ptr());
-    let lse_dst = Shared(lse.as_mut_ptr());
+    let dst = SharedOut::new(&mut out);
+    let lse_dst = SharedOut::new(&mut lse);
     (0..s.bh * blocks)
         .into_par_iter()
         .for_each_init(Vec::new, |scores: &mut Vec<T>, task| {
