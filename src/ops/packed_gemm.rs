@@ -591,6 +591,8 @@ fn pack_lines_f32(src: &[f32], lines: usize, k: usize, ld: usize) -> Vec<u32> {
     let len = lines.div_ceil(NR) * k * NR;
     let mut data: Vec<u32> = Vec::with_capacity(len);
     let fast = available_f32();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = fast;
     let pack = |(panel, out): (usize, &mut [MaybeUninit<u32>])| {
         let i0 = panel * NR;
         let n = NR.min(lines - i0);
@@ -607,7 +609,6 @@ fn pack_lines_f32(src: &[f32], lines: usize, k: usize, ld: usize) -> Vec<u32> {
                     unsafe { x86::transpose_16x16(from, ld, to, NR) };
                     continue;
                 }
-                let _ = fast;
                 for q in 0..kb {
                     let dst = &mut out[(p0 + q) * NR + r0..][..16];
                     for (r, d) in dst.iter_mut().enumerate() {

@@ -580,11 +580,7 @@ impl UNet2DConditionModel {
             // cost time and save no memory.
             let last_of_denoise = head && i + 1 == self.up_blocks.len();
             h = match tape {
-                Some(_) if last_of_denoise => {
-                    blk.forward(&h, &mut skips, &temb, &ctx.up, run, up_size)?
-                }
-                None => blk.forward(&h, &mut skips, &temb, &ctx.up, run, up_size)?,
-                Some(tape) => {
+                Some(tape) if !last_of_denoise => {
                     let mut inputs = vec![h.clone(), temb.clone(), ctx.up.clone()];
                     inputs.extend(skips.split_off(skips.len() - k));
                     recompute::block(
@@ -602,6 +598,7 @@ impl UNet2DConditionModel {
                     )?
                     .0
                 }
+                _ => blk.forward(&h, &mut skips, &temb, &ctx.up, run, up_size)?,
             };
             dbg(format!("up_blocks.{i}"), &h);
         }
