@@ -3,7 +3,7 @@
 # CUDA toolkit and without compiling candle's kernels: a stand-in `nvcc` answers the version
 # questions of the build scripts (cudarc, candle-kernels through cudaforge) and writes empty
 # PTX files and archives. `cargo clippy` never links, so nothing needs the real code. Nothing
-# it produces can run: scripts/build-cuda.sh makes the real build (about 50 minutes here).
+# it produces can run: scripts/build-cuda.sh makes the real build (20 minutes from cold here).
 #
 #   scripts/check-cuda.sh            # clippy --all-targets -D warnings with the CUDA features
 # CARGO_TARGET_DIR defaults to /work/target-cuda-check (kept apart: the stand-in's empty PTX

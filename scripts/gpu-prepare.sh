@@ -9,7 +9,7 @@
 # The whole of .gpu plus the working tree must stay under the device tool's 64 MiB; packing
 # stops with an error naming what to drop when it does not.
 #
-#   scripts/gpu-prepare.sh                  # build (about 50 min on 2 busy cores) and pack
+#   scripts/gpu-prepare.sh                  # build (20 min from cold on 2 idle cores) and pack
 #   MCLD_PREPARE_SKIP_BUILD=1 scripts/gpu-prepare.sh   # repack what the last build left
 # CARGO_TARGET_DIR (default /work/target-cuda) keeps the CUDA build apart from the CPU one.
 set -euo pipefail
