@@ -9,7 +9,8 @@
 //! may read segment outputs and feed later segments. Glue that reads other glue fed to segments
 //! is correct but costly: each is pushed back through its whole graph when flushed, so the
 //! shared part runs its backward once per flush (a chain of residuals between segments should
-//! pass through segment outputs instead).
+//! pass through segment outputs instead, and inputs many segments share go through
+//! [`Tape::enter`], which flushes them once, together).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -70,6 +71,14 @@ impl<'a> Tape<'a> {
             f: Box::new(f),
         });
         Ok(outputs)
+    }
+
+    /// Tensors computed before the first segment and read by many (a time embedding, contexts)
+    /// through one identity segment: the segments read leaves, and the gradients of all of them
+    /// are pushed back together once, at the end of the backward pass. As glue, each would be
+    /// flushed after its own earliest consumer, and a graph they share pushed back once per flush.
+    pub fn enter(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        self.run(inputs, |x| Ok(x.to_vec()))
     }
 
     /// Gradients of `loss` for every `Var` reached (weights), through the recorded segments.

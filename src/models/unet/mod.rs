@@ -514,18 +514,18 @@ impl UNet2DConditionModel {
             h = (h + p.to_dtype(sample.dtype())?)?;
         }
 
-        // Under a tape, what the blocks share (time embedding, contexts, the first hidden
-        // states) enters through one identity segment: segments then read leaves, and the
-        // gradients of these tensors are pushed back once, together, at the very end. Handed
-        // to the blocks as glue, each would be flushed after its own earliest consumer, and
-        // the graph they share (the face projector behind all three contexts) pushed back once
-        // per flush.
+        // Under a tape, what the blocks share enters it once (`Tape::enter`): the face
+        // projector behind all three contexts is then pushed back once per step, not once per
+        // context.
         let (temb, mut h, entry_ctx) = match tape {
             Some(tape) => {
-                let outs = tape.run(
-                    vec![temb, h, ctx.down.clone(), ctx.mid.clone(), ctx.up.clone()],
-                    |x| Ok(x.to_vec()),
-                )?;
+                let outs = tape.enter(vec![
+                    temb,
+                    h,
+                    ctx.down.clone(),
+                    ctx.mid.clone(),
+                    ctx.up.clone(),
+                ])?;
                 let [temb, h, down, mid, up] = <[Tensor; 5]>::try_from(outs)
                     .map_err(|_| Error::msg("UNet entry segment: five outputs expected"))?;
                 (temb, h, Some(StageContexts { down, mid, up }))
